@@ -1,0 +1,109 @@
+"""Per-slide state of every stage, and the run's ledger.
+
+The truth is one small JSON *state file* per (stage, slide), written atomically when the slide's outputs
+are complete: ``RUN/<stage>/.state/<slide_id>.json``. ``RUN/ledger.csv`` is a table made from all state
+files (rebuilt at the end of every batch), so a run killed at any moment loses at most the slides in flight.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..fileio import file_sha256, write_json_atomic, write_text_atomic
+
+LEDGER_COLUMNS = ("stage", "slide_id", "status", "reason", "params_hash", "seconds", "finished_at")
+
+
+@dataclass
+class SlideState:
+    """What happened to one slide in one stage.
+
+    ``status`` is ``"done"`` or ``"failed"``. ``outputs`` maps each output file (relative to the run
+    folder) to its sha256, so ``wsi2dmamba verify`` can check it later. ``source`` fingerprints the slide
+    file (size and modification time) so that a slide that changed is processed again.
+    """
+
+    stage: str
+    slide_id: str
+    status: str
+    params_hash: str
+    reason: str = ""
+    seconds: float = 0.0
+    finished_at: str = ""
+    outputs: dict[str, str] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+    traceback: str = ""
+
+
+def state_path(run_dir: Path, stage: str, slide_id: str) -> Path:
+    return Path(run_dir) / stage / ".state" / f"{slide_id}.json"
+
+
+def read_state(run_dir: Path, stage: str, slide_id: str) -> SlideState | None:
+    """The recorded state, or None if there is none (or it cannot be read: treated as not done)."""
+    p = state_path(run_dir, stage, slide_id)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        return SlideState(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_state(run_dir: Path, state: SlideState) -> None:
+    state.finished_at = state.finished_at or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    write_json_atomic(state_path(run_dir, state.stage, state.slide_id), asdict(state))
+
+
+def hash_outputs(run_dir: Path, paths: list[Path]) -> dict[str, str]:
+    """Map each output (relative to ``run_dir``) to its sha256."""
+    run_dir = Path(run_dir).resolve()
+    out = {}
+    for p in paths:
+        p = Path(p).resolve()
+        rel = os.path.relpath(p, run_dir)
+        out[rel] = file_sha256(p)
+    return out
+
+
+def source_fingerprint(path: Path | None) -> dict[str, Any]:
+    """Size and modification time of a slide file (or folder, e.g. DICOM or MRXS data)."""
+    if path is None:
+        return {}
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return {"path": str(path), "missing": True}
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def collect_states(run_dir: Path) -> list[SlideState]:
+    """Every state file of every stage of a run, sorted by stage then slide."""
+    states = []
+    for p in sorted(Path(run_dir).glob("*/.state/*.json")) + sorted(Path(run_dir).glob("*/*/.state/*.json")):
+        try:
+            states.append(SlideState(**json.loads(p.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, TypeError):
+            continue
+    states.sort(key=lambda s: (s.stage, s.slide_id))
+    return states
+
+
+def write_ledger(run_dir: Path) -> Path:
+    """Rebuild ``RUN/ledger.csv`` from the state files; return its path."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(LEDGER_COLUMNS)
+    for s in collect_states(run_dir):
+        w.writerow([s.stage, s.slide_id, s.status, s.reason.replace("\n", " "), s.params_hash,
+                    f"{s.seconds:.3f}", s.finished_at])
+    path = Path(run_dir) / "ledger.csv"
+    write_text_atomic(path, buf.getvalue())
+    return path

@@ -1,0 +1,226 @@
+"""Cohort manifests: one CSV row per slide.
+
+Columns: ``slide_id`` (required), ``path`` (required for the slide stages; relative paths are resolved
+against the manifest's folder), and optionally ``patient_id`` (defaults to ``slide_id``), ``label``,
+``time`` (survival time, any unit, > 0), ``event`` (1 = event observed, 0 = censored), ``mpp``
+(µm per level-0 pixel, overrides the slide's metadata). Any other column is kept in
+:attr:`SlideRecord.extra` and carried to the reports.
+
+All problems of a manifest are found and reported together, before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ManifestError
+
+KNOWN_COLUMNS = ("slide_id", "path", "patient_id", "label", "time", "event", "mpp")
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    """One slide of a cohort.
+
+    Attributes:
+        slide_id: unique identifier, used to name every output file of the slide.
+        path: absolute path of the slide file, or None when the manifest has no ``path`` column.
+        patient_id: patient identifier (splits are made per patient).
+        label: class label as written in the manifest, or None.
+        time: survival time (> 0), or None.
+        event: 1 if the event was observed, 0 if censored, or None.
+        mpp: µm per level-0 pixel given by the user, or None to read it from the slide.
+        extra: every other column, as strings.
+    """
+
+    slide_id: str
+    path: Path | None
+    patient_id: str
+    label: str | None = None
+    time: float | None = None
+    event: int | None = None
+    mpp: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """An ordered, validated list of :class:`SlideRecord` read from one manifest file."""
+
+    records: tuple[SlideRecord, ...]
+    source: Path | None = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[SlideRecord]:
+        return iter(self.records)
+
+    def __getitem__(self, slide_id: str) -> SlideRecord:
+        for r in self.records:
+            if r.slide_id == slide_id:
+                return r
+        raise KeyError(slide_id)
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return [r.slide_id for r in self.records]
+
+    @property
+    def has_labels(self) -> bool:
+        return all(r.label is not None for r in self.records)
+
+    @property
+    def has_survival(self) -> bool:
+        return all(r.time is not None and r.event is not None for r in self.records)
+
+    @classmethod
+    def from_paths(cls, paths: Sequence[str | os.PathLike[str]], mpp: float | None = None) -> Cohort:
+        """A cohort of single slide files (slide id = file name without its extension)."""
+        records = []
+        seen: set[str] = set()
+        problems = []
+        for p in paths:
+            path = Path(p).expanduser().resolve()
+            sid = _slide_id_from_path(path)
+            if sid in seen:
+                problems.append(f"two slides would both be named {sid!r}; rename one or use a manifest")
+            seen.add(sid)
+            if not path.exists():
+                problems.append(f"slide file not found: {path}")
+            records.append(SlideRecord(slide_id=sid, path=path, patient_id=sid, mpp=mpp))
+        if problems:
+            raise ManifestError("Cannot run on the given slides:\n  - " + "\n  - ".join(problems))
+        return cls(tuple(records))
+
+
+def _slide_id_from_path(path: Path) -> str:
+    name = path.name
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return path.stem if path.is_file() or path.suffix else name
+
+
+def load_cohort(path: str | os.PathLike[str], *, require_path: bool = True, check_files: bool = True,
+                slides_dir: str | os.PathLike[str] | None = None) -> Cohort:
+    """Read and validate a cohort manifest CSV.
+
+    Args:
+        path: the manifest file.
+        require_path: the ``path`` column must be present and filled (slide stages need it).
+        check_files: every slide file must exist.
+        slides_dir: where to look for a slide whose ``path`` is empty: the first file in this folder
+            (searched recursively) whose name without extension is the ``slide_id``.
+
+    Raises:
+        ManifestError: listing every problem found (file, row number as in a spreadsheet, column, fix).
+    """
+    import pandas as pd
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ManifestError(f"Cohort manifest not found: {path}")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except Exception as exc:  # pandas raises many types for malformed CSV
+        raise ManifestError(f"Cannot parse cohort manifest {path} as CSV: {exc}") from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    problems: list[str] = []
+    if "slide_id" not in df.columns:
+        raise ManifestError(f"{path}: no 'slide_id' column (columns found: {', '.join(df.columns) or 'none'}). "
+                            "A manifest needs at least 'slide_id' and 'path'.")
+    if require_path and "path" not in df.columns and slides_dir is None:
+        raise ManifestError(f"{path}: no 'path' column; add one with each slide's file "
+                            "(relative to the manifest) or pass --slides-dir.")
+    dupes = [c for c in set(df.columns) if list(df.columns).count(c) > 1]
+    if dupes:
+        raise ManifestError(f"{path}: column(s) appear twice: {', '.join(sorted(dupes))}")
+    if len(df) == 0:
+        raise ManifestError(f"{path}: the manifest has no rows.")
+
+    base = path.resolve().parent
+    index = _index_slides_dir(slides_dir) if slides_dir is not None else {}
+    records: list[SlideRecord] = []
+    seen: dict[str, int] = {}
+    for i, row in enumerate(df.to_dict("records")):
+        line = i + 2  # header is line 1
+        where = f"{path}, line {line}"
+        sid = row["slide_id"].strip()
+        if not sid:
+            problems.append(f"{where}: empty slide_id")
+            continue
+        if any(c in sid for c in "/\\\0") or sid in (".", ".."):
+            problems.append(f"{where}: slide_id {sid!r} cannot be used as a file name (no '/', '\\')")
+            continue
+        if sid in seen:
+            problems.append(f"{where}: duplicate slide_id {sid!r} (first on line {seen[sid]})")
+            continue
+        seen[sid] = line
+        slide_path = _resolve_path(row.get("path", "").strip(), base, index.get(sid))
+        if slide_path is None and require_path:
+            problems.append(f"{where}: no path for slide {sid!r}; fill the 'path' column or pass --slides-dir")
+        elif slide_path is not None and check_files and not slide_path.exists():
+            problems.append(f"{where}: slide file not found: {slide_path}")
+        label = row.get("label", "").strip() or None
+        time = _parse_float(row, "time", where, problems, positive=True)
+        event = _parse_event(row, where, problems)
+        mpp = _parse_float(row, "mpp", where, problems, positive=True)
+        patient = row.get("patient_id", "").strip() or sid
+        extra = {k: str(v) for k, v in row.items() if k not in KNOWN_COLUMNS}
+        records.append(SlideRecord(sid, slide_path, patient, label, time, event, mpp, extra))
+    if problems:
+        shown = problems[:20]
+        more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise ManifestError(f"Cohort manifest {path} has {len(problems)} problem(s):\n  - "
+                            + "\n  - ".join(shown) + more)
+    return Cohort(tuple(records), source=path.resolve())
+
+
+def _resolve_path(text: str, base: Path, found: Path | None) -> Path | None:
+    if not text:
+        return found
+    # A path is data, never an option or shell text: it is only ever joined and opened.
+    p = Path(text).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()
+
+
+def _index_slides_dir(slides_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    root = Path(slides_dir).expanduser()
+    if not root.is_dir():
+        raise ManifestError(f"--slides-dir {root} is not a folder")
+    index: dict[str, Path] = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() or (p.is_dir() and p.suffix):
+            index.setdefault(_slide_id_from_path(p), p.resolve())
+    return index
+
+
+def _parse_float(row: dict, col: str, where: str, problems: list[str], positive: bool) -> float | None:
+    text = row.get(col, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        problems.append(f"{where}: column '{col}' must be a number, got {text!r}")
+        return None
+    if not math.isfinite(value) or (positive and value <= 0):
+        problems.append(f"{where}: column '{col}' must be a finite number > 0, got {text!r}")
+        return None
+    return value
+
+
+def _parse_event(row: dict, where: str, problems: list[str]) -> int | None:
+    text = row.get("event", "").strip().lower()
+    if not text:
+        return None
+    mapping = {"1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0}
+    if text not in mapping:
+        problems.append(f"{where}: column 'event' must be 1 (event) or 0 (censored), got {text!r}")
+        return None
+    return mapping[text]

@@ -1,0 +1,105 @@
+"""Atomic, hashed file output.
+
+Every file the tool writes goes through :func:`atomic_path`: it is written under a temporary name in the
+same folder and renamed over the final name only when complete, so a file that exists is whole, even if
+the process is killed or the disk fills up half-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import WsiError
+
+_TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; rename it to ``final`` when the block ends without error.
+
+    The temporary file is removed if the block raises. The folder of ``final`` is created if needed.
+    The suffix is kept so that libraries that look at it (PIL, h5py) behave as for the final name.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX + final.stem + "-", suffix=final.suffix, dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == 28:  # ENOSPC
+            raise WsiError(f"No space left on the device while writing {final}; free space and rerun "
+                           "(nothing partial was left behind).") from exc
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
+    """Delete temporary files left in ``folder`` by a killed process; return how many were removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for p in folder.glob(_TMP_PREFIX + "*"):
+        with contextlib.suppress(OSError):
+            p.unlink()
+            removed += 1
+    return removed
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    """Short stable hash of a JSON-serialisable mapping (key order does not matter).
+
+    Used to decide whether an existing output was made with the same parameters and may be reused.
+    """
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]

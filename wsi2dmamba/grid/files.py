@@ -1,0 +1,403 @@
+"""Read, write and validate tiles files and feature grid files.
+
+A *tiles file* (``RUN/tiles/<slide_id>.h5``) holds where the tiles of one slide are; a *feature grid
+file* (``RUN/features/<encoder>/<slide_id>.h5``) holds the same plus one feature vector per tile.
+
+Layout (both files)::
+
+    coords            (N, 2) int64   level-0 top-left (x, y) of each tile; CLAM/TRIDENT attributes
+    tissue_fraction   (N,)   float32 fraction of the tile covered by tissue (from the tissue mask)
+    grid/index        (N, 2) int32   (row, col) of each tile in the lattice
+    grid/mask         (H, W) uint8   1 = a tissue tile is in that cell, 0 = no tissue (padding)
+    features          (N, D) float32 or float16 (feature files only)
+    blank             (N,)   uint8   1 = tile could not be decoded and a blank tile was encoded instead
+
+Rows are in row-major (raster) order of their cells. Cell (r, c) has its top-left corner at level-0
+``origin_level0 + (c, r) * stride_level0`` (rounded to integer pixels in ``coords``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import GridFileError
+from ..fileio import atomic_path
+
+FORMAT_NAME = "wsi2dmamba.grid"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """The tiles of one slide on one lattice.
+
+    Attributes:
+        slide_id: the slide's identifier.
+        coords: (N, 2) int64, level-0 pixel (x, y) of each tile's top-left corner.
+        index: (N, 2) int32, (row, col) of each tile's cell; unique, row-major order.
+        shape: (H, W) cells of the lattice, cropped to the tissue's bounding box.
+        tissue_fraction: (N,) float32 in [0, 1].
+        origin_level0: level-0 (x, y) of cell (0, 0)'s top-left corner (may be fractional).
+        stride_level0: distance between neighbouring cells in level-0 pixels (may be fractional).
+        tile_size_level0: side of a tile's field of view in level-0 pixels (may be fractional).
+        tile_px: side of a tile in pixels at the target resolution.
+        stride_px: stride in pixels at the target resolution (``tile_px - overlap``).
+        mpp_requested: the µm per pixel asked for.
+        mpp_effective: the µm per pixel of the tiles as delivered (equal to the request unless a level
+            was read without resizing within tolerance).
+        mpp_level0: µm per level-0 pixel of the slide.
+        read_level: pyramid level the tiles are read from.
+        read_downsample: downsample of that level relative to level 0.
+        level0_size: (width, height) of level 0 in pixels.
+        slide_path: the slide file.
+        params_hash: hash of every parameter that shaped the file.
+        extra_attrs: more provenance written as root attributes (JSON-able scalars).
+    """
+
+    slide_id: str
+    coords: np.ndarray
+    index: np.ndarray
+    shape: tuple[int, int]
+    tissue_fraction: np.ndarray
+    origin_level0: tuple[float, float]
+    stride_level0: float
+    tile_size_level0: float
+    tile_px: int
+    stride_px: int
+    mpp_requested: float
+    mpp_effective: float
+    mpp_level0: float
+    read_level: int
+    read_downsample: float
+    level0_size: tuple[int, int]
+    slide_path: str = ""
+    params_hash: str = ""
+    extra_attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coords", np.asarray(self.coords, dtype=np.int64).reshape(-1, 2))
+        object.__setattr__(self, "index", np.asarray(self.index, dtype=np.int32).reshape(-1, 2))
+        object.__setattr__(self, "tissue_fraction", np.asarray(self.tissue_fraction, dtype=np.float32).reshape(-1))
+        object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
+
+    @property
+    def n_tiles(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) uint8: 1 where a tissue tile is."""
+        m = np.zeros(self.shape, dtype=np.uint8)
+        if self.n_tiles:
+            m[self.index[:, 0], self.index[:, 1]] = 1
+        return m
+
+    @property
+    def is_native_level(self) -> bool:
+        """True when tiles are read at ``read_level`` without any resize (CLAM can then read them)."""
+        return abs(self.tile_size_level0 / self.read_downsample - self.tile_px) < 1e-6
+
+    def validate(self, source: str = "") -> None:
+        """Raise :class:`GridFileError` if shapes, ranges or the lattice are inconsistent."""
+        where = f" in {source}" if source else ""
+        n = self.n_tiles
+        problems = []
+        if self.index.shape != (n, 2):
+            problems.append(f"grid/index has shape {self.index.shape}, expected ({n}, 2)")
+        if self.tissue_fraction.shape != (n,):
+            problems.append(f"tissue_fraction has shape {self.tissue_fraction.shape}, expected ({n},)")
+        h, w = self.shape
+        if h < 0 or w < 0 or (n > 0 and (h == 0 or w == 0)):
+            problems.append(f"grid shape {self.shape} is invalid for {n} tiles")
+        if not problems and n:
+            r, c = self.index[:, 0], self.index[:, 1]
+            if r.min() < 0 or c.min() < 0 or r.max() >= h or c.max() >= w:
+                problems.append(f"grid/index has cells outside the {h}×{w} grid")
+            else:
+                flat = r.astype(np.int64) * w + c
+                if np.unique(flat).size != n:
+                    problems.append(f"{n - np.unique(flat).size} tile(s) share a cell with another tile")
+                elif np.any(np.diff(flat) <= 0):
+                    problems.append("tiles are not in row-major order of their cells")
+            if not np.all(np.isfinite(self.tissue_fraction)) or self.tissue_fraction.min() < 0 \
+                    or self.tissue_fraction.max() > 1 + 1e-6:
+                problems.append("tissue_fraction has values outside [0, 1]")
+        if problems:
+            raise GridFileError(f"Invalid tile grid{where}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class FeatureGrid(TileGrid):
+    """A :class:`TileGrid` with one feature vector per tile.
+
+    Attributes:
+        features: (N, D) float32 or float16.
+        encoder: name of the encoder that made the features.
+        weights_sha256: sha256 of the encoder's weight file ("" when unknown, e.g. imported files).
+        blank: (N,) bool, True where the tile could not be decoded and a blank tile was encoded.
+    """
+
+    features: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    encoder: str = ""
+    weights_sha256: str = ""
+    blank: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        feats = np.asarray(self.features)
+        if feats.dtype not in (np.float16, np.float32):
+            feats = feats.astype(np.float32)
+        object.__setattr__(self, "features", feats.reshape(feats.shape[0], -1) if feats.ndim != 2 else feats)
+        blank = np.zeros(self.n_tiles, bool) if self.blank is None else np.asarray(self.blank, bool).reshape(-1)
+        object.__setattr__(self, "blank", blank)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.features.shape[1])
+
+    @classmethod
+    def from_tiles(cls, tiles: TileGrid, features: np.ndarray, *, encoder: str, weights_sha256: str = "",
+                   blank: np.ndarray | None = None, params_hash: str | None = None,
+                   extra_attrs: dict[str, Any] | None = None) -> FeatureGrid:
+        base = {f.name: getattr(tiles, f.name) for f in fields(TileGrid)}
+        if params_hash is not None:
+            base["params_hash"] = params_hash
+        if extra_attrs:
+            base["extra_attrs"] = {**tiles.extra_attrs, **extra_attrs}
+        return cls(**base, features=features, encoder=encoder, weights_sha256=weights_sha256, blank=blank)
+
+    def dense(self) -> tuple[np.ndarray, np.ndarray]:
+        """The grid as arrays: features (H, W, D) with zeros at non-tissue cells, and mask (H, W) bool."""
+        h, w = self.shape
+        out = np.zeros((h, w, self.feature_dim), dtype=self.features.dtype)
+        if self.n_tiles:
+            out[self.index[:, 0], self.index[:, 1]] = self.features
+        return out, self.mask.astype(bool)
+
+    def validate(self, source: str = "") -> None:
+        super().validate(source)
+        where = f" in {source}" if source else ""
+        if self.features.ndim != 2 or self.features.shape[0] != self.n_tiles:
+            raise GridFileError(f"Invalid feature grid{where}: features has shape {self.features.shape}, "
+                                f"expected ({self.n_tiles}, D)")
+        if self.n_tiles and not np.all(np.isfinite(self.features)):
+            bad = int((~np.isfinite(self.features)).any(axis=1).sum())
+            raise GridFileError(f"Invalid feature grid{where}: {bad} tile(s) have NaN or inf features; "
+                                "re-extract or re-import this slide")
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def _coords_attrs(g: TileGrid) -> dict[str, Any]:
+    """CLAM and TRIDENT attributes of the ``coords`` dataset (``grid-h5.md``)."""
+    attrs: dict[str, Any] = {
+        "patch_size": int(g.tile_px),
+        "patch_size_level0": int(round(g.tile_size_level0)),
+        # Floats from the true mpp, so that TRIDENT reproduces the exact footprint instead of a bucket.
+        "level0_magnification": float(10.0 / g.mpp_level0),
+        "target_magnification": float(10.0 / g.mpp_requested),
+        "overlap": int(g.tile_px - g.stride_px),
+        "name": g.slide_id,
+        "savetodir": "",
+        "save_path": "",
+        "level0_width": int(g.level0_size[0]),
+        "level0_height": int(g.level0_size[1]),
+    }
+    if g.is_native_level:
+        # CLAM reads patch_size pixels at patch_level without resizing: only true for a native level.
+        lw = int(round(g.level0_size[0] / g.read_downsample))
+        lh = int(round(g.level0_size[1] / g.read_downsample))
+        attrs.update({
+            "patch_level": int(g.read_level),
+            "downsample": np.array([g.read_downsample, g.read_downsample], dtype=np.float64),
+            "downsampled_level_dim": np.array([lw, lh], dtype=np.int64),
+            "level_dim": np.array([lw, lh], dtype=np.int64),
+        })
+    return attrs
+
+
+def _root_attrs(g: TileGrid, kind: str) -> dict[str, Any]:
+    from .. import __version__
+
+    attrs = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "slide_id": g.slide_id,
+        "slide_path": str(g.slide_path),
+        "mpp_requested": float(g.mpp_requested),
+        "mpp_effective": float(g.mpp_effective),
+        "mpp_level0": float(g.mpp_level0),
+        "tile_px": int(g.tile_px),
+        "stride_px": int(g.stride_px),
+        "tile_size_level0": float(g.tile_size_level0),
+        "read_level": int(g.read_level),
+        "read_downsample": float(g.read_downsample),
+        "level0_width": int(g.level0_size[0]),
+        "level0_height": int(g.level0_size[1]),
+        "params_hash": g.params_hash,
+        "software_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for k, v in g.extra_attrs.items():
+        attrs[f"x_{k}" if k in attrs else k] = v
+    return attrs
+
+
+def _write(path: str | os.PathLike[str], g: TileGrid, kind: str) -> None:
+    import h5py
+
+    g.validate(str(path))
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        for k, v in _root_attrs(g, kind).items():
+            f.attrs[k] = v
+        n = g.n_tiles
+        d = f.create_dataset("coords", data=g.coords, dtype=np.int64, maxshape=(None, 2),
+                             chunks=(max(1, min(n, 4096)), 2))
+        for k, v in _coords_attrs(g).items():
+            d.attrs[k] = v
+        f.create_dataset("tissue_fraction", data=g.tissue_fraction, dtype=np.float32)
+        grp = f.create_group("grid")
+        grp.create_dataset("index", data=g.index, dtype=np.int32)
+        grp.create_dataset("mask", data=g.mask, dtype=np.uint8, compression="gzip", compression_opts=1)
+        grp.attrs["shape"] = np.array(g.shape, dtype=np.int64)
+        grp.attrs["origin_level0"] = np.array(g.origin_level0, dtype=np.float64)
+        grp.attrs["stride_level0"] = float(g.stride_level0)
+        grp.attrs["tile_size_level0"] = float(g.tile_size_level0)
+        grp.attrs["order"] = "row-major"
+        if isinstance(g, FeatureGrid):
+            dim = g.feature_dim
+            fd = f.create_dataset("features", data=g.features, maxshape=(None, dim),
+                                  chunks=(max(1, min(n, 1024)), max(dim, 1)) if n else None)
+            fd.attrs["name"] = g.slide_id
+            fd.attrs["savetodir"] = ""
+            fd.attrs["encoder"] = g.encoder
+            f.attrs["encoder"] = g.encoder
+            f.attrs["weights_sha256"] = g.weights_sha256
+            f.attrs["feature_dim"] = dim
+            f.create_dataset("blank", data=g.blank.astype(np.uint8))
+            f.attrs["n_blank_tiles"] = int(g.blank.sum())
+
+
+def write_tile_grid(path: str | os.PathLike[str], grid: TileGrid) -> None:
+    """Write a tiles file atomically (validated first)."""
+    _write(path, grid, "tiles")
+
+
+def write_feature_grid(path: str | os.PathLike[str], grid: FeatureGrid) -> None:
+    """Write a feature grid file atomically (validated first)."""
+    _write(path, grid, "features")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def _open(path: str | os.PathLike[str]):
+    import h5py
+
+    p = Path(path)
+    if not p.is_file():
+        raise GridFileError(f"Grid file not found: {p}")
+    try:
+        return h5py.File(p, "r")
+    except OSError as exc:
+        raise GridFileError(f"Cannot open {p} as HDF5 ({exc}); the file is damaged or not HDF5. "
+                            "Delete it and rerun the stage that made it.") from exc
+
+
+def _read_common(f, path: Path) -> dict[str, Any]:
+    def need(name: str):
+        if name not in f:
+            raise GridFileError(f"{path} has no '{name}' dataset; it is not a wsi2dmamba grid file "
+                                "(use `wsi2dmamba import-features` for CLAM or TRIDENT files).")
+        return f[name]
+
+    a = dict(f.attrs)
+    if a.get("format") != FORMAT_NAME:
+        raise GridFileError(f"{path} is not a wsi2dmamba grid file (attribute 'format' is "
+                            f"{a.get('format')!r}); use `wsi2dmamba import-features` for CLAM/TRIDENT files.")
+    if int(a.get("format_version", 0)) > FORMAT_VERSION:
+        raise GridFileError(f"{path} was written by a newer wsi2dmamba (format version "
+                            f"{a.get('format_version')}); upgrade wsi2dmamba to read it.")
+    coords = need("coords")
+    index = need("grid/index")
+    grp = f["grid"]
+    try:
+        shape = tuple(int(x) for x in grp.attrs["shape"])
+        kwargs = dict(
+            slide_id=str(a["slide_id"]),
+            coords=np.asarray(coords[...]),
+            index=np.asarray(index[...]),
+            shape=shape,
+            tissue_fraction=np.asarray(need("tissue_fraction")[...]),
+            origin_level0=tuple(float(x) for x in grp.attrs["origin_level0"]),
+            stride_level0=float(grp.attrs["stride_level0"]),
+            tile_size_level0=float(grp.attrs["tile_size_level0"]),
+            tile_px=int(a["tile_px"]),
+            stride_px=int(a["stride_px"]),
+            mpp_requested=float(a["mpp_requested"]),
+            mpp_effective=float(a["mpp_effective"]),
+            mpp_level0=float(a["mpp_level0"]),
+            read_level=int(a["read_level"]),
+            read_downsample=float(a["read_downsample"]),
+            level0_size=(int(a["level0_width"]), int(a["level0_height"])),
+            slide_path=str(a.get("slide_path", "")),
+            params_hash=str(a.get("params_hash", "")),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
+        raise GridFileError(f"{path} lacks or has a malformed attribute ({exc}); rerun the stage that made it.") from exc
+    if kwargs["coords"].ndim != 2 or kwargs["coords"].shape[1:] != (2,):
+        raise GridFileError(f"{path}: coords has shape {kwargs['coords'].shape}, expected (N, 2)")
+    if "mask" in grp:
+        mask = np.asarray(grp["mask"][...])
+        expect = np.zeros(shape, np.uint8)
+        idx = kwargs["index"]
+        if mask.shape != shape:
+            raise GridFileError(f"{path}: grid/mask has shape {mask.shape}, but grid shape is {shape}")
+        if idx.ndim == 2 and idx.shape[1:] == (2,) and len(idx) and idx.min() >= 0 \
+                and (idx[:, 0] < shape[0]).all() and (idx[:, 1] < shape[1]).all():
+            expect[idx[:, 0], idx[:, 1]] = 1
+            if not np.array_equal(expect, (mask > 0).astype(np.uint8)):
+                raise GridFileError(f"{path}: grid/mask does not match grid/index; the file is inconsistent")
+    return kwargs
+
+
+def read_tile_grid(path: str | os.PathLike[str]) -> TileGrid:
+    """Read and validate a tiles file (a feature grid file also reads as its tiles)."""
+    path = Path(path)
+    with _open(path) as f:
+        g = TileGrid(**_read_common(f, path))
+    g.validate(str(path))
+    return g
+
+
+def read_feature_grid(path: str | os.PathLike[str], *, dtype: Any = None) -> FeatureGrid:
+    """Read and validate a feature grid file.
+
+    Args:
+        path: the ``.h5`` file.
+        dtype: convert features to this numpy dtype (default: as stored).
+    """
+    path = Path(path)
+    with _open(path) as f:
+        kwargs = _read_common(f, path)
+        if "features" not in f:
+            raise GridFileError(f"{path} is a tiles file without features; run `wsi2dmamba extract` first.")
+        feats = np.asarray(f["features"][...])
+        if dtype is not None:
+            feats = feats.astype(dtype)
+        blank = np.asarray(f["blank"][...]).astype(bool) if "blank" in f else None
+        g = FeatureGrid(**kwargs, features=feats, encoder=str(f.attrs.get("encoder", "")),
+                        weights_sha256=str(f.attrs.get("weights_sha256", "")), blank=blank)
+    g.validate(str(path))
+    return g
+
+
+def with_params_hash(grid: TileGrid, params_hash: str) -> TileGrid:
+    """A copy of ``grid`` with another parameter hash."""
+    return replace(grid, params_hash=params_hash)
