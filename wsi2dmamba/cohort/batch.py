@@ -68,6 +68,13 @@ def is_up_to_date(run_dir: Path, stage: str, record: SlideRecord, phash: str, ou
     return all(Path(p).exists() for p in outputs)
 
 
+def shard_of(slide_id: str, n_shards: int) -> int:
+    """The shard (0..N-1) a slide belongs to: a stable hash of its id, independent of manifest order."""
+    import hashlib
+
+    return int(hashlib.sha1(slide_id.encode("utf-8")).hexdigest(), 16) % n_shards
+
+
 def _run_one(fn: WorkFn, record: SlideRecord, config: Any, run_dir: Path) -> tuple[str, dict, str, str]:
     """Execute in a worker: returns (status, info, reason, traceback)."""
     try:
@@ -84,7 +91,8 @@ def _run_one(fn: WorkFn, record: SlideRecord, config: Any, run_dir: Path) -> tup
 
 def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: WorkFn, outputs: OutputsFn, *,
               workers: int = 1, progress: bool = True, force: bool = False,
-              stage_dir: str | None = None) -> StageSummary:
+              stage_dir: str | None = None, shard: tuple[int, int] | None = None,
+              executor: str = "local", ray_address: str | None = None) -> StageSummary:
     """Run ``fn`` over every slide of ``cohort`` that is not already up to date.
 
     Args:
@@ -99,7 +107,16 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
         force: redo every slide.
         stage_dir: folder (relative to the run) whose ``.state`` holds this stage's states; defaults to
             ``stage`` (extraction uses ``features/<encoder>``).
+        shard: ``(i, N)``: process only the slides of shard i of N (:func:`shard_of`).
+        executor: ``"local"`` (worker processes) or ``"ray"``.
+        ray_address: Ray cluster address for ``executor="ray"``.
     """
+    if executor not in ("local", "ray"):
+        raise WsiError(f"Unknown executor {executor!r}; use 'local' or 'ray'.")
+    if executor == "ray":
+        raise WsiError("The ray executor is not available in this build.")
+    if shard is not None:
+        cohort = Cohort(tuple(r for r in cohort if shard_of(r.slide_id, shard[1]) == shard[0]), cohort.source)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     sdir = stage_dir or stage

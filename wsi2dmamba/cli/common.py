@@ -1,0 +1,61 @@
+"""Options shared by the batch commands, so every stage spells them the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..cohort import Cohort, StageSummary, load_cohort
+from ..errors import ConfigError
+
+CohortOpt = Annotated[Optional[Path], typer.Option("--cohort", help="Cohort manifest CSV (slide_id, path, …).")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Run folder; every stage writes below it.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo slides that are already done.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+ShardOpt = Annotated[Optional[str], typer.Option(
+    "--shard", help="Process only shard i of N ('i/N', 0-based), e.g. for Slurm array jobs; "
+    "combine with `wsi2dmamba merge`.")]
+ExecutorOpt = Annotated[str, typer.Option("--executor", help="Where per-slide tasks run: local or ray.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="Ray cluster to connect to (default: start a local one).")]
+SlidesDirOpt = Annotated[Optional[Path], typer.Option(
+    "--slides-dir", help="Folder searched for slides whose manifest row has no path.")]
+
+
+def cohort_from_args(cohort: Path | None, slides: list[Path] | None = None, *, require_path: bool = True,
+                     slides_dir: Path | None = None, mpp: float | None = None) -> Cohort:
+    """A cohort from ``--cohort M.csv`` or from slide files given on the command line (not both)."""
+    if cohort is not None and slides:
+        raise ConfigError("Give either --cohort or slide files, not both.")
+    if cohort is not None:
+        return load_cohort(cohort, require_path=require_path, slides_dir=slides_dir)
+    if slides:
+        return Cohort.from_paths(slides, mpp=mpp)
+    raise ConfigError("No slides given: pass --cohort M.csv or one or more slide files.")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """'i/N' → (i, N), validated."""
+    if text is None:
+        return None
+    try:
+        i_text, n_text = text.split("/")
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        raise ConfigError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ConfigError(f"--shard {text}: need 0 ≤ i < N and N ≥ 1")
+    return i, n
+
+
+def report_summary(summary: StageSummary) -> None:
+    """Print a stage's summary; exit 1 when any slide failed (the batch itself went on)."""
+    typer.echo(summary.line())
+    for sid, reason in sorted(summary.failed.items()):
+        typer.secho(f"  failed {sid}: {reason}", fg=typer.colors.YELLOW, err=True)
+    if summary.failed:
+        typer.echo("Failures are recorded in the run's ledger.csv; fix them and rerun (done slides are skipped).")
+        raise typer.Exit(1)
