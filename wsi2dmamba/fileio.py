@@ -21,6 +21,14 @@ from .errors import WsiError
 _TMP_PREFIX = ".tmp-"
 
 
+def _file_mode() -> int:
+    """Permissions of a new file under the process's umask (mkstemp's own 0600 would hide outputs
+    from other users of a shared run folder)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it to ``final`` when the block ends without error.
@@ -35,6 +43,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _file_mode())
         _fsync_file(tmp)
         os.replace(tmp, final)
         _fsync_dir(final.parent)

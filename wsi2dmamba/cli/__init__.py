@@ -30,7 +30,8 @@ COMMAND_MODULES = (
     "models",      # models
     "training",    # train, evaluate, report, heatmap
     "pipeline",    # run, demo
-    "operations",  # merge, verify
+    "operations",  # merge
+    "integrity",   # verify
 )
 
 for _name in COMMAND_MODULES:

@@ -3,14 +3,14 @@
 Every per-slide stage (segment, tile, extract) is a *work function* ``fn(record, config, run_dir) -> dict``
 that writes its outputs atomically and returns a small JSON-able dict of information. :func:`run_stage`
 decides which slides need work (no state, a failure, other parameters, a changed slide, a missing
-output), runs them in worker processes, records a state file per slide and rebuilds ``RUN/ledger.csv``.
-A slide that fails is recorded with its reason and the batch goes on.
+output), runs them on an executor (this process, worker processes, or a Ray cluster: see
+:mod:`.executors`), records a state file per slide and rebuilds ``RUN/ledger.csv``. A slide that fails
+is recorded with its reason and the batch goes on. With ``shard=(i, N)`` only one shard of the cohort
+is run (see :mod:`.shards`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
-import multiprocessing as mp
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
-from ..errors import WsiError
+from ..errors import ConfigError, WsiError
 from ..fileio import params_hash, remove_stale_temporaries
+from .executors import EXECUTORS, TaskResources, make_executor
 from .ledger import SlideState, hash_outputs, read_state, source_fingerprint, write_ledger, write_state
 from .manifest import Cohort, SlideRecord
+from .shards import new_record, select_shard, shard_of, stage_lock, write_record, write_shard_ledger
+
+__all__ = ["StageSummary", "TaskResources", "config_hash", "is_up_to_date", "run_stage", "shard_of"]
 
 WorkFn = Callable[[SlideRecord, Any, Path], dict]
 OutputsFn = Callable[[SlideRecord, Path], Sequence[Path]]
@@ -68,13 +70,6 @@ def is_up_to_date(run_dir: Path, stage: str, record: SlideRecord, phash: str, ou
     return all(Path(p).exists() for p in outputs)
 
 
-def shard_of(slide_id: str, n_shards: int) -> int:
-    """The shard (0..N-1) a slide belongs to: a stable hash of its id, independent of manifest order."""
-    import hashlib
-
-    return int(hashlib.sha1(slide_id.encode("utf-8")).hexdigest(), 16) % n_shards
-
-
 def _run_one(fn: WorkFn, record: SlideRecord, config: Any, run_dir: Path) -> tuple[str, dict, str, str]:
     """Execute in a worker: returns (status, info, reason, traceback)."""
     try:
@@ -92,7 +87,8 @@ def _run_one(fn: WorkFn, record: SlideRecord, config: Any, run_dir: Path) -> tup
 def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: WorkFn, outputs: OutputsFn, *,
               workers: int = 1, progress: bool = True, force: bool = False,
               stage_dir: str | None = None, shard: tuple[int, int] | None = None,
-              executor: str = "local", ray_address: str | None = None) -> StageSummary:
+              executor: str = "local", ray_address: str | None = None,
+              resources: TaskResources | None = None) -> StageSummary:
     """Run ``fn`` over every slide of ``cohort`` that is not already up to date.
 
     Args:
@@ -102,90 +98,101 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
         config: the stage's validated configuration; its hash decides what may be skipped.
         fn: top-level (picklable) work function ``fn(record, config, run_dir) -> info``.
         outputs: ``outputs(record, run_dir)`` lists the files ``fn`` writes for a slide.
-        workers: worker processes (1 = run in this process).
+        workers: worker processes of the local executor (1 = run in this process).
         progress: show a progress bar with slides/s and ETA.
         force: redo every slide.
         stage_dir: folder (relative to the run) whose ``.state`` holds this stage's states; defaults to
             ``stage`` (extraction uses ``features/<encoder>``).
-        shard: ``(i, N)``: process only the slides of shard i of N (:func:`shard_of`).
-        executor: ``"local"`` (worker processes) or ``"ray"``.
-        ray_address: Ray cluster address for ``executor="ray"``.
+        shard: ``(i, N)``: process only the slides of shard i of N (:func:`~.shards.shard_of`). The shard
+            takes its own lock and writes ``RUN/ledger.shard-<i>of<N>.csv`` instead of ``RUN/ledger.csv``;
+            ``wsi2dmamba merge RUN`` checks the shards and writes ``RUN/ledger.csv``.
+        executor: ``"local"`` (this process or worker processes) or ``"ray"`` (one Ray task per slide).
+        ray_address: Ray cluster address for ``executor="ray"`` (None: start a local cluster).
+        resources: what each slide's task needs (default: one CPU, no GPU). With a GPU, the local
+            executor spreads slides over the visible GPUs and Ray schedules them on GPU workers.
+
+    Whichever the executor, the work function runs in a worker and this process alone writes the
+    states and the ledger, so results, ledger and resume are the same.
     """
-    if executor not in ("local", "ray"):
-        raise WsiError(f"Unknown executor {executor!r}; use 'local' or 'ray'.")
-    if executor == "ray":
-        raise WsiError("The ray executor is not available in this build.")
     if shard is not None:
-        cohort = Cohort(tuple(r for r in cohort if shard_of(r.slide_id, shard[1]) == shard[0]), cohort.source)
+        i, n = shard
+        if n < 1 or not 0 <= i < n:
+            raise ConfigError(f"shard {i}/{n}: need 0 ≤ i < N and N ≥ 1")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     sdir = stage_dir or stage
+    if executor not in EXECUTORS:
+        raise ConfigError(f"Unknown executor {executor!r}; use one of: {', '.join(EXECUTORS)}.")
+    whole = cohort
+    if shard is not None:
+        cohort = select_shard(cohort, shard)
+    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / sdir).mkdir(parents=True, exist_ok=True)
     phash = config_hash(stage, config)
     # States are kept per output folder (e.g. "features/<encoder>"), and so are ledger rows.
     summary = StageSummary(stage)
-    lock = FileLock(str(run_dir / sdir / ".lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout as exc:
-        raise WsiError(f"Another process is running stage {stage!r} in {run_dir} (lock file "
-                       f"{run_dir / sdir / '.lock'}). Wait for it to finish, or use another --out folder.") from exc
-    t0 = time.perf_counter()
-    try:
-        remove_stale_temporaries(run_dir / sdir)
-        todo = []
-        for rec in cohort:
-            if not force and is_up_to_date(run_dir, sdir, rec, phash, outputs(rec, run_dir)):
-                summary.skipped.append(rec.slide_id)
-            else:
-                todo.append(rec)
-        bar = _progress(len(todo), stage, progress)
-
-        def finish(rec: SlideRecord, result: tuple[str, dict, str, str], seconds: float) -> None:
-            status, info, reason, tb = result
-            outs = [Path(p) for p in outputs(rec, run_dir)] if status == "done" else []
-            if status == "done":
-                missing = [str(p) for p in outs if not p.exists()]
-                if missing:
-                    status, reason = "failed", f"stage finished without writing: {', '.join(missing)}"
-            state = SlideState(stage=sdir, slide_id=rec.slide_id, status=status, params_hash=phash,
-                               reason=reason, seconds=seconds,
-                               outputs=hash_outputs(run_dir, outs) if status == "done" else {},
-                               source=source_fingerprint(rec.path), info=info, traceback=tb)
-            write_state(run_dir, state)
-            if status == "done":
-                summary.done.append(rec.slide_id)
-                summary.infos[rec.slide_id] = info
-            else:
-                summary.failed[rec.slide_id] = reason
-            bar.update(1)
-
-        if workers <= 1 or len(todo) <= 1:
-            for rec in todo:
-                t = time.perf_counter()
-                finish(rec, _run_one(fn, rec, config, run_dir), time.perf_counter() - t)
+    with stage_lock(run_dir, sdir, stage, shard):
+        t0 = time.perf_counter()
+        record = None
+        if shard is not None:
+            record = new_record(stage, sdir, shard, phash, whole, cohort)
+            write_record(run_dir, record)
         else:
-            ctx = mp.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                starts = {}
-                futs = {}
-                for rec in todo:
-                    f = pool.submit(_run_one, fn, rec, config, run_dir)
-                    futs[f] = rec
-                    starts[f] = time.perf_counter()
-                for f in cf.as_completed(futs):
-                    rec = futs[f]
-                    try:
-                        result = f.result()
-                    except Exception as exc:  # the worker process died (killed, segfault in a codec)
-                        result = ("failed", {}, f"worker process died while processing this slide ({exc})", "")
-                    finish(rec, result, time.perf_counter() - starts[f])
-        bar.close()
-    finally:
-        summary.seconds = time.perf_counter() - t0
-        write_ledger(run_dir)
-        lock.release()
+            # Only an unsharded run may clear temporaries: a running shard's files are beside them.
+            remove_stale_temporaries(run_dir / sdir)
+        try:
+            todo = []
+            for rec in cohort:
+                if not force and is_up_to_date(run_dir, sdir, rec, phash, outputs(rec, run_dir)):
+                    summary.skipped.append(rec.slide_id)
+                else:
+                    todo.append(rec)
+            bar = _progress(len(todo), stage, progress)
+            by_id = {rec.slide_id: rec for rec in todo}
+            tasks = [(rec.slide_id, (fn, rec, config, run_dir)) for rec in todo]
+            # Made only when there is work: a resumed, complete stage starts no Ray cluster.
+            pool = make_executor(executor, workers=workers, resources=resources,
+                                 ray_address=ray_address) if todo else None
+            for out in pool.map(_run_one, tasks) if pool is not None else ():
+                rec = by_id[out.key]
+                result = out.value if out.ok else ("failed", {}, f"the task for this slide did not finish "
+                                                   f"({out.reason})", "")
+                _finish(run_dir, sdir, stage, rec, result, out.seconds, phash, outputs, summary)
+                bar.update(1)
+            bar.close()
+        finally:
+            summary.seconds = time.perf_counter() - t0
+            if record is not None:
+                record.status = "finished" if len(summary.done) + len(summary.skipped) + len(summary.failed) \
+                    == len(cohort) else "running"
+                record.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                record.done, record.skipped, record.failed = (len(summary.done), len(summary.skipped),
+                                                              len(summary.failed))
+                write_record(run_dir, record)
+                write_shard_ledger(run_dir, shard)
+            else:
+                write_ledger(run_dir)
     return summary
+
+
+def _finish(run_dir: Path, sdir: str, stage: str, rec: SlideRecord, result: tuple[str, dict, str, str],
+            seconds: float, phash: str, outputs: OutputsFn, summary: StageSummary) -> None:
+    """Record one slide's result: check its outputs exist, write its state, count it."""
+    status, info, reason, tb = result
+    outs = [Path(p) for p in outputs(rec, run_dir)] if status == "done" else []
+    if status == "done":
+        missing = [str(p) for p in outs if not p.exists()]
+        if missing:
+            status, reason = "failed", f"stage finished without writing: {', '.join(missing)}"
+    state = SlideState(stage=sdir, slide_id=rec.slide_id, status=status, params_hash=phash,
+                       reason=reason, seconds=seconds,
+                       outputs=hash_outputs(run_dir, outs) if status == "done" else {},
+                       source=source_fingerprint(rec.path), info=info, traceback=tb)
+    write_state(run_dir, state)
+    if status == "done":
+        summary.done.append(rec.slide_id)
+        summary.infos[rec.slide_id] = info
+    else:
+        summary.failed[rec.slide_id] = reason
 
 
 def _progress(total: int, stage: str, enabled: bool):

@@ -161,11 +161,16 @@ def load_cohort(path: str | os.PathLike[str], *, require_path: bool = True, chec
             problems.append(f"{where}: duplicate slide_id {sid!r} (first on line {seen[sid]})")
             continue
         seen[sid] = line
-        slide_path = _resolve_path(row.get("path", "").strip(), base, index.get(sid))
-        if slide_path is None and require_path:
-            problems.append(f"{where}: no path for slide {sid!r}; fill the 'path' column or pass --slides-dir")
-        elif slide_path is not None and check_files and not slide_path.exists():
-            problems.append(f"{where}: slide file not found: {slide_path}")
+        try:
+            slide_path = _resolve_path(row.get("path", "").strip(), base, index.get(sid))
+        except ValueError as exc:
+            problems.append(f"{where}: column 'path' {exc}")
+            slide_path = None
+        else:
+            if slide_path is None and require_path:
+                problems.append(f"{where}: no path for slide {sid!r}; fill the 'path' column or pass --slides-dir")
+            elif slide_path is not None and check_files and not _exists(slide_path):
+                problems.append(f"{where}: slide file not found: {slide_path}")
         label = row.get("label", "").strip() or None
         time = _parse_float(row, "time", where, problems, positive=True)
         event = _parse_event(row, where, problems)
@@ -182,11 +187,35 @@ def load_cohort(path: str | os.PathLike[str], *, require_path: bool = True, chec
 
 
 def _resolve_path(text: str, base: Path, found: Path | None) -> Path | None:
+    """The absolute path of a manifest's ``path`` cell (relative to the manifest's folder).
+
+    A path is data, never an option or shell text: it is only ever joined, resolved and opened, so a
+    cell such as ``--help`` or ``$(touch x)`` names a (missing) file of that name next to the manifest.
+
+    Raises:
+        ValueError: the text cannot be a file name (a NUL character, a name the system rejects).
+    """
     if not text:
         return found
-    # A path is data, never an option or shell text: it is only ever joined and opened.
-    p = Path(text).expanduser()
-    return (p if p.is_absolute() else base / p).resolve()
+    if "\0" in text:
+        raise ValueError(f"{text!r} contains a NUL character and cannot be a file name; fix the cell")
+    p = Path(text)
+    if text.startswith("~"):
+        try:
+            p = p.expanduser()
+        except RuntimeError:  # no home folder known for this user: keep the text as a name
+            pass
+    try:
+        return (p if p.is_absolute() else base / p).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise ValueError(f"{text!r} cannot be resolved to a file ({exc}); fix the cell") from exc
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # e.g. a name longer than the file system allows
+        return False
 
 
 def _index_slides_dir(slides_dir: str | os.PathLike[str]) -> dict[str, Path]:

@@ -296,6 +296,20 @@ def write_feature_grid(path: str | os.PathLike[str], grid: FeatureGrid) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- reading
+#
+# Grid files are passed between labs, so a file is treated as untrusted: its layout, shapes, dtypes and
+# sizes are checked from metadata before any array is read (no allocation driven by a forged shape), links
+# to other files, virtual and externally stored datasets are refused (they would read data the file does
+# not hold), and every h5py or numpy error while reading becomes a GridFileError naming the file.
+
+#: Largest lattice (H × W cells) a file may declare; far above any slide (a 200k × 200k px slide at
+#: 32 px stride has 4·10^7 cells) and small enough that a forged shape cannot exhaust memory.
+MAX_GRID_CELLS = 1 << 26
+#: Largest feature dimension a file may declare.
+MAX_FEATURE_DIM = 1 << 16
+
+_REAL_KINDS = "fiub"
+
 
 def _open(path: str | os.PathLike[str]):
     import h5py
@@ -310,67 +324,173 @@ def _open(path: str | os.PathLike[str]):
                             "Delete it and rerun the stage that made it.") from exc
 
 
-def _read_common(f, path: Path) -> dict[str, Any]:
-    def need(name: str):
-        if name not in f:
-            raise GridFileError(f"{path} has no '{name}' dataset; it is not a wsi2dmamba grid file "
-                                "(use `wsi2dmamba import-features` for CLAM or TRIDENT files).")
-        return f[name]
+def _dataset(f, name: str, path: Path, required: bool = True):
+    """The dataset ``name`` of ``f`` if it is stored in the file itself; None if absent and not required."""
+    import h5py
 
-    a = dict(f.attrs)
-    if a.get("format") != FORMAT_NAME:
-        raise GridFileError(f"{path} is not a wsi2dmamba grid file (attribute 'format' is "
-                            f"{a.get('format')!r}); use `wsi2dmamba import-features` for CLAM/TRIDENT files.")
-    if int(a.get("format_version", 0)) > FORMAT_VERSION:
-        raise GridFileError(f"{path} was written by a newer wsi2dmamba (format version "
-                            f"{a.get('format_version')}); upgrade wsi2dmamba to read it.")
-    coords = need("coords")
-    index = need("grid/index")
+    node = f
+    parts = name.split("/")
+    for i, part in enumerate(parts):
+        link = node.get(part, getlink=True) if isinstance(node, h5py.Group) else None
+        if link is None:
+            if not required:
+                return None
+            raise GridFileError(f"{path} has no '{name}' dataset; it is not a complete wsi2dmamba grid file "
+                                "(use `wsi2dmamba import-features` for CLAM or TRIDENT files).")
+        if not isinstance(link, h5py.HardLink):
+            raise GridFileError(f"{path}: '{'/'.join(parts[:i + 1])}' is a link ({type(link).__name__}), not data "
+                                "stored in the file; grid files must not point elsewhere. Refusing to read it.")
+        node = node[part]
+    if not isinstance(node, h5py.Dataset):
+        raise GridFileError(f"{path}: '{name}' is a group, expected a dataset")
+    if node.is_virtual or node.external:
+        raise GridFileError(f"{path}: dataset '{name}' keeps its data outside the file (virtual or external "
+                            "storage); refusing to read it.")
+    return node
+
+
+def _check_layout(ds, path: Path, name: str, shape: tuple, kinds: str = _REAL_KINDS) -> None:
+    """``shape`` may hold None for a free dimension."""
+    if ds.dtype.kind not in kinds or ds.dtype.names is not None:
+        raise GridFileError(f"{path}: dataset '{name}' has dtype {ds.dtype}, expected "
+                            f"{'integers' if kinds == 'iu' else 'real numbers'}")
+    if len(ds.shape) != len(shape) or any(e is not None and s != e for s, e in zip(ds.shape, shape)):
+        want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
+        raise GridFileError(f"{path}: dataset '{name}' has shape {ds.shape}, expected {want}")
+
+
+def _attrs(obj, keys_types: dict[str, str], path: Path, where: str) -> dict[str, Any]:
+    """Read scalar attributes, each ``"int"``, ``"pos_int"``, ``"nonneg_int"``, ``"pos_float"``, ``"float"``
+    or ``"str"``; raise GridFileError naming the attribute when missing or invalid."""
+    out: dict[str, Any] = {}
+    for key, kind in keys_types.items():
+        if key not in obj.attrs:
+            raise GridFileError(f"{path} lacks the {where}attribute '{key}'; rerun the stage that made it.")
+        raw = obj.attrs[key]
+        try:
+            if kind == "str":
+                value: Any = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            else:
+                arr = np.asarray(raw)
+                if arr.size != 1 or arr.dtype.kind not in "fiub":
+                    raise ValueError(f"not a number: {raw!r}")
+                x = float(arr.reshape(()))
+                if not np.isfinite(x):
+                    raise ValueError(f"not finite: {x}")
+                if "int" in kind:
+                    if x != round(x) or abs(x) > 2**53:
+                        raise ValueError(f"not an integer: {x}")
+                    value = int(x)
+                else:
+                    value = x
+                if kind.startswith("pos") and value <= 0 or kind.startswith("nonneg") and value < 0:
+                    raise ValueError(f"must be {'> 0' if kind.startswith('pos') else '≥ 0'}, got {value}")
+        except (ValueError, TypeError, UnicodeDecodeError) as exc:
+            raise GridFileError(f"{path}: {where}attribute '{key}' is invalid ({exc}); rerun the stage "
+                                "that made it.") from None
+        out[key] = value
+    return out
+
+
+def _vector_attr(obj, key: str, n: int, path: Path, integer: bool) -> tuple:
+    raw = obj.attrs.get(key) if key in obj.attrs else None
+    arr = np.asarray(raw) if raw is not None else np.zeros(0)
+    if arr.shape != (n,) or arr.dtype.kind not in ("iu" if integer else "fiu") or not np.all(np.isfinite(arr)):
+        raise GridFileError(f"{path}: attribute 'grid/{key}' must be {n} {'integers' if integer else 'numbers'}, "
+                            f"got {raw!r}; rerun the stage that made it.")
+    return tuple(int(x) for x in arr) if integer else tuple(float(x) for x in arr)
+
+
+def _read_common(f, path: Path) -> dict[str, Any]:
+    import h5py
+
+    fmt = f.attrs.get("format")
+    fmt = fmt.decode("utf-8", "replace") if isinstance(fmt, bytes) else fmt
+    if not isinstance(fmt, str) or fmt != FORMAT_NAME:
+        raise GridFileError(f"{path} is not a wsi2dmamba grid file (attribute 'format' is {fmt!r}); use "
+                            "`wsi2dmamba import-features` for CLAM/TRIDENT files.")
+    version = _attrs(f, {"format_version": "nonneg_int"}, path, "")["format_version"]
+    if version > FORMAT_VERSION:
+        raise GridFileError(f"{path} was written by a newer wsi2dmamba (format version {version}); upgrade "
+                            "wsi2dmamba to read it.")
+    a = _attrs(f, {"slide_id": "str", "tile_px": "pos_int", "stride_px": "pos_int",
+                   "mpp_requested": "pos_float", "mpp_effective": "pos_float", "mpp_level0": "pos_float",
+                   "read_level": "nonneg_int", "read_downsample": "pos_float", "level0_width": "pos_int",
+                   "level0_height": "pos_int"}, path, "")
+    coords = _dataset(f, "coords", path)
+    _check_layout(coords, path, "coords", (None, 2), "iu")
+    n = coords.shape[0]
+    index = _dataset(f, "grid/index", path)
+    _check_layout(index, path, "grid/index", (n, 2), "iu")
+    tf = _dataset(f, "tissue_fraction", path)
+    _check_layout(tf, path, "tissue_fraction", (n,))
     grp = f["grid"]
-    try:
-        shape = tuple(int(x) for x in grp.attrs["shape"])
-        kwargs = dict(
-            slide_id=str(a["slide_id"]),
-            coords=np.asarray(coords[...]),
-            index=np.asarray(index[...]),
-            shape=shape,
-            tissue_fraction=np.asarray(need("tissue_fraction")[...]),
-            origin_level0=tuple(float(x) for x in grp.attrs["origin_level0"]),
-            stride_level0=float(grp.attrs["stride_level0"]),
-            tile_size_level0=float(grp.attrs["tile_size_level0"]),
-            tile_px=int(a["tile_px"]),
-            stride_px=int(a["stride_px"]),
-            mpp_requested=float(a["mpp_requested"]),
-            mpp_effective=float(a["mpp_effective"]),
-            mpp_level0=float(a["mpp_level0"]),
-            read_level=int(a["read_level"]),
-            read_downsample=float(a["read_downsample"]),
-            level0_size=(int(a["level0_width"]), int(a["level0_height"])),
-            slide_path=str(a.get("slide_path", "")),
-            params_hash=str(a.get("params_hash", "")),
-        )
-    except (KeyError, ValueError, TypeError) as exc:
-        raise GridFileError(f"{path} lacks or has a malformed attribute ({exc}); rerun the stage that made it.") from exc
-    if kwargs["coords"].ndim != 2 or kwargs["coords"].shape[1:] != (2,):
-        raise GridFileError(f"{path}: coords has shape {kwargs['coords'].shape}, expected (N, 2)")
-    if "mask" in grp:
-        mask = np.asarray(grp["mask"][...])
+    if not isinstance(grp, h5py.Group):
+        raise GridFileError(f"{path}: 'grid' is not a group")
+    shape = _vector_attr(grp, "shape", 2, path, integer=True)
+    if min(shape) < 0 or shape[0] * shape[1] > MAX_GRID_CELLS or n > shape[0] * shape[1]:
+        raise GridFileError(f"{path}: grid shape {shape} cannot hold {n} tiles (at most {MAX_GRID_CELLS} cells, "
+                            "one tile per cell); the file is damaged or forged.")
+    g = _attrs(grp, {"stride_level0": "pos_float", "tile_size_level0": "pos_float"}, path, "grid/")
+    mask = _dataset(f, "grid/mask", path, required=False)
+    if mask is not None:
+        _check_layout(mask, path, "grid/mask", shape)
+    kwargs = dict(
+        slide_id=a["slide_id"],
+        coords=np.asarray(coords[...], dtype=np.int64),
+        index=np.asarray(index[...], dtype=np.int64),
+        shape=shape,
+        tissue_fraction=np.asarray(tf[...], dtype=np.float32),
+        origin_level0=_vector_attr(grp, "origin_level0", 2, path, integer=False),
+        stride_level0=g["stride_level0"],
+        tile_size_level0=g["tile_size_level0"],
+        tile_px=a["tile_px"],
+        stride_px=a["stride_px"],
+        mpp_requested=a["mpp_requested"],
+        mpp_effective=a["mpp_effective"],
+        mpp_level0=a["mpp_level0"],
+        read_level=a["read_level"],
+        read_downsample=a["read_downsample"],
+        level0_size=(a["level0_width"], a["level0_height"]),
+        slide_path=_attrs(f, {"slide_path": "str"}, path, "")["slide_path"] if "slide_path" in f.attrs else "",
+        params_hash=_attrs(f, {"params_hash": "str"}, path, "")["params_hash"] if "params_hash" in f.attrs else "",
+    )
+    idx = kwargs["index"]
+    if n and (idx.min() < 0 or idx[:, 0].max() >= shape[0] or idx[:, 1].max() >= shape[1]):
+        raise GridFileError(f"{path}: grid/index has cells outside the {shape[0]}×{shape[1]} grid")
+    if mask is not None:
         expect = np.zeros(shape, np.uint8)
-        idx = kwargs["index"]
-        if mask.shape != shape:
-            raise GridFileError(f"{path}: grid/mask has shape {mask.shape}, but grid shape is {shape}")
-        if idx.ndim == 2 and idx.shape[1:] == (2,) and len(idx) and idx.min() >= 0 \
-                and (idx[:, 0] < shape[0]).all() and (idx[:, 1] < shape[1]).all():
-            expect[idx[:, 0], idx[:, 1]] = 1
-            if not np.array_equal(expect, (mask > 0).astype(np.uint8)):
-                raise GridFileError(f"{path}: grid/mask does not match grid/index; the file is inconsistent")
+        expect[idx[:, 0], idx[:, 1]] = 1
+        if not np.array_equal(expect, (np.asarray(mask[...]) != 0).astype(np.uint8)):
+            raise GridFileError(f"{path}: grid/mask does not match grid/index; the file is inconsistent")
     return kwargs
 
 
+def _reading(path: Path):
+    """Turn any library error while reading into a GridFileError naming the file."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except GridFileError:
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            raise GridFileError(f"Cannot read {path} ({type(exc).__name__}: {exc}); the file is damaged. "
+                                "Delete it and rerun the stage that made it.") from exc
+
+    return guard()
+
+
 def read_tile_grid(path: str | os.PathLike[str]) -> TileGrid:
-    """Read and validate a tiles file (a feature grid file also reads as its tiles)."""
+    """Read and validate a tiles file (a feature grid file also reads as its tiles).
+
+    Raises:
+        GridFileError: the file is missing, damaged, not a grid file, or inconsistent (names the file).
+    """
     path = Path(path)
-    with _open(path) as f:
+    with _reading(path), _open(path) as f:
         g = TileGrid(**_read_common(f, path))
     g.validate(str(path))
     return g
@@ -382,18 +502,32 @@ def read_feature_grid(path: str | os.PathLike[str], *, dtype: Any = None) -> Fea
     Args:
         path: the ``.h5`` file.
         dtype: convert features to this numpy dtype (default: as stored).
+
+    Raises:
+        GridFileError: the file is missing, damaged, not a feature grid, or inconsistent, or holds NaN or
+            inf features (names the file).
     """
     path = Path(path)
-    with _open(path) as f:
+    with _reading(path), _open(path) as f:
         kwargs = _read_common(f, path)
-        if "features" not in f:
+        n = kwargs["coords"].shape[0]
+        fd = _dataset(f, "features", path, required=False)
+        if fd is None:
             raise GridFileError(f"{path} is a tiles file without features; run `wsi2dmamba extract` first.")
-        feats = np.asarray(f["features"][...])
+        _check_layout(fd, path, "features", (n, None), "f")
+        if not 1 <= fd.shape[1] <= MAX_FEATURE_DIM:
+            raise GridFileError(f"{path}: features have dimension {fd.shape[1]}, expected 1 to {MAX_FEATURE_DIM}")
+        feats = np.asarray(fd[...])
         if dtype is not None:
             feats = feats.astype(dtype)
-        blank = np.asarray(f["blank"][...]).astype(bool) if "blank" in f else None
-        g = FeatureGrid(**kwargs, features=feats, encoder=str(f.attrs.get("encoder", "")),
-                        weights_sha256=str(f.attrs.get("weights_sha256", "")), blank=blank)
+        bd = _dataset(f, "blank", path, required=False)
+        blank = None
+        if bd is not None:
+            _check_layout(bd, path, "blank", (n,))
+            blank = np.asarray(bd[...]).astype(bool)
+        attrs = _attrs(f, {k: "str" for k in ("encoder", "weights_sha256") if k in f.attrs}, path, "")
+        g = FeatureGrid(**kwargs, features=feats, encoder=attrs.get("encoder", ""),
+                        weights_sha256=attrs.get("weights_sha256", ""), blank=blank)
     g.validate(str(path))
     return g
 

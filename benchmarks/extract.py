@@ -1,0 +1,203 @@
+"""Feature extraction throughput: end to end, and the decode-only and encoder-only ceilings.
+
+Measures, on one large pyramidal TIFF of real tissue (built by ``make_tissue_tiff.py`` when missing):
+
+* decode-only: the extraction's own tile loader (worker processes, region reads, pinned memory), with
+  nothing consuming the tiles: the most tiles/s the CPU side can deliver;
+* encoder-only: preprocessing + encoder on uint8 tiles already on the device: the most tiles/s the
+  model can take;
+* end to end: ``extract_cohort`` on a one-slide cohort (tiles file in, feature grid file out, state and
+  ledger written), plus the GPU's busy fraction sampled during it.
+
+    python benchmarks/extract.py --tiff /tmp/tissue.tif --size 40000 --encoder resnet50-trunc \
+        --random-weights --device cuda --workers 8,15 --batch-size 256
+
+Random weights (``--random-weights``) cost the same time as real ones; use them when the weight file
+is not at hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def tissue_tiles(slide_path: Path, slide_id: str, tile_px: int, min_tissue: float = 0.25):
+    """A TileGrid of every ``tile_px`` cell of level 0 whose tissue fraction (saturation > 20 on the
+    coarsest level) is at least ``min_tissue``; the lattice starts at (0, 0), cropped to the tissue."""
+    import cv2
+
+    from wsi2dmamba.fileio import params_hash
+    from wsi2dmamba.grid import TileGrid
+    from wsi2dmamba.slide import open_slide
+
+    with open_slide(slide_path) as s:
+        lvl = s.level_count - 1
+        ds = s.level_downsamples[lvl]
+        low = s.read_level(lvl)
+        w0, h0 = s.dimensions
+        mpp = s.mpp
+    sat = cv2.cvtColor(low, cv2.COLOR_RGB2HSV)[..., 1] > 20
+    nr, nc = h0 // tile_px, w0 // tile_px
+    cell = tile_px / ds
+    rows, cols, frac = [], [], []
+    for r in range(nr):
+        y0, y1 = int(r * cell), max(int((r + 1) * cell), int(r * cell) + 1)
+        band = sat[y0:y1]
+        for c in range(nc):
+            f = float(band[:, int(c * cell):max(int((c + 1) * cell), int(c * cell) + 1)].mean())
+            if f >= min_tissue:
+                rows.append(r), cols.append(c), frac.append(f)
+    idx = np.stack([rows, cols], 1)
+    r0, c0 = idx.min(0)
+    idx = idx - [r0, c0]
+    coords = (idx[:, ::-1] + [c0, r0]) * tile_px
+    shape = tuple(int(v) for v in idx.max(0) + 1)
+    return TileGrid(slide_id=slide_id, coords=coords, index=idx, shape=shape, tissue_fraction=frac,
+                    origin_level0=(float(c0 * tile_px), float(r0 * tile_px)), stride_level0=float(tile_px),
+                    tile_size_level0=float(tile_px), tile_px=tile_px, stride_px=tile_px, mpp_requested=mpp,
+                    mpp_effective=mpp, mpp_level0=mpp, read_level=0, read_downsample=1.0,
+                    level0_size=(w0, h0), slide_path=str(slide_path),
+                    params_hash=params_hash({"benchmark": "tissue_tiles", "tile_px": tile_px,
+                                             "min_tissue": min_tissue}))
+
+
+def decode_only(plan, batch_size: int, workers: int, pin: bool) -> tuple[float, int]:
+    from wsi2dmamba.features.loader import make_loader
+
+    loader = make_loader(plan, batch_size=batch_size, workers=workers, pin_memory=pin)
+    n = 0
+    t0 = time.perf_counter()
+    for images, idx, _ in loader:
+        n += len(idx)
+    return n / (time.perf_counter() - t0), n
+
+
+def encoder_only(encoder, batch_size: int, tile_px: int, seconds: float = 8.0) -> float:
+    import torch
+
+    x = torch.randint(0, 256, (batch_size, tile_px, tile_px, 3), dtype=torch.uint8, device=encoder.device)
+    sync = torch.cuda.synchronize if encoder.device.type == "cuda" else (lambda: None)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=True):
+        for _ in range(5):
+            encoder.encode(x)
+        sync()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(10):
+                encoder.encode(x)
+            n += 10 * batch_size
+            sync()
+    return n / (time.perf_counter() - t0)
+
+
+class GpuBusy:
+    """Samples the GPU's utilisation (NVML) every 50 ms in a thread."""
+
+    def __init__(self) -> None:
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import torch
+
+        while not self._stop.is_set():
+            try:
+                self.samples.append(int(torch.cuda.utilization()))
+            except Exception:
+                return
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._t.join()
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.samples)) if self.samples else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiff", type=Path, required=True, help="pyramidal TIFF (built when missing)")
+    ap.add_argument("--size", type=int, default=40000, help="side of the TIFF to build, in pixels")
+    ap.add_argument("--source", type=Path, default=None, help="slide whose tissue fills the TIFF")
+    ap.add_argument("--run", type=Path, default=Path("/tmp/wsi2dmamba-bench-run"))
+    ap.add_argument("--encoder", default="resnet50-trunc")
+    ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default=None)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--workers", default="15", help="comma-separated reader process counts to measure")
+    ap.add_argument("--tile-px", type=int, default=256)
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    a = ap.parse_args()
+
+    import torch
+
+    from wsi2dmamba.cohort import load_cohort
+    from wsi2dmamba.features import ExtractConfig, extract_cohort, load_encoder
+    from wsi2dmamba.features.loader import TileReadPlan
+    from wsi2dmamba.grid import write_tile_grid
+
+    if not a.tiff.is_file():
+        from make_tissue_tiff import build
+
+        build(a.tiff, a.size, source=a.source)
+    t0 = time.perf_counter()
+    tiles = tissue_tiles(a.tiff, "bench", a.tile_px)
+    write_tile_grid(a.run / "tiles" / "bench.h5", tiles)
+    manifest = a.run / "cohort.csv"
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows([["slide_id", "path", "mpp"], ["bench", str(a.tiff), tiles.mpp_level0]])
+    cohort = load_cohort(manifest)
+    print(f"slide {a.tiff} {tiles.level0_size[0]}×{tiles.level0_size[1]} px; {tiles.n_tiles} tissue tiles of "
+          f"{a.tile_px} px on a {tiles.shape[0]}×{tiles.shape[1]} grid (tiling {time.perf_counter() - t0:.1f} s)")
+
+    enc = load_encoder(a.encoder, device=a.device, precision=a.precision, pretrained=not a.random_weights)
+    cpu_name = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if enc.device.type == "cuda" else "none"
+    print(f"encoder {enc.name} ({'random' if a.random_weights else 'pretrained'} weights), {enc.precision}, "
+          f"device {enc.device} ({gpu}), {os.cpu_count()} CPU cores ({cpu_name}), batch {a.batch_size}")
+    enc_rate = encoder_only(enc, a.batch_size, a.tile_px)
+    print(f"encoder-only ceiling: {enc_rate:,.0f} tiles/s")
+    plan = TileReadPlan.from_tiles(tiles, a.tiff, tiles.mpp_level0)
+    results = {"tiles": tiles.n_tiles, "encoder": enc.name, "precision": enc.precision, "gpu": gpu,
+               "cpu_cores": os.cpu_count(), "batch_size": a.batch_size, "encoder_only": enc_rate, "runs": []}
+    for w in [int(v) for v in a.workers.split(",")]:
+        dec_rate, n = decode_only(plan, a.batch_size, w, enc.device.type == "cuda")
+        cfg = ExtractConfig(encoder=enc.name, device=str(enc.device), batch_size=a.batch_size, workers=w,
+                            pretrained=not a.random_weights)
+        with GpuBusy() as busy:
+            summary = extract_cohort(cohort, a.run, cfg, progress=False, force=True, encoder=enc)
+        if summary.failed:
+            raise SystemExit(f"extraction failed: {summary.failed}")
+        info = summary.infos["bench"]
+        e2e = info["n_tiles"] / summary.seconds
+        ceiling = min(dec_rate, enc_rate)
+        row = {"workers": w, "decode_only": dec_rate, "end_to_end": e2e,
+               "extract_only": info["tiles_per_s"], "stage_seconds": summary.seconds,
+               "gpu_busy_percent": busy.mean, "fraction_of_lower_ceiling": e2e / ceiling}
+        results["runs"].append(row)
+        print(f"workers {w:2d}: decode-only {dec_rate:,.0f} tiles/s | end to end {e2e:,.0f} tiles/s "
+              f"({summary.seconds:.1f} s incl. file write; {info['tiles_per_s']:,.0f} tiles/s in the loop) | "
+              f"{100 * e2e / ceiling:.0f}% of the lower ceiling | GPU busy {busy.mean:.0f}%")
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

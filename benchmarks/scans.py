@@ -1,0 +1,142 @@
+"""Milliseconds and peak memory of the 2D scans: CuPy kernels vs the PyTorch reference (docs/scans.md §4).
+
+Run on a CUDA machine with CuPy:  python benchmarks/scans.py [--skip-reference] [--reps 20]
+Peak MiB is the memory allocated above the inputs and the output gradient during the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from wsi2dmamba.ops import cupy_scans, mamba2d_scan, selective_scan_2d
+
+SHAPES = [(1, 256, 64, 64), (1, 256, 128, 128), (1, 256, 196, 196), (1, 256, 256, 256), (1, 256, 391, 391),
+          (16, 192, 56, 56)]
+N_STATE = 16
+
+
+def make_inputs(kind, batch, E, H, W, dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=g, device="cuda") * scale + shift).to(dtype)
+
+    if kind == "2dmamba":
+        return dict(u=r(batch, E, H, W), dt=r(batch, E, H, W, scale=0.5, shift=-2.0),
+                    A=-torch.arange(1, N_STATE + 1, device="cuda", dtype=torch.float32).repeat(E, 1),
+                    B=r(batch, N_STATE, H, W), C=r(batch, N_STATE, H, W),
+                    D=torch.ones(E, device="cuda"), z=r(batch, E, H, W),
+                    dt_bias=torch.zeros(E, device="cuda"))
+    return dict(u=r(batch, E, H, W), dt_t=F.softplus(r(batch, E, H, W, shift=-2.0)),
+                dt_l=F.softplus(r(batch, E, H, W, shift=-2.0)),
+                A_t=-torch.arange(1, N_STATE + 1, device="cuda", dtype=torch.float32).repeat(E, 1),
+                A_l=-torch.arange(1, N_STATE + 1, device="cuda", dtype=torch.float32).repeat(E, 1),
+                B_t=r(batch, N_STATE, H, W), B_l=r(batch, N_STATE, H, W), C=r(batch, N_STATE, H, W),
+                D=torch.ones(E, device="cuda"))
+
+
+def measure(kind, backend, x, dout, backward, reps):
+    """Median ms over ``reps`` calls and peak MiB above the inputs."""
+    fn = selective_scan_2d if kind == "2dmamba" else mamba2d_scan
+    leaves = {k: v.requires_grad_(backward) for k, v in x.items()}
+
+    def call():
+        if backward:
+            for v in leaves.values():
+                v.grad = None
+            fn(**leaves, backend=backend).backward(dout)
+        else:
+            with torch.no_grad():
+                fn(**leaves, backend=backend)
+
+    call()
+    torch.cuda.synchronize()
+    for v in leaves.values():
+        v.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    for v in leaves.values():
+        v.grad = None
+    return statistics.median(times), peak
+
+
+def copy_bandwidth():
+    """Bytes per second of a large device-to-device copy (the HBM roofline's denominator)."""
+    a = torch.empty(256 * 2**20, device="cuda", dtype=torch.uint8)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        b.copy_(a)
+    end.record()
+    end.synchronize()
+    return 2 * a.numel() * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def roofline_ms(batch, E, H, W, bandwidth, elem=4):
+    """Each of u, dt, z, y (E per cell) and B, C (N per cell) moved once."""
+    cells = batch * H * W
+    return cells * (4 * E + 2 * N_STATE) * elem / bandwidth * 1e3
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--shapes", default="all", help="'all' or indices into the shape table, e.g. 2,5")
+    p.add_argument("--states-per-thread", type=int, default=cupy_scans.STATES_PER_THREAD)
+    p.add_argument("--bwd-states-per-thread", type=int, default=cupy_scans.BWD_STATES_PER_THREAD)
+    p.add_argument("--smem-budget-kib", type=int, default=cupy_scans.BWD_SMEM_BUDGET // 1024)
+    args = p.parse_args()
+    cupy_scans.STATES_PER_THREAD = args.states_per_thread
+    cupy_scans.BWD_SMEM_BUDGET = args.smem_budget_kib * 1024
+    cupy_scans.BWD_STATES_PER_THREAD = args.bwd_states_per_thread
+    shapes_all = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    bw = copy_bandwidth()
+    print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, N = {N_STATE}")
+    print("scan     dtype    shape (batch,E,H,W)   backend  fwd ms  fwd+bwd ms  fwd MiB  fwd+bwd MiB  roofline fwd ms")
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        shapes = shapes_all if dtype == torch.float32 else [(1, 256, 196, 196)]
+        for kind in ("2dmamba", "mamba2d"):
+            for batch, E, H, W in shapes:
+                x = make_inputs(kind, batch, E, H, W, dtype)
+                dout = torch.randn(batch, E, H, W, device="cuda", dtype=dtype)
+                backends = ["cupy"] if args.skip_reference or dtype != torch.float32 else ["cupy", "torch"]
+                for backend in backends:
+                    try:
+                        reps = args.reps if backend == "cupy" else max(3, args.reps // 5)
+                        f_ms, f_mib = measure(kind, backend, x, dout, False, reps)
+                        b_ms, b_mib = measure(kind, backend, x, dout, True, reps)
+                        row = f"{f_ms:7.3f}  {b_ms:9.3f}  {f_mib:8.1f}  {b_mib:10.1f}"
+                    except torch.cuda.OutOfMemoryError:
+                        row = "out of memory"
+                        torch.cuda.empty_cache()
+                    roof = roofline_ms(batch, E, H, W, bw, torch.finfo(dtype).bits // 8)
+                    print(f"{kind:8s} {dtype_name:8s} {str((batch, E, H, W)):20s}  {backend:6s}  {row}  {roof:8.3f}",
+                          flush=True)
+                del x, dout
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,624 @@
+// Row-sweep CUDA kernels of the two 2D selective scans (docs/scans.md).
+//
+// One thread block per (batch, channel). Threads are laid out as (32*CW) x NGRP: thread (tx, ty)
+// owns the K consecutive columns [tx*K, tx*K+K) of every row and the S states [ty*S, ty*S+S)
+// (NGRP*S == NS). The block sweeps the H rows top to bottom; each row is a 1D linear scan along the
+// columns (sequential within a thread, warp shuffles across a warp, shared memory across warps),
+// and the vertical carry of each column stays in registers. Hidden states never reach global
+// memory except one checkpoint row every R rows, from which the backward recomputes the states of
+// R rows into shared memory before sweeping them bottom to top.
+//
+// MODE 0: 2DMamba (horizontal scan, then vertical scan with the same decay, gate y*silu(z)).
+// MODE 1: Mamba2D (½ average of the left and upper terms inside the grid, plain scans on the
+//         first row and column).
+// IN_KIND 0: float, 1: bfloat16, 2: float16 for activations; A, D and dt_bias are always float.
+// The recurrence state is float. No host headers, so NVRTC and nvcc both compile it.
+
+#ifndef MODE
+#define MODE 0
+#endif
+#ifndef IN_KIND
+#define IN_KIND 0
+#endif
+#ifndef NS
+#define NS 16
+#endif
+#ifndef S
+#define S 4
+#endif
+#ifndef K
+#define K 8
+#endif
+#ifndef CW
+#define CW 1
+#endif
+
+#define NGRP (NS / S)
+#define NTX (32 * CW)
+#define ROWCAP (NTX * K)
+#define LOG2E 1.4426950408889634f
+#define FIXED_SCALE 4294967296.0f  // 2^32: fixed point of the deterministic dB, dC sums
+
+#if IN_KIND == 0
+typedef float T;
+__device__ __forceinline__ float ld(const T* p, long i) { return p[i]; }
+__device__ __forceinline__ void st(T* p, long i, float v) { p[i] = v; }
+#elif IN_KIND == 1
+typedef unsigned short T;
+__device__ __forceinline__ float ld(const T* p, long i) { return __uint_as_float(((unsigned int)p[i]) << 16); }
+__device__ __forceinline__ void st(T* p, long i, float v) {
+    unsigned int x = __float_as_uint(v);
+    if ((x & 0x7fffffffu) > 0x7f800000u) { p[i] = (unsigned short)((x >> 16) | 0x40u); return; }  // NaN stays NaN
+    x += 0x7fffu + ((x >> 16) & 1u);  // round to nearest even
+    p[i] = (unsigned short)(x >> 16);
+}
+#else
+typedef unsigned short T;
+__device__ __forceinline__ float ld(const T* p, long i) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(p[i]));
+    return f;
+}
+__device__ __forceinline__ void st(T* p, long i, float v) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p[i] = h;
+}
+#endif
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
+// softplus with PyTorch's threshold (identity above 20)
+__device__ __forceinline__ float softplusf_(float x) { return x > 20.f ? x : log1pf(expf(x)); }
+
+// Inclusive left-to-right scan h[c] = a[c]*h[c-1] + b[c] of S independent rows from zero state.
+// The results replace b; inc[s] receives the state entering this thread's first column.
+// sm: this state group's scratch, S*CW*2 floats. Every thread of the block must call it.
+__device__ __forceinline__ void scan_fwd(float (&a)[S][K], float (&b)[S][K], float (&inc)[S], float* sm,
+                                         int lane, int warp) {
+    float ca[S], cb[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        ca[s] = 1.f;
+        cb[s] = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            cb[s] = a[s][k] * cb[s] + b[s][k];
+            ca[s] *= a[s][k];
+        }
+    }
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            float pa = __shfl_up_sync(0xffffffffu, ca[s], d);
+            float pb = __shfl_up_sync(0xffffffffu, cb[s], d);
+            if (lane >= d) {
+                cb[s] = ca[s] * pb + cb[s];
+                ca[s] *= pa;
+            }
+        }
+    }
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        float ea = __shfl_up_sync(0xffffffffu, ca[s], 1);
+        float eb = __shfl_up_sync(0xffffffffu, cb[s], 1);
+        if (lane == 0) { ea = 1.f; eb = 0.f; }
+        float carry = 0.f;
+#if CW > 1
+        if (lane == 31) { sm[(s * CW + warp) * 2] = ca[s]; sm[(s * CW + warp) * 2 + 1] = cb[s]; }
+#endif
+        ca[s] = ea;
+        cb[s] = eb;
+        inc[s] = carry;
+    }
+#if CW > 1
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        float carry = 0.f;
+        for (int w = 0; w < warp; ++w) carry = sm[(s * CW + w) * 2] * carry + sm[(s * CW + w) * 2 + 1];
+        inc[s] = carry;
+    }
+    __syncthreads();
+#endif
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        float h = ca[s] * inc[s] + cb[s];
+        inc[s] = h;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            h = a[s][k] * h + b[s][k];
+            b[s][k] = h;
+        }
+    }
+}
+
+// Inclusive right-to-left scan h[c] = a[c]*h[c+1] + b[c] from zero state; results replace b.
+__device__ __forceinline__ void scan_rev(float (&a)[S][K], float (&b)[S][K], float* sm, int lane, int warp) {
+    float ca[S], cb[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        ca[s] = 1.f;
+        cb[s] = 0.f;
+#pragma unroll
+        for (int k = K - 1; k >= 0; --k) {
+            cb[s] = a[s][k] * cb[s] + b[s][k];
+            ca[s] *= a[s][k];
+        }
+    }
+#pragma unroll
+    for (int d = 1; d < 32; d <<= 1) {
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            float pa = __shfl_down_sync(0xffffffffu, ca[s], d);
+            float pb = __shfl_down_sync(0xffffffffu, cb[s], d);
+            if (lane + d < 32) {
+                cb[s] = ca[s] * pb + cb[s];
+                ca[s] *= pa;
+            }
+        }
+    }
+    float inc[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        float ea = __shfl_down_sync(0xffffffffu, ca[s], 1);
+        float eb = __shfl_down_sync(0xffffffffu, cb[s], 1);
+        if (lane == 31) { ea = 1.f; eb = 0.f; }
+#if CW > 1
+        if (lane == 0) { sm[(s * CW + warp) * 2] = ca[s]; sm[(s * CW + warp) * 2 + 1] = cb[s]; }
+#endif
+        ca[s] = ea;
+        cb[s] = eb;
+        inc[s] = 0.f;
+    }
+#if CW > 1
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        float carry = 0.f;
+        for (int w = CW - 1; w > warp; --w) carry = sm[(s * CW + w) * 2] * carry + sm[(s * CW + w) * 2 + 1];
+        inc[s] = carry;
+    }
+    __syncthreads();
+#endif
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        float h = ca[s] * inc[s] + cb[s];
+#pragma unroll
+        for (int k = K - 1; k >= 0; --k) {
+            h = a[s][k] * h + b[s][k];
+            b[s][k] = h;
+        }
+    }
+}
+
+// Mamba2D weights of the horizontal (left) and vertical (upper) terms at cell (i, j).
+__device__ __forceinline__ float w_left(int i, int j) { return i == 0 ? 1.f : (j == 0 ? 0.f : 0.5f); }
+__device__ __forceinline__ float w_up(int i, int j) { return i == 0 ? 0.f : (j == 0 ? 1.f : 0.5f); }
+
+// One forward row: given the states hv of row i-1 (zero for i = 0), leave the states of row i in hv.
+// MODE 0 also leaves the decay in a (for the caller's readout it is not needed).
+__device__ __forceinline__ void forward_row(int i, int W, long HW, int c0, const float (&uu)[K], const float (&d1)[K],
+                                            const float (&d2)[K], const T* B1p, const T* B2p, const float (&A1r)[S],
+                                            const float (&A2r)[S], int ty, float (&hv)[S][K], float* scan_sm,
+                                            int lane, int warp) {
+    float a[S][K], b[S][K], inc[S];
+    const long row = (long)i * W;
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        const int n = ty * S + s;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            const int col = c0 + k;
+            if (col < W) {
+#if MODE == 0
+                a[s][k] = exp2f(d1[k] * A1r[s]);
+                b[s][k] = d1[k] * ld(B1p, n * HW + row + col) * uu[k];
+#else
+                const float at = exp2f(d1[k] * A1r[s]);
+                const float al = exp2f(d2[k] * A2r[s]);
+                const float ut = d1[k] * ld(B1p, n * HW + row + col) * uu[k];
+                const float ul = d2[k] * ld(B2p, n * HW + row + col) * uu[k];
+                const float wl = w_left(i, col), wu = w_up(i, col);
+                a[s][k] = wl * al;
+                b[s][k] = wl * ul + wu * (at * hv[s][k] + ut);
+#endif
+            } else {
+                a[s][k] = 1.f;
+                b[s][k] = 0.f;
+            }
+        }
+    }
+    scan_fwd(a, b, inc, scan_sm, lane, warp);
+#pragma unroll
+    for (int s = 0; s < S; ++s)
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+#if MODE == 0
+            hv[s][k] = a[s][k] * hv[s][k] + b[s][k];
+#else
+            hv[s][k] = b[s][k];
+#endif
+        }
+}
+
+__device__ __forceinline__ void load_row(int i, int W, int c0, const T* up, const T* d1p, const T* d2p, float bias,
+                                         float (&uu)[K], float (&d1)[K], float (&d2)[K]) {
+    const long row = (long)i * W;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+        const int col = c0 + k;
+        uu[k] = 0.f;
+        d1[k] = 0.f;
+        d2[k] = 0.f;
+        if (col < W) {
+            uu[k] = ld(up, row + col);
+#if MODE == 0
+            d1[k] = softplusf_(ld(d1p, row + col) + bias);
+#else
+            d1[k] = ld(d1p, row + col);
+            d2[k] = ld(d2p, row + col);
+#endif
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NTX * NGRP)
+scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restrict__ dt2, const T* __restrict__ z,
+           const T* __restrict__ B1, const T* __restrict__ B2, const T* __restrict__ C, const float* __restrict__ A1,
+           const float* __restrict__ A2, const float* __restrict__ D, const float* __restrict__ dt_bias,
+           T* __restrict__ out, float* __restrict__ ckpt, int H, int W, int E, int R) {
+    extern __shared__ float smem[];
+    const int be = blockIdx.x, b = be / E, e = be % E;
+    const int tx = threadIdx.x, ty = threadIdx.y, lane = tx & 31, warp = tx >> 5;
+    const int c0 = tx * K;
+    const long HW = (long)H * W;
+    float* scan_sm = smem + ty * (S * CW * 2);
+    float* ypart = smem + NGRP * S * CW * 2;  // [NGRP][ROWCAP]
+    const T* up = u + (long)be * HW;
+    const T* d1p = dt1 + (long)be * HW;
+    const T* d2p = dt2 ? dt2 + (long)be * HW : nullptr;
+    const T* B1p = B1 + (long)b * NS * HW;
+    const T* B2p = B2 ? B2 + (long)b * NS * HW : nullptr;
+    const T* Cp = C + (long)b * NS * HW;
+    const float bias = dt_bias ? dt_bias[e] : 0.f;
+    const float Dv = D ? D[e] : 0.f;
+    const int nseg = (H + R - 1) / R;
+    float A1r[S], A2r[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        A1r[s] = A1[e * NS + ty * S + s] * LOG2E;
+        A2r[s] = A2 ? A2[e * NS + ty * S + s] * LOG2E : 0.f;
+    }
+    float hv[S][K];
+#pragma unroll
+    for (int s = 0; s < S; ++s)
+#pragma unroll
+        for (int k = 0; k < K; ++k) hv[s][k] = 0.f;
+
+    for (int i = 0; i < H; ++i) {
+        float uu[K], d1[K], d2[K];
+        load_row(i, W, c0, up, d1p, d2p, bias, uu, d1, d2);
+        forward_row(i, W, HW, c0, uu, d1, d2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp);
+        const long row = (long)i * W;
+        float yp[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+            yp[k] = 0.f;
+            const int col = c0 + k;
+            if (col < W) {
+#pragma unroll
+                for (int s = 0; s < S; ++s) yp[k] += ld(Cp, (ty * S + s) * HW + row + col) * hv[s][k];
+            }
+        }
+        if ((i + 1) % R == 0 && i + 1 < H) {
+            float* cp = ckpt + ((long)be * (nseg - 1) + (i + 1) / R - 1) * NS * W;
+#pragma unroll
+            for (int s = 0; s < S; ++s)
+#pragma unroll
+                for (int k = 0; k < K; ++k)
+                    if (c0 + k < W) cp[(ty * S + s) * W + c0 + k] = hv[s][k];
+        }
+#pragma unroll
+        for (int k = 0; k < K; ++k) ypart[ty * ROWCAP + c0 + k] = yp[k];
+        __syncthreads();
+        // the whole block finishes the row, one column per thread: fixed-order sum over state groups
+        for (int col = ty * NTX + tx; col < W; col += NTX * NGRP) {
+            float y = 0.f;
+            for (int g = 0; g < NGRP; ++g) y += ypart[g * ROWCAP + col];
+            const long idx = (long)be * HW + row + col;
+            y += Dv * ld(u, idx);
+#if MODE == 0
+            if (z) {
+                const float zz = ld(z, idx);
+                y *= zz * sigmoidf_(zz);
+            }
+#endif
+            st(out, idx, y);
+        }
+        __syncthreads();
+    }
+}
+
+__device__ __forceinline__ void fixed_add(unsigned long long* p, float v) {
+    atomicAdd(p, (unsigned long long)__float2ll_rn(v * FIXED_SCALE));
+}
+
+// Backward. Gradients of the per-cell inputs are written directly; dB, dC (summed over channels)
+// are accumulated as 2^-32 fixed point in int64, whose integer sums do not depend on the order;
+// dA, dD and d dt_bias are written per (batch, channel) and summed over the batch by the caller.
+extern "C" __global__ void __launch_bounds__(NTX * NGRP)
+scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restrict__ dt2, const T* __restrict__ z,
+           const T* __restrict__ B1, const T* __restrict__ B2, const T* __restrict__ C, const float* __restrict__ A1,
+           const float* __restrict__ A2, const float* __restrict__ D, const float* __restrict__ dt_bias,
+           const T* __restrict__ dout, const float* __restrict__ ckpt, T* __restrict__ du, T* __restrict__ ddt1,
+           T* __restrict__ ddt2, T* __restrict__ dz, unsigned long long* __restrict__ dB1,
+           unsigned long long* __restrict__ dB2, unsigned long long* __restrict__ dC, float* __restrict__ dA1,
+           float* __restrict__ dA2, float* __restrict__ dD, float* __restrict__ dbias, int H, int W, int E, int R) {
+    extern __shared__ float smem[];
+    const int be = blockIdx.x, b = be / E, e = be % E;
+    const int tx = threadIdx.x, ty = threadIdx.y, lane = tx & 31, warp = tx >> 5;
+    const int c0 = tx * K;
+    const long HW = (long)H * W;
+    float* scan_sm = smem + ty * (S * CW * 2);
+    float* red = smem + NGRP * S * CW * 2;  // [3][NGRP][ROWCAP]
+    float* hrows = red + 3 * NGRP * ROWCAP;  // [R+1][NS][W]
+    const T* up = u + (long)be * HW;
+    const T* d1p = dt1 + (long)be * HW;
+    const T* d2p = dt2 ? dt2 + (long)be * HW : nullptr;
+    const T* B1p = B1 + (long)b * NS * HW;
+    const T* B2p = B2 ? B2 + (long)b * NS * HW : nullptr;
+    const T* Cp = C + (long)b * NS * HW;
+    unsigned long long* dB1p = dB1 + (long)b * NS * HW;
+#if MODE == 1
+    unsigned long long* dB2p = dB2 + (long)b * NS * HW;
+#endif
+    unsigned long long* dCp = dC + (long)b * NS * HW;
+    const float bias = dt_bias ? dt_bias[e] : 0.f;
+    const float Dv = D ? D[e] : 0.f;
+    const int nseg = (H + R - 1) / R;
+    float A1r[S], A2r[S], A1n[S], A2n[S];
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        A1n[s] = A1[e * NS + ty * S + s];
+        A2n[s] = A2 ? A2[e * NS + ty * S + s] : 0.f;
+        A1r[s] = A1n[s] * LOG2E;
+        A2r[s] = A2n[s] * LOG2E;
+    }
+    float carry[S][K], dA1acc[S], dA2acc[S];
+    float dDacc = 0.f, dbacc = 0.f;
+#pragma unroll
+    for (int s = 0; s < S; ++s) {
+        dA1acc[s] = 0.f;
+        dA2acc[s] = 0.f;
+#pragma unroll
+        for (int k = 0; k < K; ++k) carry[s][k] = 0.f;
+    }
+
+    for (int seg = nseg - 1; seg >= 0; --seg) {
+        const int i0 = seg * R, i1 = min(H, i0 + R);
+        // recompute the states of rows i0..i1-1 into shared memory; row slot 0 holds row i0-1
+        float hv[S][K];
+        const float* cp = seg > 0 ? ckpt + ((long)be * (nseg - 1) + seg - 1) * NS * W : nullptr;
+#pragma unroll
+        for (int s = 0; s < S; ++s)
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                const int col = c0 + k;
+                hv[s][k] = (cp && col < W) ? cp[(ty * S + s) * W + col] : 0.f;
+                if (col < W) hrows[(ty * S + s) * W + col] = hv[s][k];
+            }
+        for (int i = i0; i < i1; ++i) {
+            float uu[K], d1[K], d2[K];
+            load_row(i, W, c0, up, d1p, d2p, bias, uu, d1, d2);
+            forward_row(i, W, HW, c0, uu, d1, d2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp);
+            float* hr = hrows + (long)(i - i0 + 1) * NS * W;
+#pragma unroll
+            for (int s = 0; s < S; ++s)
+#pragma unroll
+                for (int k = 0; k < K; ++k)
+                    if (c0 + k < W) hr[(ty * S + s) * W + c0 + k] = hv[s][k];
+        }
+        __syncthreads();
+
+        for (int i = i1 - 1; i >= i0; --i) {
+            const long row = (long)i * W;
+            const float* hcur = hrows + (long)(i - i0 + 1) * NS * W;
+            const float* hup = hcur - NS * W;
+            float uu[K], d1[K], d2[K], dy[K];
+            load_row(i, W, c0, up, d1p, d2p, bias, uu, d1, d2);
+            // the step of the next column (for the right-to-left decay)
+#if MODE == 0
+            const float d1x = c0 + K < W ? softplusf_(ld(d1p, row + c0 + K) + bias) : 0.f;
+#else
+            const float d2x = c0 + K < W ? ld(d2p, row + c0 + K) : 0.f;
+#endif
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                const int col = c0 + k;
+                dy[k] = col < W ? ld(dout, (long)be * HW + row + col) : 0.f;
+#if MODE == 0
+                if (z && col < W) {
+                    const float zv = ld(z, (long)be * HW + row + col);
+                    dy[k] *= zv * sigmoidf_(zv);
+                }
+#endif
+            }
+            // adjoint scan along the row, right to left
+            float dec[S][K], adj[S][K];
+#pragma unroll
+            for (int s = 0; s < S; ++s) {
+                const int n = ty * S + s;
+#pragma unroll
+                for (int k = 0; k < K; ++k) {
+                    const int col = c0 + k;
+                    if (col < W) {
+                        adj[s][k] = ld(Cp, n * HW + row + col) * dy[k] + carry[s][k];
+                        if (col + 1 < W) {
+#if MODE == 0
+                            const float dn = (k + 1 < K) ? d1[k + 1] : d1x;
+                            dec[s][k] = exp2f(dn * A1r[s]);
+#else
+                            const float dn = (k + 1 < K) ? d2[k + 1] : d2x;
+                            dec[s][k] = w_left(i, col + 1) * exp2f(dn * A2r[s]);
+#endif
+                        } else {
+                            dec[s][k] = 0.f;
+                        }
+                    } else {
+                        adj[s][k] = 0.f;
+                        dec[s][k] = 1.f;
+                    }
+                }
+            }
+#if MODE == 0
+            // G (vertical adjoint) is needed besides F: keep a copy before the scan overwrites it
+            float G[S][K];
+#pragma unroll
+            for (int s = 0; s < S; ++s)
+#pragma unroll
+                for (int k = 0; k < K; ++k) G[s][k] = adj[s][k];
+#endif
+            scan_rev(dec, adj, scan_sm, lane, warp);
+#if MODE == 0
+            // recompute the horizontal states g of this row: g[j-1] is the left input of the decay
+            float a[S][K], g[S][K], inc[S];
+#pragma unroll
+            for (int s = 0; s < S; ++s) {
+                const int n = ty * S + s;
+#pragma unroll
+                for (int k = 0; k < K; ++k) {
+                    const int col = c0 + k;
+                    if (col < W) {
+                        a[s][k] = exp2f(d1[k] * A1r[s]);
+                        g[s][k] = d1[k] * ld(B1p, n * HW + row + col) * uu[k];
+                    } else {
+                        a[s][k] = 1.f;
+                        g[s][k] = 0.f;
+                    }
+                }
+            }
+            scan_fwd(a, g, inc, scan_sm, lane, warp);
+#endif
+            float acc0[K], acc1[K], acc2[K];  // MODE 0: d dt, du, y;  MODE 1: d dt_t, d dt_l, du
+#pragma unroll
+            for (int k = 0; k < K; ++k) { acc0[k] = 0.f; acc1[k] = 0.f; acc2[k] = 0.f; }
+#pragma unroll
+            for (int s = 0; s < S; ++s) {
+                const int n = ty * S + s;
+#pragma unroll
+                for (int k = 0; k < K; ++k) {
+                    const int col = c0 + k;
+                    if (col >= W) continue;
+                    const long idx = n * HW + row + col;
+                    const float h = hcur[n * W + col];
+                    const float hu = hup[n * W + col];
+                    fixed_add(dCp + idx, dy[k] * h);
+#if MODE == 0
+                    const float F = adj[s][k];
+                    const float gl = k > 0 ? g[s][k - 1] : inc[s];
+                    const float Bv = ld(B1p, idx);
+                    const float da = G[s][k] * hu + F * gl;
+                    const float dav = da * a[s][k];
+                    acc0[k] += dav * A1n[s] + F * Bv * uu[k];
+                    acc1[k] += F * d1[k] * Bv;
+                    acc2[k] += ld(Cp, idx) * h;
+                    dA1acc[s] += dav * d1[k];
+                    fixed_add(dB1p + idx, F * d1[k] * uu[k]);
+                    carry[s][k] = a[s][k] * G[s][k];
+#else
+                    const float Hb = adj[s][k];
+                    const float hl = col > 0 ? hcur[n * W + col - 1] : 0.f;
+                    const float wl = w_left(i, col), wu = w_up(i, col);
+                    const float at = exp2f(d1[k] * A1r[s]);
+                    const float al = exp2f(d2[k] * A2r[s]);
+                    const float Bt = ld(B1p, idx), Bl = ld(B2p, idx);
+                    const float dul = wl * Hb, dut = wu * Hb;
+                    const float dal = dul * hl * al, dat = dut * hu * at;
+                    acc0[k] += dat * A1n[s] + dut * Bt * uu[k];
+                    acc1[k] += dal * A2n[s] + dul * Bl * uu[k];
+                    acc2[k] += dul * d2[k] * Bl + dut * d1[k] * Bt;
+                    dA1acc[s] += dat * d1[k];
+                    dA2acc[s] += dal * d2[k];
+                    fixed_add(dB1p + idx, dut * d1[k] * uu[k]);
+                    fixed_add(dB2p + idx, dul * d2[k] * uu[k]);
+                    carry[s][k] = wu * at * Hb;
+#endif
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < K; ++k) {
+                red[(0 * NGRP + ty) * ROWCAP + c0 + k] = acc0[k];
+                red[(1 * NGRP + ty) * ROWCAP + c0 + k] = acc1[k];
+                red[(2 * NGRP + ty) * ROWCAP + c0 + k] = acc2[k];
+            }
+            __syncthreads();
+            // the whole block finishes the row, one column per thread: fixed-order sums over state groups
+            for (int col = ty * NTX + tx; col < W; col += NTX * NGRP) {
+                float s0 = 0.f, s1 = 0.f, s2 = 0.f;
+                for (int gi = 0; gi < NGRP; ++gi) {
+                    s0 += red[(0 * NGRP + gi) * ROWCAP + col];
+                    s1 += red[(1 * NGRP + gi) * ROWCAP + col];
+                    s2 += red[(2 * NGRP + gi) * ROWCAP + col];
+                }
+                const long idx = (long)be * HW + row + col;
+                const float uv = ld(u, idx), gov = ld(dout, idx);
+#if MODE == 0
+                float dyv = gov, zv = 0.f;
+                if (z) {
+                    zv = ld(z, idx);
+                    dyv = gov * zv * sigmoidf_(zv);
+                }
+                st(du, idx, s1 + Dv * dyv);
+                dDacc += dyv * uv;
+                const float x = ld(dt1, idx) + bias;
+                const float gdt = x > 20.f ? s0 : s0 * sigmoidf_(x);
+                st(ddt1, idx, gdt);
+                dbacc += gdt;
+                if (z) {
+                    const float y = s2 + Dv * uv;
+                    const float sg = sigmoidf_(zv);
+                    st(dz, idx, gov * y * sg * (1.f + zv * (1.f - sg)));
+                }
+#else
+                st(du, idx, s2 + Dv * gov);
+                dDacc += gov * uv;
+                st(ddt1, idx, s0);
+                st(ddt2, idx, s1);
+#endif
+            }
+            __syncthreads();
+        }
+        __syncthreads();  // hrows is rewritten by the next segment
+    }
+
+    // block sums of dA (per state), dD and d dt_bias in a fixed order
+    for (int s = 0; s < S; ++s) {
+        red[ty * NTX + tx] = dA1acc[s];
+        red[NGRP * NTX + ty * NTX + tx] = dA2acc[s];
+        __syncthreads();
+        if (tx == 0) {
+            float s1 = 0.f, s2 = 0.f;
+            for (int t = 0; t < NTX; ++t) {
+                s1 += red[ty * NTX + t];
+                s2 += red[NGRP * NTX + ty * NTX + t];
+            }
+            dA1[(long)be * NS + ty * S + s] = s1;
+            if (dA2) dA2[(long)be * NS + ty * S + s] = s2;
+        }
+        __syncthreads();
+    }
+    const int nthr = NTX * NGRP, t = ty * NTX + tx;
+    red[t] = dDacc;
+    red[nthr + t] = dbacc;
+    __syncthreads();
+    if (t == 0) {
+        float s1 = 0.f, s2 = 0.f;
+        for (int q = 0; q < nthr; ++q) {
+            s1 += red[q];
+            s2 += red[nthr + q];
+        }
+        dD[be] = s1;
+        dbias[be] = s2;
+    }
+}

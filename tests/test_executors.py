@@ -1,0 +1,169 @@
+"""Executors: the Ray executor gives the same outputs, states and ledger as the local one; resources are
+declared per task; GPU tasks spread over the visible GPUs; a task that dies is reported, not fatal."""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi2dmamba.cohort import load_cohort, run_stage
+from wsi2dmamba.cohort.executors import LocalExecutor, RayExecutor, TaskResources, make_executor, run_tasks
+from wsi2dmamba.cohort.ledger import collect_states
+from wsi2dmamba.errors import ConfigError, SlideError
+from wsi2dmamba.fileio import atomic_path
+
+REPO = Path(__file__).resolve().parents[1]
+CMU_CANDIDATES = [REPO / "tests/data/CMU-1-Small-Region.svs",
+                  REPO.parent / "shared/data/slides/aperio_svs/CMU-1-Small-Region.svs"]
+
+
+@pytest.fixture(scope="module")
+def cmu() -> Path:
+    for p in CMU_CANDIDATES:
+        if p.is_file():
+            return p
+    pytest.skip("CMU-1-Small-Region.svs is neither in tests/data nor in ../shared")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray cluster of 2 CPUs for the module (starting one takes a few seconds)."""
+    ray = pytest.importorskip("ray")
+    # Test functions live in this module, which Ray's workers cannot import: ship them by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------- tasks used by the tests
+
+def region_stage(record, config, run_dir):
+    """A real per-slide stage: read a level-0 region with OpenSlide and store it as .npy."""
+    import openslide
+
+    try:
+        slide = openslide.OpenSlide(str(record.path))
+    except openslide.OpenSlideError as exc:
+        raise SlideError(f"slide {record.slide_id!r}: cannot open {record.path} ({exc})") from exc
+    with slide:
+        w, h = slide.dimensions
+        x = (w - config["size"]) * int(record.slide_id[-1]) // 10  # a different region per slide
+        pixels = np.asarray(slide.read_region((x, h // 2), 0, (config["size"], config["size"])).convert("RGB"))
+    with atomic_path(region_path(record, run_dir)) as tmp:
+        np.save(tmp, pixels)
+    return {"mean": round(float(pixels.mean()), 6)}
+
+
+def region_path(record, run_dir):
+    return Path(run_dir) / "regions" / f"{record.slide_id}.npy"
+
+
+def outputs(record, run_dir):
+    return [region_path(record, run_dir)]
+
+
+def assigned_resources(tag):
+    import ray
+
+    return tag, dict(ray.get_runtime_context().get_assigned_resources())
+
+
+def visible_devices(seconds):
+    time.sleep(seconds)  # long enough that both workers take tasks
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), os.getpid()
+
+
+def fails(kind):
+    if kind == "raise":
+        raise ValueError("bad fold")
+    os._exit(3)  # the worker process dies, as on a segfault or an out-of-memory kill
+
+
+def write_manifest(path: Path, slide: Path, n: int, broken: Path) -> Path:
+    rows = [f"slide-{k},{slide}" for k in range(n)] + [f"broken,{broken}"]
+    path.write_text("slide_id,path\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def ledger_rows(run: Path) -> list[tuple]:
+    with open(run / "ledger.csv", newline="") as fh:
+        return [(r["stage"], r["slide_id"], r["status"], r["reason"], r["params_hash"]) for r in csv.DictReader(fh)]
+
+
+def states(run: Path) -> dict:
+    return {(s.stage, s.slide_id): (s.status, s.outputs, s.info) for s in collect_states(run)}
+
+
+# ------------------------------------------------------------------------------------------------------ tests
+
+def test_ray_executor_matches_local_on_real_slides(tmp_path, cmu, ray_cluster):
+    cohort = load_cohort(write_manifest(tmp_path / "m.csv", cmu, 5, broken=tmp_path / "m.csv"))
+    cfg = {"size": 96}
+    local = run_stage("region", cohort, tmp_path / "local", cfg, region_stage, outputs, workers=2, progress=False)
+    remote = run_stage("region", cohort, tmp_path / "ray", cfg, region_stage, outputs, executor="ray",
+                       progress=False)
+    assert sorted(remote.done) == sorted(local.done) == [f"slide-{k}" for k in range(5)]
+    assert remote.failed == local.failed and "cannot open" in remote.failed["broken"]
+    assert remote.infos == local.infos
+    assert ledger_rows(tmp_path / "ray") == ledger_rows(tmp_path / "local")
+    assert states(tmp_path / "ray") == states(tmp_path / "local")  # same output hashes, same infos
+    # Resume: a Ray run over a locally finished stage skips every done slide (and retries the failure).
+    again = run_stage("region", cohort, tmp_path / "local", cfg, region_stage, outputs, executor="ray",
+                      progress=False)
+    assert sorted(again.skipped) == sorted(local.done) and list(again.failed) == ["broken"] and not again.done
+
+
+def test_ray_tasks_get_the_resources_they_declare(ray_cluster):
+    outs = list(run_tasks(assigned_resources, [(k, (k,)) for k in range(2)], executor="ray",
+                          resources=TaskResources(cpus=2)))
+    assert [o.ok for o in outs] == [True, True]
+    assert all(o.value[1] == {"CPU": 2.0} for o in outs)
+    # A GPU request on a cluster without GPUs is dropped instead of waiting for ever.
+    ex = RayExecutor(resources=TaskResources(cpus=1, gpus=1))
+    assert ex.gpus == 0 and "0 GPUs in the cluster" in ex.describe()
+    (out,) = ex.map(assigned_resources, [("x", ("x",))])
+    assert out.value[1] == {"CPU": 1.0}
+
+
+def test_ray_task_errors_come_back_as_outcomes(ray_cluster):
+    outs = {o.key: o for o in RayExecutor(max_retries=0).map(fails, [("raise", ("raise",)), ("die", ("die",))])}
+    assert isinstance(outs["raise"].error, ValueError) and "bad fold" in outs["raise"].reason
+    assert not outs["die"].ok and outs["die"].value is None
+    assert outs["die"].reason  # says the worker died, in Ray's words
+
+
+def test_local_gpu_tasks_spread_over_the_visible_gpus():
+    ex = LocalExecutor(workers=1, resources=TaskResources(gpus=1), gpus=["3", "5"])
+    assert ex.workers == 2 and "GPUs 3,5" in ex.describe()
+    outs = list(ex.map(visible_devices, [(k, (0.5,)) for k in range(4)]))
+    seen = {o.value[0] for o in outs}
+    assert seen == {"3", "5"}  # both GPUs were used, one per worker
+    by_pid = {}
+    for o in outs:
+        by_pid.setdefault(o.value[1], set()).add(o.value[0])
+    assert all(len(devs) == 1 for devs in by_pid.values())  # each worker kept its own GPU
+    # CPU tasks do not get pinned workers.
+    assert not LocalExecutor(workers=2, gpus=["0", "1"]).pinned
+
+
+def test_local_worker_death_is_an_outcome():
+    outs = {o.key: o for o in LocalExecutor(workers=2).map(fails, [("raise", ("raise",)), ("die", ("die",))])}
+    assert not outs["die"].ok and "died" in outs["die"].reason
+
+
+def test_executor_names_and_options_are_checked():
+    with pytest.raises(ConfigError, match="Unknown executor 'dask'"):
+        make_executor("dask")
+    with pytest.raises(ConfigError, match="only used with --executor ray"):
+        make_executor("local", ray_address="auto")
+    with pytest.raises(ConfigError, match="gpus"):
+        TaskResources(cpus=0)
+    assert TaskResources.for_device("cpu").gpus == 0 and TaskResources.for_device("cuda:1").gpus == 1

@@ -1,0 +1,257 @@
+"""MIL models: registry, shapes, gradients, padding and batching invariance, the published 2DMambaMIL."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from wsi2dmamba.errors import ConfigError, StageInputError
+from wsi2dmamba.models import GridBatch, MILModel, create, create_from_config, list_models, model_info
+from wsi2dmamba.models.base import survival_risk
+
+IN_DIM = 24
+# Small versions of every model (and of the variants that change how cells see their neighbours).
+SMALL = {
+    "meanpool": {"hidden": 16},
+    "abmil": {"hidden": 16, "attn_dim": 8},
+    "2dmambamil": {"d_model": 16, "attn_dim": 8},
+    "2dmambamil-paper": {"preset": "paper", "d_model": 16, "attn_dim": 8},
+    "2dmambamil-4corners": {"d_model": 16, "attn_dim": 8, "n_layers": 2, "corners": ["tl", "tr", "bl", "br"]},
+    "m2dmil": {"d_model": 16, "attn_dim": 8, "n_layers": 2},
+    "mambamil": {"d_model": 16, "attn_dim": 8},
+    "mambamil-bidirectional": {"d_model": 16, "attn_dim": 8, "bidirectional": True},
+    "clam-sb": {"hidden": 16, "attn_dim": 8, "k_sample": 2},
+    "transmil": {"hidden": 16, "heads": 2, "landmarks": 4},
+}
+GRID_MODELS = ["2dmambamil", "2dmambamil-paper", "2dmambamil-4corners", "m2dmil"]
+
+
+def build(key: str, task: str = "classification", seed: int = 0, **extra) -> MILModel:
+    name = key.split("-")[0] if key.startswith(("2dmambamil", "mambamil")) else key
+    torch.manual_seed(seed)
+    return create(name, in_dim=IN_DIM, n_classes=3, task=task, n_bins=4, **{**SMALL[key], **extra})
+
+
+def grid(rng: np.random.Generator, h: int, w: int, tissue_fraction: float = 0.6):
+    feats = rng.standard_normal((h, w, IN_DIM)).astype(np.float32)
+    tissue = rng.random((h, w)) < tissue_fraction
+    tissue[0, 0] = True
+    return feats, tissue
+
+
+@pytest.fixture(scope="module")
+def grids():
+    rng = np.random.default_rng(7)
+    return [grid(rng, 5, 7), grid(rng, 3, 4), grid(rng, 6, 2)]
+
+
+def test_registry_lists_every_model_with_a_description():
+    assert set(list_models()) == {"meanpool", "abmil", "2dmambamil", "m2dmil", "mambamil", "clam-sb", "transmil"}
+    for name in list_models():
+        info = model_info(name)
+        assert info["description"] and "default" in info["presets"]
+    assert "paper" in model_info("2dmambamil")["presets"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"name": "nosuchmodel", "n_classes": 2}, "unknown model"),
+    ({"name": "abmil"}, "needs n_classes"),
+    ({"name": "abmil", "n_classes": 2, "preset": "paper"}, "no preset"),
+    ({"name": "abmil", "n_classes": 2, "hiden": 3}, "hiden"),
+    ({"name": "2dmambamil", "n_classes": 2, "corners": ["top"]}, "corners"),
+    ({"name": "2dmambamil", "n_classes": 2, "conv_kernel": 4}, "odd kernel"),
+])
+def test_bad_configuration_is_a_config_error(kwargs, message):
+    name = kwargs.pop("name")
+    with pytest.raises(ConfigError, match=message):
+        create(name, in_dim=8, **kwargs)
+
+
+@pytest.mark.parametrize("key", list(SMALL))
+@pytest.mark.parametrize("task", ["classification", "survival"])
+def test_shapes_and_gradient_flow(key, task, grids):
+    model = build(key, task)
+    batch = GridBatch.from_arrays(grids)
+    model.train()
+    out = model(batch, targets=torch.tensor([0, 2, 1]))
+    n_out = 4 if task == "survival" else 3
+    assert out.logits.shape == (3, n_out)
+    loss = out.logits.pow(2).sum() + (out.aux_loss if out.aux_loss is not None else 0)
+    loss.backward()
+    for pname, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        assert p.grad.abs().sum() > 0, f"{key}: no gradient reaches {pname}"
+    if out.attention is not None:
+        assert out.attention.shape == batch.tissue.shape
+        torch.testing.assert_close(out.attention.sum(dim=(1, 2)), torch.ones(3))
+        assert (out.attention[~batch.valid] == 0).all()
+
+
+@pytest.mark.parametrize("key", [k for k in SMALL if k != "2dmambamil-paper"])
+def test_attention_only_on_tissue_cells_by_default(key, grids):
+    out = build(key).eval()(GridBatch.from_arrays(grids))
+    if out.attention is not None:
+        batch = GridBatch.from_arrays(grids)
+        assert (out.attention[~batch.tissue] == 0).all()
+        assert (out.attention[batch.tissue] > 0).all()
+
+
+def test_paper_preset_pools_over_padding_cells(grids):
+    batch = GridBatch.from_arrays(grids)
+    out = build("2dmambamil-paper").eval()(batch)
+    assert (out.attention[batch.valid & ~batch.tissue] > 0).all()
+    assert (out.attention[~batch.valid] == 0).all()
+
+
+@pytest.mark.parametrize("key", list(SMALL))
+def test_features_at_non_tissue_cells_do_not_matter(key, grids):
+    model = build(key).eval()
+    batch = GridBatch.from_arrays(grids)
+    noisy = GridBatch(batch.features.clone(), batch.tissue, batch.valid, batch.sizes, batch.slide_ids)
+    junk = torch.randn_like(noisy.features) * 100
+    noisy.features[~batch.tissue] = junk[~batch.tissue]
+    with torch.no_grad():
+        torch.testing.assert_close(model(noisy).logits, model(batch).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("key", GRID_MODELS)
+def test_padding_token_changes_the_output(key, grids):
+    model = build(key).eval()
+    batch = GridBatch.from_arrays(grids)
+    with torch.no_grad():
+        before = model(batch).logits
+        model.pad_token.add_(torch.randn_like(model.pad_token))
+        after = model(batch).logits
+    assert (before - after).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("key", list(SMALL))
+def test_a_slide_batched_with_larger_grids_gives_the_same_output_as_alone(key, grids):
+    model = build(key).eval()
+    rng = np.random.default_rng(3)
+    big_wide, big_tall = grid(rng, 4, 11), grid(rng, 9, 3)
+    with torch.no_grad():
+        for i, g in enumerate(grids):
+            alone = model(GridBatch.from_arrays([g]))
+            mixed = model(GridBatch.from_arrays([big_wide, g, big_tall]))
+            torch.testing.assert_close(mixed.logits[1], alone.logits[0], atol=1e-5, rtol=0)
+            if alone.attention is not None:
+                h, w = g[1].shape
+                torch.testing.assert_close(mixed.attention[1, :h, :w], alone.attention[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("key", ["2dmambamil", "m2dmil", "mambamil", "transmil"])
+def test_context_models_see_their_neighbours(key, grids):
+    """Control for the invariance tests: changing another tissue cell's features changes the attention
+    of a fixed cell in the context models (it cannot in ABMIL)."""
+    model = build(key).eval()
+    feats, tissue = grids[0]
+    tissue = np.ones_like(tissue)
+    changed = feats.copy()
+    changed[0, 1] += 3.0
+    with torch.no_grad():
+        a = model(GridBatch.from_arrays([(feats, tissue)])).logits
+        b = model(GridBatch.from_arrays([(changed, tissue)])).logits
+    assert (a - b).abs().max() > 1e-5
+
+
+def test_paper_preset_is_the_published_model():
+    model = create("2dmambamil", in_dim=1024, n_classes=2, preset="paper")
+    # Counted from the published architecture (research/2dmamba.md §3: 265,478 with 5 classes):
+    # fc 131,200 + pad 128 + RMSNorm 128 + in_proj 65,536 + conv 1,280 + x_proj 10,240 + dt_proj 2,304
+    # + A_log 4,096 + D 256 + out_proj 32,768 + LayerNorm 256 + attention 16,641 + head 258.
+    assert model.num_parameters() == 265_091
+    assert create("2dmambamil", in_dim=1024, n_classes=5, preset="paper").num_parameters() == 265_478
+    block = model.blocks[0].mixer
+    assert isinstance(block.conv, torch.nn.Conv1d) and block.conv.kernel_size == (4,)
+    assert block.in_proj.weight.shape == (512, 128) and block.in_proj.bias is None
+    assert block.scans[0].x_proj.weight.shape == (8 + 16 + 16, 256)
+    assert (block.scans[0].dt_proj.bias == 0).all()  # the published init zeroes it (xavier on every Linear)
+    torch.testing.assert_close(-torch.exp(block.scans[0].A_log[0]), -torch.arange(1.0, 17.0))
+    assert ((model.pad_token >= 0) & (model.pad_token < 1)).all()
+    survival = create("2dmambamil", in_dim=1024, task="survival", preset="paper")
+    assert survival.head.out_features == 4  # one hazard per bin (the published code builds 8)
+
+
+def test_default_2dmambamil_fixes_the_published_defects():
+    model = create("2dmambamil", in_dim=1024, n_classes=2)
+    block = model.blocks[0].mixer
+    assert isinstance(block.conv, torch.nn.Conv2d) and block.conv.kernel_size == (3, 3)
+    dt = torch.nn.functional.softplus(block.scans[0].dt_proj.bias)
+    assert dt.min() >= 1e-4 and dt.max() <= 0.1 + 1e-6  # Mamba's step initialisation is kept
+    assert not model.config.pool_padding
+    assert 0.25e6 < model.num_parameters() < 0.3e6
+
+
+@pytest.mark.parametrize("key", list(SMALL))
+def test_same_seed_same_model_and_output(key, grids):
+    batch = GridBatch.from_arrays(grids)
+    outs = []
+    for _ in range(2):
+        model = build(key, seed=123).train()
+        torch.manual_seed(5)
+        outs.append(model(batch, targets=torch.tensor([1, 0, 2])).logits)
+    torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
+    other = build(key, seed=124).eval()
+    assert any((p - q).abs().max() > 0 for p, q in zip(other.parameters(), build(key, seed=123).parameters()))
+
+
+@pytest.mark.parametrize("key", list(SMALL))
+def test_config_round_trips_through_json(key, grids):
+    model = build(key).eval()
+    config = json.loads(json.dumps(model.config_dict()))
+    again = create_from_config(config)
+    again.load_state_dict(model.state_dict())
+    again.eval()
+    batch = GridBatch.from_arrays(grids)
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch).logits, model(batch).logits)
+    assert again.config == model.config
+    with pytest.raises(ConfigError, match="'model'"):
+        create_from_config({k: v for k, v in config.items() if k != "model"})
+
+
+def test_a_slide_without_tissue_is_refused_by_name(grids):
+    feats, tissue = grids[1]
+    batch = GridBatch.from_arrays([grids[0], (feats, np.zeros_like(tissue))], slide_ids=["ok", "blank-slide"])
+    for key in ("abmil", "2dmambamil", "mambamil", "transmil"):
+        with pytest.raises(StageInputError, match="blank-slide"):
+            build(key)(batch)
+
+
+def test_clam_instance_loss_only_in_training_with_targets(grids):
+    model = build("clam-sb")
+    batch = GridBatch.from_arrays(grids)
+    assert model.eval()(batch, targets=torch.tensor([0, 1, 2])).aux_loss is None
+    out = model.train()(batch, targets=torch.tensor([0, 1, 2]))
+    assert out.aux_loss.ndim == 0 and torch.isfinite(out.aux_loss) and out.aux_loss > 0
+    assert model(batch).aux_loss is None
+
+
+def test_survival_risk_grows_with_the_hazards():
+    low, high = torch.full((1, 4), -2.0), torch.full((1, 4), 2.0)
+    assert survival_risk(high) > survival_risk(low)
+    torch.testing.assert_close(survival_risk(torch.zeros(1, 2)), torch.tensor([-(0.5 + 0.25)]))
+
+
+def test_models_command_prints_every_model_with_its_size():
+    from wsi2dmamba.cli import app
+
+    result = CliRunner().invoke(app, ["models", "--presets"])
+    assert result.exit_code == 0, result.output
+    for name in list_models():
+        assert name in result.output
+    assert "265,091" in result.output  # the published 2DMambaMIL with 1024-d features, 2 classes
+
+
+def test_star_relu_gradients():
+    from wsi2dmamba.models.ssm_blocks import _StarReLUFunction
+
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([1.3], dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor([-0.2], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_StarReLUFunction.apply, (x, scale, bias))

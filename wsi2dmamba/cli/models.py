@@ -1,0 +1,28 @@
+"""``wsi2dmamba models``: list the MIL models with their parameter counts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..models import create, list_models, model_info
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("models")
+    def models_command(
+        in_dim: Annotated[int, typer.Option("--in-dim", min=1, help="Feature dimension the counts assume.")] = 1024,
+        n_classes: Annotated[int, typer.Option("--n-classes", min=1, help="Classes the counts assume.")] = 2,
+        presets: Annotated[bool, typer.Option("--presets", help="Also count every named preset.")] = False,
+    ) -> None:
+        """List every registered MIL model: name, trainable parameters, description."""
+        typer.echo(f"{'model':<22} {'parameters':>11}  description  (in_dim {in_dim}, {n_classes} classes)")
+        for name in list_models():
+            info = model_info(name)
+            names = list(info["presets"]) if presets else ["default"]
+            for preset in names:
+                model = create(name, in_dim=in_dim, n_classes=n_classes, preset=preset)
+                label = name if preset == "default" else f"{name} [{preset}]"
+                text = info["description"] if preset == "default" else f"preset {preset!r}"
+                typer.echo(f"{label:<22} {model.num_parameters():>11,}  {text}")

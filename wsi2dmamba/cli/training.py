@@ -1,0 +1,159 @@
+"""``wsi2dmamba train``, ``evaluate``, ``report`` and ``heatmap``: thin wrappers of
+:mod:`wsi2dmamba.training` and :mod:`wsi2dmamba.evaluation`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from ..errors import ConfigError
+from .common import CohortOpt, ForceOpt, OutOpt, QuietOpt
+
+
+def _overrides(items: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as JSON when they parse (numbers, true/false, lists)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out
+
+
+def _train_config(**values: Any):
+    from pydantic import ValidationError
+
+    from ..training import TrainConfig
+
+    try:
+        return TrainConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-') or 'config'}: {e['msg']}"
+                             for e in exc.errors())
+        raise ConfigError(f"Invalid training options: {problems}") from None
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train_command(
+        cohort: CohortOpt = None,
+        out: OutOpt = Path("runs/run"),
+        features: Annotated[Optional[Path], typer.Option(
+            "--features", help="Folder of feature grids (RUN/features/<encoder>).")] = None,
+        model: Annotated[str, typer.Option("--model", help="Model name (see `wsi2dmamba models`).")] = "2dmambamil",
+        task: Annotated[str, typer.Option("--task", help="classification or survival.")] = "classification",
+        folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds.")] = 5,
+        epochs: Annotated[int, typer.Option("--epochs")] = 20,
+        lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-4,
+        weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-5,
+        warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up before the cosine "
+                                                     "decay, in epochs.")] = 0.0,
+        batch_size: Annotated[int, typer.Option("--batch-size", help="Slides per forward pass.")] = 1,
+        accum_steps: Annotated[int, typer.Option("--accum-steps", help="Gradient accumulation steps.")] = 1,
+        class_weighting: Annotated[bool, typer.Option("--class-weighting",
+                                                      help="Inverse-frequency class weights.")] = False,
+        clip_grad: Annotated[float, typer.Option("--clip-grad", help="Max gradient norm (0 = off).")] = 1.0,
+        select_on: Annotated[str, typer.Option("--select-on", help="Validation quantity choosing the 'best' "
+                                               "checkpoint: loss, auc, balanced_accuracy, accuracy, f1, "
+                                               "c_index.")] = "loss",
+        val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each fold's non-test "
+                                                    "patients used for validation.")] = 0.2,
+        n_bins: Annotated[int, typer.Option("--n-bins", help="Survival time bins.")] = 4,
+        alpha: Annotated[float, typer.Option("--alpha", help="Survival NLL uncensored-only weight.")] = 0.0,
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, …")] = "auto",
+        precision: Annotated[str, typer.Option("--precision", help="auto, fp32, bf16, fp16 (GPU).")] = "auto",
+        preset: Annotated[Optional[str], typer.Option("--preset", help="Named model preset, e.g. paper.")] = None,
+        name: Annotated[Optional[str], typer.Option("--name", help="Folder name of this model in the run "
+                                                    "(default: model[-preset]).")] = None,
+        splits: Annotated[Optional[Path], typer.Option("--splits", help="Folder of splits_<k>.csv (CLAM "
+                                                       "layout) or one split CSV, instead of new splits.")] = None,
+        fold: Annotated[Optional[list[int]], typer.Option("--fold", help="Train only this fold (repeatable).")] = None,
+        set_: Annotated[Optional[list[str]], typer.Option("--set", help="Model option key=value (repeatable), "
+                                                          "e.g. --set hidden=256.")] = None,
+        force: ForceOpt = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Train a model with patient-level k-fold cross-validation; resumes unfinished folds."""
+        from ..cohort import load_cohort
+        from ..training import train_cohort
+
+        if cohort is None or features is None:
+            raise ConfigError("train needs --cohort M.csv and --features RUN/features/<encoder>.")
+        config = _train_config(task=task, folds=folds, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                               warmup_epochs=warmup_epochs, batch_size=batch_size, accum_steps=accum_steps,
+                               class_weighting=class_weighting, clip_grad=clip_grad if clip_grad > 0 else None,
+                               select_on=select_on, val_fraction=val_fraction, n_bins=n_bins, alpha=alpha,
+                               seed=seed, device=device, precision=precision)
+        if config.clip_grad is None:
+            config = config.model_copy(update={"clip_grad": None})
+        c = load_cohort(cohort, require_path=False, check_files=False)
+        res = train_cohort(c, features, out, model, config, _overrides(set_), preset=preset, name=name,
+                           splits=splits, folds_to_run=fold, force=force, progress=not quiet)
+        for w in res.warnings:
+            typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+        for f in res.folds:
+            state = "already done" if f.skipped else f"trained {f.epochs} epochs"
+            typer.echo(f"{res.name} fold {f.fold}: {state}; best epoch {f.best_epoch} "
+                       f"({config.select_on} {f.best_value:.4f})")
+        typer.echo(f"Results in {res.model_dir}. Next: wsi2dmamba evaluate --out {out}")
+
+    @app.command("evaluate")
+    def evaluate_command(
+        out: OutOpt = Path("runs/run"),
+        n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the 95% CIs.")] = 1000,
+        level: Annotated[str, typer.Option("--level", help="Printed level: patient or slide.")] = "patient",
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+    ) -> None:
+        """Metrics of every model in the run, per fold and overall, with bootstrap CIs (RUN/eval/metrics.json)."""
+        from ..evaluation import evaluate_run, format_summary
+
+        if level not in ("patient", "slide"):
+            raise ConfigError(f"--level must be patient or slide, got {level!r}")
+        metrics = evaluate_run(out, n_boot=n_boot, seed=seed)
+        typer.echo(f"Test metrics ({level} level; mean ± std over folds, pooled [95% CI]):")
+        typer.echo(format_summary(metrics, level))
+        typer.echo(f"Written {Path(out) / 'eval' / 'metrics.json'}")
+
+    @app.command("report")
+    def report_command(
+        out: OutOpt = Path("runs/run"),
+        n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the 95% CIs.")] = 1000,
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+    ) -> None:
+        """One self-contained HTML page comparing the run's models (RUN/report/index.html)."""
+        from ..evaluation import write_report
+
+        path = write_report(out, n_boot=n_boot, seed=seed)
+        typer.echo(f"Written {path}")
+
+    @app.command("heatmap")
+    def heatmap_command(
+        out: OutOpt = Path("runs/run"),
+        model: Annotated[str, typer.Option("--model", help="Model folder name in RUN/train.")] = "2dmambamil",
+        slide: Annotated[str, typer.Option("--slide", help="Slide id.")] = "",
+        fold: Annotated[Optional[int], typer.Option("--fold", help="Fold (default: where the slide is "
+                                                    "in the test partition).")] = None,
+        checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+        slide_path: Annotated[Optional[Path], typer.Option("--slide-path", help="Slide file (default: the "
+                                                           "path recorded in the feature grid).")] = None,
+        size: Annotated[int, typer.Option("--size", help="Longer side of the PNG in pixels.")] = 2048,
+        device: Annotated[str, typer.Option("--device")] = "cpu",
+    ) -> None:
+        """Attention of a trained model over a slide: PNG overlay and QuPath GeoJSON tiles."""
+        from ..evaluation import heatmap
+
+        if not slide:
+            raise ConfigError("heatmap needs --slide SLIDE_ID")
+        res = heatmap(out, model, slide, fold=fold, checkpoint=checkpoint, slide_path=slide_path,
+                      thumbnail_px=size, device=device)
+        for n in res.notes:
+            typer.secho(f"note: {n}", fg=typer.colors.YELLOW, err=True)
+        typer.echo(f"fold {res.fold} ({res.partition} partition): {res.png} and {res.geojson}")

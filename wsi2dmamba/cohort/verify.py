@@ -1,0 +1,391 @@
+"""Check a run folder against what it recorded: ``wsi2dmamba verify RUN``.
+
+Every per-slide stage records, for each slide, a state file (``RUN/<stage_dir>/.state/<slide_id>.json``)
+with the sha256 of each output file, the hash of the parameters that made it, and a fingerprint (size,
+modification time) of the slide file. :func:`verify_run` re-reads all of it and reports:
+
+* errors: an output that is missing, whose bytes changed since it was written, that lies outside the run
+  folder, or whose content is not a valid file of its kind (grid files are fully validated); a damaged state
+  file; slides of one stage made with different parameters; a feature grid whose lattice differs from the
+  slide's tiles file (the tiles were redone after extraction); a slide file that changed after it was
+  processed;
+* warnings: half-written temporaries left by a killed process, files that no state records, a ledger that
+  is out of date, a slide file that is no longer where it was.
+
+The check only reads: it never changes the run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import GridFileError, WsiError
+from ..fileio import file_sha256
+from .ledger import SlideState
+
+_TMP_PREFIX = ".tmp-"
+_STATE_DIR = ".state"
+#: Stage-level file holding the parameters of the stage's last run (not a per-slide output).
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found in a run.
+
+    Attributes:
+        level: ``"error"`` (the run cannot be trusted as is) or ``"warning"`` (worth knowing, harmless).
+        path: the file concerned, relative to the run folder.
+        message: what is wrong and what to do.
+    """
+
+    level: str
+    path: str
+    message: str
+
+    def line(self) -> str:
+        return f"{self.level}: {self.path}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    """Result of :func:`verify_run`.
+
+    Attributes:
+        run_dir: the run folder checked.
+        states_checked: state files read.
+        files_checked: output files whose sha256 was compared with the recorded one.
+        findings: every error and warning, in the order found.
+    """
+
+    run_dir: Path
+    states_checked: int = 0
+    files_checked: int = 0
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "error"]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.level == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def summary(self) -> str:
+        return (f"verify {self.run_dir}: {self.files_checked} file(s) checked in {self.states_checked} "
+                f"state(s); {len(self.errors)} error(s), {len(self.warnings)} warning(s)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_dir": str(self.run_dir), "states_checked": self.states_checked,
+                "files_checked": self.files_checked, "ok": self.ok,
+                "findings": [asdict(f) for f in self.findings]}
+
+    def _add(self, level: str, path: str | Path, message: str) -> None:
+        self.findings.append(Finding(level, str(path), message))
+
+
+def verify_run(run_dir: str | os.PathLike[str], *, content: bool = True, sources: bool = True,
+               progress: bool = False) -> VerifyReport:
+    """Check every file of a run against its recorded hashes and parameters.
+
+    Args:
+        run_dir: the run folder (``--out`` of the stages).
+        content: also validate each output's content by kind (grid files, JSON, safetensors), and compare
+            each feature grid's lattice with the slide's tiles file.
+        sources: also compare each slide file with the fingerprint recorded when it was processed.
+        progress: show a progress bar over the state files.
+
+    Raises:
+        WsiError: ``run_dir`` is not a folder or holds no state file at all.
+    """
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise WsiError(f"Run folder not found: {run}. Pass the folder given as --out to the stages.")
+    run = run.resolve()
+    state_files = find_state_files(run)
+    if not state_files:
+        raise WsiError(f"{run} holds no stage state (no */.state/*.json): it is not a wsi2dmamba run folder, "
+                       "or no stage has finished a slide yet.")
+    report = VerifyReport(run)
+    states: list[SlideState] = []
+    from tqdm.auto import tqdm
+
+    for sf in tqdm(state_files, desc="verify", unit="state", disable=not progress, dynamic_ncols=True):
+        st = _load_state(run, sf, report)
+        if st is None:
+            continue
+        report.states_checked += 1
+        states.append(st)
+        if st.status == "done":
+            _check_outputs(run, st, report, content)
+        if sources:
+            _check_source(run, sf, st, report)
+    _check_params(states, report)
+    if content:
+        _check_features_match_tiles(run, states, report)
+    _check_stage_configs(run, states, report)
+    _check_unrecorded(run, states, report)
+    _check_ledger(run, states, report)
+    return report
+
+
+def find_state_files(run: Path) -> list[Path]:
+    """Every ``<stage_dir>/.state/*.json`` below ``run`` (stage folders may be nested, e.g.
+    ``features/<encoder>``), sorted."""
+    found = []
+    for d in sorted(run.rglob(_STATE_DIR)):
+        if d.is_dir():
+            found.extend(p for p in sorted(d.glob("*.json")) if not p.name.startswith(_TMP_PREFIX))
+    return found
+
+
+def _rel(run: Path, p: Path) -> str:
+    return os.path.relpath(p, run)
+
+
+def _load_state(run: Path, sf: Path, report: VerifyReport) -> SlideState | None:
+    rel = _rel(run, sf)
+    try:
+        data = json.loads(sf.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        st = SlideState(**data)
+    except (OSError, ValueError, TypeError) as exc:
+        report._add("error", rel, f"state file cannot be read ({exc}); rerun the stage with --force for this "
+                    "slide, or delete the file so the slide is processed again")
+        return None
+    if not isinstance(st.outputs, dict) or not isinstance(st.source, dict) or not isinstance(st.stage, str):
+        report._add("error", rel, "state file has fields of the wrong type; rerun the stage for this slide")
+        return None
+    stage_dir = _rel(run, sf.parent.parent)
+    if Path(st.stage) != Path(stage_dir) or st.slide_id != sf.stem:
+        report._add("error", rel, f"state file says stage {st.stage!r}, slide {st.slide_id!r} but lies in "
+                    f"{stage_dir}/{_STATE_DIR} under the name {sf.stem!r}; it was moved or edited")
+    return st
+
+
+def _inside(run: Path, rel: str) -> Path | None:
+    """The absolute output path if ``rel`` stays inside the run folder, else None."""
+    p = (run / rel).resolve()
+    return p if p == run or run in p.parents else None
+
+
+def _check_outputs(run: Path, st: SlideState, report: VerifyReport, content: bool) -> None:
+    for rel, recorded in sorted(st.outputs.items()):
+        p = _inside(run, rel)
+        if p is None:
+            report._add("error", rel, f"recorded as an output of slide {st.slide_id!r} in stage {st.stage!r} but "
+                        "lies outside the run folder; the state file was edited, do not trust this run")
+            continue
+        if not p.is_file():
+            report._add("error", rel, f"output of slide {st.slide_id!r} (stage {st.stage!r}) is missing; rerun "
+                        "the stage (the slide will be processed again)")
+            continue
+        report.files_checked += 1
+        try:
+            actual = file_sha256(p)
+        except OSError as exc:
+            report._add("error", rel, f"cannot be read ({exc})")
+            continue
+        if actual != recorded:
+            report._add("error", rel, f"content changed since stage {st.stage!r} wrote it (sha256 {actual[:12]}… "
+                        f"≠ recorded {str(recorded)[:12]}…); rerun the stage with --force")
+            continue
+        if content:
+            problem = check_content(p)
+            if problem:
+                report._add("error", rel, problem)
+
+
+def check_content(path: Path) -> str | None:
+    """Validate one file by its kind; return what is wrong, or None.
+
+    ``.h5`` files are read and validated as grid files, ``.json``/``.geojson`` parsed, ``.safetensors``
+    opened (header and tensor table, without loading any code), ``.csv`` parsed. Other kinds pass.
+    """
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".h5":
+            return _check_grid_file(path)
+        if suffix in (".json", ".geojson"):
+            json.loads(path.read_text(encoding="utf-8"))
+        elif suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as fh:
+                for _ in csv.reader(fh):
+                    pass
+        elif suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                for key in f.keys():
+                    f.get_slice(key).get_shape()
+    except (OSError, ValueError, UnicodeDecodeError, csv.Error) as exc:
+        return f"content is not valid {suffix[1:]} ({exc})"
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        return f"content is not valid {suffix[1:]} ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _check_grid_file(path: Path) -> str | None:
+    import h5py
+
+    from ..grid import read_feature_grid, read_tile_grid
+
+    try:
+        with h5py.File(path, "r") as f:
+            kind = f.attrs.get("kind", "")
+            has_features = "features" in f
+    except OSError as exc:
+        return f"not a readable HDF5 file ({exc})"
+    try:
+        if kind == "features" or has_features:
+            read_feature_grid(path)
+        else:
+            read_tile_grid(path)
+    except GridFileError as exc:
+        return str(exc)
+    return None
+
+
+def _check_source(run: Path, sf: Path, st: SlideState, report: VerifyReport) -> None:
+    src = st.source or {}
+    path = src.get("path")
+    if not path or src.get("missing"):
+        return
+    rel = _rel(run, sf)
+    try:
+        now = Path(path).stat()
+    except OSError:
+        report._add("warning", rel, f"slide file {path} is no longer there; its outputs cannot be compared "
+                    "with it (fine if the run was moved to another machine)")
+        return
+    if (now.st_size, now.st_mtime_ns) != (src.get("size"), src.get("mtime_ns")):
+        report._add("error", rel, f"slide file {path} changed after stage {st.stage!r} processed it (size or "
+                    "modification time differ); rerun the stage: the slide will be processed again")
+
+
+def _check_params(states: Iterable[SlideState], report: VerifyReport) -> None:
+    by_stage: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for st in states:
+        if st.status == "done":
+            by_stage[st.stage][st.params_hash].append(st.slide_id)
+    for stage, groups in sorted(by_stage.items()):
+        if len(groups) > 1:
+            parts = ", ".join(f"{h}: {len(ids)} slide(s) (e.g. {sorted(ids)[0]})"
+                              for h, ids in sorted(groups.items(), key=lambda kv: -len(kv[1])))
+            report._add("error", stage, f"slides were made with different parameters ({parts}); rerun the "
+                        "stage over the whole cohort with one configuration")
+
+
+def _check_features_match_tiles(run: Path, states: list[SlideState], report: VerifyReport) -> None:
+    """A feature grid must sit on the same lattice as the slide's current tiles file."""
+    import numpy as np
+
+    from ..grid import read_tile_grid
+
+    tiles_of: dict[str, Path] = {}
+    for st in states:
+        if st.status != "done":
+            continue
+        for rel in st.outputs:
+            p = _inside(run, rel)
+            if p is not None and p.suffix == ".h5" and Path(rel).parts[:1] == ("tiles",):
+                tiles_of[st.slide_id] = p
+    for st in states:
+        if st.status != "done" or Path(st.stage).parts[:1] != ("features",) or st.slide_id not in tiles_of:
+            continue
+        for rel in st.outputs:
+            p = _inside(run, rel)
+            if p is None or p.suffix != ".h5" or not p.is_file() or not tiles_of[st.slide_id].is_file():
+                continue
+            try:
+                a, b = read_tile_grid(tiles_of[st.slide_id]), read_tile_grid(p)
+            except GridFileError:
+                continue  # already reported by the content check
+            if a.shape != b.shape or not np.array_equal(a.index, b.index) or not np.array_equal(a.coords, b.coords):
+                report._add("error", rel, f"features of slide {st.slide_id!r} lie on another lattice than "
+                            f"{_rel(run, tiles_of[st.slide_id])} ({b.shape} vs {a.shape} cells, {b.n_tiles} vs "
+                            f"{a.n_tiles} tiles): the slide was tiled again after extraction; rerun extract")
+
+
+def _check_stage_configs(run: Path, states: list[SlideState], report: VerifyReport) -> None:
+    """A stage folder's ``config.json`` (the parameters its last run was started with, read by later
+    stages) should be the parameters its finished slides were made with."""
+    from ..fileio import params_hash
+
+    done: dict[str, set[str]] = defaultdict(set)
+    for st in states:
+        if st.status == "done":
+            done[st.stage].add(st.params_hash)
+    for stage, hashes in sorted(done.items()):
+        cfg = run / stage / CONFIG_FILE
+        if not cfg.is_file():
+            continue
+        rel = _rel(run, cfg)
+        try:
+            data = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            report._add("error", rel, f"cannot be read ({exc}); rerun the stage")
+            continue
+        names = {Path(stage).name, Path(stage).parts[0]}
+        if not hashes & {params_hash({"stage": name, "config": data}) for name in names}:
+            report._add("warning", rel, "holds other parameters than the stage's finished slides were made with "
+                        "(its last run was interrupted, refused, or ran another configuration); later stages "
+                        "read it: rerun the stage so that both agree")
+
+
+def _check_unrecorded(run: Path, states: list[SlideState], report: VerifyReport) -> None:
+    recorded = {(run / rel).resolve() for st in states if st.status == "done" for rel in st.outputs}
+    stage_dirs = {(run / st.stage).resolve() for st in states}
+    for tmp in sorted(run.rglob(_TMP_PREFIX + "*")):
+        report._add("warning", _rel(run, tmp), "half-written temporary left by a killed process (never read "
+                    "as an output); the next run of that stage deletes it")
+    for d in sorted(stage_dirs):
+        if not d.is_dir():
+            continue
+        for p in sorted(d.rglob("*")):
+            relp = p.relative_to(d)
+            # Dot-names are housekeeping (states, locks, shard records); temporaries were reported above.
+            if not p.is_file() or any(part.startswith(".") for part in relp.parts):
+                continue
+            # Another stage's folder nested inside this one is checked through its own states.
+            if any((d / q) in stage_dirs for q in _prefixes(relp)):
+                continue
+            if p.resolve() not in recorded and not (relp == Path(CONFIG_FILE)):
+                report._add("warning", _rel(run, p), "not recorded as an output of any finished slide (left by "
+                            "a failed slide or an earlier run with other parameters)")
+
+
+def _prefixes(rel: Path) -> list[Path]:
+    parts = rel.parts[:-1]
+    return [Path(*parts[: i + 1]) for i in range(len(parts))]
+
+
+def _check_ledger(run: Path, states: list[SlideState], report: VerifyReport) -> None:
+    ledger = run / "ledger.csv"
+    if not ledger.is_file():
+        report._add("warning", "ledger.csv", "missing; it is rebuilt from the state files by the next stage run")
+        return
+    try:
+        with open(ledger, newline="", encoding="utf-8") as fh:
+            rows = {(r.get("stage", ""), r.get("slide_id", ""), r.get("status", ""), r.get("params_hash", ""))
+                    for r in csv.DictReader(fh)}
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        report._add("warning", "ledger.csv", f"cannot be read ({exc}); it is rebuilt by the next stage run")
+        return
+    expected = {(s.stage, s.slide_id, s.status, s.params_hash) for s in states}
+    if rows != expected:
+        report._add("warning", "ledger.csv", f"out of date with the state files ({len(expected - rows)} state(s) "
+                    f"not in it, {len(rows - expected)} row(s) without a state); it is rebuilt by the next "
+                    "stage run (the state files are the record)")

@@ -1,0 +1,113 @@
+"""Build the demo cohort: mosaic slides on disk and their manifest.
+
+>>> from wsi2dmamba.demo import DemoCohortSpec, build_demo_cohort
+>>> manifest = build_demo_cohort("runs/demo/cohort", DemoCohortSpec(n_slides=48, seed=0))
+
+The cohort is balanced (half infiltrated, half excluded); each slide's layout, label and survival draw
+come from its own generator seeded with ``(seed, slide index)``, so a slide does not change when the
+cohort is made larger. Writing is idempotent: a slide whose file already exists with the same
+specification is kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import params_hash, write_json_atomic, write_text_atomic
+from .layout import Layout, LayoutSpec, SurvivalSpec, contact_orientations, draw_layout, draw_survival
+from .mosaic import CELL_PX, MOSAIC_MPP, Augment, render_cells, write_pyramidal_tiff
+
+LABEL_NAMES = ("excluded", "infiltrated")
+MANIFEST_COLUMNS = ("slide_id", "path", "patient_id", "label", "time", "event", "contacts",
+                    "horizontal_contacts", "vertical_contacts", "orientation", "cells")
+
+
+@dataclass(frozen=True)
+class DemoCohortSpec:
+    """What the demo cohort holds. ``n_slides`` is rounded up to an even number (balanced classes)."""
+
+    n_slides: int = 48
+    seed: int = 0
+    layout: LayoutSpec = field(default_factory=LayoutSpec)
+    survival: SurvivalSpec = field(default_factory=SurvivalSpec)
+    augment: Augment = field(default_factory=Augment)
+    jpeg_quality: int = 90
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DemoSlide:
+    """One demo slide's ground truth."""
+
+    slide_id: str
+    layout: Layout
+    time: float
+    event: int
+
+
+def draw_cohort(spec: DemoCohortSpec) -> list[DemoSlide]:
+    """Every slide's layout, label and survival (no pixels): pure and seeded."""
+    n = spec.n_slides + spec.n_slides % 2
+    order = np.random.default_rng([spec.seed, 1 << 20]).permutation(n)
+    slides = []
+    for i in range(n):
+        rng = np.random.default_rng([spec.seed, i])
+        label = int(order[i] % 2)
+        layout = draw_layout(rng, label, spec.layout)
+        time, event = draw_survival(rng, layout.contacts, spec.survival)
+        slides.append(DemoSlide(f"demo-{i:03d}", layout, time, event))
+    return slides
+
+
+def build_demo_cohort(out_dir: str | os.PathLike[str], spec: DemoCohortSpec = DemoCohortSpec(),
+                      progress: bool = True) -> Path:
+    """Write the slides (``out_dir/slides/<slide_id>.tiff``) and the manifest; return the manifest path.
+
+    Files written: ``slides/*.tiff`` (pyramidal JPEG TIFF, level 0 at 0.5 µm/px, one cell =
+    224×224 px), ``manifest.csv`` (columns :data:`MANIFEST_COLUMNS`; ``label`` is ``excluded`` or
+    ``infiltrated``, ``cells`` the layout as letters, see :meth:`Layout.letters`) and ``cohort.json``
+    (the specification, so a rerun with another one rebuilds the slides).
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    slides_dir = out / "slides"
+    slides_dir.mkdir(parents=True, exist_ok=True)
+    spec_hash = params_hash(spec.to_dict())
+    meta_path = out / "cohort.json"
+    same_spec = meta_path.exists() and json.loads(meta_path.read_text()).get("hash") == spec_hash
+    slides = draw_cohort(spec)
+    for s in tqdm(slides, desc="demo slides", unit="slide", disable=not progress, dynamic_ncols=True):
+        path = slides_dir / f"{s.slide_id}.tiff"
+        if same_spec and path.exists():
+            continue
+        rng = np.random.default_rng([spec.seed, int(s.slide_id.split("-")[1]), 1])
+        image = render_cells(s.layout.cells, rng, spec.augment)
+        write_pyramidal_tiff(path, image, MOSAIC_MPP, quality=spec.jpeg_quality,
+                             description=f"wsi2dmamba demo slide {s.slide_id}")
+    manifest = out / "manifest.csv"
+    write_text_atomic(manifest, manifest_text(slides))
+    write_json_atomic(meta_path, {"hash": spec_hash, "spec": spec.to_dict(), "mpp": MOSAIC_MPP,
+                                  "cell_px": CELL_PX, "n_slides": len(slides)})
+    return manifest
+
+
+def manifest_text(slides: list[DemoSlide]) -> str:
+    """The manifest CSV of the given slides (paths relative to the manifest's folder)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(MANIFEST_COLUMNS)
+    for s in slides:
+        h, v = contact_orientations(s.layout.cells)
+        w.writerow([s.slide_id, f"slides/{s.slide_id}.tiff", s.slide_id, LABEL_NAMES[s.layout.label],
+                    f"{s.time:g}", s.event, s.layout.contacts, h, v, s.layout.orientation, s.layout.letters()])
+    return buf.getvalue()

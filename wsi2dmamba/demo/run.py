@@ -1,0 +1,66 @@
+"""Run the demo: build the mosaic cohort, then the classification and the survival pipelines on it.
+
+>>> from wsi2dmamba.demo.run import run_demo
+>>> results = run_demo("runs/demo")               # [classification result, survival result]
+>>> [r.report for r in results]                     # runs/demo/{classification,survival}/report/index.html
+
+The two pipelines are shipped with the package (``demo_pipeline_path``; the same files as
+``pipelines/demo.toml`` and ``pipelines/demo-survival.toml`` in the repository). They share one run
+folder, so the slides are segmented, tiled and encoded once; each task trains, evaluates and reports
+in its own sub-folder.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DEMO_TASKS = ("classification", "survival")
+_FILES = {"classification": "demo.toml", "survival": "demo-survival.toml"}
+
+# A smaller run for continuous integration: fewer slides, folds and epochs, the 2D model against the
+# composition-only baselines.
+QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
+    "demo": {"slides": 32},
+    "train": {"folds": 4, "epochs": 12, "models": ["2dmambamil", "abmil", "meanpool"]},
+    "evaluate": {"n_boot": 500},
+}
+
+
+def demo_pipeline_path(task: str = "classification") -> Path:
+    """The packaged demo pipeline file of ``task`` (``classification`` or ``survival``)."""
+    if task not in _FILES:
+        raise ValueError(f"task must be one of {DEMO_TASKS}, got {task!r}")
+    return Path(str(resources.files(__package__) / "assets" / "pipelines" / _FILES[task]))
+
+
+def demo_pipelines(out: str | os.PathLike[str] | None = None, *, quick: bool = False,
+                   tasks: tuple[str, ...] = DEMO_TASKS, slides: int | None = None, epochs: int | None = None,
+                   folds: int | None = None, workers: int | None = None):
+    """The validated demo pipelines, with the given overrides applied (``None`` keeps the file's value)."""
+    from ..pipeline import load_pipeline
+
+    configs = []
+    for task in tasks:
+        overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (QUICK_OVERRIDES if quick else {}).items()}
+        if task == "survival" and quick:
+            overrides["train"]["models"] = ["2dmambamil", "abmil"]
+        for table, key, value in (("demo", "slides", slides), ("train", "epochs", epochs),
+                                  ("train", "folds", folds), ("run", "workers", workers)):
+            if value is not None:
+                overrides.setdefault(table, {})[key] = value
+        configs.append(load_pipeline(demo_pipeline_path(task), out=out or "runs/demo", overrides=overrides))
+    return configs
+
+
+def run_demo(out: str | os.PathLike[str] | None = None, *, quick: bool = False,
+             tasks: tuple[str, ...] = DEMO_TASKS, slides: int | None = None, epochs: int | None = None,
+             folds: int | None = None, workers: int | None = None, force: bool = False, progress: bool = True):
+    """Build the demo cohort in ``out/cohort`` and run its pipelines; returns their results."""
+    from ..pipeline import run_pipeline
+
+    configs = demo_pipelines(out, quick=quick, tasks=tasks, slides=slides, epochs=epochs, folds=folds,
+                             workers=workers)
+    return [run_pipeline(c, force=force, progress=progress) for c in configs]

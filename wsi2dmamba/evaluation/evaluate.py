@@ -1,0 +1,264 @@
+"""Metrics of every model trained in a run: per fold, mean ± std over folds, and pooled, with bootstrap CIs.
+
+For each model folder ``RUN/train/<name>/`` the complete folds' ``predictions.csv`` are read, and the
+metrics are computed
+
+* at two levels: per slide, and per patient (the mean of the patient's slide probabilities or risks);
+* for both checkpoints: ``best`` (chosen on validation) and ``last`` (the last epoch), labelled;
+* on the test partition (and on validation, for reference; it is optimistic for ``best``).
+
+``pooled`` concatenates the test predictions of all folds (every patient once); its 95 % interval is a
+patient-level bootstrap. Each fold's interval is a bootstrap of that fold's test partition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import StageInputError
+from ..fileio import write_json_atomic, write_text_atomic
+from .bootstrap import bootstrap_counts, percentile_interval, weighted_c_index, weighted_classification
+from .metrics import CLASSIFICATION_METRICS, SURVIVAL_METRICS, classification_metrics, survival_metrics
+
+LEVELS = ("slide", "patient")
+CHECKPOINTS = ("best", "last")
+
+
+def model_dirs(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Folders ``RUN/train/<name>`` that hold at least one complete fold."""
+    root = Path(run_dir) / "train"
+    if not root.is_dir():
+        return []
+    return sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("fold_*/done.json")))
+
+
+def complete_folds(model_dir: Path) -> list[Path]:
+    """``fold_<k>`` folders of a model with ``done.json``, in fold order."""
+    folds = [d for d in model_dir.glob("fold_*") if (d / "done.json").is_file()]
+    return sorted(folds, key=lambda d: int(d.name.split("_")[1]))
+
+
+def read_fold(fold_dir: Path) -> tuple[dict[str, Any], Any]:
+    """(config.json, predictions DataFrame) of a complete fold."""
+    import pandas as pd
+
+    config = json.loads((fold_dir / "config.json").read_text())
+    preds = pd.read_csv(fold_dir / "predictions.csv", dtype={"slide_id": str, "patient_id": str, "label": str})
+    return config, preds
+
+
+def aggregate_patients(df: Any, task: str) -> Any:
+    """One row per (fold, checkpoint, partition, patient): mean probabilities / risk / survival."""
+    keys = ["fold", "checkpoint", "partition", "patient_id"]
+    value_cols = [c for c in df.columns if c.startswith(("prob_", "surv_")) or c == "risk"]
+    first_cols = [c for c in ("time", "event", "bin", "label", "target", "epoch") if c in df.columns]
+    agg = {**dict.fromkeys(value_cols, "mean"), **dict.fromkeys(first_cols, "first"), "slide_id": "count"}
+    out = df.groupby(keys, sort=True, as_index=False).agg(agg).rename(columns={"slide_id": "n_slides"})
+    if task == "classification":
+        probs = out[[c for c in out.columns if c.startswith("prob_")]].to_numpy()
+        out["pred"] = probs.argmax(axis=1)
+    return out
+
+
+def _prob_matrix(df: Any) -> np.ndarray:
+    cols = sorted((c for c in df.columns if c.startswith("prob_")), key=lambda c: int(c.split("_")[1]))
+    return df[cols].to_numpy(np.float64)
+
+
+def _surv_matrix(df: Any) -> np.ndarray:
+    cols = sorted((c for c in df.columns if c.startswith("surv_")), key=lambda c: int(c.split("_")[1]))
+    return df[cols].to_numpy(np.float64)
+
+
+def _point_metrics(df: Any, task: str, fold_cfgs: dict[int, dict[str, Any]], pooled: bool) -> dict[str, Any]:
+    if task == "classification":
+        return classification_metrics(df["target"].to_numpy(), _prob_matrix(df))
+    folds = df["fold"].to_numpy()
+    ends = np.stack([np.asarray(fold_cfgs[int(f)]["bin_ends"], np.float64) for f in folds]) if len(df) else None
+    if pooled:
+        # Every patient is in the pooled test set once: its own censoring distribution is the cohort's.
+        train_t, train_e = df["time"].to_numpy(), df["event"].to_numpy()
+    else:
+        ts = fold_cfgs[int(folds[0])]["train_survival"]
+        train_t, train_e = np.asarray(ts["time"]), np.asarray(ts["event"])
+    return survival_metrics(df["time"].to_numpy(), df["event"].to_numpy(), df["risk"].to_numpy(),
+                            surv=_surv_matrix(df), bin_ends=ends, train_time=train_t, train_event=train_e)
+
+
+def _intervals(df: Any, task: str, n_boot: int, seed: int) -> dict[str, list[float]]:
+    if n_boot <= 0 or len(df) < 2:
+        return {}
+    counts = bootstrap_counts(df["patient_id"].to_numpy(), n_boot, seed)
+    if task == "classification":
+        reps = weighted_classification(df["target"].to_numpy(), _prob_matrix(df), counts)
+    else:
+        reps = {"c_index": weighted_c_index(df["time"].to_numpy(), df["event"].to_numpy(),
+                                            df["risk"].to_numpy(), counts)}
+    return {m: list(percentile_interval(v)) for m, v in reps.items()}
+
+
+def _clean(value: Any) -> Any:
+    """JSON-able: NaN → None, numpy scalars → Python."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Metrics of one model folder (see the module docstring for what is computed).
+
+    Returns:
+        ``{"name", "task", "model", "classes", "select_on", "folds", "incomplete_folds", "results"}`` where
+        ``results[level][checkpoint][partition]`` holds ``folds`` (per-fold metrics and CIs), ``mean``,
+        ``std`` and ``pooled`` (metrics and ``ci``).
+    """
+    import pandas as pd
+
+    model_dir = Path(model_dir)
+    folds = complete_folds(model_dir)
+    if not folds:
+        raise StageInputError(f"{model_dir} has no complete fold; run `wsi2dmamba train` first.")
+    configs, frames = {}, []
+    for d in folds:
+        cfg, preds = read_fold(d)
+        configs[int(cfg["fold"])] = cfg
+        frames.append(preds)
+    all_folds = sorted(int(d.name.split("_")[1]) for d in model_dir.glob("fold_*"))
+    first = configs[min(configs)]
+    task = first["task"]
+    slides = pd.concat(frames, ignore_index=True)
+    names = SURVIVAL_METRICS if task == "survival" else CLASSIFICATION_METRICS
+    results: dict[str, Any] = {}
+    for level in LEVELS:
+        table = slides if level == "slide" else aggregate_patients(slides, task)
+        results[level] = {}
+        for ckpt in CHECKPOINTS:
+            results[level][ckpt] = {}
+            for part in ("test", "val"):
+                sub = table[(table["checkpoint"] == ckpt) & (table["partition"] == part)]
+                if sub.empty:
+                    continue
+                per_fold = []
+                for k, g in sub.groupby("fold", sort=True):
+                    m = _point_metrics(g, task, configs, pooled=False)
+                    if part == "test":
+                        m["ci"] = _intervals(g, task, n_boot, seed + int(k))
+                    per_fold.append({"fold": int(k), "epoch": int(g["epoch"].iloc[0]), **m})
+                values = {n: np.array([f[n] for f in per_fold], np.float64) for n in names}
+                entry = {
+                    "folds": per_fold,
+                    "mean": {n: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for n, v in values.items()},
+                    "std": {n: float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else math.nan
+                            for n, v in values.items()},
+                }
+                pooled = _point_metrics(sub, task, configs, pooled=True)
+                if part == "test":
+                    pooled["ci"] = _intervals(sub, task, n_boot, seed)
+                entry["pooled"] = pooled
+                results[level][ckpt][part] = entry
+    return _clean({
+        "name": model_dir.name, "task": task, "model": first["model"].get("model", first.get("model_name")),
+        "preset": first.get("preset"), "classes": first.get("classes"), "select_on": first["train"]["select_on"],
+        "folds": sorted(configs), "incomplete_folds": sorted(set(all_folds) - set(configs)),
+        "n_parameters": first.get("n_parameters"), "results": results,
+    })
+
+
+def clam_summary_rows(metrics: dict[str, Any], checkpoint: str = "best") -> list[dict[str, Any]]:
+    """Rows of CLAM's ``summary.csv`` (folds, test_auc, val_auc, test_acc, val_acc) for one model,
+    slide level, plus the balanced accuracy, F1 and C-index where the task has them."""
+    res = metrics["results"]["slide"][checkpoint]
+    test = {f["fold"]: f for f in res.get("test", {}).get("folds", [])}
+    val = {f["fold"]: f for f in res.get("val", {}).get("folds", [])}
+    rows = []
+    for k in sorted(set(test) | set(val)):
+        t, v = test.get(k, {}), val.get(k, {})
+        row: dict[str, Any] = {"folds": k}
+        if metrics["task"] == "survival":
+            row.update(test_c_index=t.get("c_index"), val_c_index=v.get("c_index"),
+                       test_c_index_ipcw=t.get("c_index_ipcw"), test_ibs=t.get("ibs"))
+        else:
+            row.update(test_auc=t.get("auc"), val_auc=v.get("auc"), test_acc=t.get("accuracy"),
+                       val_acc=v.get("accuracy"), test_balanced_acc=t.get("balanced_accuracy"),
+                       test_f1=t.get("f1"))
+        rows.append(row)
+    return rows
+
+
+def evaluate_run(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int = 0,
+                 write: bool = True) -> dict[str, Any]:
+    """Evaluate every model trained in ``run_dir``.
+
+    Writes ``RUN/eval/metrics.json`` and, per model, CLAM's ``RUN/train/<name>/summary.csv`` (test
+    metrics of the checkpoint chosen on validation) when ``write`` is True.
+
+    Raises:
+        StageInputError: no model of the run has a complete fold.
+    """
+    import pandas as pd
+
+    run_dir = Path(run_dir)
+    dirs = model_dirs(run_dir)
+    if not dirs:
+        raise StageInputError(f"No trained model in {run_dir / 'train'}; run `wsi2dmamba train --out {run_dir}` first.")
+    out = {"run": str(run_dir.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "n_boot": n_boot,
+           "models": {d.name: evaluate_model(d, n_boot, seed) for d in dirs}}
+    if write:
+        write_json_atomic(run_dir / "eval" / "metrics.json", out)
+        for d in dirs:
+            rows = clam_summary_rows(out["models"][d.name])
+            write_text_atomic(d / "summary.csv", pd.DataFrame(rows).to_csv(index=False))
+    return out
+
+
+def summary_table(metrics: dict[str, Any], level: str = "patient") -> list[dict[str, Any]]:
+    """One row per (model, checkpoint): test metrics as mean ± std over folds and pooled [95 % CI]."""
+    rows = []
+    for name, m in metrics["models"].items():
+        names = SURVIVAL_METRICS if m["task"] == "survival" else CLASSIFICATION_METRICS
+        for ckpt in CHECKPOINTS:
+            res = m["results"][level][ckpt].get("test")
+            if res is None:
+                continue
+            row: dict[str, Any] = {"model": name, "task": m["task"], "checkpoint": ckpt,
+                                   "folds": len(res["folds"]), "level": level}
+            for n in names:
+                row[f"{n}_mean"] = res["mean"].get(n)
+                row[f"{n}_std"] = res["std"].get(n)
+                row[f"{n}_pooled"] = res["pooled"].get(n)
+                ci = res["pooled"].get("ci", {}).get(n)
+                row[f"{n}_ci_low"], row[f"{n}_ci_high"] = (ci if ci else (None, None))
+            rows.append(row)
+    return rows
+
+
+def format_summary(metrics: dict[str, Any], level: str = "patient") -> str:
+    """Plain-text table of :func:`summary_table` for the terminal."""
+    lines = []
+    for row in summary_table(metrics, level):
+        names = SURVIVAL_METRICS if row["task"] == "survival" else CLASSIFICATION_METRICS
+        parts = []
+        for n in names:
+            mean, std, pooled = row[f"{n}_mean"], row[f"{n}_std"], row[f"{n}_pooled"]
+            lo, hi = row[f"{n}_ci_low"], row[f"{n}_ci_high"]
+            if mean is None:
+                continue
+            text = f"{n} {mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+            if pooled is not None and lo is not None:
+                text += f" (pooled {pooled:.3f} [{lo:.3f}, {hi:.3f}])"
+            parts.append(text)
+        lines.append(f"{row['model']:<20} {row['checkpoint']:<5} {row['folds']} folds  " + "; ".join(parts))
+    return "\n".join(lines)

@@ -1,0 +1,376 @@
+"""Feature extraction: the tiles of each slide → one feature vector per tile → a feature grid file.
+
+One process owns the encoder (one copy of the model on one device). The slides of a cohort are done one
+after another in that process; within a slide, ``workers`` reader processes decode tiles in whole
+batches (see :mod:`.loader`) into pinned memory, and the batches are copied to the GPU without blocking,
+preprocessed there, and encoded under autocast in channels-last layout. With enough readers the GPU
+never waits for the CPU; the benchmark (``benchmarks/extract.py``) shows which side is the limit.
+
+Outputs: ``RUN/features/<encoder>/<slide_id>.h5`` (the feature grid file of ``grid-h5.md``), the stage's
+per-slide state and the run's ledger. A feature file records the parameter hash of the tiles file it
+was made from; when the tiles file is remade with other parameters, the slide is extracted again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..cohort import Cohort, SlideRecord, StageSummary, run_stage
+from ..errors import ConfigError, SlideError, StageInputError
+from ..fileio import params_hash
+from ..grid import FeatureGrid, TileGrid, read_tile_grid, write_feature_grid
+from .encoders import EncoderSpec, get_encoder
+from .loader import TileReadPlan, default_workers, make_loader
+from .weights import weights_sha256
+
+STAGE = "extract"
+
+
+class ExtractConfig(BaseModel):
+    """Settings of the ``extract`` stage.
+
+    Fields marked "not hashed" change how fast features are made, not what they are, so changing them
+    does not make a finished slide be done again.
+
+    Attributes:
+        encoder: registry name (``wsi2dmamba encoders``) or ``timm:<model-name>``.
+        weights: weight file; None looks in the packaged weights and the local HF / torch hub caches
+            (not hashed: the file's sha256 is, in ``weights_sha256``).
+        weights_sha256: sha256 of the weight file, filled in when the stage starts.
+        pretrained: False runs the encoder with random weights (speed measurements only).
+        precision: autocast precision on a GPU (``fp32``, ``fp16``, ``bf16``); None = the encoder's
+            default on a GPU and fp32 on CPU.
+        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N`` (not hashed).
+        batch_size: tiles per batch (not hashed).
+        workers: tile-reading processes; None = every core but one, at most 16; 0 reads in the
+            main process (not hashed).
+        max_run_tiles: at most this many neighbouring tiles are read with one region read (not hashed).
+        max_blank_fraction: a slide fails when more than this fraction of its tiles cannot be read.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    encoder: str = "efficientnet-lite0"
+    weights: str | None = Field(default=None, exclude=True)
+    weights_sha256: str = ""
+    pretrained: bool = True
+    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    device: str = Field(default="auto", exclude=True)
+    batch_size: int = Field(default=256, ge=1, exclude=True)
+    workers: int | None = Field(default=None, ge=0, exclude=True)
+    max_run_tiles: int = Field(default=8, ge=1, exclude=True)
+    max_blank_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+
+
+@dataclass
+class LoadedEncoder:
+    """An encoder ready to run: the network on its device, with its precision and weight identity."""
+
+    spec: EncoderSpec
+    model: Any
+    device: Any
+    precision: str
+    weights_sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def autocast(self):
+        """The autocast context for this encoder's precision (none for fp32)."""
+        import torch
+
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def encode(self, images):
+        """uint8 (B, H, W, 3) tensor on ``device`` → float32 (B, feature_dim) features."""
+        import torch
+
+        with torch.inference_mode(), self.autocast():
+            return self.model(self.spec.preprocess(images)).float()
+
+
+def resolve_device(device: str):
+    """``auto`` → ``cuda`` when a GPU is usable, else ``cpu``; a GPU asked for but absent is an error."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for a GPU, but PyTorch sees none here; use --device cpu.")
+    return dev
+
+
+def load_encoder(encoder: str | EncoderSpec, *, weights: str | os.PathLike[str] | None = None,
+                 device: str = "auto", precision: str | None = None, pretrained: bool = True) -> LoadedEncoder:
+    """Build an encoder, load its weights and move it to ``device``.
+
+    Args:
+        encoder: registry name, ``timm:<model-name>``, or a spec from :func:`get_encoder`.
+        weights: weight file (default: packaged weights or the local caches).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32``, ``fp16`` or ``bf16``; None = the encoder's default on a GPU, fp32 on CPU.
+        pretrained: False keeps random weights (speed measurements only).
+
+    Raises:
+        ConfigError: unknown encoder or device. WeightsError: missing or mismatched weight file.
+    """
+    if isinstance(encoder, EncoderSpec):
+        spec = encoder if weights is None else replace(encoder, weights=Path(weights).expanduser())
+    else:
+        spec = get_encoder(encoder, weights)
+    dev = resolve_device(device)
+    prec = precision or (spec.precision if dev.type == "cuda" else "fp32")
+    if prec not in ("fp32", "fp16", "bf16"):
+        raise ConfigError(f"Unknown precision {prec!r}; use fp32, fp16 or bf16.")
+    sha = weights_sha256(spec.weights_path()) if pretrained else ""
+    import torch
+
+    # Channels-last suits convolutions on both GPU (tensor cores) and CPU (about 2× faster here).
+    model = spec.build(pretrained=pretrained).to(dev).to(memory_format=torch.channels_last)
+    return LoadedEncoder(spec, model, dev, prec, sha)
+
+
+# ----------------------------------------------------------------------------------------------- one slide
+
+def _slide_identity(slide) -> tuple[str, float]:
+    """(path, µm per level-0 pixel) of an opened slide or of a slide path."""
+    if isinstance(slide, (str, os.PathLike)):
+        from ..slide import open_slide
+
+        with open_slide(slide) as s:
+            return str(s.path), float(s.mpp)
+    return str(slide.path), float(slide.mpp)
+
+
+def check_tiles_match_slide(tiles: TileGrid, slide, source: str = "") -> None:
+    """Raise :class:`StageInputError` when the tiles were not made from this slide."""
+    dims = tuple(int(v) for v in slide.dimensions)
+    if tuple(tiles.level0_size) != dims:
+        raise StageInputError(f"Tiles file {source or tiles.slide_id} was made from a slide of "
+                              f"{tiles.level0_size[0]}×{tiles.level0_size[1]} pixels, but {slide.path} has "
+                              f"{dims[0]}×{dims[1]}; the slide changed. Rerun `wsi2dmamba tile` for it.")
+    if tiles.read_level >= slide.level_count:
+        raise StageInputError(f"Tiles file {source or tiles.slide_id} reads level {tiles.read_level}, but "
+                              f"{slide.path} has {slide.level_count} level(s). Rerun `wsi2dmamba tile` for it.")
+
+
+def feature_params_hash(tiles: TileGrid, encoder: LoadedEncoder) -> str:
+    """Hash of everything that shaped a feature file: the tiles, the encoder, its weights and precision."""
+    return params_hash({"tiles": tiles.params_hash, "encoder": encoder.name,
+                        "weights_sha256": encoder.weights_sha256, "precision": encoder.precision,
+                        "preprocess": asdict(encoder.spec.preprocess)})
+
+
+def extract_features(tiles: TileGrid, slide, encoder: LoadedEncoder, config: ExtractConfig | None = None, *,
+                     progress: bool = True) -> FeatureGrid:
+    """Encode every tile of ``tiles`` read from ``slide``.
+
+    Args:
+        tiles: the slide's tiles (from ``RUN/tiles/<slide_id>.h5``).
+        slide: the opened slide (:func:`wsi2dmamba.slide.open_slide`) or its path; reader processes open
+            their own handles with the same resolution.
+        encoder: from :func:`load_encoder`.
+        config: batch size, workers, region reads and the tolerated fraction of unreadable tiles.
+        progress: show a progress bar in tiles/s.
+
+    Returns:
+        The feature grid: (N, feature_dim) float32 features in the rows of ``tiles``; ``blank`` marks the
+        tiles that could not be read and were encoded as white tiles.
+
+    Raises:
+        SlideError: more than ``max_blank_fraction`` of the tiles could not be read.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    config = config or ExtractConfig(encoder=encoder.name)
+    slide_path, mpp = _slide_identity(slide)
+    plan = TileReadPlan.from_tiles(tiles, slide_path, mpp, config.max_run_tiles)
+    workers = default_workers() if config.workers is None else config.workers
+    on_gpu = encoder.device.type == "cuda"
+    loader = make_loader(plan, batch_size=config.batch_size, workers=workers, pin_memory=on_gpu)
+    n = tiles.n_tiles
+    feats = torch.empty((n, encoder.spec.feature_dim), dtype=torch.float32, device=encoder.device)
+    blank = torch.zeros(n, dtype=torch.bool)
+    t0 = time.perf_counter()
+    bar = tqdm(total=n, desc=tiles.slide_id, unit="tile", unit_scale=False, leave=False,
+               disable=not progress or n == 0, dynamic_ncols=True)
+    cudnn = torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=True) \
+        if on_gpu else contextlib.nullcontext()
+    with cudnn:
+        for images, idx, bad in loader:
+            images = images.to(encoder.device, non_blocking=True)
+            feats[idx.to(encoder.device, non_blocking=True)] = encoder.encode(images)
+            blank[idx] = bad
+            bar.update(len(idx))
+    out = feats.cpu().numpy()  # waits for the last batch
+    bar.close()
+    seconds = time.perf_counter() - t0
+    blank_np = blank.numpy()
+    n_blank = int(blank_np.sum())
+    if n and n_blank / n > config.max_blank_fraction:
+        raise SlideError(f"{slide_path}: {n_blank} of {n} tiles could not be read (more than "
+                         f"{config.max_blank_fraction:.0%}); the slide file is damaged. Replace it, or raise "
+                         "max_blank_fraction to keep white tiles in their place.")
+    extra = {
+        "tiles_params_hash": tiles.params_hash,
+        "encoder_precision": encoder.precision,
+        "encoder_input_px": encoder.spec.input_size,
+        "random_weights": not bool(encoder.weights_sha256),
+        "extract_seconds": round(seconds, 3),
+        "extract_device": str(encoder.device),
+    }
+    return FeatureGrid.from_tiles(tiles, out, encoder=encoder.name, weights_sha256=encoder.weights_sha256,
+                                  blank=blank_np, params_hash=feature_params_hash(tiles, encoder),
+                                  extra_attrs=extra)
+
+
+# ----------------------------------------------------------------------------------------------- a cohort
+
+def encoder_dirname(encoder: str) -> str:
+    """Folder name of an encoder's feature files (``timm:resnet18`` → ``timm-resnet18``)."""
+    return encoder.replace(":", "-").replace("/", "-")
+
+
+def tiles_path(run_dir: str | os.PathLike[str], slide_id: str) -> Path:
+    return Path(run_dir) / "tiles" / f"{slide_id}.h5"
+
+
+def feature_path(run_dir: str | os.PathLike[str], encoder: str, slide_id: str) -> Path:
+    return Path(run_dir) / "features" / encoder_dirname(encoder) / f"{slide_id}.h5"
+
+
+def _outputs(record: SlideRecord, run_dir: Path, *, encoder: str) -> list[Path]:
+    return [feature_path(run_dir, encoder, record.slide_id)]
+
+
+def extract_slide(record: SlideRecord, config: ExtractConfig, run_dir: Path, *, encoder: LoadedEncoder,
+                  progress: bool = True) -> dict:
+    """Work function of the stage: read the slide's tiles file, extract, write the feature grid file."""
+    from ..slide import open_slide
+
+    tp = tiles_path(run_dir, record.slide_id)
+    if not tp.is_file():
+        raise StageInputError(f"No tiles file for slide {record.slide_id!r} ({tp}); run `wsi2dmamba tile "
+                              f"--cohort ... --out {run_dir}` first.")
+    if record.path is None:
+        raise StageInputError(f"Slide {record.slide_id!r} has no path in the manifest; extraction reads its "
+                              "pixels, so give the slide file in the 'path' column.")
+    tiles = read_tile_grid(tp)
+    with open_slide(record.path, mpp_override=record.mpp) as slide:
+        check_tiles_match_slide(tiles, slide, str(tp))
+        grid = extract_features(tiles, slide, encoder, config, progress=progress)
+    out = feature_path(run_dir, encoder.name, record.slide_id)
+    write_feature_grid(out, grid)
+    seconds = float(grid.extra_attrs.get("extract_seconds", 0.0)) or 1e-9
+    return {"n_tiles": grid.n_tiles, "n_blank": int(grid.blank.sum()), "grid_shape": list(grid.shape),
+            "feature_dim": grid.feature_dim, "tiles_per_s": round(grid.n_tiles / seconds, 1),
+            "precision": encoder.precision, "device": str(encoder.device)}
+
+
+def _recorded_tiles_hash(path: Path) -> str | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f.attrs.get("tiles_params_hash", ""))
+    except OSError:
+        return None
+
+
+def _tiles_hash(path: Path) -> str | None:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return str(f.attrs.get("params_hash", ""))
+    except OSError:
+        return None
+
+
+def drop_stale_features(cohort: Cohort, run_dir: str | os.PathLike[str], encoder: str) -> list[str]:
+    """Delete feature files whose tiles file has since been made with other parameters (or removed), so
+    that the stage extracts those slides again. Returns the slide ids concerned."""
+    stale = []
+    for rec in cohort:
+        fp = feature_path(run_dir, encoder, rec.slide_id)
+        if not fp.is_file():
+            continue
+        tp = tiles_path(run_dir, rec.slide_id)
+        current = _tiles_hash(tp) if tp.is_file() else None
+        if current is None or _recorded_tiles_hash(fp) != current:
+            fp.unlink(missing_ok=True)
+            stale.append(rec.slide_id)
+    return stale
+
+
+def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: ExtractConfig, *,
+                   progress: bool = True, force: bool = False, shard: tuple[int, int] | None = None,
+                   encoder: LoadedEncoder | None = None) -> StageSummary:
+    """Extract features for every slide of ``cohort`` whose tiles file exists, resuming where it stopped.
+
+    Slides are done one after another in this process (one model on the device); tile reading runs in
+    ``config.workers`` processes. Failures are recorded in the ledger and the batch goes on.
+
+    Args:
+        cohort: the slides (their ``path`` is needed to read pixels).
+        run_dir: the run folder holding ``tiles/``.
+        config: the stage settings.
+        progress: progress bars (slides, and tiles/s within a slide).
+        force: extract again slides already done.
+        shard: ``(i, N)``: only the slides of shard i of N.
+        encoder: an already loaded encoder to use (default: load ``config.encoder``).
+
+    Returns:
+        The stage summary; ``infos[slide_id]`` holds tile counts, blank tiles and tiles/s.
+    """
+    if encoder is None:
+        encoder = load_encoder(config.encoder, weights=config.weights, device=config.device,
+                               precision=config.precision, pretrained=config.pretrained)
+    # What shapes the features goes into the hashed configuration.
+    config = config.model_copy(update={"encoder": encoder.name, "precision": encoder.precision,
+                                       "weights_sha256": encoder.weights_sha256,
+                                       "pretrained": bool(encoder.weights_sha256)})
+    drop_stale_features(cohort, run_dir, encoder.name)
+    fn = functools.partial(extract_slide, encoder=encoder, progress=progress)
+    outputs = functools.partial(_outputs, encoder=encoder.name)
+    return run_stage(STAGE, cohort, run_dir, config, fn, outputs, workers=1, progress=progress, force=force,
+                     stage_dir=f"features/{encoder_dirname(encoder.name)}", shard=shard)
+
+
+def blank_tile_count(summary: StageSummary) -> int:
+    """Tiles replaced by white tiles over the slides done in a stage run."""
+    return int(sum(int(i.get("n_blank", 0)) for i in summary.infos.values()))
+
+
+__all__ = [
+    "ExtractConfig",
+    "LoadedEncoder",
+    "blank_tile_count",
+    "check_tiles_match_slide",
+    "drop_stale_features",
+    "encoder_dirname",
+    "extract_cohort",
+    "extract_features",
+    "extract_slide",
+    "feature_path",
+    "load_encoder",
+    "resolve_device",
+    "tiles_path",
+]

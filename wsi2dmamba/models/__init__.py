@@ -1,0 +1,35 @@
+"""MIL models over feature grids, built by name from a registry.
+
+>>> from wsi2dmamba.models import GridBatch, create, list_models
+>>> model = create("2dmambamil", in_dim=1024, n_classes=2)
+>>> out = model(GridBatch.from_grids(grids))     # out.logits (B, 2), out.attention (B, H, W)
+
+Models: ``2dmambamil`` (2DMamba), ``m2dmil`` (Mamba2D mixer), and the baselines ``abmil``, ``transmil``,
+``clam-sb``, ``mambamil`` and ``meanpool``. ``wsi2dmamba models`` lists them with their sizes.
+"""
+
+from . import attention_mil  # noqa: F401  (registers meanpool, abmil)
+from .base import AttentionPool, MILConfig, MILModel, MILOutput, survival_risk
+from .batch import GridBatch
+from .registry import create, create_from_config, list_models, model_info, register_model
+
+for _module in ("mamba2d_mil", "mamba_mil", "clam", "transmil"):
+    try:
+        __import__(f"{__name__}.{_module}")
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"{__name__}.{_module}":
+            raise
+
+__all__ = [
+    "AttentionPool",
+    "GridBatch",
+    "MILConfig",
+    "MILModel",
+    "MILOutput",
+    "create",
+    "create_from_config",
+    "list_models",
+    "model_info",
+    "register_model",
+    "survival_risk",
+]

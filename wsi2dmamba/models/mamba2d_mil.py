@@ -1,0 +1,202 @@
+"""2DMambaMIL (Zhang et al., CVPR 2025) and the same MIL frame with the Mamba2D mixer.
+
+Frame: cell features → Linear + GELU + Dropout → non-tissue cells replaced by a learnable padding token →
+residual 2D state-space blocks over the slide's own grid → LayerNorm → attention pooling → linear head.
+
+The ``paper`` preset of ``2dmambamil`` is the published model: 128-d, one block, d_state 16, expand 2, a
+causal depthwise Conv1d (k = 4) along the raster order, xavier-normal init of every Linear (which also
+zeroes the step bias), padding cells inside the softmax. The default fixes what the published code gets
+wrong for slides (see ``docs/models.md``): a 2D depthwise 3×3 conv, Mamba's step initialisation and
+attention over tissue cells only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .base import AttentionPool, MILConfig, MILModel, MILOutput, pooling_mask
+from .batch import GridBatch
+from .grid_layout import CORNERS, GridLayout
+from .registry import register_model
+from .ssm_blocks import M2DMixer, Mamba2DBlock, RMSNorm
+
+
+class GridSSMConfig(MILConfig):
+    """Options of the 2D state-space MIL models.
+
+    Attributes:
+        d_model: width of the cell embedding and the residual stream.
+        n_layers: number of residual blocks.
+        d_state: SSM state size N.
+        expand: inner width E = expand · d_model of each block.
+        dt_rank: rank of the step projection (None: ceil(d_model / 16)).
+        attn_dim: width of the attention pooling's hidden layer.
+        pool_padding: pool over every cell of the slide's grid (as published) instead of tissue cells only.
+        pad_token_init: ``uniform`` (U[0, 1), as published) or ``zeros``.
+        grad_checkpoint: recompute each block in the backward pass (less memory, more time).
+        scan_backend: ``auto``, ``torch`` or ``cupy`` (see :mod:`wsi2dmamba.ops`).
+    """
+
+    d_model: int = Field(default=128, gt=0)
+    n_layers: int = Field(default=1, ge=0)
+    d_state: int = Field(default=16, gt=0)
+    expand: int = Field(default=2, gt=0)
+    dt_rank: int | None = Field(default=None, gt=0)
+    attn_dim: int = Field(default=128, gt=0)
+    pool_padding: bool = False
+    pad_token_init: Literal["uniform", "zeros"] = "uniform"
+    grad_checkpoint: bool = False
+    scan_backend: Literal["auto", "torch", "cupy"] = "auto"
+
+    @field_validator("corners", check_fields=False)
+    @classmethod
+    def _check_corners(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [c for c in v if c not in CORNERS]
+        if bad or not v:
+            raise ValueError(f"corners must be a non-empty list of {', '.join(CORNERS)}; got {list(v)}")
+        return tuple(v)
+
+
+class GridSSMMIL(MILModel):
+    """The shared frame; subclasses build ``self.blocks`` (each called as ``block(x, layout)``)."""
+
+    config_class = GridSSMConfig
+
+    def __init__(self, config: GridSSMConfig) -> None:
+        super().__init__(config)
+        d = config.d_model
+        self.embed = nn.Sequential(nn.Linear(config.in_dim, d), nn.GELU(), nn.Dropout(config.dropout))
+        init = torch.rand(d) if config.pad_token_init == "uniform" else torch.zeros(d)
+        self.pad_token = nn.Parameter(init)
+        self.blocks = nn.ModuleList()
+        self.norm = nn.LayerNorm(d)
+        self.pool = AttentionPool(d, config.attn_dim, gated=False)
+        self.head = nn.Linear(d, config.n_out)
+
+    def cells(self, batch: GridBatch) -> torch.Tensor:
+        """(B, H, W, d) embedded cells: projected features at tissue cells, the padding token elsewhere."""
+        x = self.embed(batch.features)
+        x = torch.where(batch.tissue.unsqueeze(-1), x, self.pad_token.to(x.dtype))
+        return torch.where(batch.valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
+        mask = pooling_mask(batch, include_padding=self.config.pool_padding)
+        layout = GridLayout.from_batch(batch)
+        x = self.cells(batch)
+        for block in self.blocks:
+            if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, layout, use_reentrant=False)
+            else:
+                x = block(x, layout)
+        pooled, weights = self.pool(self.norm(x), mask)
+        return MILOutput(self.head(pooled), weights)
+
+
+class Mamba2DResidual(nn.Module):
+    """x + Mamba2DBlock(RMSNorm(x))."""
+
+    def __init__(self, d_model: int, **block_args) -> None:
+        super().__init__()
+        self.norm = RMSNorm(d_model)
+        self.mixer = Mamba2DBlock(d_model, **block_args)
+
+    def forward(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        return x + self.mixer(self.norm(x), layout)
+
+
+class Mamba2DMILConfig(GridSSMConfig):
+    """2DMambaMIL options (see :class:`GridSSMConfig`), plus:
+
+    Attributes:
+        conv: local conv before the scan: ``dw2d`` (depthwise 2D), ``causal1d`` (causal depthwise Conv1d
+            along the raster order, as published) or ``none``.
+        conv_kernel: kernel size of that conv (odd for ``dw2d``).
+        corners: corners the 2D scan starts from (``tl``, ``tr``, ``bl``, ``br``), each with its own
+            scan parameters; outputs are summed.
+        init: ``mamba`` (Mamba's step initialisation) or ``paper`` (xavier-normal on every Linear, zero
+            biases, as the published code does).
+    """
+
+    conv: Literal["dw2d", "causal1d", "none"] = "dw2d"
+    conv_kernel: int = Field(default=3, gt=0)
+    corners: tuple[str, ...] = ("tl",)
+    init: Literal["mamba", "paper"] = "mamba"
+
+    @field_validator("conv_kernel")
+    @classmethod
+    def _odd_2d(cls, v: int, info) -> int:
+        if info.data.get("conv") == "dw2d" and v % 2 == 0:
+            raise ValueError("a dw2d conv needs an odd kernel size (it is centred on the cell)")
+        return v
+
+
+PAPER_2DMAMBAMIL = {
+    "d_model": 128, "n_layers": 1, "d_state": 16, "expand": 2, "dt_rank": 8, "attn_dim": 128, "dropout": 0.25,
+    "conv": "causal1d", "conv_kernel": 4, "corners": ("tl",), "init": "paper", "pool_padding": True,
+    "pad_token_init": "uniform",
+}
+
+
+@register_model("2dmambamil", "2DMambaMIL: residual 2D selective-scan (2DMamba) blocks on the slide's grid, "
+                "attention pooling.", presets={"paper": PAPER_2DMAMBAMIL})
+class Mamba2DMIL(GridSSMMIL):
+    config_class = Mamba2DMILConfig
+
+    def __init__(self, config: Mamba2DMILConfig) -> None:
+        super().__init__(config)
+        self.blocks = nn.ModuleList(
+            Mamba2DResidual(config.d_model, d_state=config.d_state, expand=config.expand, dt_rank=config.dt_rank,
+                            conv=config.conv, conv_kernel=config.conv_kernel, corners=config.corners,
+                            init=config.init, backend=config.scan_backend)
+            for _ in range(config.n_layers))
+        if config.init == "paper":
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.xavier_normal_(m.weight)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
+
+
+class M2DResidual(nn.Module):
+    """x + γ · M2DMixer(LayerNorm(x)) with a learnable per-channel γ (MetaFormer residual scale)."""
+
+    def __init__(self, d_model: int, **mixer_args) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.mixer = M2DMixer(d_model, **mixer_args)
+        self.scale = nn.Parameter(torch.ones(d_model))
+
+    def forward(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        return x + self.scale * self.mixer(self.norm(x), layout)
+
+
+class M2DMILConfig(GridSSMConfig):
+    """Mamba2D-MIL options (see :class:`GridSSMConfig`), plus:
+
+    Attributes:
+        corners: scan start of each block in turn (Mamba2D alternates ``tl`` and ``br``).
+        local_path: add the depthwise-separable local path to the SSM path.
+    """
+
+    expand: int = Field(default=1, gt=0)
+    corners: tuple[str, ...] = ("tl", "br")
+    local_path: bool = True
+
+
+@register_model("m2dmil", "Mamba2D-MIL: the same frame with the Mamba2D mixer (M2D scan, two parameter "
+                "sets, local path).")
+class M2DMIL(GridSSMMIL):
+    config_class = M2DMILConfig
+
+    def __init__(self, config: M2DMILConfig) -> None:
+        super().__init__(config)
+        self.blocks = nn.ModuleList(
+            M2DResidual(config.d_model, d_state=config.d_state, expand=config.expand, dt_rank=config.dt_rank,
+                        corner=config.corners[i % len(config.corners)], local_path=config.local_path,
+                        backend=config.scan_backend)
+            for i in range(config.n_layers))

@@ -1,0 +1,234 @@
+"""State-space token mixers on a grid of cells: the 2DMamba block and the Mamba2D (M2D) mixer.
+
+Both read and write channels-last (B, H, W, d) cell vectors and call the scans of :mod:`wsi2dmamba.ops`,
+which take channels-first (B, E, H, W) activations. Every scan starts at the top-left corner; a mixer
+that scans from another corner mirrors each slide's own grid first (:func:`flip_to_corner`), so batch
+padding, which sits at the bottom and right, never reaches a slide's cells.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .grid_layout import GridLayout, flip_to_corner, raster_conv1d, zero_padding
+
+ConvKind = Literal["dw2d", "causal1d", "none"]
+Init = Literal["mamba", "paper"]
+
+
+def _to_channels_first(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 3, 1, 2)
+
+
+def _to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1)
+
+
+def channel_matmul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Linear map (no bias) of the channels of (B, C, H, W) ``x`` → (B, O, H, W), channels-first and
+    contiguous, without copying ``x`` (the scans want channels-first inputs)."""
+    b, _, h, w = x.shape
+    return torch.matmul(weight, x.reshape(b, x.shape[1], h * w)).view(b, -1, h, w)
+
+
+def cells_to_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Linear map (no bias) of channels-last (B, H, W, d) cells → channels-first (B, O, H, W)."""
+    b, h, w, d = x.shape
+    return torch.matmul(weight, x.reshape(b, h * w, d).transpose(1, 2)).view(b, -1, h, w)
+
+
+def channels_to_cells(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Linear map (no bias) of channels-first (B, C, H, W) ``x`` → channels-last (B, H, W, O) cells."""
+    b, c, h, w = x.shape
+    return torch.matmul(x.reshape(b, c, h * w).transpose(1, 2), weight.t()).view(b, h, w, -1)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation over the last dimension with a learnable gain (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(F, "rms_norm"):  # fused, keeps only the input and 1/rms for backward (torch >= 2.4)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def init_dt_bias(n: int, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
+    """Mamba's step initialisation: softplus(bias) is log-uniform in [dt_min, dt_max] (at least ``floor``)."""
+    dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp_min(floor)
+    return dt + torch.log(-torch.expm1(-dt))  # inverse of softplus
+
+
+def s4d_real_a_log(channels: int, d_state: int) -> torch.Tensor:
+    """log(1..N) for every channel: A = −[1, 2, …, N] (S4D-real initialisation)."""
+    return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(channels, 1)
+
+
+class ScanParameters(nn.Module):
+    """One set of selective-scan parameters: x_proj to (dt_low, B, C), dt_proj, A_log and D."""
+
+    def __init__(self, channels: int, d_state: int, dt_rank: int, init: Init) -> None:
+        super().__init__()
+        self.d_state, self.dt_rank = d_state, dt_rank
+        self.x_proj = nn.Linear(channels, dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(dt_rank, channels, bias=True)
+        self.A_log = nn.Parameter(s4d_real_a_log(channels, d_state))
+        self.D = nn.Parameter(torch.ones(channels))
+        if init == "mamba":
+            with torch.no_grad():
+                nn.init.uniform_(self.dt_proj.weight, -dt_rank**-0.5, dt_rank**-0.5)
+                self.dt_proj.bias.copy_(init_dt_bias(channels))
+
+    def scan(self, u: torch.Tensor, z: torch.Tensor | None, backend: str) -> torch.Tensor:
+        """2DMamba scan of (B, E, H, W) ``u`` from the top-left corner, gated by ``z`` when given."""
+        proj = channel_matmul(self.x_proj.weight, u)  # (B, R + 2N, H, W)
+        dt_low, b, c = proj.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = channel_matmul(self.dt_proj.weight, dt_low)  # the bias is added inside the scan, before softplus
+        return ops.selective_scan_2d(u, dt, -torch.exp(self.A_log.float()), b, c, self.D.float(), z,
+                                     self.dt_proj.bias.float(), backend=backend)
+
+
+class Mamba2DBlock(nn.Module):
+    """The Mamba block of 2DMambaMIL with its 1D scan replaced by the 2DMamba scan.
+
+    in_proj to x and z → local conv on x → SiLU → 2D selective scan(s) gated by silu(z) → out_proj.
+    The local conv is a depthwise 2D ``conv_kernel`` × ``conv_kernel`` conv (``dw2d``), or, as published,
+    a causal depthwise conv of ``conv_kernel`` taps along the raster order (``causal1d``). Each corner in
+    ``corners`` has its own scan parameters; their gated outputs are summed.
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, dt_rank: int | None = None,
+                 conv: ConvKind = "dw2d", conv_kernel: int = 3, corners: tuple[str, ...] = ("tl",),
+                 init: Init = "mamba", backend: str = "auto") -> None:
+        super().__init__()
+        inner = expand * d_model
+        dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.conv_kind, self.corners, self.backend = conv, tuple(corners), backend
+        self.in_proj = nn.Linear(d_model, 2 * inner, bias=False)
+        if conv == "dw2d":
+            self.conv = nn.Conv2d(inner, inner, conv_kernel, padding=conv_kernel // 2, groups=inner)
+        elif conv == "causal1d":
+            self.conv = nn.Conv1d(inner, inner, conv_kernel, padding=conv_kernel - 1, groups=inner)
+        else:
+            self.conv = None
+        self.scans = nn.ModuleList(ScanParameters(inner, d_state, dt_rank, init) for _ in self.corners)
+        self.out_proj = nn.Linear(inner, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        """(B, H, W, d) → (B, H, W, d)."""
+        xs, z = cells_to_channels(self.in_proj.weight, x).chunk(2, dim=1)
+        if self.conv_kind == "dw2d":
+            xs = self.conv(zero_padding(xs, layout))
+        elif self.conv_kind == "causal1d":
+            xs = raster_conv1d(xs, self.conv, layout)
+        xs = F.silu(xs)
+        y = None
+        for corner, params in zip(self.corners, self.scans):
+            yc = flip_to_corner(
+                params.scan(flip_to_corner(xs, layout, corner), flip_to_corner(z, layout, corner), self.backend),
+                layout, corner)
+            y = yc if y is None else y + yc
+        return channels_to_cells(self.out_proj.weight, y)
+
+
+class _StarReLUFunction(torch.autograd.Function):
+    """s · relu(x)² + b that keeps only x for backward (autograd of the plain formula keeps two tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, scale, bias):
+        ctx.save_for_backward(x, scale)
+        return torch.addcmul(bias.to(x.dtype), scale.to(x.dtype), F.relu(x).square())
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        r = F.relu(x)
+        grad_x = grad * r * (2 * scale).to(grad.dtype)
+        grad_scale = (grad * r.square()).sum().reshape(1).to(scale.dtype)
+        return grad_x, grad_scale, grad.sum().reshape(1).to(scale.dtype)
+
+
+class StarReLU(nn.Module):
+    """s · relu(x)² + b with learnable scalars s and b (Yu et al. 2023, MetaFormer baselines)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _StarReLUFunction.apply(x, self.scale, self.bias)
+
+
+class M2DMixer(nn.Module):
+    """The Mamba2D mixer: an M2D-SSM path plus an additive depthwise-separable local path.
+
+    SSM path: Linear → GELU → M2D scan (two parameter sets: vertical T and horizontal L) → GELU → Linear.
+    Local path: LayerNorm → pointwise (×2 channels) → StarReLU → depthwise 3×3 → StarReLU → pointwise.
+    ``corner`` is where this mixer's scan starts (Mamba2D alternates TL and BR between blocks).
+    """
+
+    def __init__(self, d_model: int, d_state: int = 16, expand: int = 1, dt_rank: int | None = None,
+                 corner: str = "tl", local_path: bool = True, backend: str = "auto") -> None:
+        super().__init__()
+        inner = expand * d_model
+        self.dt_rank, self.d_state = dt_rank or math.ceil(d_model / 16), d_state
+        self.corner, self.backend = corner, backend
+        self.in_proj = nn.Linear(d_model, inner)
+        self.x_proj = nn.Linear(inner, 2 * self.dt_rank + 3 * d_state, bias=False)
+        self.dt_proj_t = nn.Linear(self.dt_rank, inner)
+        self.dt_proj_l = nn.Linear(self.dt_rank, inner)
+        self.A_log_t = nn.Parameter(s4d_real_a_log(inner, d_state))
+        self.A_log_l = nn.Parameter(s4d_real_a_log(inner, d_state))
+        self.D = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, d_model)
+        with torch.no_grad():  # Mamba2D draws one step bias and gives it to both axes
+            bias = init_dt_bias(inner)
+            for proj in (self.dt_proj_t, self.dt_proj_l):
+                nn.init.uniform_(proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+                proj.bias.copy_(bias)
+        if local_path:
+            self.local_norm = nn.LayerNorm(d_model)
+            self.local_in = nn.Linear(d_model, 2 * d_model, bias=False)
+            self.local_act1 = StarReLU()
+            self.local_dw = nn.Conv2d(2 * d_model, 2 * d_model, 3, padding=1, groups=2 * d_model, bias=False)
+            self.local_act2 = StarReLU()
+            self.local_out = nn.Linear(2 * d_model, d_model, bias=False)
+        else:
+            self.local_norm = None
+
+    def ssm(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        def channels_bias(bias: torch.Tensor) -> torch.Tensor:
+            return bias[None, :, None, None]
+
+        u = F.gelu(cells_to_channels(self.in_proj.weight, x) + channels_bias(self.in_proj.bias))  # (B, E, H, W)
+        u = flip_to_corner(u, layout, self.corner)
+        r, n = self.dt_rank, self.d_state
+        dt_t, dt_l, b_t, b_l, c = channel_matmul(self.x_proj.weight, u).split([r, r, n, n, n], dim=1)
+        dt_t = F.softplus(channel_matmul(self.dt_proj_t.weight, dt_t) + channels_bias(self.dt_proj_t.bias))
+        dt_l = F.softplus(channel_matmul(self.dt_proj_l.weight, dt_l) + channels_bias(self.dt_proj_l.bias))
+        y = ops.mamba2d_scan(u, dt_t, dt_l, -torch.exp(self.A_log_t.float()), -torch.exp(self.A_log_l.float()),
+                             b_t, b_l, c, self.D.float(), backend=self.backend)
+        y = F.gelu(flip_to_corner(y, layout, self.corner))
+        return channels_to_cells(self.out_proj.weight, y) + self.out_proj.bias
+
+    def local(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        h = self.local_act1(self.local_in(self.local_norm(x)))
+        h = self.local_dw(zero_padding(_to_channels_first(h), layout))
+        return self.local_out(self.local_act2(_to_channels_last(h)))
+
+    def forward(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        """(B, H, W, d) → (B, H, W, d)."""
+        out = self.ssm(x, layout)
+        return out if self.local_norm is None else out + self.local(x, layout)

@@ -1,0 +1,284 @@
+"""Pipeline files: one TOML file that describes a whole run, from the cohort manifest to the report.
+
+A pipeline file has these tables (``[train]`` and one of ``[cohort]`` or ``[demo]`` are required)::
+
+    [cohort]
+    manifest = "../cohorts/bracs.csv"  # relative paths are resolved against the TOML file's folder
+    slides_dir = "/data/BRACS"         # optional: where slides with an empty 'path' are looked up
+    splits_dir = "../cohorts/bracs_splits"  # optional: fixed splits_<k>.csv instead of drawn folds
+
+    [demo]                             # instead of [cohort]: build the demo cohort in RUN/cohort
+    slides = 48
+    seed = 0
+
+    [run]
+    out = "runs/bracs"                 # run folder (default: runs/<file name> in the current folder)
+    workers = 2                        # worker processes of the per-slide stages
+    train_dir = "classification"       # optional sub-folder for train/evaluate/report
+
+    [segment]                          # options of `wsi2dmamba segment` (SegmentConfig)
+    [tile]                             # options of `wsi2dmamba tile` (TileConfig; segmentation: [segment])
+    [extract]                          # options of `wsi2dmamba extract` (ExtractConfig)
+    [train]                            # options of `wsi2dmamba train` (TrainConfig), plus:
+    models = ["2dmambamil", "abmil"]   #   the models to train, each over every fold
+    [train.model_options.2dmambamil]   #   per-model configuration overrides (optional)
+    d_model = 64
+    [evaluate]                         # n_boot, seed of the bootstrap intervals
+
+Each stage table is validated by that stage's own configuration class, so a pipeline file accepts
+exactly the options of the single-stage commands. Any unknown table or key is an error that names the
+file and the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ConfigError
+
+STAGES = ("segment", "tile", "extract", "train", "evaluate")
+
+# Where each stage's configuration class lives: (module, class name). Looked up when a file is loaded,
+# so that this module does not import torch or OpenSlide.
+STAGE_CONFIG_CLASSES: dict[str, tuple[str, str]] = {
+    "segment": ("wsi2dmamba.tissue.config", "SegmentConfig"),
+    "tile": ("wsi2dmamba.tiling", "TileConfig"),
+    "extract": ("wsi2dmamba.features", "ExtractConfig"),
+    "train": ("wsi2dmamba.training.config", "TrainConfig"),
+    "evaluate": ("wsi2dmamba.pipeline.config", "EvaluateConfig"),
+}
+
+
+class CohortSection(BaseModel):
+    """``[cohort]``: the slides and their labels."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    manifest: Path = Field(description="Cohort manifest CSV (slide_id, path, patient_id, label / time, event).")
+    slides_dir: Optional[Path] = Field(None, description="Folder searched for slides whose 'path' is empty.")
+    splits_dir: Optional[Path] = Field(None, description="Folder of fixed splits_<k>.csv files; "
+                                                         "default: patient-level stratified folds.")
+
+
+class DemoSection(BaseModel):
+    """``[demo]``: build the built-in demo cohort (``docs/demo.md``) in ``RUN/cohort`` and use it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    slides: int = Field(48, ge=4, description="Number of slides (half infiltrated, half excluded).")
+    seed: int = Field(0, description="Seed of the layouts, survival times and augmentations.")
+    rows: int = Field(8, ge=6, le=64, description="Cells per slide, vertically (one cell = 224 px at 0.5 µm/px).")
+    cols: int = Field(8, ge=6, le=64, description="Cells per slide, horizontally.")
+
+    def spec(self):
+        from ..demo import DemoCohortSpec, LayoutSpec
+
+        return DemoCohortSpec(n_slides=self.slides, seed=self.seed, layout=LayoutSpec(rows=self.rows, cols=self.cols))
+
+
+class EvaluateConfig(BaseModel):
+    """``[evaluate]``: the bootstrap of the confidence intervals."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_boot: int = Field(1000, ge=0, description="Bootstrap resamples of the 95% intervals (0 = none).")
+    seed: int = Field(0, description="Seed of the bootstrap.")
+
+
+class RunSection(BaseModel):
+    """``[run]``: where the run goes and how much of the machine it uses."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out: Optional[Path] = Field(None, description="Run folder; default: runs/<pipeline name> beside the file.")
+    workers: int = Field(1, ge=1, description="Worker processes of the per-slide stages (segment, tile).")
+    name: Optional[str] = Field(None, description="Name of the run; default: the file's name.")
+    train_dir: Optional[str] = Field(None, description="Sub-folder of the run folder for training, "
+                                                       "evaluation and the report (default: the run folder).")
+
+
+class TrainSection(BaseModel):
+    """``[train]`` beyond the training options: which models, and their configuration overrides."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[str] = Field(min_length=1, description="Registry names of the models to train.")
+    model_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+class PipelineConfig(BaseModel):
+    """A validated pipeline file. ``stage_options`` holds each stage's validated configuration object."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    source: Path
+    name: str
+    cohort: Optional[CohortSection]
+    demo: Optional[DemoSection]
+    run: RunSection
+    models: tuple[str, ...]
+    model_options: dict[str, dict[str, Any]]
+    stage_options: dict[str, Any]
+
+    @property
+    def out(self) -> Path:
+        return self.run.out if self.run.out is not None else (Path("runs") / self.name).resolve()
+
+    @property
+    def task(self) -> str:
+        return self.stage_options["train"].task
+
+    def option(self, stage: str) -> Any:
+        """The validated configuration object of ``stage`` (or the raw table if its class is not available)."""
+        return self.stage_options[stage]
+
+
+def load_pipeline(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
+                  overrides: dict[str, dict[str, Any]] | None = None) -> PipelineConfig:
+    """Read and validate a pipeline file.
+
+    Args:
+        path: the TOML file.
+        out: run folder that replaces ``[run] out`` (e.g. from ``--out``).
+        overrides: ``{table: {key: value}}`` merged over the file's tables before validation.
+
+    Raises:
+        ConfigError: the file is missing or not TOML, or a table or key is unknown or invalid; the message
+            names the file and the key.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"Pipeline file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not a valid TOML file ({exc})") from None
+    for table, values in (overrides or {}).items():
+        data.setdefault(table, {}).update(values)
+    return pipeline_from_dict(data, path.resolve(), out=out)
+
+
+def pipeline_from_dict(data: dict[str, Any], source: Path, *, out: str | os.PathLike[str] | None = None) -> PipelineConfig:
+    """Validate a parsed pipeline file (see :func:`load_pipeline`)."""
+    allowed = ("cohort", "demo", "run", *STAGES)
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise ConfigError(f"{source}: unknown table(s) {', '.join(repr(k) for k in unknown)}; "
+                          f"a pipeline file has the tables {', '.join(allowed)}")
+    for k in allowed:
+        if k in data and not isinstance(data[k], dict):
+            raise ConfigError(f"{source}: '{k}' must be a table ([{k}]), got {type(data[k]).__name__}")
+    if ("cohort" in data) == ("demo" in data):
+        raise ConfigError(f"{source}: give either a [cohort] table (manifest = \"path/to/cohort.csv\") or a "
+                          "[demo] table (the built-in demo cohort), " + ("not both" if "cohort" in data else "none found"))
+    if "train" not in data:
+        raise ConfigError(f"{source}: no [train] table; add one with models = [\"2dmambamil\", …]")
+    base = source.parent
+
+    cohort = demo = None
+    if "cohort" in data:
+        cohort = _validate(CohortSection, data["cohort"], source, "cohort")
+        cohort = cohort.model_copy(update={k: _resolve(getattr(cohort, k), base)
+                                           for k in ("manifest", "slides_dir", "splits_dir")})
+    else:
+        demo = _validate(DemoSection, data["demo"], source, "demo")
+    run = _validate(RunSection, data.get("run", {}), source, "run")
+    if out is not None:
+        run = run.model_copy(update={"out": Path(out).expanduser().resolve()})
+    elif run.out is not None:
+        run = run.model_copy(update={"out": _resolve(run.out, base)})
+    if run.train_dir is not None and (not run.train_dir or any(c in run.train_dir for c in "/\\\0")
+                                      or run.train_dir in (".", "..")):
+        raise ConfigError(f"{source}: [run] train_dir must be a plain folder name, got {run.train_dir!r}")
+
+    train_table = dict(data["train"])
+    section = _validate(TrainSection, {k: train_table.pop(k) for k in ("models", "model_options")
+                                       if k in train_table}, source, "train")
+    _check_models(section, source)
+
+    stage_options: dict[str, Any] = {}
+    for stage in STAGES:
+        table = dict(train_table if stage == "train" else data.get(stage, {}))
+        if stage == "tile":
+            if "segment" in table:
+                raise ConfigError(f"{source}: [tile] unknown key 'segment'; segmentation options go in [segment]")
+            table["segment"] = stage_options["segment"]
+        extra = ("models", "model_options") if stage == "train" else ()
+        stage_options[stage] = _validate(stage_config_class(stage), table, source, stage, extra)
+    name = run.name or source.stem
+    return PipelineConfig(source=source, name=name, cohort=cohort, demo=demo, run=run,
+                          models=tuple(section.models), model_options=dict(section.model_options),
+                          stage_options=stage_options)
+
+
+def stage_config_class(stage: str) -> type[BaseModel]:
+    """The configuration class of a stage (imported on first use)."""
+    module, cls = STAGE_CONFIG_CLASSES[stage]
+    return getattr(importlib.import_module(module), cls)
+
+
+# Model options the run sets itself, from the features and the task.
+_RUN_SET_MODEL_OPTIONS = ("in_dim", "n_classes", "task", "n_bins")
+
+
+def _check_models(section: TrainSection, source: Path) -> None:
+    from ..models import list_models
+    from ..models.registry import build_config
+
+    known = list_models()
+    bad = [m for m in section.models if m not in known]
+    if bad:
+        raise ConfigError(f"{source}: [train] models: unknown model(s) {', '.join(repr(m) for m in bad)}; "
+                          f"available: {', '.join(known)}")
+    dupes = sorted({m for m in section.models if section.models.count(m) > 1})
+    if dupes:
+        raise ConfigError(f"{source}: [train] models lists {', '.join(dupes)} more than once")
+    for model, opts in section.model_options.items():
+        if model not in section.models:
+            raise ConfigError(f"{source}: [train.model_options.{model}]: {model!r} is not in [train] models")
+        fixed = [k for k in opts if k in _RUN_SET_MODEL_OPTIONS]
+        if fixed:
+            raise ConfigError(f"{source}: [train.model_options.{model}] key(s) {', '.join(fixed)} are set by the "
+                              "run (from the features and [train] task); remove them")
+        try:
+            build_config(model, {"in_dim": 8, "n_classes": 2, **opts})
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: [train.model_options.{model}]: {exc}") from None
+
+
+def _validate(cls: type[BaseModel], table: dict[str, Any], source: Path, where: str,
+              extra_keys: tuple[str, ...] = ()) -> Any:
+    try:
+        return cls(**table)
+    except ValidationError as exc:
+        keys = sorted([*cls.model_fields, *extra_keys])
+        raise ConfigError(format_validation_error(exc, source, where, keys)) from None
+
+
+def format_validation_error(exc: ValidationError, source: Path, table: str,
+                            allowed: list[str] | None = None) -> str:
+    """One line per problem: ``file: [table] key: what is wrong``."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+            lines.append(f"[{table}] unknown key '{key}'{hint}")
+        elif err["type"] == "missing":
+            lines.append(f"[{table}] missing key '{key}'")
+        else:
+            lines.append(f"[{table}] {key + ': ' if key else ''}{err['msg']} (got {err.get('input')!r})")
+    return f"{source}: invalid pipeline file:\n  - " + "\n  - ".join(lines)
+
+
+def _resolve(p: Path | None, base: Path) -> Path | None:
+    if p is None:
+        return None
+    p = Path(os.path.expandvars(str(p))).expanduser()
+    return (p if p.is_absolute() else base / p).resolve()

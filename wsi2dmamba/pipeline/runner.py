@@ -1,0 +1,220 @@
+"""Run a whole pipeline: segment → tile → extract → train (every model, k folds) → evaluate → report.
+
+>>> from wsi2dmamba.pipeline import load_pipeline, run_pipeline
+>>> result = run_pipeline(load_pipeline("pipelines/demo.toml", out="runs/demo"))
+>>> print(result.summary())            # ends with the report's path
+
+Every stage resumes: slides and folds already done with the same parameters are skipped, so a stopped
+run is continued by running the same command again. A slide that fails a stage is recorded in the
+run's ``ledger.csv`` and left out of the later stages; the run goes on with the others.
+
+Layout: the per-slide stages write ``RUN/segment``, ``RUN/tiles``, ``RUN/features/<encoder>``; training,
+evaluation and the report go to ``RUN/<train_dir>`` (``RUN`` itself unless ``[run] train_dir`` is set,
+which lets several tasks share one set of feature grids): ``train/<model>/fold_<k>``, ``eval/``,
+``report/index.html``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..cohort import Cohort, StageSummary, load_cohort
+from ..errors import StageInputError
+from ..fileio import write_json_atomic
+from .config import PipelineConfig
+
+STEP_NAMES = ("cohort", "segment", "tile", "extract", "train", "evaluate", "report")
+
+
+@dataclass
+class PipelineResult:
+    """What a pipeline run did.
+
+    Attributes:
+        config: the pipeline.
+        run_dir: folder of the per-slide stages.
+        train_dir: folder of training, evaluation and the report.
+        stages: summaries of the per-slide stages (segment, tile, extract).
+        trained: model name → fold count trained now, skipped (already done) counted apart.
+        metrics: what :func:`wsi2dmamba.evaluation.evaluate_run` returned.
+        report: the HTML report.
+        seconds: wall time of each step.
+        excluded: slide id → the stage and reason it was left out.
+    """
+
+    config: PipelineConfig
+    run_dir: Path
+    train_dir: Path
+    stages: dict[str, StageSummary] = field(default_factory=dict)
+    trained: dict[str, dict[str, int]] = field(default_factory=dict)
+    metrics: dict[str, Any] | None = None
+    report: Path | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.excluded and self.report is not None
+
+    def summary(self) -> str:
+        """Plain-text summary of the run for the terminal; the last line names the report."""
+        from ..evaluation import format_summary
+
+        lines = [f"pipeline {self.config.name} ({self.config.task}), run folder {self.run_dir}"]
+        for name, s in self.stages.items():
+            lines.append(f"  {s.line()}")
+        for name, counts in self.trained.items():
+            lines.append(f"  train {name}: {counts['trained']} fold(s) trained, {counts['skipped']} already done")
+        if self.excluded:
+            lines.append(f"  {len(self.excluded)} slide(s) left out (see {self.run_dir / 'ledger.csv'}):")
+            lines.extend(f"    {sid}: {why}" for sid, why in sorted(self.excluded.items()))
+        if self.metrics is not None:
+            lines.append("Test metrics (patient level; mean ± std over folds, pooled [95% CI]):")
+            lines.extend("  " + row for row in format_summary(self.metrics).splitlines())
+        total = sum(self.seconds.values())
+        lines.append(f"Done in {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in self.seconds.items())}).")
+        if self.report is not None:
+            lines.append(f"Report: {self.report}")
+        return "\n".join(lines)
+
+
+def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool = True,
+                 echo: Callable[[str], None] | None = None) -> PipelineResult:
+    """Run every stage of ``config`` (see the module docstring).
+
+    Args:
+        config: from :func:`~wsi2dmamba.pipeline.load_pipeline`.
+        force: redo every stage for every slide and fold.
+        progress: show the run's progress (one bar for the run, with each stage's bar below it).
+        echo: where one-line stage messages go (default: the progress bar's ``write``).
+
+    Raises:
+        WsiError: the cohort or an option is invalid, or a stage left no slide to go on with.
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = config.out
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_dir = run_dir / config.run.train_dir if config.run.train_dir else run_dir
+    result = PipelineResult(config, run_dir, train_dir)
+    n_steps = 6 + len(config.models)  # cohort, segment, tile, extract, each model, evaluate + report
+    bar = tqdm(total=n_steps, desc=f"{config.name}", unit="step", position=0, leave=True,
+               disable=not progress, dynamic_ncols=True,
+               bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed}")
+    say = echo or (lambda text: bar.write(text))
+
+    def step(name: str):
+        bar.set_description_str(f"{config.name} [{name}]")
+        return time.perf_counter()
+
+    def done(name: str, t0: float) -> None:
+        result.seconds[name] = result.seconds.get(name, 0.0) + time.perf_counter() - t0
+        bar.update(1)
+
+    try:
+        t0 = step("cohort")
+        cohort = _load_cohort(config, run_dir, progress)
+        write_json_atomic(train_dir / "pipeline.json", _provenance(config))
+        done("cohort", t0)
+
+        for name, run in (("segment", _segment), ("tile", _tile), ("extract", _extract)):
+            t0 = step(name)
+            summary = run(cohort, run_dir, config, force, progress)
+            result.stages[name] = summary
+            say(summary.line())
+            for sid, reason in summary.failed.items():
+                result.excluded[sid] = f"{name}: {reason}"
+            cohort = Cohort(tuple(r for r in cohort if r.slide_id not in summary.failed), cohort.source)
+            if len(cohort) == 0:
+                raise StageInputError(f"Every slide failed the {name} stage; see {run_dir / 'ledger.csv'}.")
+            done(name, t0)
+
+        features_dir = _features_dir(run_dir, config)
+        for model in config.models:
+            t0 = step(f"train {model}")
+            res = _train(cohort, features_dir, train_dir, config, model, force, progress)
+            counts = {"trained": sum(not f.skipped for f in res.folds), "skipped": sum(f.skipped for f in res.folds)}
+            result.trained[model] = counts
+            for w in res.warnings:
+                say(f"train {model}: {w}")
+            say(f"train {model}: {counts['trained']} fold(s) trained, {counts['skipped']} already done")
+            done(f"train {model}", t0)
+
+        t0 = step("evaluate + report")
+        from ..evaluation import evaluate_run, write_report
+
+        ev = config.option("evaluate")
+        result.metrics = evaluate_run(train_dir, n_boot=ev.n_boot, seed=ev.seed)
+        result.report = write_report(train_dir, n_boot=ev.n_boot, seed=ev.seed, metrics=result.metrics)
+        done("evaluate + report", t0)
+    finally:
+        bar.close()
+    write_json_atomic(train_dir / "pipeline_result.json", {
+        "report": str(result.report) if result.report else None, "seconds": result.seconds,
+        "excluded": result.excluded, "trained": result.trained,
+        "stages": {k: {"done": len(s.done), "skipped": len(s.skipped), "failed": s.failed}
+                   for k, s in result.stages.items()}})
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+def _load_cohort(config: PipelineConfig, run_dir: Path, progress: bool) -> Cohort:
+    if config.demo is not None:
+        from ..demo import build_demo_cohort
+
+        manifest = build_demo_cohort(run_dir / "cohort", config.demo.spec(), progress=progress)
+        return load_cohort(manifest)
+    return load_cohort(config.cohort.manifest, slides_dir=config.cohort.slides_dir)
+
+
+def _segment(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool) -> StageSummary:
+    from ..tissue.stage import segment_cohort
+
+    return segment_cohort(cohort, run_dir, config.option("segment"), workers=config.run.workers,
+                          progress=progress, force=force)
+
+
+def _tile(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool) -> StageSummary:
+    from ..tiling import tile_cohort
+
+    return tile_cohort(cohort, run_dir, config.option("tile"), workers=config.run.workers,
+                       progress=progress, force=force)
+
+
+def _extract(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool) -> StageSummary:
+    from ..features import extract_cohort
+
+    return extract_cohort(cohort, run_dir, config.option("extract"), progress=progress, force=force)
+
+
+def _features_dir(run_dir: Path, config: PipelineConfig) -> Path:
+    from ..features.extract import encoder_dirname
+
+    return run_dir / "features" / encoder_dirname(config.option("extract").encoder)
+
+
+def _train(cohort: Cohort, features_dir: Path, train_dir: Path, config: PipelineConfig, model: str,
+           force: bool, progress: bool):
+    from ..training.loop import train_cohort
+
+    return train_cohort(cohort, features_dir, train_dir, model, config.option("train"),
+                        config.model_options.get(model) or None, splits=config.cohort.splits_dir,
+                        force=force, progress=progress)
+
+
+def _provenance(config: PipelineConfig) -> dict[str, Any]:
+    from .. import __version__
+
+    def dump(v: Any) -> Any:
+        return v.model_dump(mode="json") if hasattr(v, "model_dump") else v
+
+    return {"pipeline": str(config.source), "name": config.name, "version": __version__,
+            "cohort": config.cohort.model_dump(mode="json") if config.cohort else None,
+            "demo": config.demo.model_dump(mode="json") if config.demo else None,
+            "models": list(config.models), "model_options": config.model_options,
+            "stages": {k: dump(v) for k, v in config.stage_options.items()}}

@@ -1,0 +1,94 @@
+"""The ``segment`` stage: every slide of a cohort → ``RUN/segment/<slide_id>.geojson`` + mask + overlay."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import __version__
+from ..cohort import Cohort, SlideRecord, StageSummary, config_hash, run_stage
+from ..errors import SlideError, StageInputError
+from ..fileio import atomic_path, write_json_atomic, write_text_atomic
+from .config import SegmentConfig
+from .geojson import dumps, to_geojson
+from .pictures import mask_picture, overlay_picture, save_png
+from .segment import THUMBNAIL_MAX_PX, TissueMap, TissueSegmenter
+
+STAGE = "segment"
+OVERLAY_MAX_PX = THUMBNAIL_MAX_PX
+CONFIG_FILE = "config.json"
+
+
+def segment_paths(run_dir: str | Path, slide_id: str) -> dict[str, Path]:
+    """Output files of one slide: ``geojson``, ``mask`` (PNG at the segmentation level), ``overlay`` (PNG)."""
+    d = Path(run_dir) / STAGE
+    return {"geojson": d / f"{slide_id}.geojson", "mask": d / f"{slide_id}_mask.png",
+            "overlay": d / f"{slide_id}_overlay.png"}
+
+
+def segment_outputs(record: SlideRecord, run_dir: Path) -> list[Path]:
+    return list(segment_paths(run_dir, record.slide_id).values())
+
+
+def segment_params_hash(config: SegmentConfig) -> str:
+    """The hash written into every GeoJSON; the tile stage compares it with its own segment parameters."""
+    return config_hash(STAGE, config)
+
+
+def write_segmentation(paths: dict[str, Path], tissue: TissueMap, thumb, *, slide_id: str, slide_path: str,
+                       mpp: float, mpp_source: str, config: SegmentConfig) -> None:
+    """Write the mask and overlay pictures, then the GeoJSON (last, so it marks a complete slide)."""
+    with atomic_path(paths["mask"]) as tmp:
+        save_png(tmp, mask_picture(tissue))
+    if thumb is not None:
+        with atomic_path(paths["overlay"]) as tmp:
+            save_png(tmp, overlay_picture(thumb, tissue, tissue.level0_size))
+    if tissue.is_empty:
+        return
+    props = {"slide_id": slide_id, "slide_path": slide_path, "mpp_level0": mpp, "mpp_source": mpp_source,
+             "params_hash": segment_params_hash(config), "params": config.model_dump(mode="json"),
+             "software_version": __version__}
+    write_text_atomic(paths["geojson"], dumps(to_geojson(tissue, properties=props)))
+
+
+def segment_slide(record: SlideRecord, config: SegmentConfig, run_dir: Path) -> dict:
+    """Work function of the stage (runs in a worker process)."""
+    from ..slide import open_slide
+
+    paths = segment_paths(run_dir, record.slide_id)
+    with open_slide(record.path, mpp_override=record.mpp) as slide:
+        tissue, thumb = TissueSegmenter(config).segment_with_thumbnail(slide, OVERLAY_MAX_PX)
+        mpp, mpp_source = slide.mpp, slide.mpp_source
+    paths["geojson"].unlink(missing_ok=True)  # a stale file from other parameters must not survive a failure
+    write_segmentation(paths, tissue, thumb, slide_id=record.slide_id, slide_path=str(record.path), mpp=mpp,
+                       mpp_source=mpp_source, config=config)
+    if tissue.is_empty:
+        raise SlideError(f"No tissue found on {record.path} (slide {record.slide_id!r}); see "
+                         f"{paths['overlay']}. If there is tissue, lower --saturation-threshold or "
+                         "--min-tissue-area, or check that this is a brightfield (H&E) slide.")
+    return {"n_pieces": len(tissue.polygons), "n_holes": tissue.n_holes,
+            "tissue_area_mm2": round(tissue.tissue_area_um2 / 1e6, 4), "mpp": mpp, "mpp_source": mpp_source,
+            "pen_fraction": round(float(tissue.pen.mean()), 4) if tissue.pen is not None else 0.0}
+
+
+def read_segment_config(run_dir: str | Path) -> SegmentConfig | None:
+    """The segment parameters last used in ``run_dir`` (None when segment has not run there)."""
+    p = Path(run_dir) / STAGE / CONFIG_FILE
+    if not p.is_file():
+        return None
+    try:
+        return SegmentConfig.model_validate_json(p.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise StageInputError(f"{p} is not a valid segment configuration ({exc}); delete it and rerun "
+                              "`wsi2dmamba segment`.") from exc
+
+
+def segment_cohort(cohort: Cohort, run_dir: str | Path, config: SegmentConfig | None = None, *,
+                   workers: int = 1, progress: bool = True, force: bool = False,
+                   shard: tuple[int, int] | None = None, executor: str = "local",
+                   ray_address: str | None = None) -> StageSummary:
+    """Segment every slide of ``cohort`` into ``run_dir/segment`` (resumable; see :func:`run_stage`)."""
+    config = config or SegmentConfig()
+    run_dir = Path(run_dir)
+    write_json_atomic(run_dir / STAGE / CONFIG_FILE, config.model_dump(mode="json"))
+    return run_stage(STAGE, cohort, run_dir, config, segment_slide, segment_outputs, workers=workers,
+                     progress=progress, force=force, shard=shard, executor=executor, ray_address=ray_address)

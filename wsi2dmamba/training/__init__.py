@@ -1,0 +1,44 @@
+"""Cross-validated training of MIL models on feature grids.
+
+>>> from wsi2dmamba.cohort import load_cohort
+>>> from wsi2dmamba.training import TrainConfig, train_cohort
+>>> cohort = load_cohort("cohort.csv", require_path=False)
+>>> train_cohort(cohort, "runs/x/features/uni", "runs/x", "2dmambamil", TrainConfig(task="classification"))
+
+Splits are patient-level and stratified (:func:`make_splits`), or read from CLAM-style ``splits_<k>.csv``
+files (:func:`load_splits`); checkpoints are safetensors with a JSON configuration
+(:func:`save_checkpoint`, :func:`load_checkpoint`).
+"""
+
+from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+from .config import TrainConfig
+from .data import class_names, load_feature_grids
+from .losses import class_weights, hazards_to_survival, nll_survival_loss, survival_bin_edges, time_to_bin
+from .loop import FoldResult, TrainResults, train_cohort, train_fold
+from .splits import FoldSplit, Leak, SplitLeakError, find_leaks, load_splits, make_splits, resolve_splits, write_splits
+
+__all__ = [
+    "FoldResult",
+    "FoldSplit",
+    "Leak",
+    "SplitLeakError",
+    "TrainConfig",
+    "TrainResults",
+    "class_names",
+    "class_weights",
+    "find_leaks",
+    "hazards_to_survival",
+    "load_checkpoint",
+    "load_feature_grids",
+    "load_splits",
+    "make_splits",
+    "nll_survival_loss",
+    "read_checkpoint_config",
+    "resolve_splits",
+    "save_checkpoint",
+    "survival_bin_edges",
+    "time_to_bin",
+    "train_cohort",
+    "train_fold",
+    "write_splits",
+]

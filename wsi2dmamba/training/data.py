@@ -1,0 +1,121 @@
+"""Feature grids and targets of a cohort, held in memory for training."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..cohort import Cohort
+from ..errors import ConfigError, GridFileError, StageInputError
+from ..grid import FeatureGrid, read_feature_grid
+from ..models import GridBatch
+
+
+def class_names(cohort: Cohort) -> list[str]:
+    """The cohort's distinct labels, in numeric order when all are numbers, else alphabetical."""
+    labels = {r.label for r in cohort if r.label is not None}
+    try:
+        return sorted(labels, key=float)
+    except ValueError:
+        return sorted(labels)
+
+
+def load_feature_grids(cohort: Cohort, features_dir: str | os.PathLike[str], slide_ids: Sequence[str] | None = None,
+                       progress: bool = False) -> dict[str, FeatureGrid]:
+    """Read ``<features_dir>/<slide_id>.h5`` for every slide (or the given ones) into memory.
+
+    Raises:
+        StageInputError: some slides have no feature grid file (all of them are listed).
+        GridFileError: a file is damaged, or the feature dimensions differ between files.
+    """
+    folder = Path(features_dir).expanduser()
+    if not folder.is_dir():
+        raise StageInputError(f"Feature folder not found: {folder}. Run `wsi2dmamba extract` first, or pass the "
+                              "folder RUN/features/<encoder> that it wrote.")
+    ids = list(slide_ids) if slide_ids is not None else cohort.slide_ids
+    missing = [sid for sid in ids if not (folder / f"{sid}.h5").is_file()]
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" … ({len(missing)} in all)" if len(missing) > 20 else "")
+        raise StageInputError(f"{len(missing)} slide(s) of the cohort have no feature grid in {folder}: {shown}. "
+                              "Run `wsi2dmamba extract` for them (see RUN/ledger.csv for slides that failed "
+                              "earlier stages) or remove them from the cohort.")
+    from tqdm.auto import tqdm
+
+    grids = {}
+    for sid in tqdm(ids, desc="reading feature grids", unit="slide", disable=not progress):
+        grids[sid] = read_feature_grid(folder / f"{sid}.h5")
+    dims = {g.feature_dim for g in grids.values()}
+    if len(dims) > 1:
+        by_dim = {d: next(s for s, g in grids.items() if g.feature_dim == d) for d in dims}
+        raise GridFileError(f"Feature grids in {folder} have different feature dimensions "
+                            f"({', '.join(f'{d} e.g. {s}' for d, s in sorted(by_dim.items()))}); "
+                            "they were made by different encoders.")
+    empty = [sid for sid, g in grids.items() if g.n_tiles == 0]
+    if empty:
+        raise StageInputError(f"slide(s) {', '.join(empty[:20])} have no tissue tile in their feature grid; "
+                              "remove them from the cohort or re-tile them with a lower tissue threshold.")
+    return grids
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a model is trained to predict, per slide.
+
+    Attributes:
+        task: "classification" or "survival".
+        label_index: slide_id → class index (classification).
+        bins: slide_id → survival interval (survival).
+        time, event: slide_id → survival time and event flag (survival).
+    """
+
+    task: str
+    label_index: Mapping[str, int]
+    bins: Mapping[str, int]
+    time: Mapping[str, float]
+    event: Mapping[str, int]
+
+    def tensors(self, slide_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        if self.task == "survival":
+            return {"bins": torch.tensor([self.bins[s] for s in slide_ids], dtype=torch.int64),
+                    "event": torch.tensor([self.event[s] for s in slide_ids], dtype=torch.float32)}
+        return {"label": torch.tensor([self.label_index[s] for s in slide_ids], dtype=torch.int64)}
+
+
+def make_targets(cohort: Cohort, task: str, classes: Sequence[str] | None = None,
+                 bin_edges: np.ndarray | None = None) -> Targets:
+    """Per-slide targets: class indices (into ``classes``) or survival bins (of ``bin_edges``)."""
+    from .losses import time_to_bin
+
+    if task == "survival":
+        if not cohort.has_survival:
+            bad = [r.slide_id for r in cohort if r.time is None or r.event is None]
+            raise ConfigError(f"Survival training needs 'time' and 'event' for every slide; missing for "
+                              f"{', '.join(bad[:10])}{' …' if len(bad) > 10 else ''}.")
+        time = {r.slide_id: float(r.time) for r in cohort}  # type: ignore[arg-type]
+        event = {r.slide_id: int(r.event) for r in cohort}  # type: ignore[arg-type]
+        edges = np.asarray(bin_edges if bin_edges is not None else [], np.float64)
+        b = time_to_bin(np.array(list(time.values())), edges)
+        return Targets(task, {}, dict(zip(time, b.tolist())), time, event)
+    if not cohort.has_labels:
+        bad = [r.slide_id for r in cohort if r.label is None]
+        raise ConfigError(f"Classification needs a 'label' for every slide; missing for "
+                          f"{', '.join(bad[:10])}{' …' if len(bad) > 10 else ''}.")
+    classes = list(classes) if classes is not None else class_names(cohort)
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({r.label for r in cohort if r.label not in lookup})  # type: ignore[misc]
+    if unknown:
+        raise ConfigError(f"labels {unknown} are not among the model's classes {classes}")
+    return Targets(task, {r.slide_id: lookup[r.label] for r in cohort}, {}, {}, {})  # type: ignore[index]
+
+
+def iter_batches(slide_ids: Sequence[str], grids: Mapping[str, FeatureGrid], batch_size: int,
+                 ) -> Iterator[tuple[list[str], GridBatch]]:
+    """Consecutive batches of ``batch_size`` slides, in the given order."""
+    for start in range(0, len(slide_ids), batch_size):
+        ids = list(slide_ids[start:start + batch_size])
+        yield ids, GridBatch.from_grids([grids[s] for s in ids])
