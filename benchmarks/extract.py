@@ -30,46 +30,6 @@ from pathlib import Path
 import numpy as np
 
 
-def tissue_tiles(slide_path: Path, slide_id: str, tile_px: int, min_tissue: float = 0.25):
-    """A TileGrid of every ``tile_px`` cell of level 0 whose tissue fraction (saturation > 20 on the
-    coarsest level) is at least ``min_tissue``; the lattice starts at (0, 0), cropped to the tissue."""
-    import cv2
-
-    from wsi2dmamba.fileio import params_hash
-    from wsi2dmamba.grid import TileGrid
-    from wsi2dmamba.slide import open_slide
-
-    with open_slide(slide_path) as s:
-        lvl = s.level_count - 1
-        ds = s.level_downsamples[lvl]
-        low = s.read_level(lvl)
-        w0, h0 = s.dimensions
-        mpp = s.mpp
-    sat = cv2.cvtColor(low, cv2.COLOR_RGB2HSV)[..., 1] > 20
-    nr, nc = h0 // tile_px, w0 // tile_px
-    cell = tile_px / ds
-    rows, cols, frac = [], [], []
-    for r in range(nr):
-        y0, y1 = int(r * cell), max(int((r + 1) * cell), int(r * cell) + 1)
-        band = sat[y0:y1]
-        for c in range(nc):
-            f = float(band[:, int(c * cell):max(int((c + 1) * cell), int(c * cell) + 1)].mean())
-            if f >= min_tissue:
-                rows.append(r), cols.append(c), frac.append(f)
-    idx = np.stack([rows, cols], 1)
-    r0, c0 = idx.min(0)
-    idx = idx - [r0, c0]
-    coords = (idx[:, ::-1] + [c0, r0]) * tile_px
-    shape = tuple(int(v) for v in idx.max(0) + 1)
-    return TileGrid(slide_id=slide_id, coords=coords, index=idx, shape=shape, tissue_fraction=frac,
-                    origin_level0=(float(c0 * tile_px), float(r0 * tile_px)), stride_level0=float(tile_px),
-                    tile_size_level0=float(tile_px), tile_px=tile_px, stride_px=tile_px, mpp_requested=mpp,
-                    mpp_effective=mpp, mpp_level0=mpp, read_level=0, read_downsample=1.0,
-                    level0_size=(w0, h0), slide_path=str(slide_path),
-                    params_hash=params_hash({"benchmark": "tissue_tiles", "tile_px": tile_px,
-                                             "min_tissue": min_tissue}))
-
-
 def decode_only(plan, batch_size: int, workers: int, pin: bool) -> tuple[float, int]:
     from wsi2dmamba.features.loader import make_loader
 
@@ -143,6 +103,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--workers", default="15", help="comma-separated reader process counts to measure")
     ap.add_argument("--tile-px", type=int, default=256)
+    ap.add_argument("--mpp", type=float, default=0.5, help="tile resolution, µm per pixel")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     a = ap.parse_args()
 
@@ -151,21 +112,26 @@ def main() -> None:
     from wsi2dmamba.cohort import load_cohort
     from wsi2dmamba.features import ExtractConfig, extract_cohort, load_encoder
     from wsi2dmamba.features.loader import TileReadPlan
-    from wsi2dmamba.grid import write_tile_grid
+    from wsi2dmamba.grid import read_tile_grid
+    from wsi2dmamba.tiling import TileConfig, tile_cohort
 
     if not a.tiff.is_file():
         from make_tissue_tiff import build
 
         build(a.tiff, a.size, source=a.source)
     t0 = time.perf_counter()
-    tiles = tissue_tiles(a.tiff, "bench", a.tile_px)
-    write_tile_grid(a.run / "tiles" / "bench.h5", tiles)
+    a.run.mkdir(parents=True, exist_ok=True)
     manifest = a.run / "cohort.csv"
     with open(manifest, "w", newline="") as fh:
-        csv.writer(fh).writerows([["slide_id", "path", "mpp"], ["bench", str(a.tiff), tiles.mpp_level0]])
+        csv.writer(fh).writerows([["slide_id", "path"], ["bench", str(a.tiff)]])
     cohort = load_cohort(manifest)
+    tiled = tile_cohort(cohort, a.run, TileConfig(tile_px=a.tile_px, mpp=a.mpp, segment_missing=True),
+                        progress=False)
+    if tiled.failed:
+        raise SystemExit(f"tiling failed: {tiled.failed}")
+    tiles = read_tile_grid(a.run / "tiles" / "bench.h5")
     print(f"slide {a.tiff} {tiles.level0_size[0]}×{tiles.level0_size[1]} px; {tiles.n_tiles} tissue tiles of "
-          f"{a.tile_px} px on a {tiles.shape[0]}×{tiles.shape[1]} grid (tiling {time.perf_counter() - t0:.1f} s)")
+          f"{a.tile_px} px at {tiles.mpp_effective} µm/px on a {tiles.shape[0]}×{tiles.shape[1]} grid (segment + tile {time.perf_counter() - t0:.1f} s)")
 
     enc = load_encoder(a.encoder, device=a.device, precision=a.precision, pretrained=not a.random_weights)
     cpu_name = platform.processor() or platform.machine()

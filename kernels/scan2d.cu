@@ -197,7 +197,6 @@ __device__ __forceinline__ float w_left(int i, int j) { return i == 0 ? 1.f : (j
 __device__ __forceinline__ float w_up(int i, int j) { return i == 0 ? 0.f : (j == 0 ? 1.f : 0.5f); }
 
 // One forward row: given the states hv of row i-1 (zero for i = 0), leave the states of row i in hv.
-// MODE 0 also leaves the decay in a (for the caller's readout it is not needed).
 __device__ __forceinline__ void forward_row(int i, int W, long HW, int c0, const float (&uu)[K], const float (&d1)[K],
                                             const float (&d2)[K], const T* B1p, const T* B2p, const float (&A1r)[S],
                                             const float (&A2r)[S], int ty, float (&hv)[S][K], float* scan_sm,

@@ -167,3 +167,53 @@ def test_executor_names_and_options_are_checked():
     with pytest.raises(ConfigError, match="gpus"):
         TaskResources(cpus=0)
     assert TaskResources.for_device("cpu").gpus == 0 and TaskResources.for_device("cuda:1").gpus == 1
+
+
+# ------------------------------------------------------------------------------------- folds as Ray tasks
+
+def _predictions(model_dir: Path) -> dict:
+    return {p.parent.name: p.read_text() for p in sorted(model_dir.glob("fold_*/predictions.csv"))}
+
+
+def test_ray_fold_tasks_train_the_same_models_as_local(tmp_path, ray_cluster):
+    training_data = pytest.importorskip("training_data")
+    from wsi2dmamba.training import TrainConfig, train_cohort
+
+    manifest, feats = training_data.make_cohort(tmp_path / "data", n_patients=8)
+    cohort = load_cohort(manifest, require_path=False, check_files=False)
+    config = TrainConfig(folds=2, epochs=2, device="cpu", val_fraction=0.25)
+    local = train_cohort(cohort, feats, tmp_path / "local", "abmil", config,
+                         progress=False)
+    remote = train_cohort(cohort, feats, tmp_path / "ray", "abmil", config,
+                          progress=False, executor="ray")
+    assert [f.fold for f in remote.folds] == [0, 1]
+    assert [(f.best_epoch, f.best_value) for f in remote.folds] == [(f.best_epoch, f.best_value) for f in local.folds]
+    preds = _predictions(remote.model_dir)
+    assert len(preds) == 2 and preds == _predictions(local.model_dir)
+    # Resume: a fold that is done is skipped by either executor.
+    again = train_cohort(cohort, feats, tmp_path / "ray", "abmil", config,
+                         progress=False, executor="ray")
+    assert all(f.skipped for f in again.folds)
+
+
+def test_fold_errors_from_workers_keep_their_type(tmp_path, ray_cluster):
+    training_data = pytest.importorskip("training_data")
+    from wsi2dmamba.errors import ConfigError as CE
+    from wsi2dmamba.training import TrainConfig, train_cohort
+
+    manifest, feats = training_data.make_cohort(tmp_path / "data", n_patients=8)
+    cohort = load_cohort(manifest, require_path=False, check_files=False)
+    config = TrainConfig(folds=2, epochs=1, device="cpu", val_fraction=0.25)
+    with pytest.raises(CE, match="only used with --executor ray"):
+        train_cohort(cohort, feats, tmp_path / "r", "meanpool", config, ray_address="auto", progress=False)
+    with pytest.raises(CE, match="gets its GPU from Ray"):
+        train_cohort(cohort, feats, tmp_path / "r", "meanpool", config.model_copy(update={"device": "cuda:1"}),
+                     executor="ray", progress=False)
+    # A model option the model does not have fails in the worker; the caller sees the same error type.
+    with pytest.raises(Exception) as info:
+        train_cohort(cohort, feats, tmp_path / "r", "meanpool", config, {"no_such_option": 1}, executor="ray",
+                     progress=False)
+    direct = pytest.raises(Exception)
+    with direct:
+        train_cohort(cohort, feats, tmp_path / "l", "meanpool", config, {"no_such_option": 1}, progress=False)
+    assert type(info.value) is type(direct.excinfo.value)

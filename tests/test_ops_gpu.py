@@ -101,7 +101,19 @@ def test_no_memory_growth_over_many_calls(kind):
     assert torch.cuda.memory_allocated() == before
 
 
+def test_kernels_run_on_pytorchs_current_stream():
+    x = _inputs("mamba2d", 2, 8, 16, 30, 31, torch.float32, seed=2)
+    want = mamba2d_scan(**x, backend="cupy")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = mamba2d_scan(**x, backend="cupy")
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(got, want)
+
+
 def test_auto_backend_uses_kernels_on_cuda():
     x = _inputs("2dmamba", 1, 4, 16, 6, 7, torch.float32, seed=1)
+    x["u"].requires_grad_()
     y = selective_scan_2d(**x)
     assert y.grad_fn is not None and "Scan2d" in type(y.grad_fn).__name__

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import cv2
 import h5py
 import numpy as np
@@ -199,5 +197,8 @@ def test_hand_edited_geojson_is_used(tmp_path, cmu_slide):
     s = tile_cohort(cohort, tmp_path, TileConfig(min_tissue=0.99), progress=False)
     assert s.ok
     g = read_tile_grid(tile_paths(tmp_path, "CMU-1-Small-Region")["h5"])
-    assert g.n_tiles == 9 and g.shape == (3, 3)  # 3 × 3 full tiles inside the square (edge cells cut by rasterising)
-    assert math.isclose(g.origin_level0[0], 512) and math.isclose(g.origin_level0[1], 512)
+    # The 4 × 4 cells inside the square are whole tissue; the cells the square's edge runs through are not.
+    assert g.n_tiles == 16
+    assert g.coords.min(axis=0).tolist() == [512, 512] and g.coords.max(axis=0).tolist() == [1280, 1280]
+    assert g.origin_level0[0] <= 512 and g.shape[0] <= 6
+    assert dict(h5py.File(tile_paths(tmp_path, "CMU-1-Small-Region")["h5"]).attrs)["tissue_source"] == "geojson (edited)"

@@ -8,6 +8,7 @@ the process is killed or the disk fills up half-way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -29,17 +30,57 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
+# Write failures caused by the environment, with what to tell the user.
+_ENV_ERRORS = {
+    errno.ENOSPC: "No space left on the device",
+    errno.EDQUOT: "Disk quota exceeded",
+    errno.EFBIG: "File too large for the file system (or for the limit set with ulimit -f)",
+    errno.EROFS: "The file system is read-only",
+    errno.EACCES: "Permission denied",
+    errno.EPERM: "Operation not permitted",
+}
+
+
+_SPACE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _environment_error(exc: OSError, final: Path, space_only: bool = False) -> WsiError | None:
+    """A clear error for a write that failed because of the disk or permissions, else None.
+
+    With ``space_only`` only a full disk, a quota or a size limit qualifies (inside the caller's block a
+    permission error may come from reading an input, which is not this file's fault).
+    """
+    what = _ENV_ERRORS.get(exc.errno)
+    if what is None or (space_only and exc.errno not in _SPACE_ERRORS):
+        return None
+    fix = ("free space (or raise the quota) and rerun" if exc.errno in _SPACE_ERRORS
+           else f"make {final.parent} writable or choose another output folder")
+    return WsiError(f"{what} while writing {final}; {fix}. Nothing partial was left behind, and files "
+                    "already finished are kept (a rerun resumes).")
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it to ``final`` when the block ends without error.
 
     The temporary file is removed if the block raises. The folder of ``final`` is created if needed.
     The suffix is kept so that libraries that look at it (PIL, h5py) behave as for the final name.
+
+    Raises:
+        WsiError: the disk is full, a quota or size limit was hit, or the folder is not writable (the
+            message names the file; nothing is left behind).
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX + final.stem + "-", suffix=final.suffix, dir=final.parent)
-    os.close(fd)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=_TMP_PREFIX + final.stem + "-", suffix=final.suffix,
+                                        dir=final.parent)
+        os.close(fd)
+    except OSError as exc:
+        err = _environment_error(exc, final)
+        if err is not None:
+            raise err from exc
+        raise
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -49,9 +90,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         _fsync_dir(final.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno == 28:  # ENOSPC
-            raise WsiError(f"No space left on the device while writing {final}; free space and rerun "
-                           "(nothing partial was left behind).") from exc
+        err = _environment_error(exc, final, space_only=True)
+        if err is not None:
+            raise err from exc
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import ForceOpt, QuietOpt
+from .common import ExecutorOpt, ForceOpt, QuietOpt, RayAddressOpt
 
 
 def _finish(results) -> None:
@@ -30,6 +30,8 @@ def register(app: typer.Typer) -> None:
             "[cohort] slides_dir.")] = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
+        executor: ExecutorOpt = "local",
+        ray_address: RayAddressOpt = None,
     ) -> None:
         """Run segment → tile → extract → train (every model, every fold) → evaluate → report from one
         pipeline file, resuming whatever is already done."""
@@ -37,7 +39,8 @@ def register(app: typer.Typer) -> None:
 
         overrides = {"cohort": {"slides_dir": str(slides_dir.expanduser().resolve())}} if slides_dir else None
         config = load_pipeline(pipeline, out=out, overrides=overrides)
-        _finish([run_pipeline(config, force=force, progress=not quiet)])
+        _finish([run_pipeline(config, force=force, progress=not quiet, executor=executor,
+                              ray_address=ray_address)])
 
     @app.command("demo")
     def demo_command(
@@ -51,6 +54,8 @@ def register(app: typer.Typer) -> None:
             "--task", help="Only this task: classification or survival (default: both).")] = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
+        executor: ExecutorOpt = "local",
+        ray_address: RayAddressOpt = None,
     ) -> None:
         """Build the built-in demo cohort (mosaic slides of real tissue whose label depends on the 2D
         arrangement) and run the whole pipeline on it: a classification and a survival task, offline, on CPU."""
@@ -61,4 +66,4 @@ def register(app: typer.Typer) -> None:
             raise ConfigError(f"--task must be one of {', '.join(DEMO_TASKS)}, got {task!r}")
         tasks = (task,) if task else DEMO_TASKS
         _finish(run_demo(out, quick=quick, tasks=tasks, slides=slides, epochs=epochs, folds=folds,
-                         force=force, progress=not quiet))
+                         force=force, progress=not quiet, executor=executor, ray_address=ray_address))

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import ConfigError
-from .common import CohortOpt, ForceOpt, OutOpt, QuietOpt
+from .common import CohortOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
@@ -80,8 +80,14 @@ def register(app: typer.Typer) -> None:
                                                           "e.g. --set hidden=256.")] = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
+        executor: ExecutorOpt = "local",
+        ray_address: RayAddressOpt = None,
     ) -> None:
-        """Train a model with patient-level k-fold cross-validation; resumes unfinished folds."""
+        """Train a model with patient-level k-fold cross-validation; resumes unfinished folds.
+
+        Folds train side by side on the visible GPUs (one process per GPU), or as Ray tasks with
+        --executor ray.
+        """
         from ..cohort import load_cohort
         from ..training import train_cohort
 
@@ -96,7 +102,8 @@ def register(app: typer.Typer) -> None:
             config = config.model_copy(update={"clip_grad": None})
         c = load_cohort(cohort, require_path=False, check_files=False)
         res = train_cohort(c, features, out, model, config, _overrides(set_), preset=preset, name=name,
-                           splits=splits, folds_to_run=fold, force=force, progress=not quiet)
+                           splits=splits, folds_to_run=fold, force=force, progress=not quiet,
+                           executor=executor, ray_address=ray_address)
         for w in res.warnings:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
         for f in res.folds:

@@ -67,13 +67,23 @@ def is_up_to_date(run_dir: Path, stage: str, record: SlideRecord, phash: str, ou
     fp = source_fingerprint(record.path)
     if st.source and fp and (st.source.get("size"), st.source.get("mtime_ns")) != (fp.get("size"), fp.get("mtime_ns")):
         return False
+    if st.source.get("mpp") != record.mpp:  # the manifest's mpp override changed: tiles would differ
+        return False
     return all(Path(p).exists() for p in outputs)
 
 
 def _run_one(fn: WorkFn, record: SlideRecord, config: Any, run_dir: Path) -> tuple[str, dict, str, str]:
-    """Execute in a worker: returns (status, info, reason, traceback)."""
+    """Execute in a worker: returns (status, info, reason, traceback).
+
+    The slide file is fingerprinted before and after the work: a slide replaced, rewritten or deleted
+    while it was read fails instead of leaving outputs made from two versions of it.
+    """
+    before = source_fingerprint(record.path)
     try:
         info = fn(record, config, run_dir) or {}
+        if source_fingerprint(record.path) != before:
+            return ("failed", {}, f"slide file {record.path} changed or disappeared while slide "
+                    f"{record.slide_id!r} was being processed; rerun the stage once the file is in place", "")
         return "done", info, "", ""
     except WsiError as exc:
         return "failed", {}, str(exc), ""
@@ -139,6 +149,7 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
         else:
             # Only an unsharded run may clear temporaries: a running shard's files are beside them.
             remove_stale_temporaries(run_dir / sdir)
+            remove_stale_temporaries(run_dir / sdir / ".state")  # a state file cut off by a kill
         try:
             todo = []
             for rec in cohort:
@@ -186,7 +197,7 @@ def _finish(run_dir: Path, sdir: str, stage: str, rec: SlideRecord, result: tupl
     state = SlideState(stage=sdir, slide_id=rec.slide_id, status=status, params_hash=phash,
                        reason=reason, seconds=seconds,
                        outputs=hash_outputs(run_dir, outs) if status == "done" else {},
-                       source=source_fingerprint(rec.path), info=info, traceback=tb)
+                       source={**source_fingerprint(rec.path), "mpp": rec.mpp}, info=info, traceback=tb)
     write_state(run_dir, state)
     if status == "done":
         summary.done.append(rec.slide_id)

@@ -57,10 +57,14 @@ def demo_pipelines(out: str | os.PathLike[str] | None = None, *, quick: bool = F
 
 def run_demo(out: str | os.PathLike[str] | None = None, *, quick: bool = False,
              tasks: tuple[str, ...] = DEMO_TASKS, slides: int | None = None, epochs: int | None = None,
-             folds: int | None = None, workers: int | None = None, force: bool = False, progress: bool = True):
-    """Build the demo cohort in ``out/cohort`` and run its pipelines; returns their results."""
+             folds: int | None = None, workers: int | None = None, force: bool = False, progress: bool = True,
+             executor: str = "local", ray_address: str | None = None):
+    """Build the demo cohort in ``out/cohort`` and run its pipelines; returns their results.
+
+    ``executor`` and ``ray_address`` choose where slides and folds run (see :func:`run_pipeline`)."""
     from ..pipeline import run_pipeline
 
     configs = demo_pipelines(out, quick=quick, tasks=tasks, slides=slides, epochs=epochs, folds=folds,
                              workers=workers)
-    return [run_pipeline(c, force=force, progress=progress) for c in configs]
+    return [run_pipeline(c, force=force, progress=progress, executor=executor, ray_address=ray_address)
+            for c in configs]

@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..cohort import Cohort, SlideRecord, StageSummary, run_stage
+from ..cohort.executors import TaskResources
 from ..errors import ConfigError, SlideError, StageInputError
 from ..fileio import params_hash
 from ..grid import FeatureGrid, TileGrid, read_tile_grid, write_feature_grid
@@ -322,7 +323,8 @@ def drop_stale_features(cohort: Cohort, run_dir: str | os.PathLike[str], encoder
 
 def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: ExtractConfig, *,
                    progress: bool = True, force: bool = False, shard: tuple[int, int] | None = None,
-                   encoder: LoadedEncoder | None = None) -> StageSummary:
+                   encoder: LoadedEncoder | None = None, executor: str = "local",
+                   ray_address: str | None = None) -> StageSummary:
     """Extract features for every slide of ``cohort`` whose tiles file exists, resuming where it stopped.
 
     Slides are done one after another in this process (one model on the device); tile reading runs in
@@ -336,6 +338,9 @@ def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: Extr
         force: extract again slides already done.
         shard: ``(i, N)``: only the slides of shard i of N.
         encoder: an already loaded encoder to use (default: load ``config.encoder``).
+        executor: ``"local"`` (this process) or ``"ray"``: each slide a Ray task with one GPU (when the
+            cluster has GPUs); each Ray worker loads the encoder once and keeps it for its next slides.
+        ray_address: the Ray cluster for ``executor="ray"`` (None: start a local one).
 
     Returns:
         The stage summary; ``infos[slide_id]`` holds tile counts, blank tiles and tiles/s.
@@ -348,10 +353,32 @@ def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: Extr
                                        "weights_sha256": encoder.weights_sha256,
                                        "pretrained": bool(encoder.weights_sha256)})
     drop_stale_features(cohort, run_dir, encoder.name)
-    fn = functools.partial(extract_slide, encoder=encoder, progress=progress)
+    if executor == "ray":
+        # The model is not shipped: each worker loads it (same weights, same precision as recorded here).
+        device = "cuda" if str(config.device).startswith("cuda") else config.device
+        load = {"encoder": config.encoder, "weights": config.weights, "device": device,
+                "precision": encoder.precision, "pretrained": config.pretrained}
+        fn = functools.partial(_extract_slide_in_worker, load=tuple(sorted(load.items())))
+        resources = TaskResources.for_device(device)
+    else:
+        fn = functools.partial(extract_slide, encoder=encoder, progress=progress)
+        resources = None
     outputs = functools.partial(_outputs, encoder=encoder.name)
     return run_stage(STAGE, cohort, run_dir, config, fn, outputs, workers=1, progress=progress, force=force,
-                     stage_dir=f"features/{encoder_dirname(encoder.name)}", shard=shard)
+                     stage_dir=f"features/{encoder_dirname(encoder.name)}", shard=shard, executor=executor,
+                     ray_address=ray_address, resources=resources)
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_encoder(load: tuple) -> LoadedEncoder:
+    """The encoder of a Ray worker process, loaded on its first slide and kept for the next ones."""
+    args = dict(load)
+    return load_encoder(args.pop("encoder"), **args)
+
+
+def _extract_slide_in_worker(record: SlideRecord, config: ExtractConfig, run_dir: Path, *, load: tuple) -> dict:
+    """Work function of a Ray task: :func:`extract_slide` with the worker's own copy of the encoder."""
+    return extract_slide(record, config, run_dir, encoder=_worker_encoder(load), progress=False)
 
 
 def blank_tile_count(summary: StageSummary) -> int:

@@ -49,7 +49,9 @@ class TileReadPlan:
     @classmethod
     def from_tiles(cls, tiles: TileGrid, slide_path: str | os.PathLike[str], mpp_level0: float,
                    max_run: int = 8) -> TileReadPlan:
-        read_px = max(1, int(round(tiles.tile_size_level0 / tiles.read_downsample)))
+        # As wsi2dmamba.tiling.read_tile: a native tile is read as is, else a larger region is shrunk.
+        read_px = tiles.tile_px if tiles.is_native_level else max(
+            tiles.tile_px, int(round(tiles.tile_size_level0 / tiles.read_downsample)))
         return cls(str(slide_path), float(mpp_level0), tiles.coords, int(tiles.read_level),
                    float(tiles.read_downsample), read_px, int(tiles.tile_px), max(1, int(max_run)))
 

@@ -18,6 +18,7 @@ Rows are in row-major (raster) order of their cells. Cell (r, c) has its top-lef
 
 from __future__ import annotations
 
+import io
 import os
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -254,7 +255,11 @@ def _write(path: str | os.PathLike[str], g: TileGrid, kind: str) -> None:
     import h5py
 
     g.validate(str(path))
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    # The file is built in memory and written to disk in one plain write: a full disk or a quota then
+    # fails as an ordinary OSError (atomic_path turns it into a clear error and leaves nothing behind),
+    # while HDF5 itself, when a write fails as it closes a file, can crash the whole process.
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
         for k, v in _root_attrs(g, kind).items():
             f.attrs[k] = v
         n = g.n_tiles
@@ -283,6 +288,8 @@ def _write(path: str | os.PathLike[str], g: TileGrid, kind: str) -> None:
             f.attrs["feature_dim"] = dim
             f.create_dataset("blank", data=g.blank.astype(np.uint8))
             f.attrs["n_blank_tiles"] = int(g.blank.sum())
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(buf.getbuffer())
 
 
 def write_tile_grid(path: str | os.PathLike[str], grid: TileGrid) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
@@ -89,6 +90,71 @@ class MILModel(nn.Module):
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+class _CellProjection(torch.autograd.Function):
+    """``features @ weight.T + bias`` computed in row blocks, keeping only ``features`` itself for backward.
+
+    A plain ``nn.Linear`` on a float16 grid needs the grid cast to the weight's dtype, and autocast keeps
+    that cast copy for the weight gradient: a second copy of the whole grid. Here each block of rows is
+    cast when it is used, in the forward and again in the backward, so the grid is held once, in the
+    dtype it arrived in.
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, compute_dtype, rows):
+        flat = features.reshape(-1, features.shape[-1])
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        out = torch.empty(flat.shape[0], weight.shape[0], device=flat.device, dtype=compute_dtype)
+        for start in range(0, flat.shape[0], rows):
+            out[start:start + rows] = F.linear(flat[start:start + rows].to(compute_dtype), w, b)
+        ctx.save_for_backward(features, weight)
+        ctx.compute_dtype, ctx.rows, ctx.has_bias = compute_dtype, rows, bias is not None
+        return out.view(*features.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, weight = ctx.saved_tensors
+        flat = features.reshape(-1, features.shape[-1])
+        g = grad.reshape(-1, grad.shape[-1]).to(ctx.compute_dtype)
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_x = torch.empty_like(features).view_as(flat) if need_x else None
+        w = weight.to(ctx.compute_dtype)
+        for start in range(0, flat.shape[0], ctx.rows):
+            g_rows = g[start:start + ctx.rows]
+            if need_w:
+                grad_w += (g_rows.t() @ flat[start:start + ctx.rows].to(ctx.compute_dtype)).float()
+            if need_x:
+                grad_x[start:start + ctx.rows] = (g_rows @ w).to(features.dtype)
+        grad_b = g.float().sum(0).to(weight.dtype) if need_b and ctx.has_bias else None
+        return (None if grad_x is None else grad_x.view_as(features),
+                None if grad_w is None else grad_w.to(weight.dtype), grad_b, None, None)
+
+
+def project_cells(linear: nn.Linear, features: torch.Tensor, rows: int = 16384) -> torch.Tensor:
+    """``linear`` applied to (..., D) cell features of any float dtype, without copying the grid.
+
+    The result is in the autocast dtype inside an autocast region, else in the weight's dtype; a float16
+    or bfloat16 grid is cast block by block (``rows`` cells at a time), never as a whole.
+    """
+    if torch.is_autocast_enabled(features.device.type):
+        compute = torch.get_autocast_dtype(features.device.type)
+    else:
+        compute = linear.weight.dtype
+    if features.dtype == compute and not torch.is_autocast_enabled(features.device.type):
+        return linear(features)  # nothing to cast: the plain op keeps no copy either
+    with torch.autocast(features.device.type, enabled=False):
+        return _CellProjection.apply(features, linear.weight, linear.bias, compute, rows)
+
+
+def embed_cells(embed: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
+    """An ``nn.Sequential`` whose first layer is an ``nn.Linear``, applied with :func:`project_cells`."""
+    x = project_cells(embed[0], features)
+    for layer in list(embed)[1:]:
+        x = layer(x)
+    return x
 
 
 def pooling_mask(batch: GridBatch, include_padding: bool = False) -> torch.Tensor:

@@ -9,6 +9,7 @@ that, so a slide's output never depends on what it was batched with.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,10 +72,11 @@ def flip_to_corner(x: torch.Tensor, layout: GridLayout, corner: str) -> torch.Te
     return torch.stack(out)
 
 
-def raster_conv1d(x: torch.Tensor, conv: torch.nn.Conv1d, layout: GridLayout) -> torch.Tensor:
+def raster_conv1d(x: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor], layout: GridLayout) -> torch.Tensor:
     """A causal 1D convolution along each slide's own raster (row-major) order of (B, C, H, W) ``x``.
 
-    ``conv`` must pad ``kernel_size - 1`` on both sides; the trailing outputs are dropped, so each cell
+    ``conv`` (a ``Conv1d`` or a function of (N, C, L)) must pad ``kernel_size - 1`` on both sides; the
+    trailing outputs are dropped, so each cell
     sees itself and the cells before it in its slide's raster order, running on across row ends.
     """
     b, c, h, w = x.shape

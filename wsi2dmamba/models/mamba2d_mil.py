@@ -12,14 +12,14 @@ attention over tissue cells only.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .base import AttentionPool, MILConfig, MILModel, MILOutput, pooling_mask
+from .base import AttentionPool, MILConfig, MILModel, MILOutput, embed_cells, pooling_mask
 from .batch import GridBatch
 from .grid_layout import CORNERS, GridLayout
 from .registry import register_model
@@ -38,7 +38,12 @@ class GridSSMConfig(MILConfig):
         attn_dim: width of the attention pooling's hidden layer.
         pool_padding: pool over every cell of the slide's grid (as published) instead of tissue cells only.
         pad_token_init: ``uniform`` (U[0, 1), as published) or ``zeros``.
-        grad_checkpoint: recompute each block in the backward pass (less memory, more time).
+        checkpoint_blocks: in training, recompute each block's activations in the backward pass instead of
+            keeping them (less memory, more time): ``on``, ``off``, or ``auto`` (on when the batch has more
+            than 65,536 cells, e.g. one slide of 256 × 256 cells).
+        channel_groups: when blocks are recomputed, run each block as this many groups of its inner
+            channels, one group's activations in memory at a time (None: enough groups that one group's
+            activations are about 64 MiB in float32).
         scan_backend: ``auto``, ``torch`` or ``cupy`` (see :mod:`wsi2dmamba.ops`).
     """
 
@@ -50,7 +55,8 @@ class GridSSMConfig(MILConfig):
     attn_dim: int = Field(default=128, gt=0)
     pool_padding: bool = False
     pad_token_init: Literal["uniform", "zeros"] = "uniform"
-    grad_checkpoint: bool = False
+    checkpoint_blocks: Literal["auto", "on", "off"] = "auto"
+    channel_groups: int | None = Field(default=None, gt=0)
     scan_backend: Literal["auto", "torch", "cupy"] = "auto"
 
     @field_validator("corners", check_fields=False)
@@ -60,6 +66,29 @@ class GridSSMConfig(MILConfig):
         if bad or not v:
             raise ValueError(f"corners must be a non-empty list of {', '.join(CORNERS)}; got {list(v)}")
         return tuple(v)
+
+
+LARGE_BATCH_CELLS = 65_536  # above this many cells, "auto" recomputes the blocks in training
+GROUP_BYTES = 64 * 2**20  # float32 bytes of one (B, channels, H, W) activation of a channel group
+
+
+def lean_groups(checkpoint_blocks: str, channel_groups: int | None, inner: int, shape: tuple[int, ...],
+                training: bool) -> int | None:
+    """Channel groups of the recomputed blocks, or None to run them plainly.
+
+    Args:
+        checkpoint_blocks: ``on``, ``off`` or ``auto`` (see :class:`GridSSMConfig`).
+        channel_groups: the configured number of groups, or None to choose one.
+        inner: the widest activation of a block, in channels.
+        shape: (B, H, W) of the batch's grid.
+        training: whether gradients will be taken.
+    """
+    cells = math.prod(shape)
+    if not training or checkpoint_blocks == "off" or (checkpoint_blocks == "auto" and cells <= LARGE_BATCH_CELLS):
+        return None
+    if channel_groups is not None:
+        return channel_groups
+    return max(1, min(inner, math.ceil(4 * cells * inner / GROUP_BYTES)))
 
 
 class GridSSMMIL(MILModel):
@@ -80,7 +109,7 @@ class GridSSMMIL(MILModel):
 
     def cells(self, batch: GridBatch) -> torch.Tensor:
         """(B, H, W, d) embedded cells: projected features at tissue cells, the padding token elsewhere."""
-        x = self.embed(batch.features)
+        x = embed_cells(self.embed, batch.features)
         x = torch.where(batch.tissue.unsqueeze(-1), x, self.pad_token.to(x.dtype))
         return torch.where(batch.valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
@@ -88,13 +117,16 @@ class GridSSMMIL(MILModel):
         mask = pooling_mask(batch, include_padding=self.config.pool_padding)
         layout = GridLayout.from_batch(batch)
         x = self.cells(batch)
+        groups = lean_groups(self.config.checkpoint_blocks, self.config.channel_groups, self.block_width(),
+                             tuple(batch.tissue.shape), self.training and torch.is_grad_enabled())
         for block in self.blocks:
-            if self.config.grad_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, layout, use_reentrant=False)
-            else:
-                x = block(x, layout)
+            x = block(x, layout) if groups is None else block.forward_lean(x, layout, groups)
         pooled, weights = self.pool(self.norm(x), mask)
         return MILOutput(self.head(pooled), weights)
+
+    def block_width(self) -> int:
+        """Channels of a block's widest activation."""
+        return self.config.expand * self.config.d_model
 
 
 class Mamba2DResidual(nn.Module):
@@ -107,6 +139,10 @@ class Mamba2DResidual(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
         return x + self.mixer(self.norm(x), layout)
+
+    def forward_lean(self, x: torch.Tensor, layout: GridLayout, groups: int) -> torch.Tensor:
+        """:meth:`forward` with the mixer's activations recomputed in the backward pass, by channel groups."""
+        return x + self.mixer.forward_lean(self.norm(x), layout, groups)
 
 
 class Mamba2DMILConfig(GridSSMConfig):
@@ -174,6 +210,10 @@ class M2DResidual(nn.Module):
     def forward(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
         return x + self.scale * self.mixer(self.norm(x), layout)
 
+    def forward_lean(self, x: torch.Tensor, layout: GridLayout, groups: int) -> torch.Tensor:
+        """:meth:`forward` with the mixer's activations recomputed in the backward pass, by channel groups."""
+        return x + self.scale * self.mixer.forward_lean(self.norm(x), layout, groups)
+
 
 class M2DMILConfig(GridSSMConfig):
     """Mamba2D-MIL options (see :class:`GridSSMConfig`), plus:
@@ -200,3 +240,7 @@ class M2DMIL(GridSSMMIL):
                         corner=config.corners[i % len(config.corners)], local_path=config.local_path,
                         backend=config.scan_backend)
             for i in range(config.n_layers))
+
+    def block_width(self) -> int:
+        hidden = 2 * self.config.d_model if self.config.local_path else 0  # the local path's pointwise ×2
+        return max(self.config.expand * self.config.d_model, hidden)

@@ -9,17 +9,26 @@ padding, which sits at the bottom and right, never reaches a slide's cells.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from .grid_layout import GridLayout, flip_to_corner, raster_conv1d, zero_padding
 
 ConvKind = Literal["dw2d", "causal1d", "none"]
 Init = Literal["mamba", "paper"]
+
+
+ALL = slice(None)  # every channel
+
+
+def _channels_bias(bias: torch.Tensor) -> torch.Tensor:
+    return bias[None, :, None, None]
 
 
 def _to_channels_first(x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +84,27 @@ def s4d_real_a_log(channels: int, d_state: int) -> torch.Tensor:
     return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(channels, 1)
 
 
+def channel_parts(channels: int, parts: int) -> list[slice]:
+    """Split ``channels`` into ``parts`` contiguous slices of nearly equal size."""
+    parts = max(1, min(parts, channels))
+    edges = [round(i * channels / parts) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def checkpointed_sum(part: Callable[..., torch.Tensor], slices: list[slice], *args) -> torch.Tensor:
+    """Σ over ``slices`` of ``part(sl, *args)``, each term recomputed in the backward pass.
+
+    Only ``args`` are kept for the backward; the activations of one term at a time exist while it
+    is recomputed, so the peak memory of a block whose channels are summed falls by ``len(slices)``.
+    The terms hold no randomness, so the random state is not saved and restored.
+    """
+    total = None
+    for sl in slices:
+        term = checkpoint(part, sl, *args, use_reentrant=False, preserve_rng_state=False)
+        total = term if total is None else total + term
+    return total
+
+
 class ScanParameters(nn.Module):
     """One set of selective-scan parameters: x_proj to (dt_low, B, C), dt_proj, A_log and D."""
 
@@ -90,13 +120,18 @@ class ScanParameters(nn.Module):
                 nn.init.uniform_(self.dt_proj.weight, -dt_rank**-0.5, dt_rank**-0.5)
                 self.dt_proj.bias.copy_(init_dt_bias(channels))
 
-    def scan(self, u: torch.Tensor, z: torch.Tensor | None, backend: str) -> torch.Tensor:
-        """2DMamba scan of (B, E, H, W) ``u`` from the top-left corner, gated by ``z`` when given."""
-        proj = channel_matmul(self.x_proj.weight, u)  # (B, R + 2N, H, W)
+    def project(self, u: torch.Tensor, sl: slice = ALL) -> torch.Tensor:
+        """(B, R + 2N, H, W) x_proj of (B, E, H, W) ``u``, or its share from the channels ``sl`` of u."""
+        return channel_matmul(self.x_proj.weight[:, sl], u)
+
+    def scan(self, u: torch.Tensor, z: torch.Tensor | None, proj: torch.Tensor, backend: str,
+             sl: slice = ALL) -> torch.Tensor:
+        """2DMamba scan of (B, E_sl, H, W) ``u`` (the channels ``sl``) from the top-left corner, gated by
+        ``z`` when given; ``proj`` is :meth:`project` of the whole u, mirrored as u is."""
         dt_low, b, c = proj.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = channel_matmul(self.dt_proj.weight, dt_low)  # the bias is added inside the scan, before softplus
-        return ops.selective_scan_2d(u, dt, -torch.exp(self.A_log.float()), b, c, self.D.float(), z,
-                                     self.dt_proj.bias.float(), backend=backend)
+        dt = channel_matmul(self.dt_proj.weight[sl], dt_low)  # the bias is added inside the scan, before softplus
+        return ops.selective_scan_2d(u, dt, -torch.exp(self.A_log[sl].float()), b, c, self.D[sl].float(), z,
+                                     self.dt_proj.bias[sl].float(), backend=backend)
 
 
 class Mamba2DBlock(nn.Module):
@@ -106,6 +141,10 @@ class Mamba2DBlock(nn.Module):
     The local conv is a depthwise 2D ``conv_kernel`` × ``conv_kernel`` conv (``dw2d``), or, as published,
     a causal depthwise conv of ``conv_kernel`` taps along the raster order (``causal1d``). Each corner in
     ``corners`` has its own scan parameters; their gated outputs are summed.
+
+    Everything but x_proj acts on each inner channel on its own, so :meth:`forward_lean` computes the
+    block as a sum over groups of channels, each recomputed in the backward pass (see
+    :func:`checkpointed_sum`): same output, a fraction of the activation memory.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, dt_rank: int | None = None,
@@ -113,6 +152,7 @@ class Mamba2DBlock(nn.Module):
                  init: Init = "mamba", backend: str = "auto") -> None:
         super().__init__()
         inner = expand * d_model
+        self.inner = inner
         dt_rank = dt_rank or math.ceil(d_model / 16)
         self.conv_kind, self.corners, self.backend = conv, tuple(corners), backend
         self.in_proj = nn.Linear(d_model, 2 * inner, bias=False)
@@ -125,21 +165,57 @@ class Mamba2DBlock(nn.Module):
         self.scans = nn.ModuleList(ScanParameters(inner, d_state, dt_rank, init) for _ in self.corners)
         self.out_proj = nn.Linear(inner, d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
-        """(B, H, W, d) → (B, H, W, d)."""
-        xs, z = cells_to_channels(self.in_proj.weight, x).chunk(2, dim=1)
+    def _sub(self, sl: slice) -> tuple[slice, slice]:
+        """Rows of in_proj for the x and z halves of the inner channels ``sl``."""
+        start, stop, _ = sl.indices(self.inner)
+        return slice(start, stop), slice(self.inner + start, self.inner + stop)
+
+    def _scan_input(self, x: torch.Tensor, layout: GridLayout, sl: slice) -> torch.Tensor:
+        """(B, E_sl, H, W) u = silu(conv(x half of in_proj)) of the inner channels ``sl``."""
+        xs = cells_to_channels(self.in_proj.weight[self._sub(sl)[0]], x)
         if self.conv_kind == "dw2d":
-            xs = self.conv(zero_padding(xs, layout))
+            n = xs.shape[1]
+            xs = F.conv2d(zero_padding(xs, layout), self.conv.weight[sl], self.conv.bias[sl],
+                          padding=self.conv.padding, groups=n)
         elif self.conv_kind == "causal1d":
-            xs = raster_conv1d(xs, self.conv, layout)
-        xs = F.silu(xs)
+            n = xs.shape[1]
+            w, b, pad = self.conv.weight[sl], self.conv.bias[sl], self.conv.padding
+            xs = raster_conv1d(xs, lambda seq: F.conv1d(seq, w, b, padding=pad, groups=n), layout)
+        return F.silu(xs)
+
+    def _projections(self, u: torch.Tensor, sl: slice = ALL) -> torch.Tensor:
+        """x_proj of every corner's scan parameters, concatenated on the channels (unmirrored)."""
+        return torch.cat([params.project(u, sl) for params in self.scans], dim=1)
+
+    def _mix(self, x: torch.Tensor, u: torch.Tensor, projs: torch.Tensor, layout: GridLayout,
+             sl: slice) -> torch.Tensor:
+        """out_proj share of the inner channels ``sl``: the scans of ``u`` from every corner, gated, summed."""
+        z = cells_to_channels(self.in_proj.weight[self._sub(sl)[1]], x)
         y = None
-        for corner, params in zip(self.corners, self.scans):
+        for corner, params, proj in zip(self.corners, self.scans, projs.chunk(len(self.corners), dim=1)):
             yc = flip_to_corner(
-                params.scan(flip_to_corner(xs, layout, corner), flip_to_corner(z, layout, corner), self.backend),
+                params.scan(flip_to_corner(u, layout, corner), flip_to_corner(z, layout, corner),
+                            flip_to_corner(proj, layout, corner), self.backend, sl),
                 layout, corner)
             y = yc if y is None else y + yc
-        return channels_to_cells(self.out_proj.weight, y)
+        return channels_to_cells(self.out_proj.weight[:, sl], y)
+
+    def forward(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        """(B, H, W, d) → (B, H, W, d)."""
+        u = self._scan_input(x, layout, ALL)
+        return self._mix(x, u, self._projections(u), layout, ALL)
+
+    def forward_lean(self, x: torch.Tensor, layout: GridLayout, groups: int) -> torch.Tensor:
+        """:meth:`forward` in ``groups`` groups of inner channels, each recomputed in the backward pass."""
+        slices = channel_parts(self.inner, groups)
+        projs = checkpointed_sum(self._projections_part, slices, x, layout)
+        return checkpointed_sum(self._mix_part, slices, x, projs, layout)
+
+    def _projections_part(self, sl: slice, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        return self._projections(self._scan_input(x, layout, sl), sl)
+
+    def _mix_part(self, sl: slice, x: torch.Tensor, projs: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        return self._mix(x, self._scan_input(x, layout, sl), projs, layout, sl)
 
 
 class _StarReLUFunction(torch.autograd.Function):
@@ -208,27 +284,55 @@ class M2DMixer(nn.Module):
         else:
             self.local_norm = None
 
-    def ssm(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
-        def channels_bias(bias: torch.Tensor) -> torch.Tensor:
-            return bias[None, :, None, None]
+    def _scan_input(self, x: torch.Tensor, sl: slice) -> torch.Tensor:
+        """(B, E_sl, H, W) u = gelu(in_proj(x)) of the inner channels ``sl`` (unmirrored)."""
+        return F.gelu(cells_to_channels(self.in_proj.weight[sl], x) + _channels_bias(self.in_proj.bias[sl]))
 
-        u = F.gelu(cells_to_channels(self.in_proj.weight, x) + channels_bias(self.in_proj.bias))  # (B, E, H, W)
+    def _projection(self, x: torch.Tensor, sl: slice) -> torch.Tensor:
+        """Share of the inner channels ``sl`` in x_proj(u) (unmirrored)."""
+        return channel_matmul(self.x_proj.weight[:, sl], self._scan_input(x, sl))
+
+    def _ssm(self, u: torch.Tensor, proj: torch.Tensor, layout: GridLayout, sl: slice) -> torch.Tensor:
+        """out_proj share (no bias) of the inner channels ``sl`` of the SSM path, from their ``u``."""
         u = flip_to_corner(u, layout, self.corner)
         r, n = self.dt_rank, self.d_state
-        dt_t, dt_l, b_t, b_l, c = channel_matmul(self.x_proj.weight, u).split([r, r, n, n, n], dim=1)
-        dt_t = F.softplus(channel_matmul(self.dt_proj_t.weight, dt_t) + channels_bias(self.dt_proj_t.bias))
-        dt_l = F.softplus(channel_matmul(self.dt_proj_l.weight, dt_l) + channels_bias(self.dt_proj_l.bias))
-        y = ops.mamba2d_scan(u, dt_t, dt_l, -torch.exp(self.A_log_t.float()), -torch.exp(self.A_log_l.float()),
-                             b_t, b_l, c, self.D.float(), backend=self.backend)
+        dt_t, dt_l, b_t, b_l, c = flip_to_corner(proj, layout, self.corner).split([r, r, n, n, n], dim=1)
+        dt_t = F.softplus(channel_matmul(self.dt_proj_t.weight[sl], dt_t) + _channels_bias(self.dt_proj_t.bias[sl]))
+        dt_l = F.softplus(channel_matmul(self.dt_proj_l.weight[sl], dt_l) + _channels_bias(self.dt_proj_l.bias[sl]))
+        y = ops.mamba2d_scan(u, dt_t, dt_l, -torch.exp(self.A_log_t[sl].float()),
+                             -torch.exp(self.A_log_l[sl].float()), b_t, b_l, c, self.D[sl].float(),
+                             backend=self.backend)
         y = F.gelu(flip_to_corner(y, layout, self.corner))
-        return channels_to_cells(self.out_proj.weight, y) + self.out_proj.bias
+        return channels_to_cells(self.out_proj.weight[:, sl], y)
 
-    def local(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
-        h = self.local_act1(self.local_in(self.local_norm(x)))
-        h = self.local_dw(zero_padding(_to_channels_first(h), layout))
-        return self.local_out(self.local_act2(_to_channels_last(h)))
+    def _local(self, x: torch.Tensor, layout: GridLayout, sl: slice) -> torch.Tensor:
+        """Share of the hidden channels ``sl`` of the local path."""
+        h = self.local_act1(F.linear(self.local_norm(x), self.local_in.weight[sl]))
+        h = _to_channels_first(h)
+        h = F.conv2d(zero_padding(h, layout), self.local_dw.weight[sl], padding=1, groups=h.shape[1])
+        return F.linear(self.local_act2(_to_channels_last(h)), self.local_out.weight[:, sl])
 
     def forward(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
         """(B, H, W, d) → (B, H, W, d)."""
-        out = self.ssm(x, layout)
-        return out if self.local_norm is None else out + self.local(x, layout)
+        u = self._scan_input(x, ALL)
+        out = self._ssm(u, channel_matmul(self.x_proj.weight, u), layout, ALL) + self.out_proj.bias
+        return out if self.local_norm is None else out + self._local(x, layout, ALL)
+
+    def forward_lean(self, x: torch.Tensor, layout: GridLayout, groups: int) -> torch.Tensor:
+        """:meth:`forward` in ``groups`` groups of channels, each recomputed in the backward pass."""
+        slices = channel_parts(self.in_proj.out_features, groups)
+        proj = checkpointed_sum(self._projection_part, slices, x)
+        out = checkpointed_sum(self._ssm_part, slices, x, proj, layout) + self.out_proj.bias
+        if self.local_norm is not None:
+            out = out + checkpointed_sum(self._local_part, channel_parts(self.local_in.out_features, groups),
+                                         x, layout)
+        return out
+
+    def _projection_part(self, sl: slice, x: torch.Tensor) -> torch.Tensor:
+        return self._projection(x, sl)
+
+    def _ssm_part(self, sl: slice, x: torch.Tensor, proj: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        return self._ssm(self._scan_input(x, sl), proj, layout, sl)
+
+    def _local_part(self, sl: slice, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
+        return self._local(x, layout, sl)

@@ -23,7 +23,7 @@ SMEM_LIMIT = 227 * 1024
 FIXED_SCALE = 2.0**-32  # the kernels' int64 fixed point of dB and dC
 # States per thread of the forward and the backward: fewer means more warps per block to hide the
 # latency of each row step; the backward also needs shared memory for its recomputed rows.
-STATES_PER_THREAD = 1
+STATES_PER_THREAD = 4
 BWD_STATES_PER_THREAD = 4
 
 
@@ -125,9 +125,19 @@ def _launch(kernel, tensors_and_ints, grid, cfg: LaunchConfig, smem: int, device
             args.append(np.int32(a))
     if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
         kernel.max_dynamic_shared_size_bytes = smem
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream, device.index)
-    with cupy.cuda.Device(device.index), stream:
+    with cupy.cuda.Device(device.index), _cupy_stream(device):
         kernel(grid, cfg.block, tuple(args), shared_mem=smem)
+
+
+def _cupy_stream(device: torch.device):
+    """PyTorch's current stream on ``device`` as a CuPy stream (no new CUDA stream is created)."""
+    import cupy
+
+    torch_stream = torch.cuda.current_stream(device)
+    try:
+        return cupy.cuda.Stream.from_external(torch_stream)
+    except (AttributeError, TypeError, ValueError):  # CuPy before the CUDA stream protocol
+        return cupy.cuda.ExternalStream(torch_stream.cuda_stream, device.index)
 
 
 def _prep(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -83,7 +83,8 @@ class PipelineResult:
 
 
 def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool = True,
-                 echo: Callable[[str], None] | None = None) -> PipelineResult:
+                 echo: Callable[[str], None] | None = None, executor: str = "local",
+                 ray_address: str | None = None) -> PipelineResult:
     """Run every stage of ``config`` (see the module docstring).
 
     Args:
@@ -91,6 +92,9 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
         force: redo every stage for every slide and fold.
         progress: show the run's progress (one bar for the run, with each stage's bar below it).
         echo: where one-line stage messages go (default: the progress bar's ``write``).
+        executor: where the slides of segment, tile and extract and the folds of train run: ``"local"``
+            or ``"ray"`` (see :mod:`wsi2dmamba.cohort.executors`).
+        ray_address: the Ray cluster for ``executor="ray"`` (None: start a local one).
 
     Raises:
         WsiError: the cohort or an option is invalid, or a stage left no slide to go on with.
@@ -123,7 +127,7 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
 
         for name, run in (("segment", _segment), ("tile", _tile), ("extract", _extract)):
             t0 = step(name)
-            summary = run(cohort, run_dir, config, force, progress)
+            summary = run(cohort, run_dir, config, force, progress, executor=executor, ray_address=ray_address)
             result.stages[name] = summary
             say(summary.line())
             for sid, reason in summary.failed.items():
@@ -136,7 +140,8 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
         features_dir = _features_dir(run_dir, config)
         for model in config.models:
             t0 = step(f"train {model}")
-            res = _train(cohort, features_dir, train_dir, config, model, force, progress)
+            res = _train(cohort, features_dir, train_dir, config, model, force, progress, executor=executor,
+                         ray_address=ray_address)
             counts = {"trained": sum(not f.skipped for f in res.folds), "skipped": sum(f.skipped for f in res.folds)}
             result.trained[model] = counts
             for w in res.warnings:
@@ -172,24 +177,27 @@ def _load_cohort(config: PipelineConfig, run_dir: Path, progress: bool) -> Cohor
     return load_cohort(config.cohort.manifest, slides_dir=config.cohort.slides_dir)
 
 
-def _segment(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool) -> StageSummary:
+def _segment(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool,
+             **executor: Any) -> StageSummary:
     from ..tissue.stage import segment_cohort
 
     return segment_cohort(cohort, run_dir, config.option("segment"), workers=config.run.workers,
-                          progress=progress, force=force)
+                          progress=progress, force=force, **executor)
 
 
-def _tile(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool) -> StageSummary:
+def _tile(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool,
+          **executor: Any) -> StageSummary:
     from ..tiling import tile_cohort
 
     return tile_cohort(cohort, run_dir, config.option("tile"), workers=config.run.workers,
-                       progress=progress, force=force)
+                       progress=progress, force=force, **executor)
 
 
-def _extract(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool) -> StageSummary:
+def _extract(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool,
+             **executor: Any) -> StageSummary:
     from ..features import extract_cohort
 
-    return extract_cohort(cohort, run_dir, config.option("extract"), progress=progress, force=force)
+    return extract_cohort(cohort, run_dir, config.option("extract"), progress=progress, force=force, **executor)
 
 
 def _features_dir(run_dir: Path, config: PipelineConfig) -> Path:
@@ -199,12 +207,12 @@ def _features_dir(run_dir: Path, config: PipelineConfig) -> Path:
 
 
 def _train(cohort: Cohort, features_dir: Path, train_dir: Path, config: PipelineConfig, model: str,
-           force: bool, progress: bool):
+           force: bool, progress: bool, **executor: Any):
     from ..training.loop import train_cohort
 
     return train_cohort(cohort, features_dir, train_dir, model, config.option("train"),
                         config.model_options.get(model) or None, splits=config.cohort.splits_dir,
-                        force=force, progress=progress)
+                        force=force, progress=progress, **executor)
 
 
 def _provenance(config: PipelineConfig) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from ..fileio import atomic_path
 from ..grid import write_tile_grid
 from ..tissue.config import SegmentConfig
 from ..tissue.geojson import read_geojson
-from ..tissue.pictures import save_png
+from ..tissue.pictures import load_rgb, save_png
 from ..tissue.segment import TissueSegmenter
 from ..tissue.stage import (OVERLAY_MAX_PX, read_segment_config, segment_params_hash, segment_paths,
                             write_segmentation)
@@ -35,7 +35,7 @@ def tile_outputs(record: SlideRecord, run_dir: Path) -> list[Path]:
 def _tissue_for(record: SlideRecord, slide, config: TileConfig, run_dir: Path):
     """The slide's tissue map from the run's GeoJSON (or a fresh segmentation when allowed).
 
-    Returns (tissue, thumbnail or None, how the tissue was obtained).
+    Returns (tissue, how it was obtained).
     """
     geo = segment_paths(run_dir, record.slide_id)["geojson"]
     expected = segment_params_hash(config.segment)
@@ -44,9 +44,9 @@ def _tissue_for(record: SlideRecord, slide, config: TileConfig, run_dir: Path):
                                     default_seg_mpp=config.segment.seg_mpp)
         found = meta.get("params_hash")
         if found is None:  # edited and exported by hand (e.g. QuPath): used as given
-            return tissue, None, "geojson (edited)"
+            return tissue, "geojson (edited)"
         if found == expected:
-            return tissue, None, "geojson"
+            return tissue, "geojson"
         if not config.segment_missing:
             raise StageInputError(
                 f"{geo} was made with other segmentation parameters (hash {found}, expected {expected}); "
@@ -57,10 +57,11 @@ def _tissue_for(record: SlideRecord, slide, config: TileConfig, run_dir: Path):
         raise StageInputError(f"No tissue contours for slide {record.slide_id!r}{why}: {geo} does not exist. "
                               "Run `wsi2dmamba segment` first, or pass --segment-missing.")
     tissue, thumb = TissueSegmenter(config.segment).segment_with_thumbnail(slide, OVERLAY_MAX_PX)
+    # Written like the segment stage does, so the contours can be looked at and edited.
     write_segmentation(segment_paths(run_dir, record.slide_id), tissue, thumb, slide_id=record.slide_id,
                        slide_path=str(record.path), mpp=slide.mpp, mpp_source=slide.mpp_source,
                        config=config.segment)
-    return tissue, thumb, "segmented while tiling"
+    return tissue, "segmented while tiling"
 
 
 def tile_slide(record: SlideRecord, config: TileConfig, run_dir: Path) -> dict:
@@ -69,7 +70,7 @@ def tile_slide(record: SlideRecord, config: TileConfig, run_dir: Path) -> dict:
 
     paths = tile_paths(run_dir, record.slide_id)
     with open_slide(record.path, mpp_override=record.mpp) as slide:
-        tissue, thumb, source = _tissue_for(record, slide, config, Path(run_dir))
+        tissue, source = _tissue_for(record, slide, config, Path(run_dir))
         if tissue.is_empty:
             raise SlideError(f"No tissue on slide {record.slide_id!r} ({record.path}); nothing to tile.")
         extra = {"tissue_source": source, "segment_params_hash": segment_params_hash(config.segment),
@@ -80,7 +81,11 @@ def tile_slide(record: SlideRecord, config: TileConfig, run_dir: Path) -> dict:
         if grid.n_tiles == 0:
             raise SlideError(f"Slide {record.slide_id!r}: no tile of {config.tile_px} px at {config.mpp} µm/px "
                              f"holds at least {config.min_tissue:.0%} tissue; lower --min-tissue or --tile-px.")
-        if thumb is None:
+        # The segmentation overlay is this slide's thumbnail with its contours: drawing the tiles over it
+        # shows both, and spares reading the slide again.
+        thumb = load_rgb(segment_paths(run_dir, record.slide_id)["overlay"])
+        expect = slide.downsampled_size(max(max(slide.dimensions) / OVERLAY_MAX_PX, 1.0))
+        if thumb is None or (thumb.shape[1], thumb.shape[0]) != expect:
             thumb = slide.thumbnail(OVERLAY_MAX_PX)
     write_tile_grid(paths["h5"], grid)
     with atomic_path(paths["picture"]) as tmp:

@@ -48,8 +48,19 @@ def overlay_picture(thumb: np.ndarray, tissue: TissueMap, level0_size: tuple[int
     return out
 
 
+def load_rgb(path) -> np.ndarray | None:
+    """An RGB picture written earlier, or None when it is missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, UnidentifiedImageError):
+        return None
+
+
 def save_png(path, image: np.ndarray) -> None:
     """Write an RGB or greyscale uint8 image as PNG to ``path`` (already a temporary name)."""
     from PIL import Image
 
-    Image.fromarray(image).save(path, format="PNG", optimize=False, compress_level=6)
+    Image.fromarray(image).save(path, format="PNG", optimize=False, compress_level=3)

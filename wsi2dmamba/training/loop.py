@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cohort import Cohort
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, TrainingError, WsiError
 from ..fileio import params_hash, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from ..grid import FeatureGrid
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
@@ -453,7 +453,8 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
                  model_name: str, config: TrainConfig, model_overrides: dict[str, Any] | None = None, *,
                  preset: str | None = None, name: str | None = None, splits: str | os.PathLike[str] | None = None,
                  folds_to_run: Sequence[int] | None = None, force: bool = False,
-                 callbacks: Sequence[EpochCallback] = (), progress: bool = True) -> TrainResults:
+                 callbacks: Sequence[EpochCallback] = (), progress: bool = True,
+                 executor: str = "local", ray_address: str | None = None) -> TrainResults:
     """Train ``model_name`` with k-fold cross-validation on a cohort's feature grids.
 
     Args:
@@ -468,8 +469,12 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
         splits: a folder of ``splits_<k>.csv`` (or one CSV) to use instead of making splits.
         folds_to_run: only these folds (e.g. one per job); default all.
         force: retrain folds that are complete or were trained with another configuration.
-        callbacks: called after every epoch with its log row.
+        callbacks: called after every epoch with its log row (in the process that trains the fold).
         progress: progress bars.
+        executor: ``"local"``: folds one after another in this process, or, when the device is a GPU
+            (``auto``/``cuda``) and several GPUs are visible, one worker process per GPU training folds
+            side by side; ``"ray"``: each fold a Ray task with one GPU (when the cluster has GPUs).
+        ray_address: the Ray cluster for ``executor="ray"`` (None: start a local one).
     """
     run_dir = Path(run_dir)
     name = name or (model_name if preset in (None, "default") else f"{model_name}-{preset}")
@@ -480,14 +485,76 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
     bad = [k for k in folds if not 0 <= k < len(resolved)]
     if bad:
         raise ConfigError(f"--fold {bad} out of range: the splits have folds 0…{len(resolved) - 1}")
-    needed = sorted({s for k in folds for s in resolved[k].partition_of()})
-    grids = load_feature_grids(cohort, features_dir, needed, progress=progress)
     classes = class_names(cohort) if config.task == "classification" else None
     model_dir = run_dir / "train" / name
     results = TrainResults(name, run_dir, model_dir, warnings=warnings)
+    fold_kwargs = dict(model_overrides=model_overrides, preset=preset, classes=classes,
+                       features_dir=str(features_dir), force=force, callbacks=callbacks)
+    spread = _fold_executor(executor, config, len(folds), ray_address)
+    if spread is not None:
+        results.folds += _train_folds_spread(spread, [resolved[k] for k in folds], cohort, features_dir,
+                                             model_dir, model_name, config, fold_kwargs, progress)
+        return results
+    needed = sorted({s for k in folds for s in resolved[k].partition_of()})
+    grids = load_feature_grids(cohort, features_dir, needed, progress=progress)
     for k in folds:
         results.folds.append(train_fold(resolved[k], cohort, grids, model_dir / f"fold_{k}", model_name, config,
                                         model_overrides=model_overrides, preset=preset, classes=classes,
                                         features_dir=str(features_dir), force=force, callbacks=callbacks,
                                         progress=progress))
     return results
+
+
+# ------------------------------------------------------------------------- folds in other processes
+
+def _fold_executor(executor: str, config: TrainConfig, n_folds: int, ray_address: str | None):
+    """The executor that trains folds side by side, or None to train them here, one after another."""
+    from ..cohort.executors import EXECUTORS, TaskResources, make_executor, visible_gpus
+
+    if executor not in EXECUTORS:
+        raise ConfigError(f"Unknown executor {executor!r}; use one of: {', '.join(EXECUTORS)}.")
+    on_gpu = config.device in ("auto", "cuda")
+    if executor == "ray":
+        if config.device.startswith("cuda:"):
+            raise ConfigError(f"--device {config.device}: with --executor ray each fold gets its GPU from Ray; "
+                              "use --device cuda or auto.")
+        return make_executor("ray", resources=TaskResources(cpus=1, gpus=1 if on_gpu else 0),
+                             ray_address=ray_address)
+    if ray_address:
+        raise ConfigError("--ray-address is only used with --executor ray.")
+    if on_gpu and n_folds > 1 and len(visible_gpus()) > 1:
+        return make_executor("local", resources=TaskResources(cpus=1, gpus=1))
+    return None
+
+
+def _train_fold_task(split: FoldSplit, cohort: Cohort, features_dir: str, fold_dir: Path, model_name: str,
+                     config: TrainConfig, fold_kwargs: dict[str, Any]) -> FoldResult:
+    """One fold in a worker process: load its grids, train it there (on the worker's GPU, if any)."""
+    grids = load_feature_grids(cohort, features_dir, sorted(split.partition_of()), progress=False)
+    return train_fold(split, cohort, grids, fold_dir, model_name, config, progress=False, **fold_kwargs)
+
+
+def _train_folds_spread(executor: Any, splits: list[FoldSplit], cohort: Cohort, features_dir: Any,
+                        model_dir: Path, model_name: str, config: TrainConfig, fold_kwargs: dict[str, Any],
+                        progress: bool) -> list[FoldResult]:
+    """Train ``splits`` as tasks of ``executor``; every fold runs to its end before the first error is raised."""
+    from tqdm.auto import tqdm
+
+    tasks = [(sp.fold, (sp, cohort, str(features_dir), model_dir / f"fold_{sp.fold}", model_name, config,
+                        fold_kwargs)) for sp in splits]
+    done: list[FoldResult] = []
+    errors: list[tuple[int, BaseException]] = []
+    with tqdm(total=len(tasks), desc=f"{model_dir.name} folds ({executor.describe()})", unit="fold",
+              disable=not progress) as bar:
+        for out in executor.map(_train_fold_task, tasks):
+            if out.ok:
+                done.append(out.value)
+            else:
+                errors.append((out.key, out.error))
+            bar.update(1)
+    if errors:
+        fold, exc = min(errors, key=lambda e: e[0])
+        if isinstance(exc, WsiError):
+            raise exc
+        raise TrainingError(f"{model_dir.name} fold {fold} did not finish: {type(exc).__name__}: {exc}") from exc
+    return sorted(done, key=lambda r: r.fold)

@@ -1,0 +1,415 @@
+"""Fault tests: runs killed with SIGKILL, a full disk, slides that change or vanish, two runs at once.
+
+Every stage is run on real slides (copies of the CC0 CMU-1-Small-Region slide under several ids) in a
+child process that is killed with SIGKILL at random moments (and once at the moment a temporary file
+appears, i.e. in the middle of a write), then restarted. After every kill no half-written file may be
+visible under its final name; after the restart the run must hold the same files as an uninterrupted run
+(only creation times may differ) and ``verify`` must pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wsi2dmamba.cohort import load_cohort, run_stage
+from wsi2dmamba.cohort.verify import check_content, verify_run
+from wsi2dmamba.errors import WsiError
+from wsi2dmamba.fileio import write_text_atomic
+
+pytest_plugins = ["conftest_reliability"]
+
+SLIDE = Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
+KILLS_PER_STAGE = int(os.environ.get("WSI_FAULT_KILLS", 3))
+SEED = int(os.environ.get("WSI_FAULT_SEED", 0)) or random.randrange(1, 10**6)
+
+# Runs one stage of the library over a manifest, in a child process that the tests kill.
+DRIVER = textwrap.dedent("""
+    import sys
+    stage, manifest, run = sys.argv[1:4]
+    from wsi2dmamba.cohort import load_cohort
+    cohort = load_cohort(manifest)
+    if stage == "segment":
+        from wsi2dmamba.tissue import segment_cohort as stage_fn
+    elif stage == "tile":
+        from wsi2dmamba.tiling import tile_cohort as stage_fn
+    else:
+        raise SystemExit(f"unknown stage {stage}")
+    summary = stage_fn(cohort, run, progress=False, workers=int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+    print(summary.line())
+    raise SystemExit(0 if summary.ok else 1)
+""")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+def make_cohort(folder: Path, ids: list[str], copy: bool = False) -> Path:
+    """A manifest of ``ids``, each a copy (or a link) of the test slide in ``folder``; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for sid in ids:
+        dst = folder / f"{sid}.svs"
+        if copy:
+            shutil.copy(SLIDE, dst)
+        else:
+            os.symlink(SLIDE, dst)
+    m = folder / "cohort.csv"
+    m.write_text("slide_id,path\n" + "".join(f"{s},{s}.svs\n" for s in ids))
+    return m
+
+
+def driver_cmd(stage: str, manifest: Path, run: Path, workers: int = 1) -> list[str]:
+    return [sys.executable, "-c", DRIVER, stage, str(manifest), str(run), str(workers)]
+
+
+def run_to_end(cmd: list[str]) -> float:
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return time.perf_counter() - t
+
+
+def visible_files(run: Path) -> list[Path]:
+    """Files a user or a later stage would read: everything but temporaries and locks."""
+    return sorted(p for p in run.rglob("*") if p.is_file() and not p.name.startswith((".tmp-", ".lock")))
+
+
+def assert_all_whole(run: Path) -> int:
+    """Every visible file is complete and valid for its kind; returns how many were checked."""
+    from PIL import Image
+
+    files = visible_files(run)
+    for p in files:
+        assert p.stat().st_size > 0 or p.suffix not in (".h5", ".png", ".json", ".geojson"), f"empty {p}"
+        if p.suffix == ".png":
+            with Image.open(p) as im:
+                im.load()
+        else:
+            problem = check_content(p)
+            assert problem is None, f"half-written or invalid file visible: {p}: {problem}"
+    return len(files)
+
+
+def kill_at_random_points(cmd: list[str], run: Path, full_seconds: float, rng: random.Random, counts) -> int:
+    """Start ``cmd`` and SIGKILL its whole process group, ``KILLS_PER_STAGE`` times: the first time as
+    soon as a temporary output file appears (in the middle of a write), then at random moments. Returns
+    the number of kills that hit a running process."""
+    hits = 0
+    for k in range(KILLS_PER_STAGE):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        if k == 0:
+            deadline = time.monotonic() + 2 * full_seconds
+            while time.monotonic() < deadline and proc.poll() is None:
+                if run.is_dir() and any(run.rglob(".tmp-*")):
+                    break
+                time.sleep(0.002)
+        else:
+            time.sleep(rng.uniform(0.05, full_seconds))
+        alive = proc.poll() is None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if alive:
+            hits += 1
+            counts("faults")
+        counts("files", assert_all_whole(run))
+    return hits
+
+
+IGNORED_STATE_KEYS = {"finished_at", "seconds"}  # creation-time only
+IGNORED_H5_ATTRS = {"created"}
+
+
+def compare_runs(ref: Path, got: Path) -> int:
+    """Assert both runs hold the same files with the same content, creation times aside; returns the
+    number of files compared."""
+    rel = lambda root: {p.relative_to(root) for p in visible_files(root)}  # noqa: E731
+    a, b = rel(ref), rel(got)
+    assert a == b, f"only in the uninterrupted run: {sorted(a - b)}; only in the killed one: {sorted(b - a)}"
+    for r in sorted(a):
+        pa, pb = ref / r, got / r
+        if ".state" in r.parts:
+            sa, sb = json.loads(pa.read_text()), json.loads(pb.read_text())
+            for s in (sa, sb):
+                for k in IGNORED_STATE_KEYS:
+                    s.pop(k, None)
+                # An .h5 file's hash covers its creation time; verify checks it against the file itself.
+                s["outputs"] = {k: (v if not k.endswith(".h5") else "h5") for k, v in s["outputs"].items()}
+            assert sa == sb, f"state {r} differs"
+        elif r.suffix == ".csv" and r.name.startswith("ledger"):
+            ra, rb = (list(csv.DictReader(open(p))) for p in (pa, pb))
+            for row in ra + rb:
+                for k in IGNORED_STATE_KEYS:
+                    row.pop(k, None)
+            assert ra == rb, f"{r} differs"
+        elif r.suffix == ".h5":
+            assert_same_h5(pa, pb)
+        else:
+            assert pa.read_bytes() == pb.read_bytes(), f"{r} differs"
+    return len(a)
+
+
+def assert_same_h5(pa: Path, pb: Path) -> None:
+    import h5py
+
+    with h5py.File(pa, "r") as fa, h5py.File(pb, "r") as fb:
+        names_a, names_b = [], []
+        fa.visit(names_a.append)
+        fb.visit(names_b.append)
+        assert names_a == names_b, f"{pb}: other datasets"
+        for objs in ((fa, fb), *((fa[n], fb[n]) for n in names_a)):
+            ka = {k: v for k, v in objs[0].attrs.items() if k not in IGNORED_H5_ATTRS}
+            kb = {k: v for k, v in objs[1].attrs.items() if k not in IGNORED_H5_ATTRS}
+            assert ka.keys() == kb.keys(), f"{pb}:{objs[1].name}: other attributes"
+            for k in ka:
+                assert np.array_equal(np.asarray(ka[k]), np.asarray(kb[k])), f"{pb}:{objs[1].name}@{k} differs"
+        for n in names_a:
+            if isinstance(fa[n], h5py.Dataset):
+                assert fa[n].dtype == fb[n].dtype and np.array_equal(fa[n][...], fb[n][...]), f"{pb}:{n} differs"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted segment + tile run of three slides; returns (manifest, run, seconds per stage)."""
+    root = tmp_path_factory.mktemp("reference")
+    manifest = make_cohort(root / "slides", ["a", "b", "c"])
+    run = root / "run"
+    seconds = {stage: run_to_end(driver_cmd(stage, manifest, run)) for stage in ("segment", "tile")}
+    return manifest, run, seconds
+
+
+# ------------------------------------------------------------------------------------------- SIGKILL
+
+@pytest.mark.parametrize("stage,workers", [("segment", 1), ("tile", 2)])
+def test_killed_stage_resumes_to_identical_files(stage, workers, reference, tmp_path, counts):
+    """SIGKILL at random points of a stage, restart: same files as the uninterrupted run, never a
+    half-written file visible, and ``verify`` passes."""
+    manifest_ref, run_ref, seconds = reference
+    rng = random.Random(SEED + len(stage))
+    manifest = make_cohort(tmp_path / "slides", ["a", "b", "c"])
+    run = tmp_path / "run"
+    if stage == "tile":  # the tile stage reads the segment stage's files: copy the finished ones
+        shutil.copytree(run_ref / "segment", run / "segment")
+    # Slide paths differ between the two runs (each has its own links): compare with them masked.
+    hits = kill_at_random_points(driver_cmd(stage, manifest, run, workers), run, seconds[stage], rng, counts)
+    run_to_end(driver_cmd(stage, manifest, run, workers))
+    counts("files", assert_all_whole(run))
+    assert not list(run.rglob(".tmp-*")), "temporaries left after a finished run"
+    ref_view, got_view = tmp_path / "ref_view", tmp_path / "got_view"
+    _masked_copy(run_ref, ref_view, str(manifest_ref.parent), stage)
+    _masked_copy(run, got_view, str(manifest.parent), stage)
+    counts("files", compare_runs(ref_view, got_view))
+    report = verify_run(run)
+    counts("files", report.files_checked)
+    assert report.ok and not report.warnings, [f.line() for f in report.findings]
+    print(f"{stage}: {hits} kill(s) hit a running process (seed {SEED})")
+
+
+def _masked_copy(run: Path, dst: Path, slides_dir: str, stage: str) -> None:
+    """A copy of the run's ``stage`` folder, ledger and segment config in which the slide folder's path
+    is replaced by a fixed name (text files and HDF5 attributes), so two runs on different slide
+    folders compare equal."""
+    import h5py
+
+    folder = "segment" if stage == "segment" else "tiles"
+    shutil.copytree(run / folder, dst / folder, ignore=shutil.ignore_patterns(".lock*", ".tmp-*"))
+    rows = [r for r in csv.DictReader(open(run / "ledger.csv")) if r["stage"] == folder]
+    with open(dst / "ledger.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    for p in dst.rglob("*"):
+        if p.suffix in (".json", ".geojson"):
+            data = json.loads(p.read_text())
+            if ".state" in p.parts:
+                data.pop("source", None)  # fingerprint of each run's own link
+            p.write_text(json.dumps(data, sort_keys=True).replace(slides_dir, "SLIDES"))
+        elif p.suffix == ".h5":
+            with h5py.File(p, "r+") as f:
+                for k, v in list(f.attrs.items()):
+                    if isinstance(v, str) and slides_dir in v:
+                        f.attrs[k] = v.replace(slides_dir, "SLIDES")
+
+
+# ------------------------------------------------------------------------------------------- full disk
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real, small file system (tmpfs) mounted on a fresh folder; yields (folder, remount(size))."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if sys.platform != "linux" or shutil.which("mount") is None:
+        pytest.skip("needs Linux mount to make a small file system")
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)], capture_output=True,
+                         text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root or CAP_SYS_ADMIN): {res.stderr.strip()}")
+
+    def resize(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mnt)], check=True)
+
+    try:
+        yield mnt, resize
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_atomic_write_leaves_nothing(small_fs, counts):
+    mnt, _ = small_fs
+    write_text_atomic(mnt / "small.txt", "kept")
+    with pytest.raises(WsiError, match=r"No space left on the device while writing .*big\.txt.*free space"):
+        write_text_atomic(mnt / "big.txt", "x" * (4 << 20))
+    counts("faults")
+    assert sorted(p.name for p in mnt.iterdir()) == ["small.txt"]
+    assert (mnt / "small.txt").read_text() == "kept"
+
+
+def test_full_disk_grid_writers_fail_cleanly(small_fs, counts):
+    """A feature grid larger than the disk: a clear error, nothing left, and the process survives (HDF5
+    can crash a process whose write fails while it closes a file, so this runs in a child process)."""
+    mnt, _ = small_fs
+    code = textwrap.dedent(f"""
+        import numpy as np, os, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_bad_input import _feature_grid
+        from wsi2dmamba.errors import WsiError
+        from wsi2dmamba.grid import write_feature_grid, write_tile_grid
+        write_tile_grid({str(mnt / "t.h5")!r}, _feature_grid(dim=8))
+        for i in range(3):
+            try:
+                write_feature_grid({str(mnt / "f.h5")!r}, _feature_grid(dim=4096, n_rows=12, n_cols=12))
+            except WsiError as exc:
+                print("clear error:", exc)
+        import gc; gc.collect()
+        print(sorted(os.listdir({str(mnt)!r})))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, f"child died ({res.returncode}): {res.stderr[-2000:]}"
+    assert res.stdout.count("clear error: No space left on the device while writing") == 3
+    assert res.stdout.strip().endswith("['t.h5']"), res.stdout
+    counts("faults", 3)
+
+
+def test_full_disk_mid_stage_then_resume(small_fs, tmp_path, reference, counts):
+    """The disk fills up in the middle of segmenting a cohort: a clear error or failures naming the
+    disk, no partial file, and after freeing space the rerun completes to the same files."""
+    from wsi2dmamba.tissue import segment_cohort
+
+    mnt, resize = small_fs
+    manifest_ref, run_ref, _ = reference
+    manifest = make_cohort(tmp_path / "slides", ["a", "b", "c"])
+    cohort = load_cohort(manifest)
+    run = mnt / "run"
+    try:
+        summary = segment_cohort(cohort, run, progress=False)
+    except WsiError as exc:
+        message = str(exc)
+    else:
+        assert summary.failed, "the small disk did not fill up"
+        message = " ".join(summary.failed.values())
+    counts("faults")
+    assert "No space left on the device" in message
+    counts("files", assert_all_whole(run))
+    assert not list(run.rglob(".tmp-*"))
+    resize("64m")
+    summary = segment_cohort(cohort, run, progress=False)
+    assert summary.ok and summary.done, summary.failed
+    ref_view, got_view = tmp_path / "ref_view", tmp_path / "got_view"
+    _masked_copy(run_ref, ref_view, str(manifest_ref.parent), "segment")
+    _masked_copy(run, got_view, str(manifest.parent), "segment")
+    counts("files", compare_runs(ref_view, got_view))
+
+
+# ------------------------------------------------------------------------------------------- changing slides
+
+def test_slide_that_disappears_is_a_clear_failure(tmp_path, counts):
+    from wsi2dmamba.tissue import segment_cohort
+
+    manifest = make_cohort(tmp_path / "slides", ["a", "b"], copy=True)
+    cohort = load_cohort(manifest)
+    (tmp_path / "slides" / "b.svs").unlink()  # after the manifest was checked, before b is read
+    counts("faults")
+    summary = segment_cohort(cohort, tmp_path / "run", progress=False)
+    assert summary.done == ["a"] and set(summary.failed) == {"b"}
+    assert str(tmp_path / "slides" / "b.svs") in summary.failed["b"] and "unexpected" not in summary.failed["b"]
+    assert not (tmp_path / "run" / "segment" / "b.geojson").exists()
+
+
+def segment_while_the_slide_changes(record, config, run_dir):
+    """The segment stage's work, during which the slide file is rewritten (as by a scanner re-export)."""
+    from wsi2dmamba.tissue.stage import segment_slide
+
+    info = segment_slide(record, config, run_dir)
+    st = os.stat(record.path)
+    os.utime(record.path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    return info
+
+
+def test_slide_changed_during_processing_is_detected_and_redone(tmp_path, counts):
+    from wsi2dmamba.tissue import SegmentConfig
+    from wsi2dmamba.tissue.stage import segment_cohort, segment_outputs
+
+    manifest = make_cohort(tmp_path / "slides", ["a", "b"], copy=True)
+    cohort = load_cohort(manifest)
+    run = tmp_path / "run"
+    summary = run_stage("segment", cohort, run, SegmentConfig(), segment_while_the_slide_changes,
+                        segment_outputs, progress=False)
+    counts("faults", 2)
+    assert set(summary.failed) == {"a", "b"}
+    assert all("changed or disappeared while" in r for r in summary.failed.values())
+    # Once the files are stable, a rerun redoes them; later a change between runs redoes that slide only.
+    assert segment_cohort(cohort, run, progress=False).done == ["a", "b"]
+    with open(tmp_path / "slides" / "b.svs", "ab") as fh:
+        fh.write(b"\0")
+    counts("faults")
+    again = segment_cohort(cohort, run, progress=False)
+    assert again.done == ["b"] and again.skipped == ["a"]
+
+
+# ------------------------------------------------------------------------------------------- two runs at once
+
+def test_second_run_on_the_same_folder_is_refused(tmp_path, counts):
+    from filelock import FileLock, Timeout
+
+    from wsi2dmamba.tissue import segment_cohort
+
+    manifest = make_cohort(tmp_path / "slides", ["a", "b", "c"])
+    run = tmp_path / "run"
+    first = subprocess.Popen(driver_cmd("segment", manifest, run), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    lock = run / "segment" / ".lock"
+    deadline = time.monotonic() + 60
+    held = False
+    while time.monotonic() < deadline and first.poll() is None and not held:
+        if lock.exists():
+            try:
+                FileLock(str(lock)).acquire(timeout=0)
+            except Timeout:
+                held = True
+                break
+            else:
+                FileLock(str(lock)).release()
+        time.sleep(0.01)
+    assert held, "the first run never held its lock"
+    counts("faults")
+    with pytest.raises(WsiError, match="Another process is running"):
+        segment_cohort(load_cohort(manifest), run, progress=False)
+    out, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert "3 done" in out
+    report = verify_run(run)
+    counts("files", report.files_checked)
+    assert report.ok, [f.line() for f in report.findings]
