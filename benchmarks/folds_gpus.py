@@ -117,17 +117,29 @@ def make_cohort(lattice: Path, work: Path, patients: int, dim: int, seed: int = 
 def train(manifest: Path, features: Path, out: Path, model: str, folds: int, epochs: int,
           device: str = "cuda") -> dict:
     """One timed ``train_cohort`` run (in this process, with the GPUs this process sees)."""
+    import pandas as pd
+
     from wsi2dmamba.cohort import load_cohort
     from wsi2dmamba.cohort.executors import visible_gpus
     from wsi2dmamba.training import TrainConfig, train_cohort
 
     cohort = load_cohort(manifest, require_path=False, check_files=False)
     config = TrainConfig(folds=folds, epochs=epochs, device=device, precision="bf16" if device == "cuda" else "fp32")
+    start = time.time()
     t0 = time.perf_counter()
     res = train_cohort(cohort, features, out, model, config, progress=False)
     seconds = time.perf_counter() - t0
+    timeline = []
+    for f in res.folds:
+        # config.json is written when the fold's model is on its device, done.json when the fold ends;
+        # log.csv holds the seconds of each epoch's training and validation (checkpoint writing excluded).
+        began = (f.fold_dir / "config.json").stat().st_mtime - start
+        ended = (f.fold_dir / "done.json").stat().st_mtime - start
+        epochs = pd.read_csv(f.fold_dir / "log.csv")["seconds"].sum()
+        timeline.append({"fold": f.fold, "began_s": round(began, 1), "ended_s": round(ended, 1),
+                         "epoch_seconds": round(float(epochs), 1)})
     return {"gpus": visible_gpus(), "seconds": seconds, "folds": [f.fold for f in res.folds],
-            "best": [round(f.best_value, 6) for f in res.folds]}
+            "best": [round(f.best_value, 6) for f in res.folds], "timeline": timeline}
 
 
 class GpuSampler:

@@ -1,7 +1,13 @@
 """Milliseconds and peak memory of the 2D scans: CuPy kernels vs the PyTorch reference (docs/scans.md §4).
 
 Run on a CUDA machine with CuPy:  python benchmarks/scans.py [--skip-reference] [--reps 20]
-Peak MiB is the memory allocated above the inputs and the output gradient during the call.
+
+Memory, two figures per call, both from ``torch.cuda.max_memory_allocated`` during one call, above
+what was allocated before it (the inputs and the output gradient):
+- "MiB": everything the call allocated, including its results (the output; in forward+backward also
+  the input gradients, which at 196 x 196 x 256 fp32 are 4 x 37.5 MiB alone);
+- "work MiB": the same minus the bytes of the results, i.e. the op's own workspace (checkpoint rows,
+  fixed-point gradient accumulators, temporaries).
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ def make_inputs(kind, batch, E, H, W, dtype):
 
 
 def measure(kind, backend, x, dout, backward, reps):
-    """Median ms over ``reps`` calls and peak MiB above the inputs."""
+    """Median ms over ``reps`` calls, peak MiB above the inputs, and that peak less the results' bytes."""
     fn = selective_scan_2d if kind == "2dmamba" else mamba2d_scan
     leaves = {k: v.requires_grad_(backward) for k, v in x.items()}
 
@@ -63,6 +69,10 @@ def measure(kind, backend, x, dout, backward, reps):
     call()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    results = dout.numel() * dout.element_size()  # the output
+    if backward:
+        results += sum(v.numel() * v.element_size() for v in leaves.values())  # one gradient per input
+    work = peak - results / 2**20
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -73,7 +83,7 @@ def measure(kind, backend, x, dout, backward, reps):
         times.append(start.elapsed_time(end))
     for v in leaves.values():
         v.grad = None
-    return statistics.median(times), peak
+    return statistics.median(times), peak, work
 
 
 def copy_bandwidth():
@@ -106,18 +116,22 @@ def main():
     p.add_argument("--states-per-thread", type=int, default=cupy_scans.STATES_PER_THREAD)
     p.add_argument("--bwd-states-per-thread", type=int, default=cupy_scans.BWD_STATES_PER_THREAD)
     p.add_argument("--smem-budget-kib", type=int, default=cupy_scans.BWD_SMEM_BUDGET // 1024)
+    p.add_argument("--fwd-band-rows", type=int, default=cupy_scans.FWD_BAND_ROWS)
+    p.add_argument("--kinds", default="2dmamba,mamba2d")
     args = p.parse_args()
+    cupy_scans.FWD_BAND_ROWS = args.fwd_band_rows
     cupy_scans.STATES_PER_THREAD = args.states_per_thread
     cupy_scans.BWD_SMEM_BUDGET = args.smem_budget_kib * 1024
     cupy_scans.BWD_STATES_PER_THREAD = args.bwd_states_per_thread
     shapes_all = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, N = {N_STATE}")
-    print("scan     dtype    shape (batch,E,H,W)   backend  fwd ms  fwd+bwd ms  fwd MiB  fwd+bwd MiB  roofline fwd ms")
+    print("scan     dtype    shape (batch,E,H,W)   backend  fwd ms  fwd+bwd ms  fwd MiB  fwd+bwd MiB  "
+          "fwd+bwd work MiB  roofline fwd ms")
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         shapes = shapes_all if dtype == torch.float32 else [(1, 256, 196, 196)]
-        for kind in ("2dmamba", "mamba2d"):
+        for kind in args.kinds.split(","):
             for batch, E, H, W in shapes:
                 x = make_inputs(kind, batch, E, H, W, dtype)
                 dout = torch.randn(batch, E, H, W, device="cuda", dtype=dtype)
@@ -125,9 +139,9 @@ def main():
                 for backend in backends:
                     try:
                         reps = args.reps if backend == "cupy" else max(3, args.reps // 5)
-                        f_ms, f_mib = measure(kind, backend, x, dout, False, reps)
-                        b_ms, b_mib = measure(kind, backend, x, dout, True, reps)
-                        row = f"{f_ms:7.3f}  {b_ms:9.3f}  {f_mib:8.1f}  {b_mib:10.1f}"
+                        f_ms, f_mib, _ = measure(kind, backend, x, dout, False, reps)
+                        b_ms, b_mib, b_work = measure(kind, backend, x, dout, True, reps)
+                        row = f"{f_ms:7.3f}  {b_ms:9.3f}  {f_mib:8.1f}  {b_mib:10.1f}  {b_work:15.1f}"
                     except torch.cuda.OutOfMemoryError:
                         row = "out of memory"
                         torch.cuda.empty_cache()

@@ -266,9 +266,13 @@ extern "C" __global__ void __launch_bounds__(NTX * NGRP)
 scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restrict__ dt2, const T* __restrict__ z,
            const T* __restrict__ B1, const T* __restrict__ B2, const T* __restrict__ C, const float* __restrict__ A1,
            const float* __restrict__ A2, const float* __restrict__ D, const float* __restrict__ dt_bias,
-           T* __restrict__ out, float* __restrict__ ckpt, int H, int W, int E, int R) {
+           T* __restrict__ out, float* __restrict__ ckpt, float* __restrict__ dtsum, int H, int W, int E, int R,
+           int RB) {
     extern __shared__ float smem[];
     const int be = blockIdx.x, b = be / E, e = be % E;
+    // band of rows [i0, i1) scanned from zero state (2DMamba only; Mamba2D runs one band of all rows)
+    const int band = blockIdx.y, nband = gridDim.y;
+    const int i0 = band * RB, i1 = min(H, i0 + RB);
     const int tx = threadIdx.x, ty = threadIdx.y, lane = tx & 31, warp = tx >> 5;
     const int c0 = tx * K;
     const long HW = (long)H * W;
@@ -295,10 +299,15 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
 #pragma unroll
         for (int k = 0; k < K; ++k) hv[s][k] = 0.f;
 
-    for (int i = 0; i < H; ++i) {
+    float dsum[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) dsum[k] = 0.f;
+    for (int i = i0; i < i1; ++i) {
         float uu[K], d1[K], d2[K];
         load_row(i, W, c0, up, d1p, d2p, bias, uu, d1, d2);
         forward_row(i, W, HW, c0, uu, d1, d2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp);
+#pragma unroll
+        for (int k = 0; k < K; ++k) dsum[k] += d1[k];
         const long row = (long)i * W;
         float yp[K];
 #pragma unroll
@@ -337,7 +346,74 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
         }
         __syncthreads();
     }
+#if MODE == 0
+    // the column sums of dt over the band: the band's vertical decay exp(A * sum dt) for the carry pass
+    if (band + 1 < nband && ty == 0) {
+        float* dp = dtsum + ((long)be * (nband - 1) + band) * W;
+#pragma unroll
+        for (int k = 0; k < K; ++k)
+            if (c0 + k < W) dp[c0 + k] = dsum[k];
+    }
+#endif
 }
+
+#if MODE == 0
+// Carry pass of the banded 2DMamba forward: turn each band's last-row states, scanned from zero
+// state, into the true states, in place: h(end of band k) += exp(A * sum dt over band k) * h(end of
+// band k-1). One thread per (batch*channel, state, column); bands in order.
+extern "C" __global__ void scan2d_carry(float* __restrict__ ckpt, const float* __restrict__ dtsum,
+                                        const float* __restrict__ A1, int W, int E, int nband, long total) {
+    for (long t = (long)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += (long)gridDim.x * blockDim.x) {
+        const int j = (int)(t % W);
+        const int n = (int)((t / W) % NS);
+        const long be = t / ((long)W * NS);
+        const float a = A1[(be % E) * NS + n] * LOG2E;
+        float carry = 0.f;
+        for (int k = 0; k + 1 < nband; ++k) {
+            const long at = ((be * (nband - 1) + k) * NS + n) * W + j;
+            carry = ckpt[at] + exp2f(a * dtsum[(be * (nband - 1) + k) * W + j]) * carry;
+            ckpt[at] = carry;
+        }
+    }
+}
+
+// Output correction of the banded 2DMamba forward: the state carried into band k (k >= 1) decays
+// down each column by exp(A * cumulative dt), so out[i, j] += silu(z) * sum_n C * exp(A * cum dt) * carry.
+// One thread per (batch*channel, band, column); the carries are the true states left by scan2d_carry.
+extern "C" __global__ void scan2d_fix(const T* __restrict__ dt1, const T* __restrict__ z, const T* __restrict__ C,
+                                      const float* __restrict__ A1, const float* __restrict__ dt_bias,
+                                      const float* __restrict__ ckpt, T* __restrict__ out, int H, int W, int E,
+                                      int RB) {
+    const int j = blockIdx.z * blockDim.x + threadIdx.x;
+    const int band = blockIdx.y + 1, nband = gridDim.y + 1;
+    const int be = blockIdx.x, b = be / E, e = be % E;
+    if (j >= W) return;
+    const long HW = (long)H * W;
+    const int i0 = band * RB, i1 = min(H, i0 + RB);
+    const float bias = dt_bias ? dt_bias[e] : 0.f;
+    float carry[NS], a[NS];
+    const float* cp = ckpt + ((long)be * (nband - 1) + band - 1) * NS * W + j;
+#pragma unroll
+    for (int n = 0; n < NS; ++n) {
+        carry[n] = cp[n * W];
+        a[n] = A1[e * NS + n] * LOG2E;
+    }
+    const T* Cp = C + (long)b * NS * HW + j;
+    float cum = 0.f;
+    for (int i = i0; i < i1; ++i) {
+        const long idx = (long)be * HW + (long)i * W + j;
+        cum += softplusf_(ld(dt1, idx) + bias);
+        float corr = 0.f;
+#pragma unroll
+        for (int n = 0; n < NS; ++n) corr += ld(Cp, n * HW + (long)i * W) * exp2f(a[n] * cum) * carry[n];
+        if (z) {
+            const float zz = ld(z, idx);
+            corr *= zz * sigmoidf_(zz);
+        }
+        st(out, idx, ld(out, idx) + corr);
+    }
+}
+#endif
 
 __device__ __forceinline__ void fixed_add(unsigned long long* p, float v) {
     atomicAdd(p, (unsigned long long)__float2ll_rn(v * FIXED_SCALE));

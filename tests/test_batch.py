@@ -109,7 +109,7 @@ def run_and_kill(args, state_dir, timeout=90):
     t0 = time.monotonic()
     try:
         while proc.poll() is None and time.monotonic() - t0 < timeout:
-            if state_dir.is_dir() and any(state_dir.glob("*.json")):
+            if state_dir.is_dir() and any(state_dir.glob("s*.json")):  # a whole state, not a temporary
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 return True
@@ -133,7 +133,7 @@ def test_killed_and_restarted_batch_equals_an_uninterrupted_one(tmp_path, cmu_sl
         args = [stage, "--cohort", str(m), "--out", str(run)]
         killed = run_and_kill(args, run / folder / ".state")
         assert killed, f"{stage} finished before it could be killed"
-        n_states = len(list((run / folder / ".state").glob("*.json")))
+        n_states = len(list((run / folder / ".state").glob("s*.json")))
         assert 1 <= n_states < 4, "the kill should come in the middle of the batch"
         p = subprocess.run([*CLI, *args, "-q"], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr

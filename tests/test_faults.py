@@ -41,13 +41,21 @@ DRIVER = textwrap.dedent("""
     stage, manifest, run = sys.argv[1:4]
     from wsi2dmamba.cohort import load_cohort
     cohort = load_cohort(manifest)
+    workers = int(sys.argv[4])
     if stage == "segment":
-        from wsi2dmamba.tissue import segment_cohort as stage_fn
-    elif stage == "tile":
-        from wsi2dmamba.tiling import tile_cohort as stage_fn
+        from wsi2dmamba.tissue import segment_cohort
+        summary = segment_cohort(cohort, run, progress=False, workers=workers)
+    elif stage == "tile":  # coarse tiles keep extraction short
+        from wsi2dmamba.tiling import TileConfig, tile_cohort
+        from wsi2dmamba.tissue import read_segment_config
+        config = TileConfig(mpp=1.0, segment=read_segment_config(run))
+        summary = tile_cohort(cohort, run, config, progress=False, workers=workers)
+    elif stage == "extract":
+        from wsi2dmamba.features import ExtractConfig, extract_cohort
+        config = ExtractConfig(encoder="efficientnet-lite0", device="cpu", workers=workers - 1, batch_size=8)
+        summary = extract_cohort(cohort, run, config, progress=False)
     else:
         raise SystemExit(f"unknown stage {stage}")
-    summary = stage_fn(cohort, run, progress=False, workers=int(sys.argv[4]) if len(sys.argv) > 4 else 1)
     print(summary.line())
     raise SystemExit(0 if summary.ok else 1)
 """)
@@ -130,6 +138,7 @@ def kill_at_random_points(cmd: list[str], run: Path, full_seconds: float, rng: r
 
 
 IGNORED_STATE_KEYS = {"finished_at", "seconds"}  # creation-time only
+IGNORED_INFO_KEYS = {"tiles_per_s"}  # a speed measurement
 IGNORED_H5_ATTRS = {"created"}
 
 
@@ -146,6 +155,8 @@ def compare_runs(ref: Path, got: Path) -> int:
             for s in (sa, sb):
                 for k in IGNORED_STATE_KEYS:
                     s.pop(k, None)
+                for k in IGNORED_INFO_KEYS:
+                    s.get("info", {}).pop(k, None)
                 # An .h5 file's hash covers its creation time; verify checks it against the file itself.
                 s["outputs"] = {k: (v if not k.endswith(".h5") else "h5") for k, v in s["outputs"].items()}
             assert sa == sb, f"state {r} differs"
@@ -183,17 +194,22 @@ def assert_same_h5(pa: Path, pb: Path) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted segment + tile run of three slides; returns (manifest, run, seconds per stage)."""
+    """An uninterrupted segment + tile + extract run of three slides; returns (manifest, run, seconds per
+    stage)."""
     root = tmp_path_factory.mktemp("reference")
     manifest = make_cohort(root / "slides", ["a", "b", "c"])
     run = root / "run"
-    seconds = {stage: run_to_end(driver_cmd(stage, manifest, run)) for stage in ("segment", "tile")}
+    seconds = {stage: run_to_end(driver_cmd(stage, manifest, run)) for stage in ("segment", "tile", "extract")}
     return manifest, run, seconds
 
 
 # ------------------------------------------------------------------------------------------- SIGKILL
 
-@pytest.mark.parametrize("stage,workers", [("segment", 1), ("tile", 2)])
+PREVIOUS = {"segment": [], "tile": ["segment"], "extract": ["segment", "tiles"]}
+FOLDER = {"segment": "segment", "tile": "tiles", "extract": "features/efficientnet-lite0"}
+
+
+@pytest.mark.parametrize("stage,workers", [("segment", 1), ("tile", 2), ("extract", 1)])
 def test_killed_stage_resumes_to_identical_files(stage, workers, reference, tmp_path, counts):
     """SIGKILL at random points of a stage, restart: same files as the uninterrupted run, never a
     half-written file visible, and ``verify`` passes."""
@@ -201,8 +217,8 @@ def test_killed_stage_resumes_to_identical_files(stage, workers, reference, tmp_
     rng = random.Random(SEED + len(stage))
     manifest = make_cohort(tmp_path / "slides", ["a", "b", "c"])
     run = tmp_path / "run"
-    if stage == "tile":  # the tile stage reads the segment stage's files: copy the finished ones
-        shutil.copytree(run_ref / "segment", run / "segment")
+    for folder in PREVIOUS[stage]:  # the stage reads earlier stages' files: copy the finished ones
+        shutil.copytree(run_ref / folder, run / folder)
     # Slide paths differ between the two runs (each has its own links): compare with them masked.
     hits = kill_at_random_points(driver_cmd(stage, manifest, run, workers), run, seconds[stage], rng, counts)
     run_to_end(driver_cmd(stage, manifest, run, workers))
@@ -224,7 +240,7 @@ def _masked_copy(run: Path, dst: Path, slides_dir: str, stage: str) -> None:
     folders compare equal."""
     import h5py
 
-    folder = "segment" if stage == "segment" else "tiles"
+    folder = FOLDER[stage]
     shutil.copytree(run / folder, dst / folder, ignore=shutil.ignore_patterns(".lock*", ".tmp-*"))
     rows = [r for r in csv.DictReader(open(run / "ledger.csv")) if r["stage"] == folder]
     with open(dst / "ledger.csv", "w", newline="") as fh:

@@ -255,3 +255,59 @@ def test_star_relu_gradients():
     scale = torch.tensor([1.3], dtype=torch.float64, requires_grad=True)
     bias = torch.tensor([-0.2], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_StarReLUFunction.apply, (x, scale, bias))
+
+
+def _train_step(model: MILModel, batch: GridBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(batch)
+    out.logits.square().sum().backward()
+    return out.logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("key, groups", [("2dmambamil", 1), ("2dmambamil-paper", 3), ("2dmambamil-4corners", 2),
+                                         ("m2dmil", 3)])
+def test_recomputed_blocks_in_channel_groups_give_the_same_output_and_gradients(key, groups, grids):
+    batch = GridBatch.from_arrays(grids)  # padded: the groups must respect each slide's own grid
+    plain = build(key, dropout=0.0, checkpoint_blocks="off").train()
+    lean = build(key, dropout=0.0, checkpoint_blocks="on", channel_groups=groups).train()
+    lean.load_state_dict(plain.state_dict())
+    ref_logits, ref_grads = _train_step(plain, batch)
+    logits, grads = _train_step(lean, batch)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(grads[k], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_blocks_are_recomputed_only_in_training_on_large_grids():
+    from wsi2dmamba.models.mamba2d_mil import lean_groups
+
+    assert lean_groups("auto", None, 256, (1, 391, 391), training=True) == 3  # 150 MiB in 64 MiB groups
+    assert lean_groups("auto", None, 256, (1, 196, 196), training=True) is None
+    assert lean_groups("auto", None, 256, (1, 391, 391), training=False) is None
+    assert lean_groups("on", 4, 256, (1, 8, 8), training=True) == 4
+    assert lean_groups("off", None, 256, (1, 391, 391), training=True) is None
+
+
+@pytest.mark.parametrize("key", ["abmil", "2dmambamil"])
+def test_a_float16_grid_gives_the_float32_result_without_a_float32_copy(key, grids):
+    half = [(f.astype(np.float16), m) for f, m in grids]
+    single = GridBatch.from_arrays(half, dtype=torch.float32)
+    batch16 = GridBatch.from_arrays(half, dtype=torch.float16)
+    model = build(key, dropout=0.0).train()
+    ref_logits, ref_grads = _train_step(model, single)
+    logits, grads = _train_step(model, batch16)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for k, g in ref_grads.items():
+        torch.testing.assert_close(grads[k], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+
+
+def test_cell_projection_in_row_blocks_matches_linear():
+    from wsi2dmamba.models.base import _CellProjection
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w, b: _CellProjection.apply(x, w, b, torch.float64, 8)  # noqa: E731  (blocks of 8 rows)
+    torch.testing.assert_close(fn(x, w, b), torch.nn.functional.linear(x, w, b))
+    assert torch.autograd.gradcheck(fn, (x, w, b))

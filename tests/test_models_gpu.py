@@ -51,3 +51,38 @@ def test_cupy_backend_matches_the_reference(key, batch):
     torch.testing.assert_close(got[1], ref[1], atol=1e-5, rtol=1e-4)
     for k in ref[2]:
         torch.testing.assert_close(got[2][k], ref[2][k], atol=1e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("key", ["2dmambamil-corners", "m2dmil"])
+def test_recomputed_channel_groups_match_the_plain_blocks_on_the_kernels(key, batch):
+    name = key.split("-")[0]
+    results = []
+    for extra in ({"checkpoint_blocks": "off"}, {"checkpoint_blocks": "on", "channel_groups": 3}):
+        torch.manual_seed(0)
+        model = create(name, in_dim=64, n_classes=3, dropout=0.0, **CASES[key], **extra).cuda().train()
+        out = model(batch)
+        out.logits.square().sum().backward()
+        results.append((out.logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    for k in ref_grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=1e-4, rtol=1e-3, msg=lambda m: f"{k}: {m}")
+
+
+def test_recomputed_channel_groups_lower_the_peak_memory(batch):
+    rng = np.random.default_rng(1)
+    feats = rng.standard_normal((160, 160, 64)).astype(np.float32)
+    big = GridBatch.from_arrays([(feats, np.ones((160, 160), dtype=bool))]).to("cuda")
+    peaks = {}
+    for mode, groups in (("off", None), ("on", 4)):
+        torch.manual_seed(0)
+        model = create("2dmambamil", in_dim=64, n_classes=2, checkpoint_blocks=mode, channel_groups=groups)
+        model = model.cuda().train()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        model(big).logits.square().sum().backward()
+        torch.cuda.synchronize()
+        peaks[mode] = torch.cuda.max_memory_allocated() - base
+        del model
+    assert peaks["on"] < 0.6 * peaks["off"], peaks

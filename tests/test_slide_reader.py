@@ -173,3 +173,22 @@ def test_copy_of_slide_with_spaces_and_parentheses(tmp_path, cmu_slide):
     shutil.copy(cmu_slide, p)
     with open_slide(p) as s:
         assert s.dimensions == (2220, 2967)
+
+
+def test_doctor_and_single_file_commands(tmp_path, cmu_slide):
+    from typer.testing import CliRunner
+
+    from wsi2dmamba.cli import app
+
+    r = CliRunner().invoke(app, ["doctor"])
+    assert r.exit_code == 0, r.output
+    assert "openslide" in r.output and "(library 4." in r.output and "JPEG 2000: yes" in r.output
+    assert "torch" in r.output and "CuPy" in r.output
+    for stage in ("segment", "tile", "extract", "train"):
+        assert f"{stage:<9} ready" in r.output
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["segment", str(cmu_slide), "--out", str(run), "-q", "--remove-pen"])
+    assert r.exit_code == 0 and "1 done" in r.output
+    r = CliRunner().invoke(app, ["tile", str(cmu_slide), "--out", str(run), "-q", "--tile-px", "224"])
+    assert r.exit_code == 0 and "1 done" in r.output
+    assert (run / "tiles" / "CMU-1-Small-Region.h5").is_file()

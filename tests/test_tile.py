@@ -144,7 +144,7 @@ def test_tiles_file_is_clam_and_trident_readable(tmp_path, cmu_slide):
         a = c.attrs
         assert a["patch_size"] == 256 and a["patch_size_level0"] == 256 and a["overlap"] == 0
         assert a["level0_magnification"] == pytest.approx(10 / 0.499)
-        assert a["target_magnification"] == pytest.approx(20.0)
+        assert a["target_magnification"] == pytest.approx(10 / 0.499)  # the level read, not the request
         assert a["patch_level"] == 0 and list(a["level_dim"]) == [2220, 2967]  # CLAM: native level
         assert a["name"] == "CMU-1-Small-Region"
         assert f["grid/index"].shape == (47, 2) and f["grid/mask"].shape == (12, 7)

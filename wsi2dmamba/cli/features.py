@@ -37,11 +37,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Encode the tiles of every slide: RUN/tiles/<slide_id>.h5 → RUN/features/<encoder>/<slide_id>.h5."""
         from ..errors import ConfigError
-        from ..features import ExtractConfig, extract_cohort
+        from ..features import ExtractConfig, extract_cohort, get_encoder
         from ..features.extract import blank_tile_count, encoder_dirname
 
         if precision is not None and precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"--precision must be fp32, fp16 or bf16, not {precision!r}.")
+        get_encoder(encoder, weights)  # an unknown encoder or weight path fails before any work
         co = cohort_from_args(cohort, slides)
         config = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, device=device,
                                batch_size=batch_size, workers=workers, precision=precision,

@@ -111,9 +111,12 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def _pin_gpu(slots: Any) -> None:
-    """Worker initialiser: take one GPU from the shared queue and make it the only visible one."""
+def _pin_gpu(slots: Any, threads: int) -> None:
+    """Worker initialiser: take one GPU from the shared queue and make it the only visible one, and give
+    the worker its share of the CPU cores (unless the user set thread counts), as Ray does for its tasks."""
     os.environ["CUDA_VISIBLE_DEVICES"] = slots.get()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(threads))
 
 
 class LocalExecutor:
@@ -131,7 +134,8 @@ class LocalExecutor:
     def __init__(self, workers: int = 1, resources: TaskResources | None = None,
                  gpus: Sequence[str] | None = None):
         self.resources = resources or TaskResources()
-        self.gpus = list(visible_gpus() if gpus is None else gpus)
+        # Only GPU tasks look for GPUs: counting them imports torch, seconds a CPU stage need not spend.
+        self.gpus = list(gpus) if gpus is not None else (visible_gpus() if self.resources.gpus > 0 else [])
         self.workers = max(1, int(workers))
         self.pinned = self.resources.gpus > 0 and len(self.gpus) > 1
         if self.pinned:
@@ -162,7 +166,8 @@ class LocalExecutor:
             slots = ctx.Queue()
             for g in self.gpus:
                 slots.put(g)
-            init = {"initializer": _pin_gpu, "initargs": (slots,)}
+            threads = max(1, (os.cpu_count() or 1) // len(self.gpus))
+            init = {"initializer": _pin_gpu, "initargs": (slots, threads)}
         n = min(self.workers, len(tasks))
         with cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx, **init) as pool:
             futures = {pool.submit(_timed_call, fn, args): key for key, args in tasks}

@@ -53,29 +53,38 @@ class Lattice:
     collisions: int
 
 
-def _gcd_of_steps(values: np.ndarray) -> int:
-    u = np.unique(values.astype(np.int64))
-    d = np.diff(u)
-    d = d[d > 0]
-    return int(np.gcd.reduce(d)) if d.size else 0
-
-
 def infer_stride(coords: np.ndarray, stride_hint: float | None = None) -> float:
     """Level-0 stride of the lattice the tiles lie on.
 
-    ``stride_hint`` (from the attributes) wins when given; else the greatest common divisor of the
-    differences between distinct x and distinct y coordinates.
+    ``stride_hint`` (from the attributes) wins when given. Otherwise the most common gap between
+    neighbouring distinct x (and y) positions is the step; it is then refined over the widest span of
+    positions, so that a fractional stride whose corners were rounded to integers (e.g. 448.9 px giving
+    gaps of 449 and 448) is recovered.
 
     Raises:
-        GridFileError: a single tile without attributes, or no positive stride.
+        GridFileError: a single tile (or one row and column) without attributes.
     """
     if stride_hint is not None and stride_hint > 0:
         return float(stride_hint)
-    g = math.gcd(_gcd_of_steps(coords[:, 0]), _gcd_of_steps(coords[:, 1]))
-    if g <= 0:
-        raise GridFileError("Cannot infer the tile stride: the coordinates have no two distinct positions and "
-                            "the file records no patch size. Pass the patch files with --coords-dir.")
-    return float(g)
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    gaps, spans = [], []
+    for axis in (0, 1):
+        u = np.unique(coords[:, axis])
+        d = np.diff(u)
+        gaps.append(d[d > 0])
+        spans.append(float(u[-1] - u[0]) if u.size else 0.0)
+    allgaps = np.concatenate(gaps)
+    if allgaps.size == 0:
+        raise GridFileError("Cannot infer the tile stride: the tiles have no two distinct positions and the "
+                            "file records no patch size. Pass the patch files with --coords-dir.")
+    values, counts = np.unique(allgaps, return_counts=True)
+    mode = int(values[counts.argmax()])
+    near = allgaps[np.abs(allgaps - mode) <= 1]  # rounding of a fractional stride: mode ± 1
+    step = float(near.mean())
+    span = max(spans)
+    n = max(1, int(round(span / step)))
+    refined = span / n
+    return refined if abs(refined - step) <= 1.0 else step
 
 
 def place_on_lattice(coords: np.ndarray, stride: float) -> Lattice:

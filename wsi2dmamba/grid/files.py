@@ -200,9 +200,10 @@ def _coords_attrs(g: TileGrid) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         "patch_size": int(g.tile_px),
         "patch_size_level0": int(round(g.tile_size_level0)),
-        # Floats from the true mpp, so that TRIDENT reproduces the exact footprint instead of a bucket.
+        # Floats from the true mpp (10 / mpp), so that TRIDENT's footprint
+        # patch_size * level0_magnification / target_magnification is exactly ours, not a bucket's.
         "level0_magnification": float(10.0 / g.mpp_level0),
-        "target_magnification": float(10.0 / g.mpp_requested),
+        "target_magnification": float(10.0 / g.mpp_effective),
         "overlap": int(g.tile_px - g.stride_px),
         "name": g.slide_id,
         "savetodir": "",

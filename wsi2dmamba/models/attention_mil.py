@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import AttentionPool, MILConfig, MILModel, MILOutput, masked_mean, pooling_mask
+from .base import AttentionPool, MILConfig, MILModel, MILOutput, embed_cells, masked_mean, pooling_mask
 from .batch import GridBatch
 from .registry import register_model
 
@@ -32,7 +32,7 @@ class MeanPoolMIL(MILModel):
 
     def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         mask = pooling_mask(batch)
-        return MILOutput(self.head(masked_mean(self.embed(batch.features), mask)))
+        return MILOutput(self.head(masked_mean(embed_cells(self.embed, batch.features), mask)))
 
 
 class ABMILConfig(MILConfig):
@@ -61,5 +61,5 @@ class ABMIL(MILModel):
 
     def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         mask = pooling_mask(batch)
-        pooled, weights = self.pool(self.embed(batch.features), mask)
+        pooled, weights = self.pool(embed_cells(self.embed, batch.features), mask)
         return MILOutput(self.head(pooled), weights)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import AttentionPool, MILConfig, MILModel, MILOutput, pooling_mask
+from .base import AttentionPool, MILConfig, MILModel, MILOutput, embed_cells, pooling_mask
 from .batch import GridBatch
 from .registry import register_model
 
@@ -52,7 +52,7 @@ class CLAMSB(MILModel):
 
     def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         mask = pooling_mask(batch)
-        h = self.embed(batch.features)
+        h = embed_cells(self.embed, batch.features)
         pooled, weights = self.pool(h, mask)
         aux = None
         if targets is not None and self.training and len(self.instance_heads):

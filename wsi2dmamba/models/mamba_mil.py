@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .base import AttentionPool, MILConfig, MILModel, MILOutput, pooling_mask
+from .base import AttentionPool, MILConfig, MILModel, MILOutput, embed_cells, pooling_mask
 from .batch import GridBatch
 from .grid_layout import TissueSequence
 from .ssm_blocks import Mamba2DBlock
@@ -78,7 +78,7 @@ class MambaMIL(MILModel):
         pooling_mask(batch)  # refuses slides without tissue
         seq = TissueSequence.from_batch(batch)
         layout = seq.layout()
-        x = seq.gather(self.embed(batch.features)).unsqueeze(2)  # (B, L, 1, d)
+        x = seq.gather(embed_cells(self.embed, batch.features)).unsqueeze(2)  # (B, L, 1, d)
         for block in self.blocks:
             x = block(x, layout)
         pooled, weights = self.pool(self.norm(x), layout.valid)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .base import MILConfig, MILModel, MILOutput, pooling_mask
+from .base import MILConfig, MILModel, MILOutput, embed_cells, pooling_mask
 from .batch import GridBatch
 from .registry import register_model
 
@@ -113,8 +113,8 @@ class TransMIL(MILModel):
         self.head = nn.Linear(d, config.n_out)
 
     def _slide(self, cells: torch.Tensor, tissue: torch.Tensor) -> torch.Tensor:
-        """One slide: (H, W, D) features and (H, W) tissue → (hidden,) class-token vector."""
-        tokens = self.embed(cells[tissue]).unsqueeze(0)  # (1, n, d) in raster order
+        """One slide: (H, W, hidden) embedded cells and (H, W) tissue → (hidden,) class-token vector."""
+        tokens = cells[tissue].unsqueeze(0)  # (1, n, d) in raster order
         x = torch.cat([self.cls_token.to(tokens.dtype), tokens], dim=1)
         x = x + self.attns[0](self.norms[0](x))
         grid = tokens.new_zeros(1, *tissue.shape, x.shape[-1])
@@ -126,8 +126,11 @@ class TransMIL(MILModel):
 
     def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         pooling_mask(batch)
+        # the cells are embedded on the dense grid, in place: gathering the tissue cells' raw features
+        # first would copy the widest tensor of the step
+        embedded = embed_cells(self.embed, batch.features)
         vectors = []
         for b in range(batch.batch_size):
-            feats, tissue = batch.unpadded(b)
-            vectors.append(self._slide(feats, tissue))
+            h, w = (int(v) for v in batch.sizes[b])
+            vectors.append(self._slide(embedded[b, :h, :w], batch.tissue[b, :h, :w]))
         return MILOutput(self.head(torch.stack(vectors)))

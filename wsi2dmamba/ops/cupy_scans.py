@@ -1,13 +1,16 @@
 """CuPy RawKernel backend of the 2D scans: compile ``scan2d.cu`` at first use, launch on PyTorch's stream.
 
-The kernels (``wsi2dmamba/kernels/scan2d.cu``, see its header) sweep the rows of each
-(batch, channel) grid in one thread block, keep the hidden states on chip and save one row of states
-every ``R`` rows for the backward, which recomputes the states of each segment of ``R`` rows.
-Tensors go to CuPy through DLPack (no copy); compiled modules are cached per configuration.
+The kernels (``kernels/scan2d.cu``, see its header) sweep the rows of each (batch, channel) grid in
+one thread block, keep the hidden states on chip and save one row of states every ``R`` rows for the
+backward, which recomputes the states of each segment of ``R`` rows. The 2DMamba forward also cuts
+the rows into bands scanned at once (``scan2d_fwd`` over a grid of bands, then ``scan2d_carry`` and
+``scan2d_fix``). Kernels get the tensors' device pointers and PyTorch's current stream directly (no
+copy, no DLPack view per call); compiled modules are cached per configuration.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import math
 from dataclasses import dataclass
@@ -25,6 +28,9 @@ FIXED_SCALE = 2.0**-32  # the kernels' int64 fixed point of dB and dC
 # latency of each row step; the backward also needs shared memory for its recomputed rows.
 STATES_PER_THREAD = 4
 BWD_STATES_PER_THREAD = 4
+# Rows per band of the 2DMamba forward without gradients (with gradients the bands are the backward's
+# segments, so that the carry pass leaves exactly the checkpoint rows the backward reads).
+FWD_BAND_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class LaunchConfig:
         return 4 * (scratch + (self.seg_rows + 1) * self.n_state * width)
 
 
+@functools.lru_cache(maxsize=256)
 def launch_config(
     n_state: int, height: int, width: int, states_per_thread: int = STATES_PER_THREAD, smem_budget: int = BWD_SMEM_BUDGET
 ) -> LaunchConfig | None:
@@ -82,66 +89,78 @@ def launch_config(
     return cfg
 
 
-@functools.lru_cache(maxsize=None)
 def _kernels(mode: int, in_kind: int, cfg: LaunchConfig, device: int):
+    """(fwd, bwd[, carry, fix]) kernels for a layout; the segment length is a kernel argument, not a macro."""
+    return _compiled(mode, in_kind, cfg.n_state, cfg.states_per_thread, cfg.cols_per_thread, cfg.col_warps, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(mode: int, in_kind: int, n_state: int, states: int, cols: int, col_warps: int, device: int):
     import cupy
 
     options = (
         f"-DMODE={mode}",
         f"-DIN_KIND={in_kind}",
-        f"-DNS={cfg.n_state}",
-        f"-DS={cfg.states_per_thread}",
-        f"-DK={cfg.cols_per_thread}",
-        f"-DCW={cfg.col_warps}",
+        f"-DNS={n_state}",
+        f"-DS={states}",
+        f"-DK={cols}",
+        f"-DCW={col_warps}",
         "-std=c++17",
     )
     with cupy.cuda.Device(device):
         module = cupy.RawModule(code=KERNEL_FILE.read_text(), options=options)
-        fwd = module.get_function("scan2d_fwd")
-        bwd = module.get_function("scan2d_bwd")
-    return fwd, bwd
+        names = ["scan2d_fwd", "scan2d_bwd"] + (["scan2d_carry", "scan2d_fix"] if mode == 0 else [])
+        return tuple(_Kernel(module.get_function(n), device) for n in names)
 
 
-def _cp(t: torch.Tensor | None):
-    """Zero-copy CuPy view of a tensor (None stays None, passed as a null pointer)."""
-    import cupy
+class _Kernel:
+    """A compiled kernel launched through the CUDA driver with raw pointers on a given stream.
 
-    if t is None:
-        return None
-    return cupy.from_dlpack(t.detach())
+    Building one CuPy array per argument (DLPack) and a CuPy stream object per call cost about
+    0.3 ms of host time per scan; here a call packs device pointers and ints with ctypes.
+    """
+
+    def __init__(self, raw, device: int):
+        self.raw = raw
+        self.device = device
+        self.func = None
+        self.smem_limit = 48 * 1024
+
+    def __call__(self, grid, block, args, smem: int, stream: int) -> None:
+        import cupy
+
+        if self.func is None or smem > self.smem_limit:
+            with cupy.cuda.Device(self.device):
+                self.func = self.raw.kernel.ptr  # compiles and loads the module on first use
+                if smem > self.smem_limit:
+                    self.raw.max_dynamic_shared_size_bytes = smem
+                    self.smem_limit = smem
+        holders = [
+            ctypes.c_void_p(0) if a is None
+            else ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
+            else ctypes.c_int64(a) if isinstance(a, _Long)
+            else ctypes.c_int32(a)
+            for a in args
+        ]
+        params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
+        grid = (tuple(grid) + (1, 1))[:3]
+        cupy.cuda.driver.launchKernel(self.func, *grid, *block, smem, stream, ctypes.addressof(params), 0)
 
 
-def _launch(kernel, tensors_and_ints, grid, cfg: LaunchConfig, smem: int, device: torch.device):
-    import cupy
-    import numpy as np
-
-    args = []
-    for a in tensors_and_ints:
-        if a is None:
-            args.append(np.uint64(0))
-        elif isinstance(a, torch.Tensor):
-            args.append(_cp(a))
-        else:
-            args.append(np.int32(a))
-    if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
-        kernel.max_dynamic_shared_size_bytes = smem
-    with cupy.cuda.Device(device.index), _cupy_stream(device):
-        kernel(grid, cfg.block, tuple(args), shared_mem=smem)
+class _Long(int):
+    """An int passed to a kernel as a 64-bit ``long``."""
 
 
-def _cupy_stream(device: torch.device):
-    """PyTorch's current stream on ``device`` as a CuPy stream (no new CUDA stream is created)."""
-    import cupy
-
-    torch_stream = torch.cuda.current_stream(device)
-    try:
-        return cupy.cuda.Stream.from_external(torch_stream)
-    except (AttributeError, TypeError, ValueError):  # CuPy before the CUDA stream protocol
-        return cupy.cuda.ExternalStream(torch_stream.cuda_stream, device.index)
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _prep(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype).contiguous()
+    if t is None:
+        return None
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _from_fixed(acc: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -158,13 +177,30 @@ class _Scan2d(torch.autograd.Function):
         act = [_prep(t, dtype) for t in (u, dt1, dt2, z, B1, B2, C)]
         par = [_prep(t, torch.float32) for t in (A1, A2, D, dt_bias)]
         batch, E, H, W = u.shape
-        # without gradients no checkpoint rows are needed: one segment of all rows
-        seg_rows = cfg.seg_rows if need_grad else H
-        nseg = math.ceil(H / seg_rows)
+        # checkpoint rows every seg_rows rows (the backward's segments); without gradients only the
+        # 2DMamba bands need them. 2DMamba bands are the segments; Mamba2D runs one band of all rows.
+        if need_grad:
+            seg_rows = cfg.seg_rows
+        else:
+            seg_rows = FWD_BAND_ROWS if mode == 0 else H
+        seg_rows = min(seg_rows, H)
+        band_rows = seg_rows if mode == 0 else H
+        nseg, nband = math.ceil(H / seg_rows), math.ceil(H / band_rows)
+        dev = u.device
         out = torch.empty_like(act[0])
-        ckpt = torch.empty((batch * E, max(nseg - 1, 0), cfg.n_state, W), device=u.device, dtype=torch.float32)
-        fwd, _ = _kernels(mode, IN_KIND[dtype], cfg_fwd, u.device.index)
-        _launch(fwd, [*act, *par, out, ckpt, H, W, E, seg_rows], (batch * E,), cfg_fwd, cfg_fwd.fwd_smem(), u.device)
+        ckpt = torch.empty((batch * E, nseg - 1, cfg.n_state, W), device=dev, dtype=torch.float32)
+        dtsum = torch.empty((batch * E, nband - 1, W), device=dev, dtype=torch.float32) if nband > 1 else None
+        kernels = _kernels(mode, IN_KIND[dtype], cfg_fwd, dev.index)
+        stream = _stream(dev)
+        kernels[0]((batch * E, nband), cfg_fwd.block, [*act, *par, out, ckpt, dtsum, H, W, E, seg_rows, band_rows],
+                   cfg_fwd.fwd_smem(), stream)
+        if nband > 1:
+            total = batch * E * cfg.n_state * W
+            kernels[2]((min(math.ceil(total / 256), 1 << 20),), (256, 1, 1),
+                       [ckpt, dtsum, par[0], W, E, nband, _Long(total)], 0, stream)
+            tx = min(256, 32 * math.ceil(W / 32))
+            kernels[3]((batch * E, nband - 1, math.ceil(W / tx)), (tx, 1, 1),
+                       [act[1], act[3], act[6], par[0], par[3], ckpt, out, H, W, E, band_rows], 0, stream)
         ctx.mode, ctx.cfg = mode, cfg
         ctx.in_dtypes = [None if t is None else t.dtype for t in (u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias)]
         ctx.save_for_backward(*act, *par, ckpt)
@@ -176,7 +212,7 @@ class _Scan2d(torch.autograd.Function):
         mode, cfg = ctx.mode, ctx.cfg
         batch, E, H, W = u.shape
         dtype = u.dtype
-        grad_out = grad_out.to(dtype).contiguous()
+        grad_out = _prep(grad_out, dtype)
         du, ddt1 = torch.empty_like(u), torch.empty_like(u)
         ddt2 = torch.empty_like(u) if dt2 is not None else None
         dz = torch.empty_like(u) if z is not None else None
@@ -190,10 +226,10 @@ class _Scan2d(torch.autograd.Function):
         dA1, dA2 = part(True), part(A2 is not None)
         dD = torch.empty((batch, E), device=u.device, dtype=torch.float32)
         dbias = torch.empty((batch, E), device=u.device, dtype=torch.float32)
-        _, bwd = _kernels(mode, IN_KIND[dtype], cfg, u.device.index)
+        bwd = _kernels(mode, IN_KIND[dtype], cfg, u.device.index)[1]
         args = [u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias, grad_out, ckpt,
-                du, ddt1, ddt2, dz, dB1, dB2, dC, dA1, dA2, dD, dbias, H, W, E, cfg.seg_rows]
-        _launch(bwd, args, (batch * E,), cfg, cfg.bwd_smem(W), u.device)
+                du, ddt1, ddt2, dz, dB1, dB2, dC, dA1, dA2, dD, dbias, H, W, E, min(cfg.seg_rows, H)]
+        bwd((batch * E,), cfg.block, args, cfg.bwd_smem(W), _stream(u.device))
         t = ctx.in_dtypes
         grads = [
             du.to(t[0]),
