@@ -118,7 +118,9 @@ def main():
     p.add_argument("--smem-budget-kib", type=int, default=cupy_scans.BWD_SMEM_BUDGET // 1024)
     p.add_argument("--fwd-band-rows", type=int, default=cupy_scans.FWD_BAND_ROWS)
     p.add_argument("--kinds", default="2dmamba,mamba2d")
+    p.add_argument("--define", action="append", default=[], help="extra kernel macro NAME[=VALUE] (experiments)")
     args = p.parse_args()
+    cupy_scans.EXTRA_OPTIONS = tuple(f"-D{d}" for d in args.define)
     cupy_scans.FWD_BAND_ROWS = args.fwd_band_rows
     cupy_scans.STATES_PER_THREAD = args.states_per_thread
     cupy_scans.BWD_SMEM_BUDGET = args.smem_budget_kib * 1024

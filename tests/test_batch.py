@@ -21,8 +21,9 @@ from wsi2dmamba.tissue import segment_cohort
 CLI = [sys.executable, "-m", "wsi2dmamba"]
 
 
-def cohort_csv(tmp_path, cmu_slide, n, *, truncated=False, no_mpp=None):
-    """A manifest of ``n`` hard links to the CMU slide (+ a truncated copy, + a slide without mpp)."""
+def cohort_csv(tmp_path, cmu_slide, n, *, truncated=False, no_mpp=None, blank=None):
+    """A manifest of ``n`` hard links to the CMU slide (+ a truncated copy, + a slide without mpp,
+    + a blank image at 0.5 µm/px)."""
     d = tmp_path / "slides"
     d.mkdir(exist_ok=True)
     rows = []
@@ -38,8 +39,11 @@ def cohort_csv(tmp_path, cmu_slide, n, *, truncated=False, no_mpp=None):
         rows.append(("half", p))
     if no_mpp is not None:
         rows.append(("nompp", no_mpp))
+    rows = [(sid, p, "") for sid, p in rows]
+    if blank is not None:
+        rows.append(("blank", blank, "0.5"))
     m = tmp_path / "cohort.csv"
-    m.write_text("slide_id,path\n" + "".join(f"{sid},{p}\n" for sid, p in rows))
+    m.write_text("slide_id,path,mpp\n" + "".join(f"{sid},{p},{mpp}\n" for sid, p, mpp in rows))
     return m
 
 
@@ -50,27 +54,31 @@ def ledger(run):
 
 def test_failed_slides_are_recorded_and_the_batch_goes_on(tmp_path, cmu_slide, shared_data):
     m = cohort_csv(tmp_path, cmu_slide, 2, truncated=True,
-                   no_mpp=shared_data / "slides/aperio_svs/tcga-cr-7395-01a-01-ts1.svs")
+                   no_mpp=shared_data / "slides/aperio_svs/tcga-cr-7395-01a-01-ts1.svs",
+                   blank=shared_data / "tiles/histolab_fixture_tiles/no-tissue.png")
     run = tmp_path / "run"
     p = subprocess.run([*CLI, "segment", "--cohort", str(m), "--out", str(run), "-q"], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 1, p.stderr  # something failed; the rest was done
-    assert "2 done" in p.stdout and "2 failed" in p.stdout
+    assert "2 done" in p.stdout and "3 failed" in p.stdout
     led = ledger(run)
     assert led[("segment", "s0")]["status"] == "done" and led[("segment", "s1")]["status"] == "done"
     assert led[("segment", "half")]["status"] == "failed"
     assert "truncated or damaged" in led[("segment", "half")]["reason"]
     assert led[("segment", "nompp")]["status"] == "failed" and "'mpp' column" in led[("segment", "nompp")]["reason"]
+    assert led[("segment", "blank")]["status"] == "failed" and "No tissue found" in led[("segment", "blank")]["reason"]
+    assert (run / "segment" / "blank_overlay.png").is_file()  # to look at why
 
     # Tiling goes on too; the failed slides fail again with their own reason.
     summary = tile_cohort(load_cohort(m), run, progress=False)
-    assert sorted(summary.done) == ["s0", "s1"] and set(summary.failed) == {"half", "nompp"}
+    assert sorted(summary.done) == ["s0", "s1"] and set(summary.failed) == {"half", "nompp", "blank"}
+    assert "segmentation failed: No tissue found" in summary.failed["blank"]
     led = ledger(run)
     assert led[("tiles", "s0")]["status"] == "done" and led[("tiles", "half")]["status"] == "failed"
 
     # A rerun skips what is done and retries what failed.
     again = segment_cohort(load_cohort(m), run, progress=False)
-    assert sorted(again.skipped) == ["s0", "s1"] and set(again.failed) == {"half", "nompp"}
+    assert sorted(again.skipped) == ["s0", "s1"] and set(again.failed) == {"half", "nompp", "blank"}
 
 
 def test_tile_without_segmentation_says_what_to_run(tmp_path, cmu_slide):

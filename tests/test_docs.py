@@ -114,9 +114,6 @@ def test_commands_in_the_pages_exist(page):
         for m in re.finditer(r"\bwsi2dmamba (\w[\w-]*)((?:\s+[^;&|]*)?)", line):
             name, rest = m.group(1), m.group(2)
             if name not in tree:
-                # Commands of a stage not installed in this build are skipped, not guessed at.
-                if name in ("extract", "run", "demo", "import-features", "encoders"):
-                    continue
                 pytest.fail(f"{page}: `wsi2dmamba {name}` is not a command")
             for word in shlex.split(rest, posix=True) if "$" not in rest else rest.split():
                 opt = word.split("=", 1)[0]

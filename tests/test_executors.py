@@ -121,6 +121,26 @@ def test_ray_executor_matches_local_on_real_slides(tmp_path, cmu, ray_cluster):
     assert sorted(again.skipped) == sorted(local.done) and list(again.failed) == ["broken"] and not again.done
 
 
+def test_ray_runs_the_real_segment_and_tile_stages_like_local(tmp_path, cmu, ray_cluster):
+    from wsi2dmamba.grid import read_tile_grid
+    from wsi2dmamba.tiling import tile_cohort
+    from wsi2dmamba.tissue.stage import segment_cohort
+
+    cohort = load_cohort(write_manifest(tmp_path / "m.csv", cmu, 3, broken=tmp_path / "m.csv"))
+    for run, kw in ((tmp_path / "local", {}), (tmp_path / "ray", {"executor": "ray"})):
+        seg = segment_cohort(cohort, run, progress=False, **kw)
+        tiles = tile_cohort(cohort, run, progress=False, **kw)
+        assert len(seg.done) == 3 and list(seg.failed) == ["broken"] and len(tiles.done) == 3
+    assert ledger_rows(tmp_path / "ray") == ledger_rows(tmp_path / "local")
+    for k in range(3):
+        sid = f"slide-{k}"
+        assert (tmp_path / "ray/segment" / f"{sid}.geojson").read_bytes() == \
+            (tmp_path / "local/segment" / f"{sid}.geojson").read_bytes()
+        a, b = (read_tile_grid(tmp_path / run / "tiles" / f"{sid}.h5") for run in ("ray", "local"))
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_array_equal(a.tissue_fraction, b.tissue_fraction)
+
+
 def test_ray_tasks_get_the_resources_they_declare(ray_cluster):
     outs = list(run_tasks(assigned_resources, [(k, (k,)) for k in range(2)], executor="ray",
                           resources=TaskResources(cpus=2)))
@@ -181,7 +201,7 @@ def test_ray_fold_tasks_train_the_same_models_as_local(tmp_path, ray_cluster):
 
     manifest, feats = training_data.make_cohort(tmp_path / "data", n_patients=8)
     cohort = load_cohort(manifest, require_path=False, check_files=False)
-    config = TrainConfig(folds=2, epochs=2, device="cpu", val_fraction=0.25)
+    config = TrainConfig(folds=2, epochs=1, device="cpu", val_fraction=0.25)
     local = train_cohort(cohort, feats, tmp_path / "local", "abmil", config,
                          progress=False)
     remote = train_cohort(cohort, feats, tmp_path / "ray", "abmil", config,

@@ -269,3 +269,30 @@ def test_cli_merge(tmp_path, cmu):
     assert res.exit_code == 0, res.output
     assert "6 slides done, 0 failed, 0 missing" in res.output
     assert len(read_records(run)) == 2
+
+
+# ------------------------------------------------------------------------------- the real slide stages
+
+def test_segment_and_tile_in_two_shards_equal_one_run(tmp_path, cmu):
+    from wsi2dmamba.grid import read_tile_grid
+    from wsi2dmamba.tiling import tile_cohort
+    from wsi2dmamba.tissue.stage import segment_cohort
+
+    cohort = load_cohort(write_manifest(tmp_path / "m.csv", cmu, 4))
+    one, sharded = tmp_path / "one", tmp_path / "sharded"
+    segment_cohort(cohort, one, progress=False)
+    tile_cohort(cohort, one, progress=False)
+    for i in range(2):  # as two tasks of a Slurm array would, each running its stages in turn
+        segment_cohort(cohort, sharded, progress=False, shard=(i, 2))
+        tile_cohort(cohort, sharded, progress=False, shard=(i, 2))
+    report = merge_shards(sharded)
+    assert report.ok, report.lines()
+    assert {s.stage_dir for s in report.stages} == {"segment", "tiles"}
+    assert ledger_rows(sharded) == ledger_rows(one)
+    for r in cohort:
+        assert (sharded / "segment" / f"{r.slide_id}.geojson").read_text() == \
+            (one / "segment" / f"{r.slide_id}.geojson").read_text()
+        a, b = read_tile_grid(sharded / "tiles" / f"{r.slide_id}.h5"), read_tile_grid(one / "tiles" / f"{r.slide_id}.h5")
+        np.testing.assert_array_equal(a.coords, b.coords)
+        np.testing.assert_array_equal(a.index, b.index)
+        assert a.params_hash == b.params_hash

@@ -222,3 +222,24 @@ def test_cli_exit_status_and_json(run, tmp_path, counts, capsys):
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "Run folder not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_checkpoints_are_opened_and_matched_with_their_sidecar(run, counts):
+    from wsi2dmamba.models import create
+    from wsi2dmamba.training.checkpoint import save_checkpoint
+
+    fold = run / "train" / "abmil" / "fold_0"
+    save_checkpoint(fold / "best.safetensors", create("abmil", in_dim=8, n_classes=2))
+    save_checkpoint(fold / "last.safetensors", create("abmil", in_dim=8, n_classes=2))
+    report = _verify(run, counts)
+    assert report.ok and report.files_checked == 12
+    side = json.loads((fold / "best.json").read_text())
+    side["model"]["hidden"] = 7
+    (fold / "best.json").write_text(json.dumps(side))
+    data = (fold / "last.safetensors").read_bytes()
+    (fold / "last.safetensors").write_bytes(data[: len(data) // 3])
+    counts("faults", 2)
+    msgs = _messages(_verify(run, counts))
+    assert len(msgs) == 2
+    assert any("best.safetensors" in m and "differs from best.json" in m for m in msgs)
+    assert any("last.safetensors" in m and "not valid safetensors" in m for m in msgs)

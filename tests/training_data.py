@@ -109,7 +109,7 @@ def make_cohort(folder: Path, n_patients: int = 24, task: str = "classification"
                 slides_per_patient: int = 1, n_classes: int = 2) -> tuple[Path, Path]:
     """Write feature grids and a manifest of a generated cohort; return (manifest, features folder).
 
-    Every slide is a random crop (5–9 cells a side) of the real grid. Classification: the label is the
+    Patient p has ``1 + p % slides_per_patient`` slides. Every slide is a random crop (5–9 cells a side) of the real grid. Classification: the label is the
     patient's quantile of dark-pixel density (``n_classes`` groups). Survival: times are exponential
     with a rate that grows with that density, censored at random.
     """
@@ -124,7 +124,7 @@ def make_cohort(folder: Path, n_patients: int = 24, task: str = "classification"
     for p in range(n_patients):
         pid = f"P{p:03d}"
         s_scores = []
-        for s in range(slides_per_patient):
+        for s in range(1 + p % slides_per_patient):
             while True:
                 h, w = (int(x) for x in rng.integers(5, 10, size=2))
                 r0 = int(rng.integers(0, grid.shape[0] - h + 1))
@@ -156,3 +156,31 @@ def make_cohort(folder: Path, n_patients: int = 24, task: str = "classification"
     manifest = folder / "cohort.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest, feat_dir
+
+
+TINY = {"abmil": {"hidden": 16, "attn_dim": 8}, "meanpool": {"hidden": 16}}
+_RUNS: dict[tuple[str, str], tuple[Path, Path, Path]] = {}
+
+
+def trained_run(base: Path, task: str = "classification", models: tuple[str, ...] = ("abmil", "meanpool"),
+                ) -> tuple[Path, Path, Path]:
+    """A run with small models trained on a generated cohort (built once per test session).
+
+    Returns:
+        (run folder, manifest, features folder).
+    """
+    from wsi2dmamba.cohort import load_cohort
+    from wsi2dmamba.training import TrainConfig, train_cohort
+
+    key = (task, ",".join(models))
+    if key not in _RUNS:
+        folder = Path(base) / f"trained-{task}-{'-'.join(models)}"
+        manifest, feat_dir = make_cohort(folder, n_patients=30, task=task, seed=1, slides_per_patient=2)
+        cohort = load_cohort(manifest, require_path=False)
+        select = "c_index" if task == "survival" else "auc"
+        config = TrainConfig(task=task, folds=3, epochs=4, lr=5e-3, batch_size=2, select_on=select, seed=0,
+                             device="cpu")
+        for m in models:
+            train_cohort(cohort, feat_dir, folder / "run", m, config, TINY[m], progress=False)
+        _RUNS[key] = (folder / "run", manifest, feat_dir)
+    return _RUNS[key]

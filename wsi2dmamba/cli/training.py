@@ -33,7 +33,7 @@ def _train_config(**values: Any):
     from ..training import TrainConfig
 
     try:
-        return TrainConfig(**{k: v for k, v in values.items() if v is not None})
+        return TrainConfig(**values)
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-') or 'config'}: {e['msg']}"
                              for e in exc.errors())
@@ -98,8 +98,6 @@ def register(app: typer.Typer) -> None:
                                class_weighting=class_weighting, clip_grad=clip_grad if clip_grad > 0 else None,
                                select_on=select_on, val_fraction=val_fraction, n_bins=n_bins, alpha=alpha,
                                seed=seed, device=device, precision=precision)
-        if config.clip_grad is None:
-            config = config.model_copy(update={"clip_grad": None})
         c = load_cohort(cohort, require_path=False, check_files=False)
         res = train_cohort(c, features, out, model, config, _overrides(set_), preset=preset, name=name,
                            splits=splits, folds_to_run=fold, force=force, progress=not quiet,

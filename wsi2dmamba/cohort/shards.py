@@ -341,7 +341,9 @@ def merge_shards(run_dir: str | Path, cohort: Cohort | None = None) -> MergeRepo
     with contextlib.ExitStack() as held:
         for sdir in sorted({rec.stage_dir for rec in records}):
             held.enter_context(stage_lock(run_dir, sdir, sdir, None))
-            remove_stale_temporaries(run_dir / sdir)  # left by killed shards; none is running now
+            # Left by killed shards (outputs and state files cut off); no shard is running now.
+            remove_stale_temporaries(run_dir / sdir)
+            remove_stale_temporaries(run_dir / sdir / ".state")
         for key in sorted(groups):
             stages.append(_check_group(run_dir, sorted(groups[key], key=lambda r: r.shard), cohort))
         ledger = write_ledger(run_dir)

@@ -8,7 +8,8 @@ modification time) of the slide file. :func:`verify_run` re-reads all of it and 
   folder, or whose content is not a valid file of its kind (grid files are fully validated); a damaged state
   file; slides of one stage made with different parameters; a feature grid whose lattice differs from the
   slide's tiles file (the tiles were redone after extraction); a slide file that changed after it was
-  processed;
+  processed; a checkpoint (``*.safetensors``, anywhere in the run) that does not open, or whose header's
+  model configuration differs from its ``.json`` sidecar;
 * warnings: half-written temporaries left by a killed process, files that no state records, a ledger that
   is out of date, a slide file that is no longer where it was.
 
@@ -32,6 +33,8 @@ from .ledger import SlideState
 
 _TMP_PREFIX = ".tmp-"
 _STATE_DIR = ".state"
+#: Header key of a checkpoint's model configuration (see ``training/checkpoint.py``).
+_CHECKPOINT_CONFIG_KEY = "wsi2dmamba.model_config"
 #: Stage-level file holding the parameters of the stage's last run (not a per-slide output).
 CONFIG_FILE = "config.json"
 
@@ -135,6 +138,8 @@ def verify_run(run_dir: str | os.PathLike[str], *, content: bool = True, sources
     if content:
         _check_features_match_tiles(run, states, report)
     _check_stage_configs(run, states, report)
+    if content:
+        _check_checkpoints(run, report)
     _check_unrecorded(run, states, report)
     _check_ledger(run, states, report)
     return report
@@ -317,6 +322,36 @@ def _check_features_match_tiles(run: Path, states: list[SlideState], report: Ver
                 report._add("error", rel, f"features of slide {st.slide_id!r} lie on another lattice than "
                             f"{_rel(run, tiles_of[st.slide_id])} ({b.shape} vs {a.shape} cells, {b.n_tiles} vs "
                             f"{a.n_tiles} tiles): the slide was tiled again after extraction; rerun extract")
+
+
+def _check_checkpoints(run: Path, report: VerifyReport) -> None:
+    """Every safetensors checkpoint of the run opens (header and tensor table, no code loaded), and the
+    model configuration in its header is the one its ``.json`` sidecar states."""
+    for p in sorted(run.rglob("*.safetensors")):
+        if p.name.startswith(_TMP_PREFIX):
+            continue
+        rel = _rel(run, p)
+        report.files_checked += 1
+        problem = check_content(p)
+        if problem:
+            report._add("error", rel, problem + "; retrain this fold (delete the fold's folder first)")
+            continue
+        sidecar = p.with_suffix(".json")
+        if not sidecar.is_file():
+            continue
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="numpy") as f:
+                header = (f.metadata() or {}).get(_CHECKPOINT_CONFIG_KEY)
+            stated = json.loads(sidecar.read_text(encoding="utf-8")).get("model")
+            stored = json.loads(header) if header is not None else None
+        except (OSError, ValueError, AttributeError) as exc:
+            report._add("error", _rel(run, sidecar), f"cannot be read with its checkpoint ({exc})")
+            continue
+        if stored is not None and stated is not None and stored != stated:
+            report._add("error", rel, f"the model configuration in its header differs from {sidecar.name}; one of "
+                        "the two was replaced: retrain this fold")
 
 
 def _check_stage_configs(run: Path, states: list[SlideState], report: VerifyReport) -> None:

@@ -115,8 +115,9 @@ def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray, *, s
         risk: (N,) predicted risk.
         surv: (N, K) discrete survival ``S_k`` (for the integrated Brier score).
         bin_ends: (K,) end time of each interval (for the integrated Brier score).
-        train_time, train_event: the training partition (censoring distribution for the IPCW C-index,
-            the time-dependent AUC and the Brier score).
+        train_time, train_event: the training partition. With the evaluated patients it gives the
+            censoring distribution of the IPCW C-index, the time-dependent AUC and the Brier score, and
+            its last event time truncates them.
 
     Returns:
         c_index (Harrell's, ``concordance_index_censored``), c_index_ipcw (Uno's, truncated at the
@@ -149,7 +150,10 @@ def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray, *, s
         notes.append("IPCW C-index, time-dependent AUC and Brier score need the training partition")
         out["notes"] = notes
         return out
-    y_train = _surv_array(train_time, train_event)
+    # The censoring distribution is estimated on the training and evaluated patients together, so that
+    # every evaluated time lies inside its support (scikit-survival refuses times past the last one).
+    y_train = _surv_array(np.r_[np.asarray(train_time, np.float64), time],
+                          np.r_[np.asarray(train_event).astype(bool), event])
     y_test = _surv_array(time, event)
     t_max = float(np.max(np.asarray(train_time, np.float64)[np.asarray(train_event).astype(bool)], initial=0.0))
     with warnings.catch_warnings():

@@ -53,9 +53,13 @@ def cells_to_channels(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def channels_to_cells(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Linear map (no bias) of channels-first (B, C, H, W) ``x`` → channels-last (B, H, W, O) cells."""
+    """Linear map (no bias) of channels-first (B, C, H, W) ``x`` → channels-last (B, H, W, O) cells.
+
+    The product is taken channels-first (the result is a channels-last view of it), so the gradient of
+    ``x`` comes out channels-first and contiguous, as the scans' backward wants it, without a copy.
+    """
     b, c, h, w = x.shape
-    return torch.matmul(x.reshape(b, c, h * w).transpose(1, 2), weight.t()).view(b, h, w, -1)
+    return torch.matmul(weight, x.reshape(b, c, h * w)).view(b, -1, h, w).permute(0, 2, 3, 1)
 
 
 class RMSNorm(nn.Module):
@@ -91,16 +95,22 @@ def channel_parts(channels: int, parts: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def checkpointed_sum(part: Callable[..., torch.Tensor], slices: list[slice], *args) -> torch.Tensor:
+def checkpointed_sum(part: Callable[..., torch.Tensor], slices: list[slice], *args,
+                     keep_last: bool = False) -> torch.Tensor:
     """Σ over ``slices`` of ``part(sl, *args)``, each term recomputed in the backward pass.
 
     Only ``args`` are kept for the backward; the activations of one term at a time exist while it
     is recomputed, so the peak memory of a block whose channels are summed falls by ``len(slices)``.
-    The terms hold no randomness, so the random state is not saved and restored.
+    With ``keep_last`` the last term keeps its activations instead: its backward runs first, before
+    any other term is recomputed, so the peak is the same and one recomputation is saved. The terms
+    hold no randomness, so the random state is not saved and restored.
     """
     total = None
-    for sl in slices:
-        term = checkpoint(part, sl, *args, use_reentrant=False, preserve_rng_state=False)
+    for i, sl in enumerate(slices):
+        if keep_last and i == len(slices) - 1:
+            term = part(sl, *args)
+        else:
+            term = checkpoint(part, sl, *args, use_reentrant=False, preserve_rng_state=False)
         total = term if total is None else total + term
     return total
 
@@ -209,13 +219,16 @@ class Mamba2DBlock(nn.Module):
         """:meth:`forward` in ``groups`` groups of inner channels, each recomputed in the backward pass."""
         slices = channel_parts(self.inner, groups)
         projs = checkpointed_sum(self._projections_part, slices, x, layout)
-        return checkpointed_sum(self._mix_part, slices, x, projs, layout)
+        return checkpointed_sum(self._mix_part, slices, x, projs, layout, keep_last=True)
 
     def _projections_part(self, sl: slice, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
         return self._projections(self._scan_input(x, layout, sl), sl)
 
     def _mix_part(self, sl: slice, x: torch.Tensor, projs: torch.Tensor, layout: GridLayout) -> torch.Tensor:
-        return self._mix(x, self._scan_input(x, layout, sl), projs, layout, sl)
+        # u is recomputed once more, after the scan's backward: its in_proj and conv outputs are then
+        # not held while the scan's row checkpoints are
+        u = checkpoint(self._scan_input, x, layout, sl, use_reentrant=False, preserve_rng_state=False)
+        return self._mix(x, u, projs, layout, sl)
 
 
 class _StarReLUFunction(torch.autograd.Function):
@@ -322,7 +335,7 @@ class M2DMixer(nn.Module):
         """:meth:`forward` in ``groups`` groups of channels, each recomputed in the backward pass."""
         slices = channel_parts(self.in_proj.out_features, groups)
         proj = checkpointed_sum(self._projection_part, slices, x)
-        out = checkpointed_sum(self._ssm_part, slices, x, proj, layout) + self.out_proj.bias
+        out = checkpointed_sum(self._ssm_part, slices, x, proj, layout, keep_last=True) + self.out_proj.bias
         if self.local_norm is not None:
             out = out + checkpointed_sum(self._local_part, channel_parts(self.local_in.out_features, groups),
                                          x, layout)
@@ -332,7 +345,8 @@ class M2DMixer(nn.Module):
         return self._projection(x, sl)
 
     def _ssm_part(self, sl: slice, x: torch.Tensor, proj: torch.Tensor, layout: GridLayout) -> torch.Tensor:
-        return self._ssm(self._scan_input(x, sl), proj, layout, sl)
+        u = checkpoint(self._scan_input, x, sl, use_reentrant=False, preserve_rng_state=False)  # see Mamba2DBlock
+        return self._ssm(u, proj, layout, sl)
 
     def _local_part(self, sl: slice, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
         return self._local(x, layout, sl)

@@ -31,6 +31,8 @@ BWD_STATES_PER_THREAD = 4
 # Rows per band of the 2DMamba forward without gradients (with gradients the bands are the backward's
 # segments, so that the carry pass leaves exactly the checkpoint rows the backward reads).
 FWD_BAND_ROWS = 8
+# Extra NVRTC options (e.g. "-DPF_ROWS=4"), for benchmarking variants of the kernels.
+EXTRA_OPTIONS: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,11 +93,13 @@ def launch_config(
 
 def _kernels(mode: int, in_kind: int, cfg: LaunchConfig, device: int):
     """(fwd, bwd[, carry, fix]) kernels for a layout; the segment length is a kernel argument, not a macro."""
-    return _compiled(mode, in_kind, cfg.n_state, cfg.states_per_thread, cfg.cols_per_thread, cfg.col_warps, device)
+    return _compiled(mode, in_kind, cfg.n_state, cfg.states_per_thread, cfg.cols_per_thread, cfg.col_warps, device,
+                     EXTRA_OPTIONS)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(mode: int, in_kind: int, n_state: int, states: int, cols: int, col_warps: int, device: int):
+def _compiled(mode: int, in_kind: int, n_state: int, states: int, cols: int, col_warps: int, device: int,
+              extra: tuple[str, ...] = ()):
     import cupy
 
     options = (
@@ -106,6 +110,7 @@ def _compiled(mode: int, in_kind: int, n_state: int, states: int, cols: int, col
         f"-DK={cols}",
         f"-DCW={col_warps}",
         "-std=c++17",
+        *extra,
     )
     with cupy.cuda.Device(device):
         module = cupy.RawModule(code=KERNEL_FILE.read_text(), options=options)

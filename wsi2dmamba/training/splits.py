@@ -253,7 +253,8 @@ def find_leaks(splits: Sequence[FoldSplit], patient_of: Mapping[str, str] | Call
         for p in PARTITIONS:
             for pid in dict.fromkeys(to_patient(i) for i in s.partition(p)):
                 where[pid].append(p)
-        leaks += [Leak(s.fold, pid, tuple(parts)) for pid, parts in sorted(where.items()) if len(parts) > 1]
+        leaks += [Leak(s.fold, pid, tuple(parts)) for pid, parts in sorted(where.items(), key=lambda kv: str(kv[0]))
+                  if len(parts) > 1]
     return leaks
 
 
