@@ -6,8 +6,6 @@ from typing import Annotated
 
 import typer
 
-from ..models import create, list_models, model_info
-
 
 def register(app: typer.Typer) -> None:
     @app.command("models")
@@ -17,6 +15,8 @@ def register(app: typer.Typer) -> None:
         presets: Annotated[bool, typer.Option("--presets", help="Also count every named preset.")] = False,
     ) -> None:
         """List every registered MIL model: name, trainable parameters, description."""
+        from ..models import create, list_models, model_info  # torch loads only for this command
+
         typer.echo(f"{'model':<22} {'parameters':>11}  description  (in_dim {in_dim}, {n_classes} classes)")
         for name in list_models():
             info = model_info(name)

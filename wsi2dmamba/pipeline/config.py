@@ -108,7 +108,8 @@ class TrainSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    models: list[str] = Field(min_length=1, description="Registry names of the models to train.")
+    models: list[str] = Field(min_length=1, description="Models to train: registry names, or "
+                                                         "'name:preset' for a named preset (e.g. '2dmambamil:paper').")
     model_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
@@ -227,15 +228,33 @@ def stage_config_class(stage: str) -> type[BaseModel]:
 _RUN_SET_MODEL_OPTIONS = ("in_dim", "n_classes", "task", "n_bins")
 
 
+def split_model_entry(entry: str) -> tuple[str, str | None]:
+    """``"2dmambamil:paper"`` → ``("2dmambamil", "paper")``; ``"abmil"`` → ``("abmil", None)``."""
+    name, _, preset = entry.partition(":")
+    return name, (preset or None)
+
+
+def model_folder(entry: str) -> str:
+    """Folder name of a model entry in ``RUN/train`` (``2dmambamil:paper`` → ``2dmambamil-paper``)."""
+    name, preset = split_model_entry(entry)
+    return name if preset in (None, "default") else f"{name}-{preset}"
+
+
 def _check_models(section: TrainSection, source: Path) -> None:
-    from ..models import list_models
+    from ..models import list_models, model_info
     from ..models.registry import build_config
 
     known = list_models()
-    bad = [m for m in section.models if m not in known]
+    bad = [m for m in section.models if split_model_entry(m)[0] not in known]
     if bad:
         raise ConfigError(f"{source}: [train] models: unknown model(s) {', '.join(repr(m) for m in bad)}; "
                           f"available: {', '.join(known)}")
+    for m in section.models:
+        name, preset = split_model_entry(m)
+        presets = model_info(name)["presets"]
+        if preset is not None and preset not in presets:
+            raise ConfigError(f"{source}: [train] models: {name!r} has no preset {preset!r}; "
+                              f"its presets: {', '.join(presets)}")
     dupes = sorted({m for m in section.models if section.models.count(m) > 1})
     if dupes:
         raise ConfigError(f"{source}: [train] models lists {', '.join(dupes)} more than once")
@@ -247,7 +266,7 @@ def _check_models(section: TrainSection, source: Path) -> None:
             raise ConfigError(f"{source}: [train.model_options.{model}] key(s) {', '.join(fixed)} are set by the "
                               "run (from the features and [train] task); remove them")
         try:
-            build_config(model, {"in_dim": 8, "n_classes": 2, **opts})
+            build_config(split_model_entry(model)[0], {"in_dim": 8, "n_classes": 2, **opts})
         except ConfigError as exc:
             raise ConfigError(f"{source}: [train.model_options.{model}]: {exc}") from None
 

@@ -209,10 +209,13 @@ def _features_dir(run_dir: Path, config: PipelineConfig) -> Path:
 def _train(cohort: Cohort, features_dir: Path, train_dir: Path, config: PipelineConfig, model: str,
            force: bool, progress: bool, **executor: Any):
     from ..training.loop import train_cohort
+    from .config import model_folder, split_model_entry
 
-    return train_cohort(cohort, features_dir, train_dir, model, config.option("train"),
-                        config.model_options.get(model) or None, splits=config.cohort.splits_dir,
-                        force=force, progress=progress, **executor)
+    name, preset = split_model_entry(model)
+    splits = config.cohort.splits_dir if config.cohort is not None else None
+    return train_cohort(cohort, features_dir, train_dir, name, config.option("train"),
+                        config.model_options.get(model) or None, preset=preset, name=model_folder(model),
+                        splits=splits, force=force, progress=progress, **executor)
 
 
 def _provenance(config: PipelineConfig) -> dict[str, Any]:
