@@ -237,3 +237,28 @@ def test_fold_errors_from_workers_keep_their_type(tmp_path, ray_cluster):
     with direct:
         train_cohort(cohort, feats, tmp_path / "l", "meanpool", config, {"no_such_option": 1}, progress=False)
     assert type(info.value) is type(direct.excinfo.value)
+
+
+# ------------------------------------------------------------------------------------ the demo on Ray
+
+def _run_outputs(run: Path) -> dict:
+    """What a run produced that must not depend on where it ran: ledger rows, fold predictions, metrics."""
+    out = {"ledger": ledger_rows(run)}
+    for p in sorted(run.glob("*/train/*/fold_*/predictions.csv")):
+        out[str(p.relative_to(run))] = p.read_text()
+    for p in sorted(run.glob("*/eval/metrics.json")):
+        out[str(p.relative_to(run))] = p.read_text()
+    return out
+
+
+@pytest.mark.slow
+def test_demo_on_a_local_ray_cluster_gives_the_local_results(tmp_path, ray_cluster):
+    from wsi2dmamba.demo.run import run_demo
+
+    small = dict(quick=True, tasks=("classification",), slides=8, folds=2, epochs=1, progress=False)
+    local = run_demo(tmp_path / "local", **small)
+    remote = run_demo(tmp_path / "ray", executor="ray", **small)
+    assert [r.excluded for r in remote] == [r.excluded for r in local]
+    a, b = _run_outputs(tmp_path / "local"), _run_outputs(tmp_path / "ray")
+    assert any("predictions.csv" in k for k in a) and len(a["ledger"]) >= 8 * 3
+    assert b == a

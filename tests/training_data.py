@@ -184,3 +184,15 @@ def trained_run(base: Path, task: str = "classification", models: tuple[str, ...
             train_cohort(cohort, feat_dir, folder / "run", m, config, TINY[m], progress=False)
         _RUNS[key] = (folder / "run", manifest, feat_dir)
     return _RUNS[key]
+
+
+@pytest.fixture(autouse=False)
+def one_thread():
+    """Run torch on one CPU thread: the tests' models are tiny, and on a busy 2-core machine OpenMP
+    threads waiting for each other cost more than the arithmetic."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

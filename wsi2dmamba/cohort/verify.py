@@ -10,8 +10,8 @@ modification time) of the slide file. :func:`verify_run` re-reads all of it and 
   slide's tiles file (the tiles were redone after extraction); a slide file that changed after it was
   processed; a checkpoint (``*.safetensors``, anywhere in the run) that does not open, or whose header's
   model configuration differs from its ``.json`` sidecar;
-* warnings: half-written temporaries left by a killed process, files that no state records, a ledger that
-  is out of date, a slide file that is no longer where it was.
+* warnings: slides that failed, half-written temporaries left by a killed process, files that no state
+  records, a ledger that is out of date, a slide file that is no longer where it was.
 
 The check only reads: it never changes the run.
 """
@@ -282,9 +282,15 @@ def _check_source(run: Path, sf: Path, st: SlideState, report: VerifyReport) -> 
 
 def _check_params(states: Iterable[SlideState], report: VerifyReport) -> None:
     by_stage: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    failed: dict[str, list[str]] = defaultdict(list)
     for st in states:
         if st.status == "done":
             by_stage[st.stage][st.params_hash].append(st.slide_id)
+        else:
+            failed[st.stage].append(st.slide_id)
+    for stage, ids in sorted(failed.items()):
+        report._add("warning", stage, f"{len(ids)} slide(s) failed (e.g. {sorted(ids)[0]}); their reasons are in "
+                    "ledger.csv and the state files: fix them and rerun the stage")
     for stage, groups in sorted(by_stage.items()):
         if len(groups) > 1:
             parts = ", ".join(f"{h}: {len(ids)} slide(s) (e.g. {sorted(ids)[0]})"

@@ -335,7 +335,8 @@ class M2DMixer(nn.Module):
         """:meth:`forward` in ``groups`` groups of channels, each recomputed in the backward pass."""
         slices = channel_parts(self.in_proj.out_features, groups)
         proj = checkpointed_sum(self._projection_part, slices, x)
-        out = checkpointed_sum(self._ssm_part, slices, x, proj, layout, keep_last=True) + self.out_proj.bias
+        # no kept last term here: its activations would still be held while the local path is recomputed
+        out = checkpointed_sum(self._ssm_part, slices, x, proj, layout) + self.out_proj.bias
         if self.local_norm is not None:
             out = out + checkpointed_sum(self._local_part, channel_parts(self.local_in.out_features, groups),
                                          x, layout)
@@ -345,8 +346,7 @@ class M2DMixer(nn.Module):
         return self._projection(x, sl)
 
     def _ssm_part(self, sl: slice, x: torch.Tensor, proj: torch.Tensor, layout: GridLayout) -> torch.Tensor:
-        u = checkpoint(self._scan_input, x, sl, use_reentrant=False, preserve_rng_state=False)  # see Mamba2DBlock
-        return self._ssm(u, proj, layout, sl)
+        return self._ssm(self._scan_input(x, sl), proj, layout, sl)
 
     def _local_part(self, sl: slice, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
         return self._local(x, layout, sl)

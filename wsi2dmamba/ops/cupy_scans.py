@@ -58,10 +58,14 @@ class LaunchConfig:
         return 32 * self.col_warps * self.cols_per_thread
 
     def fwd_smem(self) -> int:
-        return 4 * (self.groups * self.states_per_thread * self.col_warps * 2 + self.groups * self.row_cap)
+        # scan scratch, per-group partial outputs, the staged row (u, dt, dt2, then B1, B2, C planes)
+        staged = (3 + 3 * self.n_state) * self.row_cap
+        return 4 * (self.groups * self.states_per_thread * self.col_warps * 2 + self.groups * self.row_cap + staged)
 
     def bwd_smem(self, width: int) -> int:
+        # scan scratch, row sums, one row of dB1, dB2, dC terms, then R + 1 rows of recomputed states
         scratch = self.groups * self.states_per_thread * self.col_warps * 2 + 3 * self.groups * self.row_cap
+        scratch += 3 * self.n_state * self.row_cap
         return 4 * (scratch + (self.seg_rows + 1) * self.n_state * width)
 
 

@@ -120,7 +120,7 @@ def save_training_state(path: str | os.PathLike[str], model: torch.nn.Module, op
     header = {"loop": state, "param_groups": _json_safe(opt["param_groups"]), "optim_scalars": scalars,
               "model_config": model.config_dict()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_STATE_KEY: json.dumps(header, sort_keys=True)})
+        save_file(tensors, str(tmp), metadata={_STATE_KEY: json.dumps(header)})  # key order kept: log columns
 
 
 def load_training_state(path: str | os.PathLike[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer,

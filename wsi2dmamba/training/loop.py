@@ -216,6 +216,11 @@ class _FoldTrainer:
         if not logits_all:
             return {}, math.nan
         logits = torch.cat(logits_all)
+        bad = ~torch.isfinite(logits).all(dim=1)
+        if bool(bad.any()):
+            ids = [slide_ids[i] for i in torch.nonzero(bad).flatten().tolist()]
+            raise TrainingError(f"the model's output is NaN or inf for slide(s) {', '.join(ids[:10])}; nothing was "
+                                "written for them. Check these slides' features (e.g. huge values), or lower --lr.")
         loss = float(torch.cat(losses).mean())
         if self.config.task == "survival":
             from ..models import survival_risk

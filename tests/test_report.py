@@ -1,0 +1,131 @@
+"""evaluate and report: metrics recomputed from the predictions, the files, and the page in Chromium."""
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+from sksurv.metrics import concordance_index_censored
+
+from training_data import one_thread, trained_run  # noqa: F401
+from wsi2dmamba.evaluation import evaluate_run, write_report
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("Chromium is not installed; the CI set-up (.ci/run) installs Debian's chromium")
+    pytest.skip("Chromium not installed (apt-get install chromium)")
+
+
+def _run_chromium(tmp_path, html, *args):
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+           *args, html.as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def classification_run(tmp_path_factory):
+    run, _, _ = trained_run(tmp_path_factory.getbasetemp())
+    metrics = evaluate_run(run, n_boot=200)
+    return run, metrics
+
+
+def test_metrics_are_recomputed_from_the_predictions(classification_run):
+    run, metrics = classification_run
+    assert set(metrics["models"]) == {"abmil", "meanpool"}
+    m = metrics["models"]["abmil"]
+    frames = [pd.read_csv(run / "train" / "abmil" / f"fold_{k}" / "predictions.csv") for k in range(3)]
+    preds = pd.concat(frames)
+    test = preds[(preds["checkpoint"] == "best") & (preds["partition"] == "test")]
+    # Slide level, per fold and pooled.
+    for k, g in test.groupby("fold"):
+        assert m["results"]["slide"]["best"]["test"]["folds"][k]["auc"] == pytest.approx(roc_auc_score(g["target"], g["prob_1"]))
+    pooled = m["results"]["slide"]["best"]["test"]["pooled"]
+    assert pooled["auc"] == pytest.approx(roc_auc_score(test["target"], test["prob_1"]))
+    lo, hi = pooled["ci"]["auc"]
+    assert 0 <= lo <= hi <= 1
+    # Patient level: mean of the patient's slide probabilities.
+    pat = test.groupby("patient_id").agg(prob_1=("prob_1", "mean"), target=("target", "first"))
+    assert m["results"]["patient"]["best"]["test"]["pooled"]["auc"] == pytest.approx(roc_auc_score(pat["target"], pat["prob_1"]))
+    assert m["results"]["patient"]["best"]["test"]["pooled"]["n"] == 30 and pooled["n"] == len(test)
+    fold_aucs = [f["auc"] for f in m["results"]["slide"]["last"]["test"]["folds"]]
+    assert m["results"]["slide"]["last"]["test"]["mean"]["auc"] == pytest.approx(np.mean(fold_aucs))
+    assert m["results"]["slide"]["last"]["test"]["std"]["auc"] == pytest.approx(np.std(fold_aucs, ddof=1))
+    clam = pd.read_csv(run / "train" / "abmil" / "summary.csv")
+    assert list(clam.columns[:5]) == ["folds", "test_auc", "val_auc", "test_acc", "val_acc"] and len(clam) == 3
+
+
+def _check_page(tmp_path, html, n_images, must_contain):
+    text = html.read_text()
+    assert "<script" not in text and "http://" not in text and "https://" not in text  # self-contained
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', text)
+    assert len(images) == n_images
+    for data in images:
+        img = Image.open(io.BytesIO(base64.b64decode(data)))
+        img.verify()
+        assert img.size[0] > 200 and img.size[1] > 200
+    dom = _run_chromium(tmp_path, html, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    errors = [line for line in dom.stderr.splitlines()
+              if re.search(r"Uncaught|CONSOLE\(\d+\).*(rror|arning)|Failed to load|net::ERR_|Not allowed to load", line)]
+    assert not errors, errors
+    for needle in must_contain:
+        assert needle in dom.stdout, needle
+    assert dom.stdout.count("<img") == n_images
+    shot = tmp_path / "report.png"
+    res = _run_chromium(tmp_path, html, f"--screenshot={shot}", "--window-size=1280,2000",
+                        "--hide-scrollbars")
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.shape == (2000, 1280, 3)
+    coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 60  # figure colours, not text or background
+    dark = pixels.max(axis=2) < 100                              # text and table rules
+    assert coloured.sum() > 2000 and dark.sum() > 2000
+    return shot
+
+
+def test_classification_report_renders_in_chromium(classification_run, tmp_path):
+    run, metrics = classification_run
+    html = write_report(run, metrics=metrics)
+    assert html == run / "report" / "index.html"
+    summary = pd.read_csv(run / "report" / "summary.csv")
+    assert list(summary.columns[:5]) == ["folds", "test_auc", "val_auc", "test_acc", "val_acc"]
+    assert set(summary["model"]) == {"abmil", "meanpool"} and set(summary["checkpoint"]) == {"best", "last"}
+    assert len(summary) == 2 * 2 * 3
+    saved = json.loads((run / "report" / "metrics.json").read_text())
+    assert set(saved["models"]) == {"abmil", "meanpool"}
+    # Figures: ROC, confusion matrices, learning curves.
+    _check_page(tmp_path, html, 3, ['class="summary"', "abmil", "meanpool", "chosen on validation", "last epoch",
+                                     "ROC curves", "Confusion matrices", "Learning curves"])
+
+
+def test_survival_report_with_kaplan_meier_and_logrank(tmp_path_factory, tmp_path):
+    run, manifest, _ = trained_run(tmp_path_factory.getbasetemp(), task="survival", models=("abmil",))
+    metrics = evaluate_run(run, n_boot=200)
+    res = metrics["models"]["abmil"]["results"]
+    preds = pd.concat(pd.read_csv(run / "train" / "abmil" / f"fold_{k}" / "predictions.csv") for k in range(3))
+    test = preds[(preds["checkpoint"] == "best") & (preds["partition"] == "test")]
+    for k, g in test.groupby("fold"):
+        expected = concordance_index_censored(g["event"].astype(bool), g["time"], g["risk"])[0]
+        assert res["slide"]["best"]["test"]["folds"][k]["c_index"] == pytest.approx(expected)
+    assert res["patient"]["best"]["test"]["pooled"]["c_index"] is not None
+    html = write_report(run, metrics=metrics)
+    p = json.loads((run / "report" / "metrics.json").read_text())["models"]["abmil"]["logrank_p"]
+    assert p is None or 0 <= p <= 1
+    _check_page(tmp_path, html, 2, ["C-index", "IPCW C-index", "Kaplan", "log-rank p"])
