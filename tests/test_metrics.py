@@ -112,6 +112,9 @@ def test_discrete_survival_function_interpolates_between_interval_ends():
     ends = np.array([10.0, 20.0, 40.0])
     got = survival_function_at(surv, ends, np.array([0.0, 5.0, 10.0, 15.0, 30.0, 40.0, 100.0]))
     assert got[0].tolist() == pytest.approx([1.0, 0.9, 0.8, 0.65, 0.35, 0.2, 0.2])
+    two = survival_function_at(np.array([[0.8, 0.5, 0.2], [0.5, 0.5, 0.5]]),
+                               np.array([[10.0, 20.0, 40.0], [20.0, 30.0, 50.0]]), np.array([10.0]))
+    assert two[:, 0].tolist() == pytest.approx([0.8, 0.75])
 
 
 def _materialise(counts_row):

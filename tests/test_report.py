@@ -124,7 +124,9 @@ def test_survival_report_with_kaplan_meier_and_logrank(tmp_path_factory, tmp_pat
     for k, g in test.groupby("fold"):
         expected = concordance_index_censored(g["event"].astype(bool), g["time"], g["risk"])[0]
         assert res["slide"]["best"]["test"]["folds"][k]["c_index"] == pytest.approx(expected)
-    assert res["patient"]["best"]["test"]["pooled"]["c_index"] is not None
+    pooled = res["patient"]["best"]["test"]["pooled"]
+    assert pooled["c_index"] is not None and 0 < pooled["ibs"] < 0.5
+    assert all(f["ibs"] is not None for f in res["slide"]["best"]["test"]["folds"])
     html = write_report(run, metrics=metrics)
     p = json.loads((run / "report" / "metrics.json").read_text())["models"]["abmil"]["logrank_p"]
     assert p is None or 0 <= p <= 1

@@ -234,8 +234,6 @@ def test_forged_shapes_are_refused_before_reading(tmp_path, counts):
     assert time.perf_counter() - t < 2.0
 
 
-@pytest.mark.xfail(strict=True, reason="import_features writes each grid outside its error handling: a NaN file "
-                   "stops the whole import with the output's name instead of being refused with its own")
 def test_imported_file_with_nan_features_is_refused_and_named(tmp_path, counts):
     """A CLAM file with a NaN feature: refused with the file's name; the other files still import."""
     from wsi2dmamba.features.importers import import_features
@@ -258,8 +256,6 @@ def test_imported_file_with_nan_features_is_refused_and_named(tmp_path, counts):
         assert "NaN or inf" in summary.failed[name] and f"{name}.h5" in summary.failed[name]
 
 
-@pytest.mark.xfail(strict=True, reason="import_feature_file reads datasets with external storage (data from "
-                   "another file)")
 def test_imported_file_reading_other_files_is_refused(tmp_path, counts):
     """A CLAM/TRIDENT file whose features are stored in another file (external storage) must not be
     imported: it would copy that file's bytes into the run."""

@@ -98,7 +98,8 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
               workers: int = 1, progress: bool = True, force: bool = False,
               stage_dir: str | None = None, shard: tuple[int, int] | None = None,
               executor: str = "local", ray_address: str | None = None,
-              resources: TaskResources | None = None) -> StageSummary:
+              resources: TaskResources | None = None,
+              on_locked: Callable[[], None] | None = None) -> StageSummary:
     """Run ``fn`` over every slide of ``cohort`` that is not already up to date.
 
     Args:
@@ -120,6 +121,8 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
         ray_address: Ray cluster address for ``executor="ray"`` (None: start a local cluster).
         resources: what each slide's task needs (default: one CPU, no GPU). With a GPU, the local
             executor spreads slides over the visible GPUs and Ray schedules them on GPU workers.
+        on_locked: called in this process once the stage's lock is held, before any slide is run (e.g. to
+            record the stage's parameters: a run refused by the lock must not change them).
 
     Whichever the executor, the work function runs in a worker and this process alone writes the
     states and the ledger, so results, ledger and resume are the same.
@@ -141,6 +144,8 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
     # States are kept per output folder (e.g. "features/<encoder>"), and so are ledger rows.
     summary = StageSummary(stage)
     with stage_lock(run_dir, sdir, stage, shard):
+        if on_locked is not None:
+            on_locked()
         t0 = time.perf_counter()
         record = None
         if shard is not None:

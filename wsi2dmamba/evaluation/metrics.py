@@ -91,17 +91,18 @@ def survival_function_at(surv: np.ndarray, bin_ends: np.ndarray, times: np.ndarr
 
     Args:
         surv: (N, K) S_k per patient.
-        bin_ends: (K,) increasing end time of each interval.
+        bin_ends: (K,) increasing end time of each interval, or (N, K) when patients come from models
+            with different intervals (e.g. pooled cross-validation folds).
         times: (T,) where to evaluate.
 
     Returns:
         (N, T) S(t).
     """
     surv = np.asarray(surv, np.float64)
-    xs = np.concatenate([[0.0], np.asarray(bin_ends, np.float64)])
+    ends = np.broadcast_to(np.asarray(bin_ends, np.float64), surv.shape)
     out = np.empty((surv.shape[0], len(times)))
     for i, row in enumerate(surv):
-        out[i] = np.interp(times, xs, np.concatenate([[1.0], row]))
+        out[i] = np.interp(times, np.r_[0.0, ends[i]], np.r_[1.0, row])
     return out
 
 

@@ -184,6 +184,59 @@ def _geometry(fmt: str, attrs: dict, path: Path, mpp: float | None) -> Geometry:
                     ds if custom == 1.0 else 1.0, level0, tuple(assumed))
 
 
+_NOT_IMPORTABLE = "the file is damaged or not a CLAM or TRIDENT feature file."
+
+
+def _read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict, dict]:
+    """(features (N, D), coords (N, 2), coords attributes, features attributes) of a CLAM/TRIDENT file.
+
+    The file is untrusted: its datasets must be stored in it (no links to other files, no virtual or
+    external storage), and their dtypes and shapes are checked from metadata before anything is read.
+    """
+    import h5py
+
+    from ..grid.files import MAX_FEATURE_DIM, MAX_GRID_CELLS, check_layout, reading_errors, stored_dataset
+
+    if not path.is_file():
+        raise GridFileError(f"Feature file not found: {path}")
+    with reading_errors(path, _NOT_IMPORTABLE), h5py.File(path, "r") as f:
+        fd = stored_dataset(f, "features", path, required=False)
+        cd = stored_dataset(f, "coords", path, required=False)
+        if fd is None or cd is None:
+            raise GridFileError(f"{path} has no 'features' and 'coords' datasets; it is not a CLAM or "
+                                "TRIDENT feature file.")
+        check_layout(cd, path, "coords", (None, 2), "iuf")
+        n = cd.shape[0]
+        if n > MAX_GRID_CELLS:
+            raise GridFileError(f"{path}: {n} tiles, more than the {MAX_GRID_CELLS} a slide's grid may hold; "
+                                "the file is damaged or forged.")
+        # CLAM squeezes the features of a one-tile slide to (D,).
+        check_layout(fd, path, "features", (None,) if fd.ndim == 1 and n == 1 else (n, None), "fiu")
+        dim = fd.shape[-1]
+        if not 1 <= dim <= MAX_FEATURE_DIM:
+            raise GridFileError(f"{path}: features have dimension {dim}, expected 1 to {MAX_FEATURE_DIM}.")
+        feats = np.asarray(fd[...]).reshape(n, dim)
+        coords = np.asarray(cd[...])
+        return feats, coords, _attrs(cd), _attrs(fd)
+
+
+def _read_coords_attrs(path: Path) -> dict[str, Any]:
+    """The attributes of the ``coords`` dataset of a patch file (also untrusted: stored in the file only)."""
+    import h5py
+
+    from ..grid.files import reading_errors, stored_dataset
+
+    if not path.is_file():
+        raise GridFileError(f"Patch file not found: {path}")
+    with reading_errors(path, "the patch file is damaged or not a CLAM or TRIDENT patch file."), \
+            h5py.File(path, "r") as f:
+        cd = stored_dataset(f, "coords", path, required=False)
+        if cd is None:
+            raise GridFileError(f"Patch file {path} has no 'coords' dataset; it is not a CLAM or TRIDENT "
+                                "patch file.")
+        return _attrs(cd)
+
+
 def _slide_id(fmt: str, path: Path, attrs: dict) -> str:
     stem = path.stem
     if fmt == "trident" and stem.endswith("_patches"):
@@ -206,38 +259,22 @@ def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trid
         on_collision: ``"refuse"`` (default) or ``"keep-first"`` when two tiles fall in one cell.
 
     Raises:
-        GridFileError: unreadable or inconsistent file, or tiles sharing a cell (with their count).
+        GridFileError: unreadable, inconsistent or untrusted file (a link to another file, data stored
+            outside it, NaN or inf features), or tiles sharing a cell (with their count).
         ConfigError: a needed resolution is missing.
     """
-    import h5py
-
     path = Path(path)
     if fmt not in FORMATS:
         raise ConfigError(f"Unknown format {fmt!r}; use clam or trident.")
     if on_collision not in ("refuse", "keep-first"):
         raise ConfigError(f"--on-collision must be refuse or keep-first, not {on_collision!r}.")
-    try:
-        with h5py.File(path, "r") as f:
-            if "features" not in f or "coords" not in f:
-                raise GridFileError(f"{path} has no 'features' and 'coords' datasets; it is not a CLAM or "
-                                    "TRIDENT feature file.")
-            feats = np.asarray(f["features"][...])
-            coords = np.asarray(f["coords"][...])
-            attrs = _attrs(f["coords"])
-            feat_attrs = _attrs(f["features"])
-    except OSError as exc:
-        raise GridFileError(f"Cannot open {path} as HDF5 ({exc}).") from exc
+    feats, coords, attrs, feat_attrs = _read_feature_file(path)
     if coords_file is not None:
-        try:
-            with h5py.File(coords_file, "r") as f:
-                attrs = {**_attrs(f["coords"]), **attrs}
-        except (OSError, KeyError) as exc:
-            raise GridFileError(f"Cannot read the coords attributes of patch file {coords_file} ({exc}).") from exc
-    if feats.ndim == 1:
-        feats = feats[None] if len(coords) == 1 else feats
-    if coords.ndim != 2 or coords.shape[1] != 2 or feats.ndim != 2 or len(feats) != len(coords):
-        raise GridFileError(f"{path}: features {feats.shape} and coords {coords.shape} do not match "
-                            "((N, D) and (N, 2) expected).")
+        attrs = {**_read_coords_attrs(Path(coords_file)), **attrs}
+    if len(feats) and not np.all(np.isfinite(feats)):
+        bad = int((~np.isfinite(feats)).any(axis=1).sum())
+        raise GridFileError(f"{path}: {bad} of {len(feats)} tile(s) have NaN or inf features; re-extract this "
+                            "slide's features (the file was not imported).")
     geo = _geometry(fmt, attrs, path, mpp)
     stride = infer_stride(coords, geo.stride_level0)
     assumed = list(geo.assumed)
@@ -337,11 +374,11 @@ def import_features(src: str | os.PathLike[str], run_dir: str | os.PathLike[str]
         try:
             grid = import_feature_file(fp, fmt, mpp=mpp, coords_file=cf, encoder=encoder,
                                        on_collision=on_collision)
-        except WsiError as exc:
+            out = feature_path(run_dir, enc_used or grid.encoder, grid.slide_id)
+            write_feature_grid(out, grid)
+        except WsiError as exc:  # this file is refused, with its reason; the others go on
             failed[fp.stem] = str(exc)
             continue
         enc_used = enc_used or grid.encoder
-        out = feature_path(run_dir, enc_used, grid.slide_id)
-        write_feature_grid(out, grid)
         written[grid.slide_id] = out
     return ImportSummary(written, failed, enc_used or f"{fmt}-import")

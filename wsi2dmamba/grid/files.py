@@ -347,7 +347,7 @@ def _dataset(f, name: str, path: Path, required: bool = True):
                                 "(use `wsi2dmamba import-features` for CLAM or TRIDENT files).")
         if not isinstance(link, h5py.HardLink):
             raise GridFileError(f"{path}: '{'/'.join(parts[:i + 1])}' is a link ({type(link).__name__}), not data "
-                                "stored in the file; grid files must not point elsewhere. Refusing to read it.")
+                                "stored in the file; only data a file holds itself is read. Refusing to read it.")
         node = node[part]
     if not isinstance(node, h5py.Dataset):
         raise GridFileError(f"{path}: '{name}' is a group, expected a dataset")
@@ -474,8 +474,8 @@ def _read_common(f, path: Path) -> dict[str, Any]:
     return kwargs
 
 
-def _reading(path: Path):
-    """Turn any library error while reading into a GridFileError naming the file."""
+def _reading(path: Path, advice: str = "the file is damaged. Delete it and rerun the stage that made it."):
+    """Turn any library error while reading into a GridFileError naming the file (and ``advice``)."""
     import contextlib
 
     @contextlib.contextmanager
@@ -485,10 +485,15 @@ def _reading(path: Path):
         except GridFileError:
             raise
         except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
-            raise GridFileError(f"Cannot read {path} ({type(exc).__name__}: {exc}); the file is damaged. "
-                                "Delete it and rerun the stage that made it.") from exc
+            raise GridFileError(f"Cannot read {path} ({type(exc).__name__}: {exc}); {advice}") from exc
 
     return guard()
+
+
+# The same checks for other untrusted HDF5 files (CLAM and TRIDENT feature files, when imported).
+stored_dataset = _dataset
+check_layout = _check_layout
+reading_errors = _reading
 
 
 def read_tile_grid(path: str | os.PathLike[str]) -> TileGrid:

@@ -43,7 +43,7 @@ class GridSSMConfig(MILConfig):
             than 65,536 cells, e.g. one slide of 256 × 256 cells).
         channel_groups: when blocks are recomputed, run each block as this many groups of its inner
             channels, one group's activations in memory at a time (None: enough groups that one group's
-            activations are about 64 MiB in float32).
+            scan input is at most 64 MiB in float32: 3 for 2dmambamil and 2 for m2dmil at 391 × 391).
         scan_backend: ``auto``, ``torch`` or ``cupy`` (see :mod:`wsi2dmamba.ops`).
     """
 
@@ -125,7 +125,7 @@ class GridSSMMIL(MILModel):
         return MILOutput(self.head(pooled), weights)
 
     def block_width(self) -> int:
-        """Channels of a block's widest activation."""
+        """Channels of a block's scan, whose activations and row checkpoints set the block's memory."""
         return self.config.expand * self.config.d_model
 
 
@@ -240,7 +240,3 @@ class M2DMIL(GridSSMMIL):
                         corner=config.corners[i % len(config.corners)], local_path=config.local_path,
                         backend=config.scan_backend)
             for i in range(config.n_layers))
-
-    def block_width(self) -> int:
-        hidden = 2 * self.config.d_model if self.config.local_path else 0  # the local path's pointwise ×2
-        return max(self.config.expand * self.config.d_model, hidden)

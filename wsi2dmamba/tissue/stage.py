@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from .. import __version__
-from ..cohort import Cohort, SlideRecord, StageSummary, config_hash, run_stage
+from ..cohort import Cohort, SlideRecord, SlideState, StageSummary, config_hash, read_state, run_stage
 from ..errors import SlideError, StageInputError
 from ..fileio import atomic_path, write_json_atomic, write_text_atomic
 from .config import SegmentConfig
@@ -71,24 +74,69 @@ def segment_slide(record: SlideRecord, config: SegmentConfig, run_dir: Path) -> 
 
 
 def read_segment_config(run_dir: str | Path) -> SegmentConfig | None:
-    """The segment parameters last used in ``run_dir`` (None when segment has not run there)."""
-    p = Path(run_dir) / STAGE / CONFIG_FILE
+    """The segment parameters of the segmentation in ``run_dir`` (None when segment has not run there).
+
+    ``RUN/segment/config.json`` holds the parameters of the last segment run that held the stage's lock.
+    When none of the finished slides was made with them (that run was interrupted before finishing a
+    slide, or the file is missing), the parameters the finished slides were made with are used, read from
+    their GeoJSON: those are the contours a later stage can use.
+    """
+    run_dir = Path(run_dir)
+    recorded = _read_config_file(run_dir / STAGE / CONFIG_FILE)
+    finished = [st for st in _segment_states(run_dir) if st.status == "done"]
+    made_with = Counter(st.params_hash for st in finished)
+    if recorded is not None and (not made_with or segment_params_hash(recorded) in made_with):
+        return recorded
+    for phash, _ in made_with.most_common():
+        config = _params_of_finished(run_dir, [st for st in finished if st.params_hash == phash])
+        if config is not None:
+            return config
+    return recorded
+
+
+def _read_config_file(p: Path) -> SegmentConfig | None:
     if not p.is_file():
         return None
     try:
         return SegmentConfig.model_validate_json(p.read_text(encoding="utf-8"))
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         raise StageInputError(f"{p} is not a valid segment configuration ({exc}); delete it and rerun "
                               "`wsi2dmamba segment`.") from exc
+
+
+def _segment_states(run_dir: Path) -> list[SlideState]:
+    """The recorded states of the segment stage's slides (unreadable ones left out)."""
+    paths = sorted((run_dir / STAGE / ".state").glob("*.json"))
+    return [st for st in (read_state(run_dir, STAGE, p.stem) for p in paths) if st is not None]
+
+
+def _params_of_finished(run_dir: Path, states: list[SlideState]) -> SegmentConfig | None:
+    """The parameters the slides of ``states`` (all finished with one parameter hash) were made with,
+    from the first of their GeoJSON files that records them."""
+    for st in states:
+        geo = segment_paths(run_dir, st.slide_id)["geojson"]
+        try:
+            meta = json.loads(geo.read_text(encoding="utf-8")).get("wsi2dmamba") or {}
+            config = SegmentConfig.model_validate(meta.get("params"))
+        except (OSError, ValueError, AttributeError):
+            continue  # missing, edited or damaged: another slide may still say
+        if segment_params_hash(config) == st.params_hash:
+            return config
+    return None
 
 
 def segment_cohort(cohort: Cohort, run_dir: str | Path, config: SegmentConfig | None = None, *,
                    workers: int = 1, progress: bool = True, force: bool = False,
                    shard: tuple[int, int] | None = None, executor: str = "local",
                    ray_address: str | None = None) -> StageSummary:
-    """Segment every slide of ``cohort`` into ``run_dir/segment`` (resumable; see :func:`run_stage`)."""
+    """Segment every slide of ``cohort`` into ``run_dir/segment`` (resumable; see :func:`run_stage`).
+
+    The parameters are recorded in ``run_dir/segment/config.json`` once the stage's lock is held, so a
+    run refused because another one is running leaves them as they are.
+    """
     config = config or SegmentConfig()
     run_dir = Path(run_dir)
-    write_json_atomic(run_dir / STAGE / CONFIG_FILE, config.model_dump(mode="json"))
+    record = partial(write_json_atomic, run_dir / STAGE / CONFIG_FILE, config.model_dump(mode="json"))
     return run_stage(STAGE, cohort, run_dir, config, segment_slide, segment_outputs, workers=workers,
-                     progress=progress, force=force, shard=shard, executor=executor, ray_address=ray_address)
+                     progress=progress, force=force, shard=shard, executor=executor, ray_address=ray_address,
+                     on_locked=record)
