@@ -231,24 +231,9 @@ __device__ __forceinline__ void scan_rev(float (&a)[S][K], float (&b)[S][K], flo
 __device__ __forceinline__ float w_left(int i, int j) { return i == 0 ? 1.f : (j == 0 ? 0.f : 0.5f); }
 __device__ __forceinline__ float w_up(int i, int j) { return i == 0 ? 0.f : (j == 0 ? 1.f : 0.5f); }
 
-// Row staging: the block copies one row of an input plane into shared memory with coalesced loads;
-// each thread then reads its K consecutive columns there (conflict-free for odd K) instead of
-// issuing K strided global loads that each touch several cache lines.
-__device__ __forceinline__ void stage_plane(float* dst, const T* src, int W, int tid) {
-    for (int c = tid; c < W; c += NTX * NGRP) dst[c] = ld(src, c);
-}
-// NS planes (B or C) of one row, plane n at dst + n*ROWCAP
-__device__ __forceinline__ void stage_planes(float* dst, const T* src, long HW, int W, int tid) {
-#pragma unroll 4
-    for (int n = 0; n < NS; ++n)
-        for (int c = tid; c < W; c += NTX * NGRP) dst[n * ROWCAP + c] = ld(src, n * HW + c);
-}
-
 // One forward row: given the states hv of row i-1 (zero for i = 0), leave the states of row i in hv.
-template <bool STAGED>
 __device__ __forceinline__ void forward_row(int i, int W, long HW, int c0, const float (&uu)[K], const float (&d1)[K],
-                                            const float (&d2)[K], const T* B1p, const T* B2p, const float* sB1,
-                                            const float* sB2, const float (&A1r)[S],
+                                            const float (&d2)[K], const T* B1p, const T* B2p, const float (&A1r)[S],
                                             const float (&A2r)[S], int ty, float (&hv)[S][K], float* scan_sm,
                                             int lane, int warp) {
     float a[S][K], b[S][K], inc[S];
@@ -262,12 +247,12 @@ __device__ __forceinline__ void forward_row(int i, int W, long HW, int c0, const
             if (col < W) {
 #if MODE == 0
                 a[s][k] = exp2f(d1[k] * A1r[s]);
-                b[s][k] = d1[k] * (STAGED ? sB1[n * ROWCAP + col] : ld(B1p, n * HW + row + col)) * uu[k];
+                b[s][k] = d1[k] * ld(B1p, n * HW + row + col) * uu[k];
 #else
                 const float at = exp2f(d1[k] * A1r[s]);
                 const float al = exp2f(d2[k] * A2r[s]);
-                const float ut = d1[k] * (STAGED ? sB1[n * ROWCAP + col] : ld(B1p, n * HW + row + col)) * uu[k];
-                const float ul = d2[k] * (STAGED ? sB2[n * ROWCAP + col] : ld(B2p, n * HW + row + col)) * uu[k];
+                const float ut = d1[k] * ld(B1p, n * HW + row + col) * uu[k];
+                const float ul = d2[k] * ld(B2p, n * HW + row + col) * uu[k];
                 const float wl = w_left(i, col), wu = w_up(i, col);
                 a[s][k] = wl * al;
                 b[s][k] = wl * ul + wu * (at * hv[s][k] + ut);
@@ -312,10 +297,7 @@ __device__ __forceinline__ void load_row(int i, int W, int c0, const T* up, cons
     }
 }
 
-// Forward: at most 128 registers per thread where the block allows it, so that 4 blocks of 128
-// threads share an SM (many bands in flight).
-#define FWD_MINB ((NTX * NGRP) >= 512 ? 1 : 512 / (NTX * NGRP))
-extern "C" __global__ void __launch_bounds__(NTX * NGRP, FWD_MINB)
+extern "C" __global__ void __launch_bounds__(NTX * NGRP)
 scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restrict__ dt2, const T* __restrict__ z,
            const T* __restrict__ B1, const T* __restrict__ B2, const T* __restrict__ C, const float* __restrict__ A1,
            const float* __restrict__ A2, const float* __restrict__ D, const float* __restrict__ dt_bias,
@@ -331,13 +313,6 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
     const long HW = (long)H * W;
     float* scan_sm = smem + ty * (S * CW * 2);
     float* ypart = smem + NGRP * S * CW * 2;  // [NGRP][ROWCAP]
-    // the staged row: u, dt (after softplus for 2DMamba), dt2, then the NS planes of B1, (B2,) C
-    float* sU = ypart + NGRP * ROWCAP;
-    float* sD1 = sU + ROWCAP;
-    float* sD2 = sD1 + ROWCAP;
-    float* sB1 = sD2 + ROWCAP;
-    float* sB2 = sB1 + NS * ROWCAP;
-    float* sC = sB2 + (MODE == 1 ? NS * ROWCAP : 0);
     const T* up = u + (long)be * HW;
     const T* d1p = dt1 + (long)be * HW;
     const T* d2p = dt2 ? dt2 + (long)be * HW : nullptr;
@@ -368,33 +343,12 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
     for (int i = i0; i < i1; ++i) {
         if ((i - i0) % PF_ROWS == 0)
             prefetch_rows(i + PF_ROWS, min(i1, i + 2 * PF_ROWS), W, HW, tid, up, d1p, d2p, zp, nullptr, B1p, B2p, Cp);
-        const long row = (long)i * W;
-        stage_plane(sU, up + row, W, tid);
-        for (int c = tid; c < W; c += NTX * NGRP) {
-#if MODE == 0
-            sD1[c] = softplusf_(ld(d1p, row + c) + bias);
-#else
-            sD1[c] = ld(d1p, row + c);
-            sD2[c] = ld(d2p, row + c);
-#endif
-        }
-        stage_planes(sB1, B1p + row, HW, W, tid);
-#if MODE == 1
-        stage_planes(sB2, B2p + row, HW, W, tid);
-#endif
-        stage_planes(sC, Cp + row, HW, W, tid);
-        __syncthreads();
         float uu[K], d1[K], d2[K];
-#pragma unroll
-        for (int k = 0; k < K; ++k) {
-            const bool in = c0 + k < W;
-            uu[k] = in ? sU[c0 + k] : 0.f;
-            d1[k] = in ? sD1[c0 + k] : 0.f;
-            d2[k] = (MODE == 1 && in) ? sD2[c0 + k] : 0.f;
-        }
-        forward_row<true>(i, W, HW, c0, uu, d1, d2, B1p, B2p, sB1, sB2, A1r, A2r, ty, hv, scan_sm, lane, warp);
+        load_row(i, W, c0, up, d1p, d2p, bias, uu, d1, d2);
+        forward_row(i, W, HW, c0, uu, d1, d2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp);
 #pragma unroll
         for (int k = 0; k < K; ++k) dsum[k] += d1[k];
+        const long row = (long)i * W;
         float yp[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -402,7 +356,7 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
             const int col = c0 + k;
             if (col < W) {
 #pragma unroll
-                for (int s = 0; s < S; ++s) yp[k] += sC[(ty * S + s) * ROWCAP + col] * hv[s][k];
+                for (int s = 0; s < S; ++s) yp[k] += ld(Cp, (ty * S + s) * HW + row + col) * hv[s][k];
             }
         }
         if ((i + 1) % R == 0 && i + 1 < H) {
@@ -421,7 +375,7 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
             float y = 0.f;
             for (int g = 0; g < NGRP; ++g) y += ypart[g * ROWCAP + col];
             const long idx = (long)be * HW + row + col;
-            y += Dv * sU[col];
+            y += Dv * ld(u, idx);
 #if MODE == 0
             if (z) {
                 const float zz = ld(z, idx);
@@ -527,9 +481,11 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
     const long HW = (long)H * W;
     float* scan_sm = smem + ty * (S * CW * 2);
     float* red = smem + NGRP * S * CW * 2;  // [3][NGRP][ROWCAP]
-    // this row's dB1, (dB2,) dC terms [NS][ROWCAP] each, added to global memory with coalesced atomics
+    // this row's dB1 (, dB2) terms [NS][ROWCAP] each and its (gated) dy [ROWCAP], added to global memory
+    // by coalesced atomics; the dC terms dy*h are formed there from the recomputed states
     float* gsm = red + 3 * NGRP * ROWCAP;
-    float* hrows = gsm + (MODE == 1 ? 3 : 2) * NS * ROWCAP;  // [R+1][NS][W]
+    float* dysm = gsm + 2 * NS * ROWCAP;
+    float* hrows = dysm + ROWCAP;  // [R+1][NS][W]
     const T* up = u + (long)be * HW;
     const T* d1p = dt1 + (long)be * HW;
     const T* d2p = dt2 ? dt2 + (long)be * HW : nullptr;
@@ -584,8 +540,7 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
         for (int i = i0; i < i1; ++i) {
             float uu[K], d1[K], d2[K];
             load_row(i, W, c0, up, d1p, d2p, bias, uu, d1, d2);
-            forward_row<false>(i, W, HW, c0, uu, d1, d2, B1p, B2p, nullptr, nullptr, A1r, A2r, ty, hv, scan_sm, lane,
-                               warp);
+            forward_row(i, W, HW, c0, uu, d1, d2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp);
             float* hr = hrows + (long)(i - i0 + 1) * NS * W;
 #pragma unroll
             for (int s = 0; s < S; ++s)
@@ -687,7 +642,6 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                     const long idx = n * HW + row + col;
                     const float h = hcur[n * W + col];
                     const float hu = hup[n * W + col];
-                    gsm[(MODE == 1 ? 2 : 1) * NS * ROWCAP + n * ROWCAP + col] = dy[k] * h;
 #if MODE == 0
                     const float F = adj[s][k];
                     const float gl = k > 0 ? g[s][k - 1] : inc[s];
@@ -720,6 +674,10 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
 #endif
                 }
             }
+            if (ty == 0) {
+#pragma unroll
+                for (int k = 0; k < K; ++k) dysm[c0 + k] = dy[k];
+            }
 #pragma unroll
             for (int k = 0; k < K; ++k) {
                 red[(0 * NGRP + ty) * ROWCAP + c0 + k] = acc0[k];
@@ -735,10 +693,8 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                     fixed_add(dB1p + at, gsm[n * ROWCAP + col]);
 #if MODE == 1
                     fixed_add(dB2p + at, gsm[NS * ROWCAP + n * ROWCAP + col]);
-                    fixed_add(dCp + at, gsm[2 * NS * ROWCAP + n * ROWCAP + col]);
-#else
-                    fixed_add(dCp + at, gsm[NS * ROWCAP + n * ROWCAP + col]);
 #endif
+                    fixed_add(dCp + at, dysm[col] * hcur[n * W + col]);
                 }
             // the whole block finishes the row, one column per thread: fixed-order sums over state groups
             for (int col = ty * NTX + tx; col < W; col += NTX * NGRP) {

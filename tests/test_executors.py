@@ -241,24 +241,62 @@ def test_fold_errors_from_workers_keep_their_type(tmp_path, ray_cluster):
 
 # ------------------------------------------------------------------------------------ the demo on Ray
 
+DEMO_PIPELINE = """
+[demo]
+slides = 4
+rows = 6
+cols = 6
+
+[run]
+train_dir = "classification"
+
+[extract]
+device = "cpu"
+workers = 0
+
+[train]
+task = "classification"
+folds = 2
+epochs = 1
+models = ["abmil"]
+
+[evaluate]
+n_boot = 50
+"""
+
+
 def _run_outputs(run: Path) -> dict:
-    """What a run produced that must not depend on where it ran: ledger rows, fold predictions, metrics."""
+    """What a run produced that must not depend on where it ran: ledger rows, features, fold
+    predictions, metrics (less their creation time and run folder)."""
+    import json
+
+    import h5py
+
     out = {"ledger": ledger_rows(run)}
+    for p in sorted(run.glob("features/*/*.h5")):
+        with h5py.File(p, "r") as f:
+            out[str(p.relative_to(run))] = f["features"][...].tobytes()
     for p in sorted(run.glob("*/train/*/fold_*/predictions.csv")):
         out[str(p.relative_to(run))] = p.read_text()
     for p in sorted(run.glob("*/eval/metrics.json")):
-        out[str(p.relative_to(run))] = p.read_text()
+        metrics = json.loads(p.read_text())
+        metrics.pop("created", None), metrics.pop("run", None)
+        out[str(p.relative_to(run))] = metrics
     return out
 
 
 @pytest.mark.slow
-def test_demo_on_a_local_ray_cluster_gives_the_local_results(tmp_path, ray_cluster):
-    from wsi2dmamba.demo.run import run_demo
+def test_demo_pipeline_on_a_local_ray_cluster_gives_the_local_results(tmp_path, ray_cluster):
+    """The demo cohort through every stage (segment, tile, extract, train, evaluate), once with the
+    local executor and once with each slide and fold a Ray task: the same ledger, features,
+    predictions and metrics."""
+    from wsi2dmamba.pipeline import load_pipeline, run_pipeline
 
-    small = dict(quick=True, tasks=("classification",), slides=8, folds=2, epochs=1, progress=False)
-    local = run_demo(tmp_path / "local", **small)
-    remote = run_demo(tmp_path / "ray", executor="ray", **small)
-    assert [r.excluded for r in remote] == [r.excluded for r in local]
+    (tmp_path / "demo.toml").write_text(DEMO_PIPELINE)
+    local = run_pipeline(load_pipeline(tmp_path / "demo.toml", out=tmp_path / "local"), progress=False)
+    remote = run_pipeline(load_pipeline(tmp_path / "demo.toml", out=tmp_path / "ray"), progress=False,
+                          executor="ray")
+    assert remote.excluded == local.excluded == {}
     a, b = _run_outputs(tmp_path / "local"), _run_outputs(tmp_path / "ray")
-    assert any("predictions.csv" in k for k in a) and len(a["ledger"]) >= 8 * 3
+    assert len(a["ledger"]) == 4 * 3 and sum(".h5" in k for k in a) == 4 and sum("predictions" in k for k in a) == 2
     assert b == a

@@ -220,3 +220,23 @@ def test_cli_train_evaluate_and_errors(small, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2 and "c_index" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_on_gpu(small, tmp_path, precision):
+    folder, cohort, feats = small
+    config = TrainConfig(folds=2, epochs=3, lr=5e-3, batch_size=2, device="cuda", precision=precision)
+    res = train_cohort(cohort, feats, tmp_path, "abmil", config, TINY["abmil"], folds_to_run=[0], progress=False)
+    fold = res.folds[0].fold_dir
+    log = pd.read_csv(fold / "log.csv")
+    assert np.isfinite(log[["train_loss", "val_loss"]].to_numpy()).all()
+    assert json.loads((fold / "config.json").read_text())["device"].startswith("cuda")
+    preds = pd.read_csv(fold / "predictions.csv")
+    last = preds[(preds["checkpoint"] == "last") & (preds["partition"] == "test")]
+    # The checkpoint is full precision: on the CPU in fp32 it predicts what autocast predicted.
+    model = load_checkpoint(fold / "last.safetensors")
+    grids = [read_feature_grid(feats / f"{s}.h5") for s in last["slide_id"]]
+    with torch.no_grad():
+        probs = torch.softmax(model(GridBatch.from_grids(grids)).logits, dim=1).numpy()
+    assert np.abs(probs - last[["prob_0", "prob_1"]].to_numpy()).max() < 0.02

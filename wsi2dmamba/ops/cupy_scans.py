@@ -20,8 +20,8 @@ import torch
 
 KERNEL_FILE = Path(__file__).resolve().parent.parent / "kernels" / "scan2d.cu"
 IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# Shared memory the backward may use for its recomputed rows: two blocks still fit on an H100 SM.
-BWD_SMEM_BUDGET = 100 * 1024
+# Shared memory of one backward block (scratch and recomputed rows): two blocks still fit on an H100 SM.
+BWD_SMEM_BUDGET = 112 * 1024
 SMEM_LIMIT = 227 * 1024
 FIXED_SCALE = 2.0**-32  # the kernels' int64 fixed point of dB and dC
 # States per thread of the forward and the backward: fewer means more warps per block to hide the
@@ -58,14 +58,12 @@ class LaunchConfig:
         return 32 * self.col_warps * self.cols_per_thread
 
     def fwd_smem(self) -> int:
-        # scan scratch, per-group partial outputs, the staged row (u, dt, dt2, then B1, B2, C planes)
-        staged = (3 + 3 * self.n_state) * self.row_cap
-        return 4 * (self.groups * self.states_per_thread * self.col_warps * 2 + self.groups * self.row_cap + staged)
+        return 4 * (self.groups * self.states_per_thread * self.col_warps * 2 + self.groups * self.row_cap)
 
     def bwd_smem(self, width: int) -> int:
-        # scan scratch, row sums, one row of dB1, dB2, dC terms, then R + 1 rows of recomputed states
+        # scan scratch, row sums, one row of dB1 and dB2 terms and of dy, then R + 1 rows of recomputed states
         scratch = self.groups * self.states_per_thread * self.col_warps * 2 + 3 * self.groups * self.row_cap
-        scratch += 3 * self.n_state * self.row_cap
+        scratch += (2 * self.n_state + 1) * self.row_cap
         return 4 * (scratch + (self.seg_rows + 1) * self.n_state * width)
 
 
