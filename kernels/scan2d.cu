@@ -1,6 +1,7 @@
 // Row-sweep CUDA kernels of the two 2D selective scans (docs/scans.md).
 //
-// One thread block per (batch, channel). Threads are laid out as (32*CW) x NGRP: thread (tx, ty)
+// One thread block per (batch, channel), or per band of its rows (2DMamba forward: scan2d_carry and
+// scan2d_fix then add the state carried into each band). Threads are laid out as (32*CW) x NGRP: thread (tx, ty)
 // owns the K consecutive columns [tx*K, tx*K+K) of every row and the S states [ty*S, ty*S+S)
 // (NGRP*S == NS). The block sweeps the H rows top to bottom; each row is a 1D linear scan along the
 // columns (sequential within a thread, warp shuffles across a warp, shared memory across warps),

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from training_data import one_thread, trained_run  # noqa: F401
+
 from wsi2dmamba.errors import ConfigError
 from wsi2dmamba.evaluation import heatmap
 from wsi2dmamba.grid import read_feature_grid

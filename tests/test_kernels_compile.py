@@ -35,3 +35,5 @@ def test_compiles_to_ptx(source, tmp_path):
                 assert proc.returncode == 0, proc.stderr
                 ptx = out.read_text()
                 assert ".entry scan2d_fwd" in ptx and ".entry scan2d_bwd" in ptx
+                # the banded 2DMamba forward's carry and output-correction passes
+                assert (".entry scan2d_carry" in ptx and ".entry scan2d_fix" in ptx) == (mode == 0)

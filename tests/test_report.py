@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sksurv.metrics import concordance_index_censored
-
 from training_data import one_thread, trained_run  # noqa: F401
+
 from wsi2dmamba.evaluation import evaluate_run, write_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from training_data import one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from training_data import TINY, base_grid, make_cohort, one_thread, trained_run  # noqa: F401
+
 from wsi2dmamba.cohort import load_cohort
 from wsi2dmamba.errors import ConfigError, StageInputError, TrainingError
 from wsi2dmamba.grid import read_feature_grid, write_feature_grid

@@ -109,9 +109,10 @@ def make_cohort(folder: Path, n_patients: int = 24, task: str = "classification"
                 slides_per_patient: int = 1, n_classes: int = 2) -> tuple[Path, Path]:
     """Write feature grids and a manifest of a generated cohort; return (manifest, features folder).
 
-    Patient p has ``1 + p % slides_per_patient`` slides. Every slide is a random crop (5–9 cells a side) of the real grid. Classification: the label is the
-    patient's quantile of dark-pixel density (``n_classes`` groups). Survival: times are exponential
-    with a rate that grows with that density, censored at random.
+    Patient p has ``1 + p % slides_per_patient`` slides. Every slide is a random crop (5–9 cells a side)
+    of the real grid. Classification: the label is the patient's quantile of dark-pixel density
+    (``n_classes`` groups). Survival: times are exponential with a rate that grows with that density,
+    censored at random.
     """
     import pandas as pd
 

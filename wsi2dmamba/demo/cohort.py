@@ -33,7 +33,7 @@ MANIFEST_COLUMNS = ("slide_id", "path", "patient_id", "label", "time", "event", 
 class DemoCohortSpec:
     """What the demo cohort holds. ``n_slides`` is rounded up to an even number (balanced classes)."""
 
-    n_slides: int = 48
+    n_slides: int = 96
     seed: int = 0
     layout: LayoutSpec = field(default_factory=LayoutSpec)
     survival: SurvivalSpec = field(default_factory=SurvivalSpec)

@@ -43,13 +43,13 @@ _NEIGHBOURS4 = ((-1, 0), (1, 0), (0, -1), (0, 1))
 class LayoutSpec:
     """How demo layouts are drawn. Counts are inclusive ranges ``(low, high)`` of cells per slide."""
 
-    rows: int = 8
-    cols: int = 8
-    tumour: tuple[int, int] = (3, 5)
-    lymphocytes: tuple[int, int] = (3, 5)
-    stroma: tuple[int, int] = (10, 13)
-    glass: tuple[int, int] = (4, 8)
-    contacts: tuple[int, int] = (1, 3)
+    rows: int = 6
+    cols: int = 6
+    tumour: tuple[int, int] = (3, 4)
+    lymphocytes: tuple[int, int] = (4, 6)
+    stroma: tuple[int, int] = (8, 10)
+    glass: tuple[int, int] = (2, 4)
+    contacts: tuple[int, int] = (2, 4)
     """Lymphocyte cells touching the tumour on an infiltrated slide."""
 
 
@@ -59,7 +59,7 @@ class SurvivalSpec:
 
     baseline_hazard: float = math.log(2) / 12.0
     """λ0: hazard per month with no contact (median survival 12 months)."""
-    beta: float = 1.0
+    beta: float = 0.7
     """Log-hazard decrease per lymphocyte–tumour contact."""
     sigma: float = 0.25
     """Standard deviation of the slide's log-hazard noise."""

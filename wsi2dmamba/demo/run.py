@@ -23,7 +23,7 @@ _FILES = {"classification": "demo.toml", "survival": "demo-survival.toml"}
 # A smaller run for continuous integration: fewer slides, folds and epochs, the 2D model against the
 # composition-only baselines.
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
-    "demo": {"slides": 32},
+    "demo": {"slides": 48},
     "train": {"folds": 4, "epochs": 12, "models": ["2dmambamil", "abmil", "meanpool"]},
     "evaluate": {"n_boot": 500},
 }
@@ -40,10 +40,14 @@ def demo_pipelines(out: str | os.PathLike[str] | None = None, *, quick: bool = F
                    tasks: tuple[str, ...] = DEMO_TASKS, slides: int | None = None, epochs: int | None = None,
                    folds: int | None = None, workers: int | None = None):
     """The validated demo pipelines, with the given overrides applied (``None`` keeps the file's value)."""
-    from ..pipeline import load_pipeline
+    import tomllib
+
+    from ..pipeline import pipeline_from_dict
 
     configs = []
     for task in tasks:
+        path = demo_pipeline_path(task)
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
         overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (QUICK_OVERRIDES if quick else {}).items()}
         if task == "survival" and quick:
             overrides["train"]["models"] = ["2dmambamil", "abmil"]
@@ -51,7 +55,12 @@ def demo_pipelines(out: str | os.PathLike[str] | None = None, *, quick: bool = F
                                   ("train", "folds", folds), ("run", "workers", workers)):
             if value is not None:
                 overrides.setdefault(table, {})[key] = value
-        configs.append(load_pipeline(demo_pipeline_path(task), out=out or "runs/demo", overrides=overrides))
+        for table, values in overrides.items():
+            data.setdefault(table, {}).update(values)
+        models = data["train"]["models"]
+        data["train"]["model_options"] = {m: o for m, o in data["train"].get("model_options", {}).items()
+                                          if m in models}
+        configs.append(pipeline_from_dict(data, path, out=Path(out or "runs/demo")))
     return configs
 
 

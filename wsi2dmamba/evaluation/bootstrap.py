@@ -103,7 +103,6 @@ def weighted_c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray, weig
     time = np.asarray(time, np.float64)
     event = np.asarray(event).astype(bool)
     risk = np.asarray(risk, np.float64)
-    n = time.size
     num = np.zeros(weights.shape[0])
     den = np.zeros(weights.shape[0])
     events = np.flatnonzero(event)
@@ -115,6 +114,5 @@ def weighted_c_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray, weig
         wi = weights[:, i]                              # (B, n_i)
         num += np.einsum("bi,bi->b", wi, weights @ score.T)
         den += np.einsum("bi,bi->b", wi, weights @ comparable.T.astype(np.float64))
-    del n
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, num / den, np.nan)

@@ -184,7 +184,8 @@ def heatmap(run_dir: str | os.PathLike[str], model: str, slide_id: str, *, fold:
     if not model_dir.is_dir():
         avail = sorted(p.name for p in (run_dir / "train").glob("*") if p.is_dir() and p.name != "splits") \
             if (run_dir / "train").is_dir() else []
-        raise StageInputError(f"No trained model {model!r} in {run_dir / 'train'} (trained: {', '.join(avail) or 'none'}).")
+        raise StageInputError(f"No trained model {model!r} in {run_dir / 'train'} "
+                              f"(trained: {', '.join(avail) or 'none'}).")
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last, got {checkpoint!r}")
     k, partition, cfg = _fold_for(model_dir, slide_id, fold)

@@ -180,7 +180,8 @@ def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
                 rows.append({**r, "model": name, "checkpoint": ckpt})
     clam_first = ["folds", "test_auc", "val_auc", "test_acc", "val_acc"]
     summary = pd.DataFrame(rows)
-    summary = summary[[c for c in clam_first if c in summary.columns] + [c for c in summary.columns if c not in clam_first]]
+    summary = summary[[c for c in clam_first if c in summary.columns]
+                      + [c for c in summary.columns if c not in clam_first]]
     write_text_atomic(out_dir / "summary.csv", summary.to_csv(index=False))
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_text_atomic(out_dir / "index.html", page)

@@ -23,6 +23,8 @@ IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Shared memory of one backward block (scratch and recomputed rows): two blocks still fit on an H100 SM.
 BWD_SMEM_BUDGET = 112 * 1024
 SMEM_LIMIT = 227 * 1024
+# Fewest rows per backward segment before the budget above is exceeded (see launch_config).
+MIN_SEG_ROWS = 4
 FIXED_SCALE = 2.0**-32  # the kernels' int64 fixed point of dB and dC
 # States per thread of the forward and the backward: fewer means more warps per block to hide the
 # latency of each row step; the backward also needs shared memory for its recomputed rows.
@@ -86,6 +88,10 @@ def launch_config(
     row_bytes = 4 * n_state * width
     fixed = cfg.bwd_smem(width) - 2 * row_bytes
     rows = max(1, (smem_budget - fixed) // row_bytes - 1)
+    if rows < MIN_SEG_ROWS:
+        # wide rows: one block per SM with the whole shared memory, rather than a checkpoint row
+        # every row or two (whose memory grows as H*W*N*E/R)
+        rows = max(1, (SMEM_LIMIT - fixed) // row_bytes - 1)
     rows = min(rows, height)
     cfg = LaunchConfig(n_state, s, k, cw, int(rows))
     if cfg.bwd_smem(width) > SMEM_LIMIT:

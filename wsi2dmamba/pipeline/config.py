@@ -71,10 +71,10 @@ class DemoSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    slides: int = Field(48, ge=4, description="Number of slides (half infiltrated, half excluded).")
+    slides: int = Field(96, ge=4, description="Number of slides (half infiltrated, half excluded).")
     seed: int = Field(0, description="Seed of the layouts, survival times and augmentations.")
-    rows: int = Field(8, ge=6, le=64, description="Cells per slide, vertically (one cell = 224 px at 0.5 µm/px).")
-    cols: int = Field(8, ge=6, le=64, description="Cells per slide, horizontally.")
+    rows: int = Field(6, ge=6, le=64, description="Cells per slide, vertically (one cell = 224 px at 0.5 µm/px).")
+    cols: int = Field(6, ge=6, le=64, description="Cells per slide, horizontally.")
 
     def spec(self):
         from ..demo import DemoCohortSpec, LayoutSpec

@@ -13,8 +13,8 @@ files (:func:`load_splits`); checkpoints are safetensors with a JSON configurati
 from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from .config import TrainConfig
 from .data import class_names, load_feature_grids
-from .losses import class_weights, hazards_to_survival, nll_survival_loss, survival_bin_edges, time_to_bin
 from .loop import FoldResult, TrainResults, train_cohort, train_fold
+from .losses import class_weights, hazards_to_survival, nll_survival_loss, survival_bin_edges, time_to_bin
 from .splits import FoldSplit, Leak, SplitLeakError, find_leaks, load_splits, make_splits, resolve_splits, write_splits
 
 __all__ = [
