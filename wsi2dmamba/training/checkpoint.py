@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,52 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
     return path
 
 
+# safetensors' names of the tensor types (its header's "dtype" field).
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_MAX_LISTED = 5  # mismatched keys named in an error message
+
+
+def _refuse_foreign_format(path: Path) -> None:
+    """Raise :class:`WeightsError` unless ``path`` starts like a safetensors file.
+
+    Reads the first 9 bytes only: a safetensors file is an 8-byte header length followed by a JSON object.
+    Pickles and ``torch.save`` archives are recognised by their magic bytes and never unpickled.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError as exc:
+        raise WeightsError(f"Cannot read the checkpoint {path} ({exc.strerror or exc}).") from exc
+    if head.startswith(b"PK\x03\x04"):
+        kind = "it is a zip archive, the format of torch.save"
+    elif head[:1] == b"\x80":
+        kind = "it is a Python pickle"
+    elif len(head) < 9 or head[8:9] != b"{":
+        kind = "it has no safetensors header" if head else "it is empty"
+    else:
+        return
+    raise WeightsError(f"{path} is not a safetensors file ({kind}). Checkpoints must be safetensors files "
+                       "written by wsi2dmamba (`wsi2dmamba train`); other formats are refused unread because "
+                       "loading them can run code.")
+
+
 def read_checkpoint_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The model configuration stored in a checkpoint's header."""
+    """The model configuration stored in a checkpoint's header.
+
+    Raises:
+        WeightsError: the file is missing, is not a safetensors file, is damaged, or its header holds no
+            valid model configuration.
+    """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"Checkpoint not found: {path}")
+    _refuse_foreign_format(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -62,23 +102,110 @@ def read_checkpoint_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise WeightsError(f"{path} is not a readable safetensors checkpoint ({exc}); retrain this fold.") from exc
     if _CONFIG_KEY not in meta:
         raise WeightsError(f"{path} has no model configuration in its header; it was not written by wsi2dmamba.")
-    return json.loads(meta[_CONFIG_KEY])
+    try:
+        config = json.loads(meta[_CONFIG_KEY])
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; deep nesting recurses
+        raise WeightsError(f"The model configuration in the header of {path} is not valid JSON ({exc}); the file "
+                           "is damaged or was not written by wsi2dmamba. Retrain this fold.") from None
+    if not isinstance(config, dict):
+        raise WeightsError(f"The model configuration in the header of {path} is a JSON {type(config).__name__}, "
+                           "not an object; the file is damaged or was not written by wsi2dmamba. Retrain this fold.")
+    return config
 
 
-def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild the model stored in ``path`` and load its weights (strictly; no pickle involved)."""
-    from safetensors.torch import load_file
+def _build_on_meta(path: Path, config: dict[str, Any], n_stored: int) -> torch.nn.Module:
+    """Build the model that ``config`` describes on the meta device (no memory for its tensors).
+
+    A forged configuration (thousands of layers) could still take long to build, so construction stops once
+    it has registered far more parameters and buffers than the ``n_stored`` tensors of the file.
+    """
+    from torch.nn.modules import module as nn_module
 
     from ..models import create_from_config
 
+    thread, registered = threading.get_ident(), [0]
+    max_tensors = 4 * n_stored + 64  # slack: a module may register a tensor and then replace it
+
+    def count(*_args: Any) -> None:
+        if threading.get_ident() == thread:
+            registered[0] += 1
+            if registered[0] > max_tensors:
+                raise WeightsError(f"The model configuration in the header of {path} describes a model with more "
+                                   f"tensors than the {n_stored} stored in the file; the header is damaged "
+                                   "or was edited. Retrain this fold.")
+
+    hooks = [nn_module.register_module_parameter_registration_hook(count),
+             nn_module.register_module_buffer_registration_hook(count)]
+    try:
+        with torch.device("meta"):
+            return create_from_config(config)
+    except WeightsError:
+        raise
+    except Exception as exc:  # ConfigError for an unknown model or bad value; whatever a forged value provokes
+        raise WeightsError(f"The model configuration in the header of {path} is invalid ({exc}); the file is "
+                           "damaged or was not written by this version of wsi2dmamba.") from exc
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _mismatches(expected: dict[str, tuple[tuple[int, ...], str]],
+                stored: dict[str, tuple[tuple[int, ...], str]]) -> list[str]:
+    """Human-readable differences between the tensors a model needs and those a file holds."""
+    problems = [f"{k!r} missing from the file" for k in expected if k not in stored]
+    problems += [f"{k!r} in the file is not part of the model" for k in stored if k not in expected]
+    for k in (k for k in expected if k in stored):  # in the model's order, so the first problems come first
+        (shape, dtype), (file_shape, file_dtype) = expected[k], stored[k]
+        if shape != file_shape:
+            problems.append(f"{k!r} has shape {list(file_shape)} in the file, the model needs {list(shape)}")
+        elif dtype != file_dtype:
+            problems.append(f"{k!r} is {file_dtype} in the file, the model needs {dtype}")
+    return problems
+
+
+def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the model stored in ``path`` and load its weights (strictly; no pickle involved).
+
+    The model is first built on the meta device and every tensor name, shape and dtype is compared with the
+    file's header, so a damaged or forged header is refused before any memory is allocated for the model.
+
+    Raises:
+        WeightsError: the file is missing, not a safetensors file written by wsi2dmamba, damaged, or its
+            tensors do not fit the model its header describes.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     path = Path(path)
-    model = create_from_config(read_checkpoint_config(path))
+    config = read_checkpoint_config(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            stored = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as exc:  # a header read a moment ago that no longer parses: the file changed or is damaged
+        raise WeightsError(f"{path} is not a readable safetensors checkpoint ({exc}); retrain this fold.") from exc
+    skeleton = _build_on_meta(path, config, n_stored=len(stored))
+    state = skeleton.state_dict()
+    expected = {k: (tuple(v.shape), _SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype))) for k, v in state.items()}
+    problems = _mismatches(expected, stored)
+    if problems:
+        more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+        raise WeightsError(f"The weights in {path} do not fit the {config.get('model')!r} model its header "
+                           f"describes: {'; '.join(problems[:_MAX_LISTED])}{more}. The file is damaged or was "
+                           "edited; retrain this fold.")
+
     tensors = load_file(str(path), device=str(device))
+    n_saved = sum(1 for _ in skeleton.parameters()) + sum(1 for _ in skeleton.buffers())
+    if n_saved == len(state):
+        model = skeleton.to_empty(device=device)  # every tensor is overwritten by the file below
+    else:  # non-persistent buffers are not in the file: build the model normally so that they are set
+        from ..models import create_from_config
+
+        model = create_from_config(config).to(device)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise WeightsError(f"The weights in {path} do not fit the model its header describes: {exc}") from exc
-    return model.to(device).eval()
+    return model.eval()
 
 
 # -------------------------------------------------------------------------------------- resume state
@@ -133,16 +260,23 @@ def load_training_state(path: str | os.PathLike[str], model: torch.nn.Module, op
     from safetensors import safe_open
 
     path = Path(path)
+    _refuse_foreign_format(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {})[_STATE_KEY])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if not isinstance(header, dict) or not {"loop", "param_groups", "optim_scalars", "model_config"} <= set(header):
+            raise ValueError("its header lacks the training state")
     except Exception as exc:  # damaged or foreign file
         raise WeightsError(f"Cannot read the resume state {path} ({exc}); delete it to restart this fold.") from exc
     if header["model_config"] != model.config_dict():
         raise WeightsError(f"The resume state {path} belongs to another model configuration; delete it to "
                            "restart this fold.")
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    except RuntimeError as exc:
+        raise WeightsError(f"The model weights in the resume state {path} do not fit the model ({exc}); delete "
+                           "it to restart this fold.") from exc
     device = next(model.parameters()).device
     opt_state: dict[int, dict[str, Any]] = {}
     for k, v in tensors.items():
