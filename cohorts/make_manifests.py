@@ -1,6 +1,6 @@
 """Rebuild the cohort manifests in this folder from the 2DMamba authors' label and split lists.
 
-    python cohorts/make_manifests.py /path/to/paper_cohorts
+    python cohorts/make_manifests.py /path/to/paper_cohorts [OUT_DIR]
 
 ``paper_cohorts`` is the authors' ``2DMambaMIL/dataset/csv_files`` folder (``classification/`` and
 ``survival/``). Every manifest gets an empty ``path`` column: fill it, or pass ``--slides-dir`` to the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent  # where the manifests are written (OUT_DIR overrides)
 CLASSIFICATION_COLUMNS = ["slide_id", "path", "patient_id", "label"]
 SURVIVAL_COLUMNS = ["slide_id", "path", "patient_id", "time", "event"]
 
@@ -66,7 +66,9 @@ def panda(src: Path) -> None:
 def _tcga_classification(label_df: pd.DataFrame, split_csv: Path, name: str, classes: tuple[str, ...]) -> None:
     df = label_df[label_df.oncotree_code.isin(classes)]
     slide_id = df.slide_id.str.replace(r"\.svs$", "", regex=True)
-    out = pd.DataFrame({"slide_id": slide_id.values, "path": "", "patient_id": df.case_id.values,
+    # The patient is the TCGA barcode's first 12 characters; some rows of the published list carry the
+    # slide id in 'case_id' instead.
+    out = pd.DataFrame({"slide_id": slide_id.values, "path": "", "patient_id": slide_id.str[:12].values,
                         "label": df.oncotree_code.values})
     out = out.drop_duplicates("slide_id")
     _write(out, name)
@@ -104,9 +106,13 @@ def tcga_survival(src: Path, code: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) != 1:
+    global HERE
+    if len(argv) not in (1, 2):
         sys.exit(__doc__)
     src = Path(argv[0])
+    if len(argv) == 2:
+        HERE = Path(argv[1])
+        HERE.mkdir(parents=True, exist_ok=True)
     bracs(src)
     dhmc(src)
     panda(src)

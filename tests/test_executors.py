@@ -179,6 +179,28 @@ def test_local_worker_death_is_an_outcome():
     assert not outs["die"].ok and "died" in outs["die"].reason
 
 
+def test_an_address_nobody_answers_at_fails_fast():
+    import socket
+
+    from wsi2dmamba.cohort.executors import _check_reachable
+    from wsi2dmamba.errors import WsiError
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again before the check: nothing listens there
+    t0 = time.perf_counter()
+    with pytest.raises(WsiError, match=f"No Ray cluster answers at --ray-address 127.0.0.1:{port}"):
+        _check_reachable(f"127.0.0.1:{port}")
+    with pytest.raises(WsiError, match="No Ray cluster answers"):
+        _check_reachable(f"ray://127.0.0.1:{port}")
+    assert time.perf_counter() - t0 < 5
+    with socket.socket() as server:  # a port that answers passes; "auto" is left to Ray
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        _check_reachable(f"127.0.0.1:{server.getsockname()[1]}")
+    _check_reachable("auto")
+
+
 def test_executor_names_and_options_are_checked():
     with pytest.raises(ConfigError, match="Unknown executor 'dask'"):
         make_executor("dask")

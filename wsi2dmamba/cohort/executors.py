@@ -198,6 +198,7 @@ def connect_ray(address: str | None = None) -> Any:
         return ray
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "configure_logging": True}
     if address:
+        _check_reachable(address)
         kwargs["address"] = address
     else:
         kwargs["include_dashboard"] = False
@@ -208,6 +209,24 @@ def connect_ray(address: str | None = None) -> Any:
         raise WsiError(f"Could not connect to {where}: {exc}. Check --ray-address (e.g. 'auto' on a node "
                        "of a cluster started with `ray start`), or leave it out to start a local cluster.") from exc
     return ray
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a ``host:port`` (or ``ray://host:port``) nobody answers at: Ray itself keeps retrying
+    for minutes. ``auto`` and other forms are left to Ray."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or address == "auto":
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise WsiError(f"No Ray cluster answers at --ray-address {address} ({exc}). Check the head node's "
+                       "address and port (`ray status` on the head node), or leave --ray-address out to "
+                       "start a local cluster.") from None
 
 
 class RayExecutor:

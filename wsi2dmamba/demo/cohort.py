@@ -3,9 +3,9 @@
 >>> from wsi2dmamba.demo import DemoCohortSpec, build_demo_cohort
 >>> manifest = build_demo_cohort("runs/demo/cohort", DemoCohortSpec(n_slides=48, seed=0))
 
-The cohort is balanced (half infiltrated, half excluded); each slide's layout, label and survival draw
-come from its own generator seeded with ``(seed, slide index)``, so a slide does not change when the
-cohort is made larger. Writing is idempotent: a slide whose file already exists with the same
+The cohort is balanced (of slides 2p and 2p+1, one is infiltrated and one excluded, in a seeded order);
+each slide's layout and survival draw come from its own generator seeded with ``(seed, slide index)``,
+so a slide does not change when the cohort is made larger. Writing is idempotent: a slide whose file already exists with the same
 specification is kept.
 """
 
@@ -57,11 +57,13 @@ class DemoSlide:
 def draw_cohort(spec: DemoCohortSpec) -> list[DemoSlide]:
     """Every slide's layout, label and survival (no pixels): pure and seeded."""
     n = spec.n_slides + spec.n_slides % 2
-    order = np.random.default_rng([spec.seed, 1 << 20]).permutation(n)
     slides = []
     for i in range(n):
+        # Slides 2p and 2p+1 get one label each, in an order drawn per pair: balanced, and stable when
+        # the cohort is made larger.
+        first = int(np.random.default_rng([spec.seed, i // 2, 2]).integers(2))
+        label = first if i % 2 == 0 else 1 - first
         rng = np.random.default_rng([spec.seed, i])
-        label = int(order[i] % 2)
         layout = draw_layout(rng, label, spec.layout)
         time, event = draw_survival(rng, layout.contacts, spec.survival)
         slides.append(DemoSlide(f"demo-{i:03d}", layout, time, event))

@@ -59,7 +59,7 @@ class SurvivalSpec:
 
     baseline_hazard: float = math.log(2) / 12.0
     """λ0: hazard per month with no contact (median survival 12 months)."""
-    beta: float = 0.7
+    beta: float = 1.0
     """Log-hazard decrease per lymphocyte–tumour contact."""
     sigma: float = 0.25
     """Standard deviation of the slide's log-hazard noise."""

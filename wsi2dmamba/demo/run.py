@@ -23,8 +23,8 @@ _FILES = {"classification": "demo.toml", "survival": "demo-survival.toml"}
 # A smaller run for continuous integration: fewer slides, folds and epochs, the 2D model against the
 # composition-only baselines.
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
-    "demo": {"slides": 48},
-    "train": {"folds": 4, "epochs": 12, "models": ["2dmambamil", "abmil", "meanpool"]},
+    "demo": {"slides": 64},
+    "train": {"folds": 4, "models": ["2dmambamil", "abmil", "meanpool"]},
     "evaluate": {"n_boot": 500},
 }
 

@@ -77,6 +77,7 @@ class DemoSection(BaseModel):
     cols: int = Field(6, ge=6, le=64, description="Cells per slide, horizontally.")
 
     def spec(self):
+        """The :class:`~wsi2dmamba.demo.DemoCohortSpec` this table describes."""
         from ..demo import DemoCohortSpec, LayoutSpec
 
         return DemoCohortSpec(n_slides=self.slides, seed=self.seed, layout=LayoutSpec(rows=self.rows, cols=self.cols))
@@ -96,7 +97,8 @@ class RunSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    out: Optional[Path] = Field(None, description="Run folder; default: runs/<pipeline name> beside the file.")
+    out: Optional[Path] = Field(None, description="Run folder (relative to the file's folder); default: "
+                                                 "runs/<pipeline name> in the current folder.")
     workers: int = Field(1, ge=1, description="Worker processes of the per-slide stages (segment, tile).")
     name: Optional[str] = Field(None, description="Name of the run; default: the file's name.")
     train_dir: Optional[str] = Field(None, description="Sub-folder of the run folder for training, "
@@ -136,7 +138,7 @@ class PipelineConfig(BaseModel):
         return self.stage_options["train"].task
 
     def option(self, stage: str) -> Any:
-        """The validated configuration object of ``stage`` (or the raw table if its class is not available)."""
+        """The validated configuration object of ``stage`` (``SegmentConfig``, ``TileConfig``, …)."""
         return self.stage_options[stage]
 
 
