@@ -432,3 +432,170 @@ def test_second_run_on_the_same_folder_is_refused(tmp_path, counts):
     report = verify_run(run)
     counts("files", report.files_checked)
     assert report.ok, [f.line() for f in report.findings]
+
+
+# ------------------------------------------------------------------------------------------- training
+
+# Threads pinned to one: the same arithmetic in the same order in every run, and no OpenMP spinning on
+# a busy machine.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+IGNORED_LOG_COLUMNS = {"seconds"}  # how long each epoch took
+
+
+def train_cmd(manifest: Path, features: Path, run: Path) -> list[str]:
+    """``wsi2dmamba train`` of a tiny ABMIL, 2 folds × 3 epochs on the CPU."""
+    return [sys.executable, "-m", "wsi2dmamba", "train", "--cohort", str(manifest), "--features", str(features),
+            "--out", str(run), "--model", "abmil", "--folds", "2", "--epochs", "3", "--lr", "5e-3",
+            "--batch-size", "2", "--device", "cpu", "--set", "hidden=16", "--set", "attn_dim=8", "--quiet"]
+
+
+def _written_since(root: Path, t_ns: int, pattern: str = "*") -> list[Path]:
+    """Files (temporaries included) under ``root`` matching ``pattern`` modified at or after ``t_ns``."""
+    found = []
+    for p in root.rglob(pattern) if root.is_dir() else ():
+        try:
+            if p.stat().st_mtime_ns >= t_ns:
+                found.append(p)
+        except FileNotFoundError:  # a temporary renamed away meanwhile
+            pass
+    return found
+
+
+def _fold_in_progress(run: Path) -> bool:
+    """Some fold holds a resume state and is not finished: the kill left a fold mid-way."""
+    return any((f / "resume.safetensors").is_file() and not (f / "done.json").is_file()
+               for f in (run / "train").glob("*/fold_*"))
+
+
+def assert_train_files_whole(run: Path) -> int:
+    """Every visible file of the training folder is complete: safetensors load (every tensor), JSON
+    parses, CSVs parse as rectangular tables; ``verify`` finds no error. Returns the files checked."""
+    import pandas as pd
+    from safetensors.numpy import load_file
+
+    from wsi2dmamba.cohort.verify import find_fold_dirs
+
+    n = assert_all_whole(run)
+    for p in visible_files(run):
+        if p.suffix == ".safetensors":
+            assert load_file(p), f"{p}: no tensors"
+        elif p.suffix == ".csv":
+            assert len(pd.read_csv(p).columns) > 1, f"{p}: not a table"
+    if find_fold_dirs(run):  # an unfinished fold is a warning, never an error
+        report = verify_run(run)
+        assert report.ok, [f.line() for f in report.errors]
+    return n
+
+
+def compare_training(ref: Path, got: Path) -> int:
+    """Both training folders hold the same files: checkpoints tensor-identical (same header), the log
+    equal but for epoch durations, ``done.json`` equal but for the log's hash, everything else byte
+    for byte. Returns the number of files compared."""
+    from safetensors import safe_open
+
+    rel = lambda root: {p.relative_to(root) for p in visible_files(root)}  # noqa: E731
+    a, b = rel(ref), rel(got)
+    assert a == b, f"only in the uninterrupted run: {sorted(a - b)}; only in the killed one: {sorted(b - a)}"
+    for r in sorted(a):
+        pa, pb = ref / r, got / r
+        if r.suffix == ".safetensors":
+            with safe_open(str(pa), framework="numpy") as fa, safe_open(str(pb), framework="numpy") as fb:
+                assert fa.metadata() == fb.metadata(), f"{r}: other header"
+                assert sorted(fa.keys()) == sorted(fb.keys()), f"{r}: other tensors"
+                for k in fa.keys():
+                    ta, tb = fa.get_tensor(k), fb.get_tensor(k)
+                    assert ta.dtype == tb.dtype and np.array_equal(ta, tb), f"{r}:{k} differs"
+        elif r.name == "log.csv":
+            ra, rb = (list(csv.DictReader(open(p))) for p in (pa, pb))
+            strip = lambda rows: [{k: v for k, v in row.items() if k not in IGNORED_LOG_COLUMNS}  # noqa: E731
+                                  for row in rows]
+            assert strip(ra) == strip(rb), f"{r} differs"
+        elif r.name == "done.json":
+            da, db = json.loads(pa.read_text()), json.loads(pb.read_text())
+            for d in (da, db):
+                d["outputs"].pop("log.csv")  # the log holds the epochs' durations
+            assert da == db, f"{r} differs"
+        else:
+            assert pa.read_bytes() == pb.read_bytes(), f"{r} differs"
+    return len(a)
+
+
+def test_killed_training_resumes_to_identical_files(tmp_path, counts):
+    """SIGKILL ``wsi2dmamba train`` in the middle of a write, in the middle of a fold, and at random
+    moments; restart: never a half-written file visible, the same checkpoints (tensor for tensor),
+    predictions, logs and metrics as an uninterrupted run, and ``verify`` passes."""
+    from training_data import make_cohort as make_training_cohort
+
+    rng = random.Random(SEED + 5)
+    manifest, features = make_training_cohort(tmp_path / "cohort", n_patients=10, seed=3)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+
+    # The uninterrupted run; it times how long the process runs before its first write, and after.
+    t0 = time.monotonic()
+    first_write = None
+    proc = subprocess.Popen(train_cmd(manifest, features, ref), env=ONE_THREAD, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None:
+        if first_write is None and (ref / "train").is_dir():
+            first_write = time.monotonic() - t0
+        time.sleep(0.005)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, out + err
+    writing = time.monotonic() - t0 - (first_write or 0.0)
+
+    def start() -> tuple[subprocess.Popen, int]:
+        launched = time.time_ns()
+        return (subprocess.Popen(train_cmd(manifest, features, run), env=ONE_THREAD, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True), launched)
+
+    def wait_for(proc: subprocess.Popen, found) -> None:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not found():
+            time.sleep(0.002)
+
+    def kill(proc: subprocess.Popen) -> bool:
+        alive = proc.poll() is None
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        if alive:
+            counts("faults")
+        counts("files", assert_train_files_whole(run))
+        return alive
+
+    hits = 0
+    # 1. In the middle of the first write (a temporary file exists).
+    proc, _ = start()
+    wait_for(proc, lambda: any((run / "train").rglob(".tmp-*")) if (run / "train").is_dir() else False)
+    hits += kill(proc)
+    # 2. In the middle of a fold: just after an epoch's resume state was written (retried if the fold ended
+    #    between the look and the kill).
+    mid_fold = 0
+    for _ in range(3):
+        proc, launched = start()
+        wait_for(proc, lambda: any(not (p.parent / "done.json").exists()
+                                   for p in _written_since(run / "train", launched, "resume.safetensors")))
+        hits += kill(proc)
+        if _fold_in_progress(run):
+            mid_fold += 1
+            break
+    assert mid_fold, "no kill left a fold mid-way"
+    # 3. At random moments once the process writes (imports take most of a short run's time).
+    for _ in range(max(1, KILLS_PER_STAGE - 2)):
+        proc, launched = start()
+        wait_for(proc, lambda: bool(_written_since(run / "train", launched)))
+        time.sleep(rng.uniform(0.0, writing))
+        hits += kill(proc)
+
+    res = subprocess.run(train_cmd(manifest, features, run), env=ONE_THREAD, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not list(run.rglob(".tmp-*")), "temporaries left after a finished run"
+    counts("files", compare_training(ref, run))
+    report = verify_run(run)
+    counts("files", report.files_checked)
+    assert report.ok and not report.warnings, [f.line() for f in report.findings]
+    assert report.folds_checked == 2 and report.files_checked == 2 * (7 + 2)  # hashed files + checkpoints
+    print(f"train: {hits} kill(s) hit a running process, {mid_fold} mid-fold (seed {SEED})")

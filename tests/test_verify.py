@@ -243,3 +243,164 @@ def test_checkpoints_are_opened_and_matched_with_their_sidecar(run, counts):
     assert len(msgs) == 2
     assert any("best.safetensors" in m and "differs from best.json" in m for m in msgs)
     assert any("last.safetensors" in m and "not valid safetensors" in m for m in msgs)
+
+
+# ------------------------------------------------------------------------------------------- training folds
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished training run (tiny ABMIL, 2 folds × 2 epochs) on small real grids; returns its folder."""
+    import torch
+    from training_data import TINY, make_cohort
+
+    from wsi2dmamba.training import TrainConfig, train_cohort
+
+    root = tmp_path_factory.mktemp("verify-train")
+    manifest, feats = make_cohort(root, n_patients=10, seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = TrainConfig(folds=2, epochs=2, lr=5e-3, batch_size=2, seed=0, device="cpu")
+        train_cohort(load_cohort(manifest, require_path=False), feats, root / "run", "abmil", config,
+                     TINY["abmil"], progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "run"
+
+
+@pytest.fixture
+def trun(trained, tmp_path):
+    """A private copy of the finished training run."""
+    dst = tmp_path / "run"
+    shutil.copytree(trained, dst)
+    return dst
+
+
+def _rehash(fold: Path, *names: str) -> None:
+    """Record the current sha256 of ``names`` in the fold's done.json (a forgery that passes the hash check)."""
+    from wsi2dmamba.fileio import file_sha256
+
+    done = json.loads((fold / "done.json").read_text())
+    done["outputs"].update({n: file_sha256(fold / n) for n in names})
+    (fold / "done.json").write_text(json.dumps(done))
+
+
+def test_finished_training_passes_with_recorded_hashes(trun, counts):
+    from wsi2dmamba.training.loop import FOLD_OUTPUTS
+
+    report = _verify(trun, counts)
+    assert report.ok and not report.warnings, report.findings
+    assert report.states_checked == 0 and report.folds_checked == 2
+    assert report.files_checked == 2 * (len(FOLD_OUTPUTS) + 2)  # hashed files, and the checkpoints opened
+    assert "and 2 training fold(s)" in report.summary()
+    done = json.loads((trun / "train" / "abmil" / "fold_0" / "done.json").read_text())
+    assert sorted(done["outputs"]) == sorted(FOLD_OUTPUTS)
+
+
+def _change_a_byte(fold):
+    p = fold / "predictions.csv"
+    data = bytearray(p.read_bytes())
+    data[-3] = ord("7") if data[-3] != ord("7") else ord("3")
+    p.write_bytes(bytes(data))
+
+
+def _other_model_checkpoint(fold):
+    from wsi2dmamba.models import create
+    from wsi2dmamba.training.checkpoint import save_checkpoint
+
+    cfg = json.loads((fold / "config.json").read_text())
+    save_checkpoint(fold / "best.safetensors", create("abmil", in_dim=cfg["in_dim"], n_classes=2, hidden=8),
+                    {"epoch": json.loads((fold / "done.json").read_text())["best_epoch"]})
+    _rehash(fold, "best.safetensors", "best.json")
+
+
+def _slide_dropped_from_predictions(fold):
+    lines = (fold / "predictions.csv").read_text().splitlines(keepends=True)
+    test_rows = [i for i, line in enumerate(lines) if ",last,2,test," in line]
+    del lines[test_rows[0]]
+    (fold / "predictions.csv").write_text("".join(lines))
+    _rehash(fold, "predictions.csv")
+
+
+def _nan_prediction(fold):
+    text = (fold / "predictions.csv").read_text().splitlines(keepends=True)
+    head, row = text[0].rstrip("\n").split(","), text[1].rstrip("\n").split(",")
+    row[head.index("prob_1")] = "nan"
+    (fold / "predictions.csv").write_text("".join([text[0], ",".join(row) + "\n", *text[2:]]))
+    _rehash(fold, "predictions.csv")
+
+
+def _log_cut_mid_row(fold):
+    text = (fold / "log.csv").read_text()
+    (fold / "log.csv").write_text(text[: len(text) - 25])
+    _rehash(fold, "log.csv")
+
+
+def _sidecar_of_another_epoch(fold):
+    side = json.loads((fold / "last.json").read_text())
+    side["epoch"] = 1
+    (fold / "last.json").write_text(json.dumps(side))
+    _rehash(fold, "last.json")
+
+
+def _other_configuration(fold):
+    cfg = json.loads((fold / "config.json").read_text())
+    cfg["config_hash"] = "0123456789abcdef"
+    (fold / "config.json").write_text(json.dumps(cfg))
+    _rehash(fold, "config.json")
+
+
+def _other_splits(fold):
+    split = fold.parents[1] / "splits" / "splits_0.csv"
+    lines = split.read_text().splitlines(keepends=True)  # move the first test slide to train
+    cols = lines[1].rstrip("\n").split(",")
+    lines[1] = ",".join([cols[0], cols[3], cols[2], cols[1]]) + "\n"
+    split.write_text("".join(lines))
+
+
+@pytest.mark.parametrize("damage,where,expected", [
+    (_change_a_byte, "predictions.csv", "content changed since training wrote it"),
+    (lambda fold: (fold / "last.json").unlink(), "last.json", "missing from a finished training fold"),
+    (_other_model_checkpoint, "best.safetensors", "differs from the fold's config.json"),
+    (_slide_dropped_from_predictions, "predictions.csv", "last/test rows are not the"),
+    (_nan_prediction, "predictions.csv", "not a number"),
+    (_log_cut_mid_row, "log.csv", "field(s), the header"),
+    (_sidecar_of_another_epoch, "last.json", "epoch 1, done.json names epoch 2"),
+    (_other_configuration, "config.json", "another configuration than the one the finished fold"),
+    (_other_splits, "config.json", "another train partition than train/splits/splits_0.csv"),
+], ids=["byte", "missing", "other-model", "dropped-slide", "nan", "cut-log", "sidecar-epoch", "config",
+        "splits"])
+def test_damaged_training_fold_is_found_and_named(trun, counts, damage, where, expected):
+    fold = trun / "train" / "abmil" / "fold_0"
+    damage(fold)
+    counts("faults")
+    msgs = _messages(_verify(trun, counts))
+    assert msgs and all(f"train/abmil/fold_0/{where}" in m or "splits_0.csv" in m for m in msgs), msgs
+    assert any(expected in m for m in msgs), msgs
+    assert all("--name abmil --fold 0 --force" in m for m in msgs if "fold_0" in m), msgs
+
+
+def test_unfinished_and_older_folds_are_warnings(trun, counts):
+    f0, f1 = trun / "train" / "abmil" / "fold_0", trun / "train" / "abmil" / "fold_1"
+    (f0 / "done.json").unlink()  # as if killed mid-fold, with the state to continue from
+    (f0 / "resume.safetensors").write_bytes((f0 / "last.safetensors").read_bytes())
+    done = json.loads((f1 / "done.json").read_text())
+    del done["outputs"]  # written before sha256s were recorded
+    (f1 / "done.json").write_text(json.dumps(done))
+    counts("faults", 2)
+    report = _verify(trun, counts)
+    assert report.ok
+    warns = _messages(report, "warning")
+    assert len(warns) == 2
+    assert any("fold_0" in w and "not finished" in w and "continues from its last finished epoch" in w for w in warns)
+    assert any("fold_1/done.json" in w and "records no sha256" in w for w in warns)
+
+
+def test_cut_off_csv_is_not_valid_content(tmp_path):
+    from wsi2dmamba.cohort.verify import check_content
+
+    p = tmp_path / "t.csv"
+    p.write_text("a,b,c\n1,2,3\n4,5")
+    assert "line 3 has 2 field(s), the header 3" in check_content(p)
+    p.write_text("a,b,c\n1,2,3\n\n4,5,6\n")
+    assert check_content(p) is None

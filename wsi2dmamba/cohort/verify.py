@@ -10,8 +10,14 @@ modification time) of the slide file. :func:`verify_run` re-reads all of it and 
   slide's tiles file (the tiles were redone after extraction); a slide file that changed after it was
   processed; a checkpoint (``*.safetensors``, anywhere in the run) that does not open, or whose header's
   model configuration differs from its ``.json`` sidecar;
+* errors in training folds (``RUN/train/<name>/fold_<k>/``, finished when ``done.json`` exists): a file of a
+  finished fold that is missing or whose sha256 differs from the one ``done.json`` records; a configuration,
+  checkpoint, log or predictions file that disagrees with the fold's ``config.json``/``done.json`` (another
+  model, other epochs, other slides than the fold's split, non-numbers); a fold trained on other splits
+  than ``train/splits/splits_<k>.csv``;
 * warnings: slides that failed, half-written temporaries left by a killed process, files that no state
-  records, a ledger that is out of date, a slide file that is no longer where it was.
+  records, a ledger that is out of date, a slide file that is no longer where it was, a training fold that
+  is not finished.
 
 The check only reads: it never changes the run.
 """
@@ -37,6 +43,11 @@ _STATE_DIR = ".state"
 _CHECKPOINT_CONFIG_KEY = "wsi2dmamba.model_config"
 #: Stage-level file holding the parameters of the stage's last run (not a per-slide output).
 CONFIG_FILE = "config.json"
+#: The files of a finished training fold; ``done.json``, written last, records their sha256 (as
+#: ``FOLD_OUTPUTS`` in ``training/loop.py``, not imported here so that verify does not load torch).
+FOLD_FILES = ("config.json", "log.csv", "best.safetensors", "best.json", "last.safetensors", "last.json",
+              "predictions.csv")
+_PREDICTION_COLUMNS = ("fold", "checkpoint", "epoch", "partition", "slide_id")
 
 
 @dataclass(frozen=True)
@@ -64,12 +75,14 @@ class VerifyReport:
     Attributes:
         run_dir: the run folder checked.
         states_checked: state files read.
-        files_checked: output files whose sha256 was compared with the recorded one.
+        folds_checked: training folds (``train/<name>/fold_<k>``) checked.
+        files_checked: output files whose sha256 was compared with the recorded one, and checkpoints opened.
         findings: every error and warning, in the order found.
     """
 
     run_dir: Path
     states_checked: int = 0
+    folds_checked: int = 0
     files_checked: int = 0
     findings: list[Finding] = field(default_factory=list)
 
@@ -86,11 +99,13 @@ class VerifyReport:
         return not self.errors
 
     def summary(self) -> str:
+        folds = f" and {self.folds_checked} training fold(s)" if self.folds_checked else ""
         return (f"verify {self.run_dir}: {self.files_checked} file(s) checked in {self.states_checked} "
-                f"state(s); {len(self.errors)} error(s), {len(self.warnings)} warning(s)")
+                f"state(s){folds}; {len(self.errors)} error(s), {len(self.warnings)} warning(s)")
 
     def to_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "states_checked": self.states_checked,
+                "folds_checked": self.folds_checked,
                 "files_checked": self.files_checked, "ok": self.ok,
                 "findings": [asdict(f) for f in self.findings]}
 
@@ -110,16 +125,17 @@ def verify_run(run_dir: str | os.PathLike[str], *, content: bool = True, sources
         progress: show a progress bar over the state files.
 
     Raises:
-        WsiError: ``run_dir`` is not a folder or holds no state file at all.
+        WsiError: ``run_dir`` is not a folder, or holds neither a state file nor a training fold.
     """
     run = Path(run_dir).expanduser()
     if not run.is_dir():
         raise WsiError(f"Run folder not found: {run}. Pass the folder given as --out to the stages.")
     run = run.resolve()
     state_files = find_state_files(run)
-    if not state_files:
-        raise WsiError(f"{run} holds no stage state (no */.state/*.json): it is not a wsi2dmamba run folder, "
-                       "or no stage has finished a slide yet.")
+    fold_dirs = find_fold_dirs(run)
+    if not state_files and not fold_dirs:
+        raise WsiError(f"{run} holds no stage state (no */.state/*.json) and no training fold (train/*/fold_*): "
+                       "it is not a wsi2dmamba run folder, or no stage has finished a slide yet.")
     report = VerifyReport(run)
     states: list[SlideState] = []
     from tqdm.auto import tqdm
@@ -140,8 +156,11 @@ def verify_run(run_dir: str | os.PathLike[str], *, content: bool = True, sources
     _check_stage_configs(run, states, report)
     if content:
         _check_checkpoints(run, report)
+    for fold in fold_dirs:
+        _check_fold(run, fold, report, content)
     _check_unrecorded(run, states, report)
-    _check_ledger(run, states, report)
+    if state_files:  # a run holding only training (features made elsewhere) has no ledger
+        _check_ledger(run, states, report)
     return report
 
 
@@ -227,8 +246,13 @@ def check_content(path: Path) -> str | None:
             json.loads(path.read_text(encoding="utf-8"))
         elif suffix == ".csv":
             with open(path, newline="", encoding="utf-8") as fh:
-                for _ in csv.reader(fh):
-                    pass
+                width = None
+                reader = csv.reader(fh)
+                for row in reader:
+                    if row and width is None:
+                        width = len(row)
+                    elif row and len(row) != width:  # the tool's tables are rectangular: a cut-off row
+                        raise ValueError(f"line {reader.line_num} has {len(row)} field(s), the header {width}")
         elif suffix == ".safetensors":
             from safetensors import safe_open
 
@@ -358,6 +382,197 @@ def _check_checkpoints(run: Path, report: VerifyReport) -> None:
         if stored is not None and stated is not None and stored != stated:
             report._add("error", rel, f"the model configuration in its header differs from {sidecar.name}; one of "
                         "the two was replaced: retrain this fold")
+
+
+def find_fold_dirs(run: Path) -> list[Path]:
+    """Training fold folders ``train/<name>/fold_<k>`` below ``run``, sorted."""
+    return sorted(p for p in run.glob("train/*/fold_*")
+                  if p.is_dir() and p.name[len("fold_"):].isdigit() and not p.name.startswith(_TMP_PREFIX))
+
+
+def _retrain(fold: Path) -> str:
+    return f"retrain this fold (wsi2dmamba train … --name {fold.parent.name} --fold {fold.name[5:]} --force)"
+
+
+def _read_json_object(run: Path, path: Path, report: VerifyReport, what: str) -> dict[str, Any] | None:
+    """The JSON object in ``path``, or None after reporting why it cannot be used."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        report._add("error", _rel(run, path), f"{what} cannot be read ({exc}); {_retrain(path.parent)}")
+        return None
+    if not isinstance(data, dict):
+        report._add("error", _rel(run, path), f"{what} is not a JSON object; {_retrain(path.parent)}")
+        return None
+    return data
+
+
+def _check_fold(run: Path, fold: Path, report: VerifyReport, content: bool) -> None:
+    """One training fold: its files against the sha256 ``done.json`` records, and (``content``) against each
+    other and the fold's configuration."""
+    rel = _rel(run, fold)
+    report.folds_checked += 1
+    retrain = _retrain(fold)
+    if not (fold / "done.json").is_file():
+        how = ("it continues from its last finished epoch" if (fold / "resume.safetensors").is_file()
+               else "it starts again")
+        report._add("warning", rel, f"training fold is not finished (no done.json): run the same `wsi2dmamba "
+                    f"train` again and {how}")
+        return
+    done = _read_json_object(run, fold / "done.json", report, "the record of the finished fold")
+    if done is None:
+        return
+    missing = {n for n in FOLD_FILES if not (fold / n).is_file()}
+    for name in sorted(missing):
+        report._add("error", _rel(run, fold / name), f"missing from a finished training fold; {retrain}")
+    recorded = done.get("outputs")
+    if recorded is None:
+        report._add("warning", _rel(run, fold / "done.json"), "records no sha256 of the fold's files (written by "
+                    "an older version of wsi2dmamba); only their content can be checked")
+        recorded = {}
+    elif not isinstance(recorded, dict):
+        report._add("error", _rel(run, fold / "done.json"), f"its 'outputs' is not a mapping; {retrain}")
+        recorded = {}
+    for name, sha in sorted(recorded.items()):
+        p = fold / str(name)
+        if p.parent != fold or name in ("", ".", ".."):
+            report._add("error", _rel(run, fold / "done.json"), f"records {name!r}, which is not a file of the "
+                        "fold; the record was edited, do not trust this fold")
+            continue
+        if name in missing:
+            continue
+        if not p.is_file():
+            report._add("error", _rel(run, p), f"recorded in done.json but missing; {retrain}")
+            continue
+        report.files_checked += 1
+        try:
+            actual = file_sha256(p)
+        except OSError as exc:
+            report._add("error", _rel(run, p), f"cannot be read ({exc})")
+            continue
+        if actual != sha:
+            report._add("error", _rel(run, p), f"content changed since training wrote it (sha256 {actual[:12]}… "
+                        f"≠ recorded {str(sha)[:12]}…); {retrain}")
+    if (fold / "resume.safetensors").is_file():
+        report._add("warning", _rel(run, fold / "resume.safetensors"), "left by a run stopped just after the fold "
+                    "finished; the next `wsi2dmamba train` of this model removes it")
+    if "config.json" in missing:
+        return
+    config = _read_json_object(run, fold / "config.json", report, "the fold's configuration")
+    if config is None:
+        return
+    if done.get("config_hash") != config.get("config_hash"):
+        report._add("error", _rel(run, fold / "config.json"), "holds another configuration than the one the "
+                    f"finished fold was trained with (done.json); {retrain}")
+    if content:
+        for problem_path, problem in _fold_content_problems(run, fold, done, config, missing):
+            report._add("error", problem_path, f"{problem}; {retrain}")
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header; ValueError when it is not a valid table."""
+    problem = check_content(path)
+    if problem:
+        raise ValueError(problem)
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _fold_content_problems(run: Path, fold: Path, done: dict[str, Any], config: dict[str, Any],
+                           missing: set[str]) -> list[tuple[str, str]]:
+    """(file, problem) for every file of a finished fold that disagrees with ``config.json``/``done.json``."""
+    import math
+
+    problems: list[tuple[str, str]] = []
+    rel = lambda name: _rel(run, fold / name)  # noqa: E731
+    epochs, best_epoch = done.get("epochs"), done.get("best_epoch")
+    # Checkpoints: the model of config.json, from the epochs done.json names (opened by _check_checkpoints).
+    for name, epoch in (("best", best_epoch), ("last", epochs)):
+        if f"{name}.safetensors" in missing or check_content(fold / f"{name}.safetensors"):
+            continue  # reported already
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(fold / f"{name}.safetensors"), framework="numpy") as f:
+                header = (f.metadata() or {}).get(_CHECKPOINT_CONFIG_KEY)
+            stored = json.loads(header) if header is not None else None
+        except (OSError, ValueError) as exc:
+            problems.append((rel(f"{name}.safetensors"), f"its header cannot be read ({exc})"))
+            continue
+        if stored != config.get("model"):
+            problems.append((rel(f"{name}.safetensors"), "its model configuration differs from the fold's "
+                             "config.json"))
+        if f"{name}.json" not in missing:
+            try:
+                side = json.loads((fold / f"{name}.json").read_text(encoding="utf-8"))
+                stated = side.get("epoch") if isinstance(side, dict) else None
+            except (OSError, ValueError) as exc:
+                problems.append((rel(f"{name}.json"), f"cannot be read ({exc})"))
+                continue
+            if stated != epoch:
+                problems.append((rel(f"{name}.json"), f"is the checkpoint of epoch {stated}, done.json names "
+                                 f"epoch {epoch}"))
+    if "log.csv" not in missing:
+        try:
+            logged = [int(r["epoch"]) for r in _csv_rows(fold / "log.csv")]
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append((rel("log.csv"), f"is not a valid training log ({exc})"))
+        else:
+            if not isinstance(epochs, int) or logged != list(range(1, epochs + 1)):
+                problems.append((rel("log.csv"), f"logs epochs {logged[:3]}…{logged[-1:]} but done.json says "
+                                 f"{epochs} epoch(s)"))
+    if "predictions.csv" not in missing:
+        try:
+            rows = _csv_rows(fold / "predictions.csv")
+            if rows and not set(_PREDICTION_COLUMNS) <= set(rows[0]):
+                raise ValueError(f"it lacks the column(s) {sorted(set(_PREDICTION_COLUMNS) - set(rows[0]))}")
+        except ValueError as exc:
+            problems.append((rel("predictions.csv"), f"is not a valid predictions table ({exc})"))
+        else:
+            split = config.get("split") if isinstance(config.get("split"), dict) else {}
+            want_epoch = {"best": best_epoch, "last": epochs}
+            for ckpt in ("best", "last"):
+                for part in ("val", "test"):
+                    got = [r for r in rows if r["checkpoint"] == ckpt and r["partition"] == part]
+                    expected = sorted(map(str, split.get(part, [])))
+                    if sorted(r["slide_id"] for r in got) != expected:
+                        problems.append((rel("predictions.csv"), f"its {ckpt}/{part} rows are not the {len(expected)} "
+                                         f"slide(s) of the fold's {part} partition in config.json"))
+                    elif any(r["epoch"] != str(want_epoch[ckpt]) or r["fold"] != str(config.get("fold"))
+                             for r in got):
+                        problems.append((rel("predictions.csv"), f"its {ckpt} rows name another fold or epoch than "
+                                         "config.json and done.json"))
+            numeric = [c for c in (rows[0] if rows else {}) if c.startswith(("prob_", "surv_")) or c == "risk"]
+            for r in rows:
+                try:
+                    ok = all(math.isfinite(float(r[c])) for c in numeric)
+                except ValueError:
+                    ok = False
+                if not ok:
+                    problems.append((rel("predictions.csv"), f"the row of slide {r['slide_id']!r} "
+                                     f"({r['checkpoint']}, {r['partition']}) holds a value that is not a number"))
+                    break
+    problems += _split_problems(run, fold, config)
+    return problems
+
+
+def _split_problems(run: Path, fold: Path, config: dict[str, Any]) -> list[tuple[str, str]]:
+    """The fold must have been trained on the run's ``train/splits/splits_<k>.csv``."""
+    k = config.get("fold")
+    path = run / "train" / "splits" / f"splits_{k}.csv"
+    split = config.get("split")
+    if not path.is_file() or not isinstance(split, dict):
+        return []  # a fold trained outside a run's layout; nothing to compare with
+    try:
+        rows = _csv_rows(path)
+    except ValueError as exc:
+        return [(_rel(run, path), f"is not a valid split file ({exc})")]
+    for part in ("train", "val", "test"):
+        listed = sorted(r.get(part) or "" for r in rows)
+        if [s for s in listed if s] != sorted(map(str, split.get(part, []))):
+            return [(_rel(run, fold / "config.json"), f"fold {k} was trained with another {part} partition than "
+                     f"{_rel(run, path)} lists")]
+    return []
 
 
 def _check_stage_configs(run: Path, states: list[SlideState], report: VerifyReport) -> None:

@@ -46,10 +46,10 @@ class LayoutSpec:
     rows: int = 6
     cols: int = 6
     tumour: tuple[int, int] = (3, 4)
-    lymphocytes: tuple[int, int] = (4, 6)
+    lymphocytes: tuple[int, int] = (5, 7)
     stroma: tuple[int, int] = (8, 10)
     glass: tuple[int, int] = (2, 4)
-    contacts: tuple[int, int] = (2, 4)
+    contacts: tuple[int, int] = (3, 5)
     """Lymphocyte cells touching the tumour on an infiltrated slide."""
 
 

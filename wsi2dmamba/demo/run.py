@@ -20,7 +20,7 @@ from typing import Any
 DEMO_TASKS = ("classification", "survival")
 _FILES = {"classification": "demo.toml", "survival": "demo-survival.toml"}
 
-# A smaller run for continuous integration: fewer slides, folds and epochs, the 2D model against the
+# A smaller run for continuous integration: fewer slides and folds, the 2D model against the
 # composition-only baselines.
 QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
     "demo": {"slides": 64},
@@ -50,7 +50,8 @@ def demo_pipelines(out: str | os.PathLike[str] | None = None, *, quick: bool = F
         data = tomllib.loads(path.read_text(encoding="utf-8"))
         overrides: dict[str, dict[str, Any]] = {k: dict(v) for k, v in (QUICK_OVERRIDES if quick else {}).items()}
         if task == "survival" and quick:
-            overrides["train"]["models"] = ["2dmambamil", "abmil"]
+            # The survival run of the quick demo only checks that the survival path produces a report.
+            overrides["train"].update(models=["meanpool"], epochs=10)
         for table, key, value in (("demo", "slides", slides), ("train", "epochs", epochs),
                                   ("train", "folds", folds), ("run", "workers", workers)):
             if value is not None:

@@ -8,7 +8,7 @@ Layout under the run folder::
     RUN/train/<name>/fold_<k>/best.safetensors    checkpoint chosen on validation (+ best.json)
     RUN/train/<name>/fold_<k>/last.safetensors    checkpoint of the last epoch (+ last.json)
     RUN/train/<name>/fold_<k>/predictions.csv     validation and test predictions of both checkpoints
-    RUN/train/<name>/fold_<k>/done.json           written last: the fold is complete
+    RUN/train/<name>/fold_<k>/done.json           written last: the fold is complete (+ sha256 of its files)
     RUN/train/<name>/fold_<k>/resume.safetensors  while a fold runs: state to continue it after a stop
 
 A complete fold with the same configuration is skipped; an unfinished one continues from its last
@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
 from ..cohort import Cohort
 from ..errors import ConfigError, TrainingError, WsiError
-from ..fileio import params_hash, remove_stale_temporaries, write_json_atomic, write_text_atomic
+from ..fileio import file_sha256, params_hash, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from ..grid import FeatureGrid
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from .config import TrainConfig
@@ -41,6 +42,10 @@ from .losses import class_weights, hazards_to_survival, nll_survival_loss, survi
 from .splits import FoldSplit, load_splits, make_splits, resolve_splits, write_splits
 
 EpochCallback = Callable[[dict[str, Any]], None]
+
+#: The files of a finished fold whose sha256 ``done.json`` records (under ``outputs``).
+FOLD_OUTPUTS = ("config.json", "log.csv", "best.safetensors", "best.json", "last.safetensors", "last.json",
+                "predictions.csv")
 
 
 @dataclass
@@ -341,6 +346,7 @@ def train_fold(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], 
             done_path.unlink(missing_ok=True)
             resume_path.unlink(missing_ok=True)
         elif done_path.is_file() and not force:
+            resume_path.unlink(missing_ok=True)  # a stop between writing done.json and removing it
             info = json.loads(done_path.read_text())
             return FoldResult(split.fold, fold_dir, int(info["best_epoch"]), float(info["best_value"]),
                               int(info["epochs"]), skipped=True)
@@ -420,8 +426,10 @@ def train_fold(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], 
                 rows += _prediction_rows(split.fold, name, epoch, part, ids, outputs, cohort, targets, classes)
     write_text_atomic(fold_dir / "predictions.csv", _csv_text(rows))
     best_value = float(loop["best_value"]) if loop["best_value"] is not None else math.nan
+    outputs = {n: file_sha256(fold_dir / n) for n in FOLD_OUTPUTS}  # compared by `wsi2dmamba verify`
     write_json_atomic(done_path, {"best_epoch": loop["best_epoch"], "best_value": best_value,
-                                  "select_on": config.select_on, "epochs": last_epoch, "config_hash": config_hash})
+                                  "select_on": config.select_on, "epochs": last_epoch, "config_hash": config_hash,
+                                  "outputs": outputs})
     resume_path.unlink(missing_ok=True)
     return FoldResult(split.fold, fold_dir, loop["best_epoch"], best_value, last_epoch)
 
@@ -435,23 +443,32 @@ def run_splits(cohort: Cohort, run_dir: Path, config: TrainConfig, splits: str |
     Every model trained in one run uses the same splits, so their results compare fold by fold.
     """
     split_dir = run_dir / "train" / "splits"
-    if splits is not None:
-        raw = load_splits(splits)
-    elif split_dir.is_dir() and any(split_dir.glob("splits_*.csv")):
-        raw = load_splits(split_dir)
-        if len(raw) != config.folds:
-            raise ConfigError(f"{split_dir} holds {len(raw)} folds but --folds is {config.folds}; use --folds "
-                              f"{len(raw)} to compare with the models already trained in this run, or another --out.")
-    else:
-        raw = make_splits(cohort, config.folds, config.seed, config.task, config.val_fraction)
-    resolved, warnings = resolve_splits(raw, cohort)
-    if splits is not None and split_dir.is_dir() and any(split_dir.glob("splits_*.csv")):
-        existing, _ = resolve_splits(load_splits(split_dir), cohort)
-        if existing != resolved:
-            raise ConfigError(f"--splits {splits} differs from the splits already used in this run ({split_dir}); "
-                              "train into another --out to use other splits.")
-    write_splits(resolved, split_dir, cohort, config.task)
-    return resolved, warnings
+    split_dir.mkdir(parents=True, exist_ok=True)
+    # Jobs training other folds or models of the run share this folder: one at a time reads and writes it,
+    # so temporaries left there by a killed job can be removed.
+    with FileLock(str(split_dir / ".lock")):
+        remove_stale_temporaries(split_dir)
+        if splits is not None:
+            raw = load_splits(splits)
+        elif split_dir.is_dir() and any(split_dir.glob("splits_*.csv")):
+            raw = load_splits(split_dir)
+            if len(raw) < config.folds:  # a run stopped while it wrote the split files: finish writing them
+                fresh = make_splits(cohort, config.folds, config.seed, config.task, config.val_fraction)
+                raw = fresh if raw == fresh[: len(raw)] else raw
+            if len(raw) != config.folds:
+                raise ConfigError(f"{split_dir} holds {len(raw)} folds but --folds is {config.folds}; use --folds "
+                                  f"{len(raw)} to compare with the models already trained in this run, or another "
+                                  "--out.")
+        else:
+            raw = make_splits(cohort, config.folds, config.seed, config.task, config.val_fraction)
+        resolved, warnings = resolve_splits(raw, cohort)
+        if splits is not None and split_dir.is_dir() and any(split_dir.glob("splits_*.csv")):
+            existing, _ = resolve_splits(load_splits(split_dir), cohort)
+            if existing != resolved:
+                raise ConfigError(f"--splits {splits} differs from the splits already used in this run "
+                                  f"({split_dir}); train into another --out to use other splits.")
+        write_splits(resolved, split_dir, cohort, config.task)
+        return resolved, warnings
 
 
 def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str],
