@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..cohort import Cohort, SlideRecord, StageSummary, run_stage
 from ..cohort.executors import TaskResources
 from ..errors import ConfigError, SlideError, StageInputError
+from ..devices import resolve_device
 from ..fileio import params_hash
 from ..grid import FeatureGrid, TileGrid, read_tile_grid, write_feature_grid
 from .encoders import EncoderSpec, get_encoder
@@ -100,21 +101,6 @@ class LoadedEncoder:
 
         with torch.inference_mode(), self.autocast():
             return self.model(self.spec.preprocess(images)).float()
-
-
-def resolve_device(device: str):
-    """``auto`` → ``cuda`` when a GPU is usable, else ``cpu``; a GPU asked for but absent is an error."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N.") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for a GPU, but PyTorch sees none here; use --device cpu.")
-    return dev
 
 
 def load_encoder(encoder: str | EncoderSpec, *, weights: str | os.PathLike[str] | None = None,

@@ -33,6 +33,7 @@ from filelock import FileLock
 
 from ..cohort import Cohort
 from ..errors import ConfigError, TrainingError, WsiError
+from ..devices import resolve_device
 from ..fileio import file_sha256, params_hash, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from ..grid import FeatureGrid
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
@@ -72,19 +73,6 @@ class TrainResults:
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-def resolve_device(spec: str) -> torch.device:
-    """'auto' → CUDA when available, else CPU; anything else as torch understands it."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {spec!r} is not a device torch knows ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {spec}: no CUDA device is available here; use --device cpu")
-    return dev
-
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for this device (None = plain fp32)."""
