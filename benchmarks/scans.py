@@ -2,6 +2,10 @@
 
 Run on a CUDA machine with CuPy:  python benchmarks/scans.py [--skip-reference] [--reps 20]
 
+Time, two figures: "ms", the median of calls each waited for (host launch cost included); "queued",
+the mean of the same calls queued back to back (the GPU's time per call once the host runs ahead, as
+inside a model).
+
 Memory, two figures per call, both from ``torch.cuda.max_memory_allocated`` during one call, above
 what was allocated before it (the inputs and the output gradient):
 - "MiB": everything the call allocated, including its results (the output; in forward+backward also
@@ -46,7 +50,8 @@ def make_inputs(kind, batch, E, H, W, dtype):
 
 
 def measure(kind, backend, x, dout, backward, reps):
-    """Median ms over ``reps`` calls, peak MiB above the inputs, and that peak less the results' bytes."""
+    """Median ms of ``reps`` calls each waited for, mean ms of ``reps`` calls queued back to back, peak MiB
+    above the inputs, and that peak less the results' bytes."""
     fn = selective_scan_2d if kind == "2dmamba" else mamba2d_scan
     leaves = {k: v.requires_grad_(backward) for k, v in x.items()}
 
@@ -81,9 +86,16 @@ def measure(kind, backend, x, dout, backward, reps):
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
+    # the same calls queued back to back: GPU time per call once the host runs ahead (as inside a model)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        call()
+    end.record()
+    end.synchronize()
     for v in leaves.values():
         v.grad = None
-    return statistics.median(times), peak, work
+    return statistics.median(times), start.elapsed_time(end) / reps, peak, work
 
 
 def copy_bandwidth():
@@ -107,6 +119,27 @@ def roofline_ms(batch, E, H, W, bandwidth, elem=4):
     return cells * (4 * E + 2 * N_STATE) * elem / bandwidth * 1e3
 
 
+def profile(args, shapes):
+    """One forward (no gradients) and one forward+backward per (dtype, kind, shape), for a profiler."""
+    for dtype_name in args.dtypes.split(","):
+        dtype = getattr(torch, dtype_name)
+        for kind in args.kinds.split(","):
+            for batch, E, H, W in shapes:
+                x = make_inputs(kind, batch, E, H, W, dtype)
+                dout = torch.randn(batch, E, H, W, device="cuda", dtype=dtype)
+                fn = selective_scan_2d if kind == "2dmamba" else mamba2d_scan
+                leaves = {k: v.requires_grad_() for k, v in x.items()}
+                for start in (False, True):  # warm-up (compilation), then the profiled calls
+                    torch.cuda.synchronize()
+                    if start:
+                        torch.cuda.cudart().cudaProfilerStart()
+                    with torch.no_grad():
+                        fn(**leaves, backend="cupy")
+                    fn(**leaves, backend="cupy").backward(dout)
+                torch.cuda.synchronize()
+                torch.cuda.cudart().cudaProfilerStop()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=20)
@@ -114,22 +147,32 @@ def main():
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--shapes", default="all", help="'all' or indices into the shape table, e.g. 2,5")
     p.add_argument("--states-per-thread", type=int, default=cupy_scans.STATES_PER_THREAD)
-    p.add_argument("--bwd-states-per-thread", type=int, default=cupy_scans.BWD_STATES_PER_THREAD)
+    p.add_argument("--bwd-states-per-thread", type=int, default=None, help="default: the per-mode rule")
     p.add_argument("--smem-budget-kib", type=int, default=cupy_scans.BWD_SMEM_BUDGET // 1024)
-    p.add_argument("--fwd-band-rows", type=int, default=cupy_scans.FWD_BAND_ROWS)
+    p.add_argument("--fwd-band-rows", type=int, default=cupy_scans.FWD_BAND_ROWS, help="0: no bands")
+    p.add_argument("--grad-bands", type=int, default=int(cupy_scans.GRAD_BANDS),
+                   help="1: the 2DMamba forward with gradients runs bands of the backward's segments; 0: one band")
     p.add_argument("--kinds", default="2dmamba,mamba2d")
     p.add_argument("--define", action="append", default=[], help="extra kernel macro NAME[=VALUE] (experiments)")
+    p.add_argument("--profile", action="store_true",
+                   help="no timing: after a warm-up, one forward and one forward+backward per shape between "
+                        "cudaProfilerStart/Stop (for ncu --profile-from-start off)")
     args = p.parse_args()
     cupy_scans.EXTRA_OPTIONS = tuple(f"-D{d}" for d in args.define)
     cupy_scans.FWD_BAND_ROWS = args.fwd_band_rows
+    cupy_scans.GRAD_BANDS = bool(args.grad_bands)
     cupy_scans.STATES_PER_THREAD = args.states_per_thread
     cupy_scans.BWD_SMEM_BUDGET = args.smem_budget_kib * 1024
-    cupy_scans.BWD_STATES_PER_THREAD = args.bwd_states_per_thread
+    if args.bwd_states_per_thread is not None:
+        cupy_scans.BWD_STATES_PER_THREAD = args.bwd_states_per_thread
     shapes_all = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    if args.profile:
+        profile(args, shapes_all)
+        return
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, N = {N_STATE}")
-    print("scan     dtype    shape (batch,E,H,W)   backend  fwd ms  fwd+bwd ms  fwd MiB  fwd+bwd MiB  "
-          "fwd+bwd work MiB  roofline fwd ms")
+    print("scan     dtype    shape (batch,E,H,W)   backend  fwd ms  fwd+bwd ms  queued fwd  queued f+b  fwd MiB  "
+          "fwd+bwd MiB  fwd+bwd work MiB  roofline fwd ms")
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         shapes = shapes_all if dtype == torch.float32 else [(1, 256, 196, 196)]
@@ -141,9 +184,10 @@ def main():
                 for backend in backends:
                     try:
                         reps = args.reps if backend == "cupy" else max(3, args.reps // 5)
-                        f_ms, f_mib, _ = measure(kind, backend, x, dout, False, reps)
-                        b_ms, b_mib, b_work = measure(kind, backend, x, dout, True, reps)
-                        row = f"{f_ms:7.3f}  {b_ms:9.3f}  {f_mib:8.1f}  {b_mib:10.1f}  {b_work:15.1f}"
+                        f_ms, f_q, f_mib, _ = measure(kind, backend, x, dout, False, reps)
+                        b_ms, b_q, b_mib, b_work = measure(kind, backend, x, dout, True, reps)
+                        row = (f"{f_ms:7.3f}  {b_ms:9.3f}  {f_q:9.3f}  {b_q:9.3f}  {f_mib:8.1f}  {b_mib:10.1f}  "
+                               f"{b_work:15.1f}")
                     except torch.cuda.OutOfMemoryError:
                         row = "out of memory"
                         torch.cuda.empty_cache()

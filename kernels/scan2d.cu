@@ -67,10 +67,20 @@ __device__ __forceinline__ void st(T* p, long i, float v) {
 }
 #endif
 
+// 2^x on the special-function unit (ex2.approx: about 2 ulp, like exp2f). The arguments here are decays
+// A*dt*log2(e) <= 0; results under 2^-126 flush to zero, which a decay of that size is anyway.
+__device__ __forceinline__ float ex2_(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-x)); }
 // softplus with PyTorch's threshold (identity above 20)
 __device__ __forceinline__ float softplusf_(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 
+#ifndef FIX_ROWS
+#define FIX_ROWS 4  // rows per chunk of the output correction of the banded 2DMamba forward
+#endif
 #ifndef PF_ROWS
 #define PF_ROWS 8  // rows fetched ahead into L2 by the bulk prefetches below
 #endif
@@ -233,10 +243,11 @@ __device__ __forceinline__ float w_left(int i, int j) { return i == 0 ? 1.f : (j
 __device__ __forceinline__ float w_up(int i, int j) { return i == 0 ? 0.f : (j == 0 ? 1.f : 0.5f); }
 
 // One forward row: given the states hv of row i-1 (zero for i = 0), leave the states of row i in hv.
-__device__ __forceinline__ void forward_row(int i, int W, long HW, int c0, const float (&uu)[K], const float (&d1)[K],
-                                            const float (&d2)[K], const T* B1p, const T* B2p, const float (&A1r)[S],
-                                            const float (&A2r)[S], int ty, float (&hv)[S][K], float* scan_sm,
-                                            int lane, int warp) {
+// d1, d2: the steps (2DMamba: softplus(dt + bias) in d1); du1, du2: the steps times u.
+__device__ __forceinline__ void forward_row(int i, int W, long HW, int c0, const float (&d1)[K], const float (&du1)[K],
+                                            const float (&d2)[K], const float (&du2)[K], const T* B1p, const T* B2p,
+                                            const float (&A1r)[S], const float (&A2r)[S], int ty, float (&hv)[S][K],
+                                            float* scan_sm, int lane, int warp) {
     float a[S][K], b[S][K], inc[S];
     const long row = (long)i * W;
 #pragma unroll
@@ -247,13 +258,13 @@ __device__ __forceinline__ void forward_row(int i, int W, long HW, int c0, const
             const int col = c0 + k;
             if (col < W) {
 #if MODE == 0
-                a[s][k] = exp2f(d1[k] * A1r[s]);
-                b[s][k] = d1[k] * ld(B1p, n * HW + row + col) * uu[k];
+                a[s][k] = ex2_(d1[k] * A1r[s]);
+                b[s][k] = du1[k] * ld(B1p, n * HW + row + col);
 #else
-                const float at = exp2f(d1[k] * A1r[s]);
-                const float al = exp2f(d2[k] * A2r[s]);
-                const float ut = d1[k] * ld(B1p, n * HW + row + col) * uu[k];
-                const float ul = d2[k] * ld(B2p, n * HW + row + col) * uu[k];
+                const float at = ex2_(d1[k] * A1r[s]);
+                const float al = ex2_(d2[k] * A2r[s]);
+                const float ut = du1[k] * ld(B1p, n * HW + row + col);
+                const float ul = du2[k] * ld(B2p, n * HW + row + col);
                 const float wl = w_left(i, col), wu = w_up(i, col);
                 a[s][k] = wl * al;
                 b[s][k] = wl * ul + wu * (at * hv[s][k] + ut);
@@ -277,24 +288,117 @@ __device__ __forceinline__ void forward_row(int i, int W, long HW, int c0, const
         }
 }
 
-__device__ __forceinline__ void load_row(int i, int W, int c0, const T* up, const T* d1p, const T* d2p, float bias,
-                                         float (&uu)[K], float (&d1)[K], float (&d2)[K]) {
+// The per-cell inputs of row i, once per block: the forward's warps (one per state group) all read
+// them from shared memory instead of each loading u and dt and evaluating the softplus again.
+// cells: [4][ROWCAP] = d1, d1*u, d2, d2*u. Thread tid handles columns tid + c * NTX * NGRP, c < CPT.
+#define CPT ((K + NGRP - 1) / NGRP)
+struct RawCells {
+    float u[CPT], d1[CPT], d2[CPT];
+};
+
+__device__ __forceinline__ void load_cells(int i, int W, const T* up, const T* d1p, const T* d2p, int tid,
+                                           RawCells& r) {
     const long row = (long)i * W;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+        const int col = tid + c * NTX * NGRP;
+        if (col < W) {
+            r.u[c] = ld(up, row + col);
+            r.d1[c] = ld(d1p, row + col);
+            r.d2[c] = d2p ? ld(d2p, row + col) : 0.f;
+        }
+    }
+}
+
+__device__ __forceinline__ void store_cells(int W, float bias, const RawCells& r, float* cells, int tid) {
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+        const int col = tid + c * NTX * NGRP;
+        if (col < W) {
+#if MODE == 0
+            const float d = softplusf_(r.d1[c] + bias);
+            cells[col] = d;
+            cells[ROWCAP + col] = d * r.u[c];
+#else
+            cells[col] = r.d1[c];
+            cells[ROWCAP + col] = r.d1[c] * r.u[c];
+            cells[2 * ROWCAP + col] = r.d2[c];
+            cells[3 * ROWCAP + col] = r.d2[c] * r.u[c];
+#endif
+        }
+    }
+}
+
+__device__ __forceinline__ void fill_cells(int i, int W, const T* up, const T* d1p, const T* d2p, float bias,
+                                           float* cells, int tid) {
+    RawCells r;
+    load_cells(i, W, up, d1p, d2p, tid, r);
+    store_cells(W, bias, r, cells, tid);
+}
+
+// The per-cell inputs of the backward's adjoint row i: [ADJ_CELLS][ROWCAP] = u, d1 (2DMamba:
+// softplus(dt + bias)), [d2 (Mamba2D),] and the output gradient dy (2DMamba: times silu(z)); loaded
+// into registers a row step ahead, then stored (as for the forward's cells).
+#define ADJ_CELLS (MODE == 0 ? 3 : 4)
+#define RED_ROWS (3 * NGRP > 4 ? 3 * NGRP : 4)  // rows of the backward's red[] (also holds 4 rows of cells)
+struct RawAdjoint {
+    float u[CPT], d1[CPT], d2[CPT], g[CPT], z[CPT];
+};
+
+__device__ __forceinline__ void load_adjoint_cells(int i, int W, const T* up, const T* d1p, const T* d2p, const T* gp,
+                                                   const T* zp, int tid, RawAdjoint& r) {
+    const long row = (long)i * W;
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+        const int col = tid + c * NTX * NGRP;
+        if (col < W) {
+            r.u[c] = ld(up, row + col);
+            r.d1[c] = ld(d1p, row + col);
+            r.g[c] = ld(gp, row + col);
+#if MODE == 0
+            r.z[c] = zp ? ld(zp, row + col) : 0.f;
+#else
+            r.d2[c] = ld(d2p, row + col);
+#endif
+        }
+    }
+}
+
+__device__ __forceinline__ void store_adjoint_cells(int W, float bias, bool gated, const RawAdjoint& r, float* cells,
+                                                    int tid) {
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+        const int col = tid + c * NTX * NGRP;
+        if (col < W) {
+            cells[col] = r.u[c];
+            float dy = r.g[c];
+#if MODE == 0
+            cells[ROWCAP + col] = softplusf_(r.d1[c] + bias);
+            if (gated) dy *= r.z[c] * sigmoidf_(r.z[c]);
+#else
+            cells[ROWCAP + col] = r.d1[c];
+            cells[2 * ROWCAP + col] = r.d2[c];
+#endif
+            cells[(ADJ_CELLS - 1) * ROWCAP + col] = dy;
+        }
+    }
+}
+
+__device__ __forceinline__ void read_cells(int W, int c0, const float* cells, float (&d1)[K], float (&du1)[K],
+                                           float (&d2)[K], float (&du2)[K]) {
 #pragma unroll
     for (int k = 0; k < K; ++k) {
         const int col = c0 + k;
-        uu[k] = 0.f;
-        d1[k] = 0.f;
-        d2[k] = 0.f;
-        if (col < W) {
-            uu[k] = ld(up, row + col);
-#if MODE == 0
-            d1[k] = softplusf_(ld(d1p, row + col) + bias);
+        const bool in = col < W;
+        d1[k] = in ? cells[col] : 0.f;
+        du1[k] = in ? cells[ROWCAP + col] : 0.f;
+#if MODE == 1
+        d2[k] = in ? cells[2 * ROWCAP + col] : 0.f;
+        du2[k] = in ? cells[3 * ROWCAP + col] : 0.f;
 #else
-            d1[k] = ld(d1p, row + col);
-            d2[k] = ld(d2p, row + col);
+        d2[k] = 0.f;
+        du2[k] = 0.f;
 #endif
-        }
     }
 }
 
@@ -314,6 +418,7 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
     const long HW = (long)H * W;
     float* scan_sm = smem + ty * (S * CW * 2);
     float* ypart = smem + NGRP * S * CW * 2;  // [NGRP][ROWCAP]
+    float* cells = ypart + NGRP * ROWCAP;    // [4][ROWCAP], see fill_cells
     const T* up = u + (long)be * HW;
     const T* d1p = dt1 + (long)be * HW;
     const T* d2p = dt2 ? dt2 + (long)be * HW : nullptr;
@@ -341,12 +446,18 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
     const int tid = ty * NTX + tx;
     const T* zp = z ? z + (long)be * HW : nullptr;
     prefetch_rows(i0, min(i1, i0 + PF_ROWS), W, HW, tid, up, d1p, d2p, zp, nullptr, B1p, B2p, Cp);
+    // the raw inputs of a row are loaded into registers two rows ahead of their use, one row ahead of
+    // going to shared memory, so that their latency hides behind a row step
+    RawCells raw;
+    fill_cells(i0, W, up, d1p, d2p, bias, cells, tid);
+    if (i0 + 1 < i1) load_cells(i0 + 1, W, up, d1p, d2p, tid, raw);
+    __syncthreads();
     for (int i = i0; i < i1; ++i) {
         if ((i - i0) % PF_ROWS == 0)
             prefetch_rows(i + PF_ROWS, min(i1, i + 2 * PF_ROWS), W, HW, tid, up, d1p, d2p, zp, nullptr, B1p, B2p, Cp);
-        float uu[K], d1[K], d2[K];
-        load_row(i, W, c0, up, d1p, d2p, bias, uu, d1, d2);
-        forward_row(i, W, HW, c0, uu, d1, d2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp);
+        float d1[K], du1[K], d2[K], du2[K];
+        read_cells(W, c0, cells, d1, du1, d2, du2);
+        forward_row(i, W, HW, c0, d1, du1, d2, du2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp);
 #pragma unroll
         for (int k = 0; k < K; ++k) dsum[k] += d1[k];
         const long row = (long)i * W;
@@ -385,6 +496,11 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
 #endif
             st(out, idx, y);
         }
+        // every warp read this row's cells before the barrier above: the next row's may replace them
+        if (i + 1 < i1) {
+            store_cells(W, bias, raw, cells, tid);
+            if (i + 2 < i1) load_cells(i + 2, W, up, d1p, d2p, tid, raw);
+        }
         __syncthreads();
     }
 #if MODE == 0
@@ -410,10 +526,25 @@ extern "C" __global__ void scan2d_carry(float* __restrict__ ckpt, const float* _
         const long be = t / ((long)W * NS);
         const float a = A1[(be % E) * NS + n] * LOG2E;
         float carry = 0.f;
-        for (int k = 0; k + 1 < nband; ++k) {
-            const long at = ((be * (nband - 1) + k) * NS + n) * W + j;
-            carry = ckpt[at] + exp2f(a * dtsum[(be * (nband - 1) + k) * W + j]) * carry;
-            ckpt[at] = carry;
+        // the loads of 8 bands go out before the dependent chain uses them
+        for (int k0 = 0; k0 + 1 < nband; k0 += 8) {
+            float cv[8], dv[8];
+#pragma unroll
+            for (int r = 0; r < 8; ++r) {
+                const int k = k0 + r;
+                if (k + 1 < nband) {
+                    cv[r] = ckpt[((be * (nband - 1) + k) * NS + n) * W + j];
+                    dv[r] = dtsum[(be * (nband - 1) + k) * W + j];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < 8; ++r) {
+                const int k = k0 + r;
+                if (k + 1 < nband) {
+                    carry = cv[r] + ex2_(a * dv[r]) * carry;
+                    ckpt[((be * (nband - 1) + k) * NS + n) * W + j] = carry;
+                }
+            }
         }
     }
 }
@@ -441,17 +572,32 @@ extern "C" __global__ void scan2d_fix(const T* __restrict__ dt1, const T* __rest
     }
     const T* Cp = C + (long)b * NS * HW + j;
     float cum = 0.f;
-    for (int i = i0; i < i1; ++i) {
-        const long idx = (long)be * HW + (long)i * W + j;
-        cum += softplusf_(ld(dt1, idx) + bias);
-        float corr = 0.f;
+    // rows in chunks of FIX_ROWS whose loads all go out before the arithmetic (the kernel is latency-bound)
+    for (int i = i0; i < i1; i += FIX_ROWS) {
+        float dv[FIX_ROWS], zv[FIX_ROWS], ov[FIX_ROWS], cv[FIX_ROWS][NS];
 #pragma unroll
-        for (int n = 0; n < NS; ++n) corr += ld(Cp, n * HW + (long)i * W) * exp2f(a[n] * cum) * carry[n];
-        if (z) {
-            const float zz = ld(z, idx);
-            corr *= zz * sigmoidf_(zz);
+        for (int r = 0; r < FIX_ROWS; ++r) {
+            if (i + r < i1) {
+                const long idx = (long)be * HW + (long)(i + r) * W + j;
+                dv[r] = ld(dt1, idx);
+                zv[r] = z ? ld(z, idx) : 0.f;
+                ov[r] = ld(out, idx);
+#pragma unroll
+                for (int n = 0; n < NS; ++n) cv[r][n] = ld(Cp, n * HW + (long)(i + r) * W);
+            }
         }
-        st(out, idx, ld(out, idx) + corr);
+#pragma unroll
+        for (int r = 0; r < FIX_ROWS; ++r) {
+            if (i + r < i1) {
+                const long idx = (long)be * HW + (long)(i + r) * W + j;
+                cum += softplusf_(dv[r] + bias);
+                float corr = 0.f;
+#pragma unroll
+                for (int n = 0; n < NS; ++n) corr += cv[r][n] * ex2_(a[n] * cum) * carry[n];
+                if (z) corr *= zv[r] * sigmoidf_(zv[r]);
+                st(out, idx, ov[r] + corr);
+            }
+        }
     }
 }
 #endif
@@ -481,12 +627,17 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
     const int c0 = tx * K;
     const long HW = (long)H * W;
     float* scan_sm = smem + ty * (S * CW * 2);
-    float* red = smem + NGRP * S * CW * 2;  // [3][NGRP][ROWCAP]
+    // [3][NGRP][ROWCAP] per-group sums of the adjoint rows; during the recompute of a segment, which does
+    // not use them, its first 4 rows hold the cells of fill_cells
+    float* red = smem + NGRP * S * CW * 2;
+    float* cells_r = red;
     // this row's dB1 (, dB2) terms [NS][ROWCAP] each and its (gated) dy [ROWCAP], added to global memory
     // by coalesced atomics; the dC terms dy*h are formed there from the recomputed states
-    float* gsm = red + 3 * NGRP * ROWCAP;
-    float* dysm = gsm + 2 * NS * ROWCAP;
-    float* hrows = dysm + ROWCAP;  // [R+1][NS][W]
+    float* gsm = red + RED_ROWS * ROWCAP;
+    float* dysm = gsm + (MODE == 0 ? 1 : 2) * NS * ROWCAP;
+    // the adjoint's per-cell inputs of the row, once per block (see fill_adjoint_cells)
+    float* cells_a = dysm + ROWCAP;
+    float* hrows = cells_a + ADJ_CELLS * ROWCAP;  // [R+1][NS][W]
     const T* up = u + (long)be * HW;
     const T* d1p = dt1 + (long)be * HW;
     const T* d2p = dt2 ? dt2 + (long)be * HW : nullptr;
@@ -538,10 +689,16 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                 hv[s][k] = (cp && col < W) ? cp[(ty * S + s) * W + col] : 0.f;
                 if (col < W) hrows[(ty * S + s) * W + col] = hv[s][k];
             }
+        RawCells raw;  // the next row's raw inputs, loaded a row step ahead of their use
+        load_cells(i0, W, up, d1p, d2p, tid, raw);
         for (int i = i0; i < i1; ++i) {
-            float uu[K], d1[K], d2[K];
-            load_row(i, W, c0, up, d1p, d2p, bias, uu, d1, d2);
-            forward_row(i, W, HW, c0, uu, d1, d2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp);
+            store_cells(W, bias, raw, cells_r, tid);
+            if (i + 1 < i1) load_cells(i + 1, W, up, d1p, d2p, tid, raw);
+            __syncthreads();
+            float d1[K], du1[K], d2[K], du2[K];
+            read_cells(W, c0, cells_r, d1, du1, d2, du2);
+            __syncthreads();  // all warps have read the cells: the next row may replace them
+            forward_row(i, W, HW, c0, d1, du1, d2, du2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp);
             float* hr = hrows + (long)(i - i0 + 1) * NS * W;
 #pragma unroll
             for (int s = 0; s < S; ++s)
@@ -549,6 +706,10 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                 for (int k = 0; k < K; ++k)
                     if (c0 + k < W) hr[(ty * S + s) * W + c0 + k] = hv[s][k];
         }
+        RawAdjoint araw;  // likewise for the adjoint rows, bottom to top
+        load_adjoint_cells(i1 - 1, W, up, d1p, d2p, gp, zp, tid, araw);
+        store_adjoint_cells(W, bias, zp != nullptr, araw, cells_a, tid);
+        if (i1 - 2 >= i0) load_adjoint_cells(i1 - 2, W, up, d1p, d2p, gp, zp, tid, araw);
         __syncthreads();
 
         for (int i = i1 - 1; i >= i0; --i) {
@@ -556,24 +717,25 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
             const float* hcur = hrows + (long)(i - i0 + 1) * NS * W;
             const float* hup = hcur - NS * W;
             float uu[K], d1[K], d2[K], dy[K];
-            load_row(i, W, c0, up, d1p, d2p, bias, uu, d1, d2);
-            // the step of the next column (for the right-to-left decay)
-#if MODE == 0
-            const float d1x = c0 + K < W ? softplusf_(ld(d1p, row + c0 + K) + bias) : 0.f;
-#else
-            const float d2x = c0 + K < W ? ld(d2p, row + c0 + K) : 0.f;
-#endif
 #pragma unroll
             for (int k = 0; k < K; ++k) {
-                const int col = c0 + k;
-                dy[k] = col < W ? ld(dout, (long)be * HW + row + col) : 0.f;
-#if MODE == 0
-                if (z && col < W) {
-                    const float zv = ld(z, (long)be * HW + row + col);
-                    dy[k] *= zv * sigmoidf_(zv);
-                }
+                const bool in = c0 + k < W;
+                uu[k] = in ? cells_a[c0 + k] : 0.f;
+                d1[k] = in ? cells_a[ROWCAP + c0 + k] : 0.f;
+#if MODE == 1
+                d2[k] = in ? cells_a[2 * ROWCAP + c0 + k] : 0.f;
+#else
+                d2[k] = 0.f;
 #endif
             }
+            // the step of the next column (for the right-to-left decay)
+#if MODE == 0
+            const float d1x = c0 + K < W ? cells_a[ROWCAP + c0 + K] : 0.f;
+#else
+            const float d2x = c0 + K < W ? cells_a[2 * ROWCAP + c0 + K] : 0.f;
+#endif
+#pragma unroll
+            for (int k = 0; k < K; ++k) dy[k] = c0 + k < W ? cells_a[(ADJ_CELLS - 1) * ROWCAP + c0 + k] : 0.f;
             // adjoint scan along the row, right to left
             float dec[S][K], adj[S][K];
 #pragma unroll
@@ -587,10 +749,10 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                         if (col + 1 < W) {
 #if MODE == 0
                             const float dn = (k + 1 < K) ? d1[k + 1] : d1x;
-                            dec[s][k] = exp2f(dn * A1r[s]);
+                            dec[s][k] = ex2_(dn * A1r[s]);
 #else
                             const float dn = (k + 1 < K) ? d2[k + 1] : d2x;
-                            dec[s][k] = w_left(i, col + 1) * exp2f(dn * A2r[s]);
+                            dec[s][k] = w_left(i, col + 1) * ex2_(dn * A2r[s]);
 #endif
                         } else {
                             dec[s][k] = 0.f;
@@ -620,8 +782,8 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                 for (int k = 0; k < K; ++k) {
                     const int col = c0 + k;
                     if (col < W) {
-                        a[s][k] = exp2f(d1[k] * A1r[s]);
-                        g[s][k] = d1[k] * ld(B1p, n * HW + row + col) * uu[k];
+                        a[s][k] = ex2_(d1[k] * A1r[s]);
+                        g[s][k] = (d1[k] * uu[k]) * ld(B1p, n * HW + row + col);
                     } else {
                         a[s][k] = 1.f;
                         g[s][k] = 0.f;
@@ -659,8 +821,8 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                     const float Hb = adj[s][k];
                     const float hl = col > 0 ? hcur[n * W + col - 1] : 0.f;
                     const float wl = w_left(i, col), wu = w_up(i, col);
-                    const float at = exp2f(d1[k] * A1r[s]);
-                    const float al = exp2f(d2[k] * A2r[s]);
+                    const float at = ex2_(d1[k] * A1r[s]);
+                    const float al = ex2_(d2[k] * A2r[s]);
                     const float Bt = ld(B1p, idx), Bl = ld(B2p, idx);
                     const float dul = wl * Hb, dut = wu * Hb;
                     const float dal = dul * hl * al, dat = dut * hu * at;
@@ -730,6 +892,11 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                 st(ddt1, idx, s0);
                 st(ddt2, idx, s1);
 #endif
+            }
+            // every warp read this row's cells before the barrier above
+            if (i > i0) {
+                store_adjoint_cells(W, bias, zp != nullptr, araw, cells_a, tid);
+                if (i - 2 >= i0) load_adjoint_cells(i - 2, W, up, d1p, d2p, gp, zp, tid, araw);
             }
             __syncthreads();
         }

@@ -346,8 +346,6 @@ def test_any_pipeline_file_loads_or_names_the_file(doc, raw, counts):
     _load_pipeline_doc(doc, raw, False, counts)
 
 
-@pytest.mark.xfail(strict=True, reason="load_pipeline merges --slides-dir into [cohort] before checking that "
-                   "[cohort] is a table")
 def test_pipeline_with_a_non_table_cohort_and_slides_dir_override(counts):
     _load_pipeline_doc({"cohort": False, "train": {"models": ["abmil"]}}, None, True, counts)
 

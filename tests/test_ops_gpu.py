@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsi2dmamba.ops import cupy_available, mamba2d_scan, selective_scan_2d
+from wsi2dmamba.ops import cupy_available, cupy_scans, mamba2d_scan, selective_scan_2d
 
 pytestmark = [
     pytest.mark.gpu,
@@ -67,7 +67,7 @@ def test_fp32_kernels_match_reference(kind, batch, H, W, N):
 @pytest.mark.parametrize("batch,H,W", [(1, 1, 1), (2, 7, 1), (2, 33, 40), (1, 70, 45), (1, 12, 300)])
 @pytest.mark.parametrize("N", [16, 5])
 def test_forward_without_gradients_matches_reference(kind, batch, H, W, N):
-    # without gradients the 2DMamba rows are cut into bands of their own length (no checkpoints)
+    # without gradients no rows of states are kept (nothing to checkpoint)
     x = _inputs(kind, batch, 6, N, H, W, torch.float32, seed=H * 7 + W)
     fn = selective_scan_2d if kind == "2dmamba" else mamba2d_scan
     out = torch.full((batch, 6, H, W), float("nan"), device="cuda")
@@ -76,6 +76,37 @@ def test_forward_without_gradients_matches_reference(kind, batch, H, W, N):
         want = fn(**{k: v.double() for k, v in x.items()}, backend="torch")
     assert torch.isfinite(out).all()
     assert _rel(out, want) <= 1e-5
+
+
+@pytest.mark.parametrize("batch,H,W", [(2, 33, 40), (1, 12, 300), (1, 5, 13)])
+def test_banded_2dmamba_forward_matches_reference(monkeypatch, batch, H, W):
+    # bands of rows scanned at once from zero state, then the carry and output-correction passes
+    monkeypatch.setattr(cupy_scans, "FWD_BAND_ROWS", 3)
+    monkeypatch.setattr(cupy_scans, "GRAD_BANDS", True)
+    x = _inputs("2dmamba", batch, 6, 16, H, W, torch.float32, seed=H + W)
+    x64 = {k: v.double() for k, v in x.items()}
+    with torch.no_grad():
+        assert _rel(selective_scan_2d(**x, backend="cupy"), selective_scan_2d(**x64, backend="torch")) <= 1e-5
+    dout = torch.randn(batch, 6, H, W, device="cuda")
+    y, grads = _run("2dmamba", x, "cupy", dout)
+    y_ref, grads_ref = _run("2dmamba", x64, "torch", dout.double())
+    assert _rel(y, y_ref) <= 1e-5
+    for name in grads_ref:
+        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
+@pytest.mark.parametrize("fwd_states,bwd_states", [(4, 4), (1, 2), (2, 1)])
+def test_other_thread_layouts_match_reference(monkeypatch, kind, fwd_states, bwd_states):
+    monkeypatch.setattr(cupy_scans, "STATES_PER_THREAD", fwd_states)
+    monkeypatch.setattr(cupy_scans, "BWD_STATES_PER_THREAD", bwd_states)
+    x = _inputs(kind, 2, 6, 16, 19, 40, torch.float32, seed=fwd_states * 10 + bwd_states)
+    dout = torch.randn(2, 6, 19, 40, device="cuda")
+    y, grads = _run(kind, x, "cupy", dout)
+    y_ref, grads_ref = _run(kind, {k: v.double() for k, v in x.items()}, "torch", dout.double())
+    assert _rel(y, y_ref) <= 1e-5
+    for name in grads_ref:
+        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
 
 
 @pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])

@@ -20,19 +20,24 @@ import torch
 
 KERNEL_FILE = Path(__file__).resolve().parent.parent / "kernels" / "scan2d.cu"
 IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-# Shared memory of one backward block (scratch and recomputed rows): two blocks still fit on an H100 SM.
-BWD_SMEM_BUDGET = 112 * 1024
+# Shared memory of one backward block (scratch and recomputed rows): two blocks (each also reserving
+# 1 KiB for the system) still fit in the 228 KiB of an H100 SM.
+BWD_SMEM_BUDGET = 113 * 1024
 SMEM_LIMIT = 227 * 1024
 # Fewest rows per backward segment before the budget above is exceeded (see launch_config).
 MIN_SEG_ROWS = 4
 FIXED_SCALE = 2.0**-32  # the kernels' int64 fixed point of dB and dC
 # States per thread of the forward and the backward: fewer means more warps per block to hide the
-# latency of each row step; the backward also needs shared memory for its recomputed rows.
-STATES_PER_THREAD = 4
-BWD_STATES_PER_THREAD = 4
-# Rows per band of the 2DMamba forward without gradients (with gradients the bands are the backward's
-# segments, so that the carry pass leaves exactly the checkpoint rows the backward reads).
-FWD_BAND_ROWS = 8
+# latency of each row step, but more per-cell work repeated by each warp; the backward also needs
+# shared memory for its recomputed rows. Backward per mode (0: 2DMamba, 1: Mamba2D), for rows of at
+# most 256 columns (wider rows: 4): measured fastest at 196 x 196 on an H100 (docs/benchmarks.md).
+STATES_PER_THREAD = 2
+BWD_STATES_PER_THREAD = {0: 4, 1: 1}
+# Rows per band of the 2DMamba forward without gradients, 0 for none (with gradients the bands are the
+# backward's segments when GRAD_BANDS, so that the carry pass leaves exactly the checkpoint rows the
+# backward reads; otherwise one band of all rows writes them directly).
+FWD_BAND_ROWS = 0
+GRAD_BANDS = False
 # Extra NVRTC options (e.g. "-DPF_ROWS=4"), for benchmarking variants of the kernels.
 EXTRA_OPTIONS: tuple[str, ...] = ()
 
@@ -46,6 +51,7 @@ class LaunchConfig:
     cols_per_thread: int
     col_warps: int
     seg_rows: int
+    b_planes: int = 2  # planes of B (2DMamba 1, Mamba2D 2) whose per-row gradient terms the backward stages
 
     @property
     def groups(self) -> int:
@@ -60,20 +66,24 @@ class LaunchConfig:
         return 32 * self.col_warps * self.cols_per_thread
 
     def fwd_smem(self) -> int:
-        return 4 * (self.groups * self.states_per_thread * self.col_warps * 2 + self.groups * self.row_cap)
+        # scan scratch, per-group row sums of y, and the row's per-cell inputs (4 planes)
+        return 4 * (self.groups * self.states_per_thread * self.col_warps * 2 + (self.groups + 4) * self.row_cap)
 
     def bwd_smem(self, width: int) -> int:
-        # scan scratch, row sums, one row of dB1 and dB2 terms and of dy, then R + 1 rows of recomputed states
-        scratch = self.groups * self.states_per_thread * self.col_warps * 2 + 3 * self.groups * self.row_cap
-        scratch += (2 * self.n_state + 1) * self.row_cap
+        # scan scratch, row sums (at least 4 rows: they also hold the recompute's cells), one row of the
+        # dB terms of each B plane and of dy, the adjoint's cells (u, d1, [d2,] dy), then R + 1 rows of states
+        scratch = self.groups * self.states_per_thread * self.col_warps * 2 + max(3 * self.groups, 4) * self.row_cap
+        scratch += (self.b_planes * self.n_state + 1) * self.row_cap + (self.b_planes + 2) * self.row_cap
         return 4 * (scratch + (self.seg_rows + 1) * self.n_state * width)
 
 
 @functools.lru_cache(maxsize=256)
 def launch_config(
-    n_state: int, height: int, width: int, states_per_thread: int = STATES_PER_THREAD, smem_budget: int = BWD_SMEM_BUDGET
+    n_state: int, height: int, width: int, states_per_thread: int = STATES_PER_THREAD, smem_budget: int = BWD_SMEM_BUDGET,
+    mode: int = 1,
 ) -> LaunchConfig | None:
-    """Pick the layout for a grid; None when a row of states does not fit the kernels' limits."""
+    """Pick the layout for a grid (``mode`` 0: 2DMamba, 1: Mamba2D); None when a row of states does not fit."""
+    b_planes = 1 if mode == 0 else 2
     s = states_per_thread if n_state % states_per_thread == 0 else 1
     if width <= 256:
         k, cw = max(1, math.ceil(width / 32)), 1
@@ -84,7 +94,7 @@ def launch_config(
         s *= 2
     if 32 * cw * (n_state // s) > 1024:
         return None
-    cfg = LaunchConfig(n_state, s, k, cw, 1)
+    cfg = LaunchConfig(n_state, s, k, cw, 1, b_planes)
     row_bytes = 4 * n_state * width
     fixed = cfg.bwd_smem(width) - 2 * row_bytes
     rows = max(1, (smem_budget - fixed) // row_bytes - 1)
@@ -93,7 +103,7 @@ def launch_config(
         # every row or two (whose memory grows as H*W*N*E/R)
         rows = max(1, (SMEM_LIMIT - fixed) // row_bytes - 1)
     rows = min(rows, height)
-    cfg = LaunchConfig(n_state, s, k, cw, int(rows))
+    cfg = LaunchConfig(n_state, s, k, cw, int(rows), b_planes)
     if cfg.bwd_smem(width) > SMEM_LIMIT:
         return None
     return cfg
@@ -194,10 +204,12 @@ class _Scan2d(torch.autograd.Function):
         # 2DMamba bands need them. 2DMamba bands are the segments; Mamba2D runs one band of all rows.
         if need_grad:
             seg_rows = cfg.seg_rows
+            banded = mode == 0 and GRAD_BANDS
         else:
-            seg_rows = FWD_BAND_ROWS if mode == 0 else H
+            seg_rows = FWD_BAND_ROWS if mode == 0 and FWD_BAND_ROWS > 0 else H
+            banded = mode == 0
         seg_rows = min(seg_rows, H)
-        band_rows = seg_rows if mode == 0 else H
+        band_rows = seg_rows if banded else H
         nseg, nband = math.ceil(H / seg_rows), math.ceil(H / band_rows)
         dev = u.device
         out = torch.empty_like(act[0])
@@ -260,11 +272,14 @@ class _Scan2d(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _config_or_none(u, n_state):
+def _config_or_none(u, n_state, mode):
     """(forward, backward) layouts, or None when the grid is beyond the kernels."""
     _, _, H, W = u.shape
-    fwd = launch_config(n_state, H, W, STATES_PER_THREAD, BWD_SMEM_BUDGET)
-    bwd = launch_config(n_state, H, W, BWD_STATES_PER_THREAD, BWD_SMEM_BUDGET)
+    s_bwd = BWD_STATES_PER_THREAD
+    if isinstance(s_bwd, dict):
+        s_bwd = s_bwd[mode] if W <= 256 else 4
+    fwd = launch_config(n_state, H, W, STATES_PER_THREAD, BWD_SMEM_BUDGET, mode)
+    bwd = launch_config(n_state, H, W, s_bwd, BWD_SMEM_BUDGET, mode)
     return None if fwd is None or bwd is None else (fwd, bwd)
 
 
@@ -274,7 +289,7 @@ def _needs_grad(*tensors) -> bool:
 
 def selective_scan_2d_cupy(u, dt, A, B, C, D=None, z=None, dt_bias=None):
     """The 2DMamba scan on the CUDA kernels (same contract as ``selective_scan_2d``)."""
-    cfg = _config_or_none(u, A.shape[1])
+    cfg = _config_or_none(u, A.shape[1], 0)
     if cfg is None:
         from wsi2dmamba.ops.reference import selective_scan_2d_reference
 
@@ -285,7 +300,7 @@ def selective_scan_2d_cupy(u, dt, A, B, C, D=None, z=None, dt_bias=None):
 
 def mamba2d_scan_cupy(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D=None):
     """The Mamba2D scan on the CUDA kernels (same contract as ``mamba2d_scan``)."""
-    cfg = _config_or_none(u, A_t.shape[1])
+    cfg = _config_or_none(u, A_t.shape[1], 1)
     if cfg is None:
         from wsi2dmamba.ops.reference import mamba2d_scan_reference
 

@@ -163,7 +163,10 @@ def load_pipeline(path: str | os.PathLike[str], *, out: str | os.PathLike[str] |
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not a valid TOML file ({exc})") from None
     for table, values in (overrides or {}).items():
-        data.setdefault(table, {}).update(values)
+        if not isinstance(data.setdefault(table, {}), dict):
+            raise ConfigError(f"{path}: [{table}] must be a table (e.g. '[{table}]' followed by 'key = value' "
+                              f"lines), not {type(data[table]).__name__} {data[table]!r}")
+        data[table].update(values)
     return pipeline_from_dict(data, path.resolve(), out=out)
 
 
