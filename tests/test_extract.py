@@ -225,3 +225,10 @@ def test_cli_errors_name_the_problem(tmp_path, cmu_slide, monkeypatch):
     result = CliRunner().invoke(app, args + ["--encoder", "resnet50-trunc"])
     assert isinstance(result.exception, WeightsError)
     assert "No weight file for encoder 'resnet50-trunc'" in str(result.exception)
+
+
+def test_small_slides_are_read_in_the_main_process():
+    from wsi2dmamba.features.loader import IN_PROCESS_TILES, default_workers
+
+    assert default_workers(IN_PROCESS_TILES - 1) == 0
+    assert default_workers(IN_PROCESS_TILES) >= 1 and default_workers() >= 1

@@ -52,7 +52,8 @@ class ExtractConfig(BaseModel):
             default on a GPU and fp32 on CPU.
         device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N`` (not hashed).
         batch_size: tiles per batch (not hashed).
-        workers: tile-reading processes; None = every core but one, at most 16; 0 reads in the
+        workers: tile-reading processes; None = every core but one, at most 16 (none for slides of
+            fewer than 256 tiles, where starting a process costs more than reading); 0 reads in the
             main process (not hashed).
         max_run_tiles: at most this many neighbouring tiles are read with one region read (not hashed).
         max_blank_fraction: a slide fails when more than this fraction of its tiles cannot be read.
@@ -189,7 +190,7 @@ def extract_features(tiles: TileGrid, slide, encoder: LoadedEncoder, config: Ext
     config = config or ExtractConfig(encoder=encoder.name)
     slide_path, mpp = _slide_identity(slide)
     plan = TileReadPlan.from_tiles(tiles, slide_path, mpp, config.max_run_tiles)
-    workers = default_workers() if config.workers is None else config.workers
+    workers = default_workers(tiles.n_tiles) if config.workers is None else config.workers
     on_gpu = encoder.device.type == "cuda"
     loader = make_loader(plan, batch_size=config.batch_size, workers=workers, pin_memory=on_gpu)
     n = tiles.n_tiles

@@ -162,8 +162,16 @@ def _resize(tile: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(tile), (side, side), interpolation=interp)
 
 
-def default_workers() -> int:
-    """Reader processes when none are asked for: every core but one, at most 16."""
+# Starting a reader process (a fresh interpreter importing torch) costs about as much as decoding a few
+# hundred tiles, so slides with fewer tiles than this are read in the main process.
+IN_PROCESS_TILES = 256
+
+
+def default_workers(n_tiles: int | None = None) -> int:
+    """Reader processes when none are asked for: every core but one, at most 16; none (read in the main
+    process) for a slide of fewer than :data:`IN_PROCESS_TILES` tiles."""
+    if n_tiles is not None and n_tiles < IN_PROCESS_TILES:
+        return 0
     return max(1, min(16, (os.cpu_count() or 2) - 1))
 
 
