@@ -1,13 +1,14 @@
 // Row-sweep CUDA kernels of the two 2D selective scans (docs/scans.md).
 //
-// One thread block per (batch, channel), or per band of its rows (2DMamba forward: scan2d_carry and
-// scan2d_fix then add the state carried into each band). Threads are laid out as (32*CW) x NGRP: thread (tx, ty)
+// One thread block per (batch, channel), or per band of its rows (optional 2DMamba forward: scan2d_carry
+// and scan2d_fix then add the state carried into each band). Threads are laid out as (32*CW) x NGRP: thread (tx, ty)
 // owns the K consecutive columns [tx*K, tx*K+K) of every row and the S states [ty*S, ty*S+S)
 // (NGRP*S == NS). The block sweeps the H rows top to bottom; each row is a 1D linear scan along the
 // columns (sequential within a thread, warp shuffles across a warp, shared memory across warps),
 // and the vertical carry of each column stays in registers. Hidden states never reach global
 // memory except one checkpoint row every R rows, from which the backward recomputes the states of
-// R rows into shared memory before sweeping them bottom to top.
+// R rows into shared memory before sweeping them bottom to top. The per-cell inputs of a row (u, the
+// steps, the gated output gradient) go once per block through shared memory, loaded a row step ahead.
 //
 // MODE 0: 2DMamba (horizontal scan, then vertical scan with the same decay, gate y*silu(z)).
 // MODE 1: Mamba2D (½ average of the left and upper terms inside the grid, plain scans on the

@@ -2,10 +2,11 @@
 
 The kernels (``kernels/scan2d.cu``, see its header) sweep the rows of each (batch, channel) grid in
 one thread block, keep the hidden states on chip and save one row of states every ``R`` rows for the
-backward, which recomputes the states of each segment of ``R`` rows. The 2DMamba forward also cuts
-the rows into bands scanned at once (``scan2d_fwd`` over a grid of bands, then ``scan2d_carry`` and
-``scan2d_fix``). Kernels get the tensors' device pointers and PyTorch's current stream directly (no
-copy, no DLPack view per call); compiled modules are cached per configuration.
+backward, which recomputes the states of each segment of ``R`` rows. The 2DMamba forward can also
+cut the rows into bands scanned at once (``scan2d_fwd`` over a grid of bands, then ``scan2d_carry``
+and ``scan2d_fix``; off by default, ``FWD_BAND_ROWS``). Kernels get the tensors' device pointers and
+PyTorch's current stream directly (no copy, no DLPack view per call); compiled modules are cached per
+configuration.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ STATES_PER_THREAD = 2
 BWD_STATES_PER_THREAD = {0: 4, 1: 1}
 # Rows per band of the 2DMamba forward without gradients, 0 for none (with gradients the bands are the
 # backward's segments when GRAD_BANDS, so that the carry pass leaves exactly the checkpoint rows the
-# backward reads; otherwise one band of all rows writes them directly).
+# backward reads; otherwise one band of all rows writes them directly). Off: at 196 x 196 on an H100
+# the carry and output-correction passes cost more than the bands' parallelism saved.
 FWD_BAND_ROWS = 0
 GRAD_BANDS = False
 # Extra NVRTC options (e.g. "-DPF_ROWS=4"), for benchmarking variants of the kernels.
