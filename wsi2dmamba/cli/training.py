@@ -59,7 +59,8 @@ def register(app: typer.Typer) -> None:
         accum_steps: Annotated[int, typer.Option("--accum-steps", help="Gradient accumulation steps.")] = 1,
         class_weighting: Annotated[bool, typer.Option("--class-weighting",
                                                       help="Inverse-frequency class weights.")] = False,
-        clip_grad: Annotated[float, typer.Option("--clip-grad", help="Max gradient norm (0 = off).")] = 1.0,
+        clip_grad: Annotated[Optional[float], typer.Option(
+            "--clip-grad", help="Max gradient norm (0 = off). Default: 1.0 for classification, off for survival.")] = None,
         select_on: Annotated[str, typer.Option("--select-on", help="Validation quantity choosing the 'best' "
                                                "checkpoint: loss, auc, balanced_accuracy, accuracy, f1, "
                                                "c_index.")] = "loss",
@@ -93,11 +94,11 @@ def register(app: typer.Typer) -> None:
 
         if cohort is None or features is None:
             raise ConfigError("train needs --cohort M.csv and --features RUN/features/<encoder>.")
+        clip = {} if clip_grad is None else {"clip_grad": clip_grad if clip_grad > 0 else None}
         config = _train_config(task=task, folds=folds, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                warmup_epochs=warmup_epochs, batch_size=batch_size, accum_steps=accum_steps,
-                               class_weighting=class_weighting, clip_grad=clip_grad if clip_grad > 0 else None,
-                               select_on=select_on, val_fraction=val_fraction, n_bins=n_bins, alpha=alpha,
-                               seed=seed, device=device, precision=precision)
+                               class_weighting=class_weighting, select_on=select_on, val_fraction=val_fraction,
+                               n_bins=n_bins, alpha=alpha, seed=seed, device=device, precision=precision, **clip)
         c = load_cohort(cohort, require_path=False, check_files=False)
         res = train_cohort(c, features, out, model, config, _overrides(set_), preset=preset, name=name,
                            splits=splits, folds_to_run=fold, force=force, progress=not quiet,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -38,7 +38,9 @@ class TrainConfig(BaseModel):
                                                   "optimiser step.")
     class_weighting: bool = Field(False, description="Weight the cross-entropy by inverse class frequency "
                                                      "of the training partition.")
-    clip_grad: Optional[float] = Field(1.0, gt=0.0, description="Max global gradient norm; None = no clipping.")
+    clip_grad: Optional[float] = Field(1.0, gt=0.0, description="Max global gradient norm per optimiser step; "
+                                       "None = no clipping. Default 1.0 for classification and none for survival "
+                                       "(see ``_survival_clips_nothing``).")
     select_on: str = Field("loss", description="Validation quantity that picks the 'best' checkpoint: loss "
                                                "(lower is better), or auc, balanced_accuracy, accuracy, f1 "
                                                "(classification), c_index (survival).")
@@ -48,6 +50,17 @@ class TrainConfig(BaseModel):
         "auto", description="Autocast precision on GPU; 'auto' = bf16 where supported, else fp16. CPU is fp32.")
     n_bins: int = Field(4, ge=2, description="Survival: number of discrete time bins (= hazards).")
     alpha: float = Field(0.0, ge=0.0, le=1.0, description="Survival NLL: weight of the uncensored-only term.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _survival_clips_nothing(cls, data: Any) -> Any:
+        # With one slide per step, each slide's gradient norm is several times any useful clip, so clipping
+        # gives every slide the same step length. Under the survival NLL an event's gradient is the large
+        # one, so clipping shrinks events more than censored slides and drives every hazard below its
+        # Kaplan–Meier level (the training loss rises). Survival therefore clips nothing unless asked.
+        if isinstance(data, dict) and "clip_grad" not in data and data.get("task") == "survival":
+            return {**data, "clip_grad": None}
+        return data
 
     @model_validator(mode="after")
     def _check_selector(self) -> TrainConfig:
