@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,6 +286,14 @@ def _config_or_none(u, n_state, mode):
     return None if fwd is None or bwd is None else (fwd, bwd)
 
 
+def _warn_reference(scan: str, u: torch.Tensor) -> None:
+    # Silent fallback would turn a wide grid into a sudden 10-100x slowdown and memory blow-up.
+    warnings.warn(f"{scan} scan: a grid of {u.shape[2]} x {u.shape[3]} cells has rows wider than the CUDA "
+                  "kernels' shared memory holds; running the PyTorch reference (much slower, and it stores "
+                  "every hidden state). Tile the slide at a coarser resolution to stay on the kernels.",
+                  RuntimeWarning, stacklevel=3)
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -295,6 +304,7 @@ def selective_scan_2d_cupy(u, dt, A, B, C, D=None, z=None, dt_bias=None):
     if cfg is None:
         from wsi2dmamba.ops.reference import selective_scan_2d_reference
 
+        _warn_reference("2DMamba", u)
         return selective_scan_2d_reference(u, dt, A, B, C, D, z, dt_bias)
     cfgs = (*cfg, _needs_grad(u, dt, A, B, C, D, z, dt_bias))
     return _Scan2d.apply(0, cfgs, u, dt, None, z, B, None, C, A, None, D, dt_bias)
@@ -306,6 +316,7 @@ def mamba2d_scan_cupy(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D=None):
     if cfg is None:
         from wsi2dmamba.ops.reference import mamba2d_scan_reference
 
+        _warn_reference("Mamba2D", u)
         return mamba2d_scan_reference(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D)
     cfgs = (*cfg, _needs_grad(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D))
     return _Scan2d.apply(1, cfgs, u, dt_t, dt_l, None, B_t, B_l, C, A_t, A_l, D, None)
