@@ -281,7 +281,9 @@ def test_recomputed_blocks_in_channel_groups_give_the_same_output_and_gradients(
 def test_blocks_are_recomputed_only_in_training_on_large_grids():
     from wsi2dmamba.models.mamba2d_mil import lean_groups
 
-    assert lean_groups("auto", None, 256, (1, 391, 391), training=True) == 3  # 150 MiB in 64 MiB groups
+    assert lean_groups("auto", None, 256, (1, 391, 391), training=True) == 2  # 150 MiB in 80 MiB groups
+    assert lean_groups("auto", None, 128, (1, 391, 391), training=True) == 2  # 75 MiB: still two groups
+    assert lean_groups("auto", None, 256, (1, 600, 600), training=True) == 5
     assert lean_groups("auto", None, 256, (1, 196, 196), training=True) is None
     assert lean_groups("auto", None, 256, (1, 391, 391), training=False) is None
     assert lean_groups("on", 4, 256, (1, 8, 8), training=True) == 4
