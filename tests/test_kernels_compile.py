@@ -22,8 +22,10 @@ def test_kernel_sources_ship_inside_the_package():
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("source", KERNELS, ids=lambda p: p.name)
 def test_compiles_to_ptx(source, tmp_path):
-    # one multi-warp layout (W > 256) and one single-warp layout with an odd state count
-    layouts = [launch_config(16, 40, 391, 2), launch_config(5, 9, 33, 1)]
+    # the multi-warp layouts of wide rows (W > 256: forward, backward) and one single-warp layout with an
+    # odd state count
+    layouts = [launch_config(16, 40, 391, 2), launch_config(16, 40, 391, 4, wide_cols_per_thread=4),
+               launch_config(5, 9, 33, 1)]
     for mode in (0, 1):
         for in_kind in (0, 1, 2):
             for cfg in layouts:

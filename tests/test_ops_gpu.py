@@ -13,7 +13,7 @@ pytestmark = [
     pytest.mark.skipif(not (torch.cuda.is_available() and cupy_available()), reason="needs a CUDA GPU and CuPy"),
 ]
 
-SHAPES = [(1, 1, 1), (2, 1, 9), (2, 7, 1), (1, 5, 13), (2, 33, 40), (1, 70, 45), (1, 12, 300)]
+SHAPES = [(1, 1, 1), (2, 1, 9), (2, 7, 1), (1, 5, 13), (2, 33, 40), (1, 70, 45), (1, 12, 300), (1, 9, 391)]
 
 
 def _inputs(kind, batch, E, N, H, W, dtype, seed):

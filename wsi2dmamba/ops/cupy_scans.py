@@ -35,6 +35,10 @@ FIXED_SCALE = 2.0**-32  # the kernels' int64 fixed point of dB and dC
 # most 256 columns (wider rows: 4): measured fastest at 196 x 196 on an H100 (docs/benchmarks.md).
 STATES_PER_THREAD = 2
 BWD_STATES_PER_THREAD = {0: 4, 1: 1}
+# Columns per thread of the backward on rows wider than 256 columns: 4 runs twice the warps of 8 per
+# block (16 instead of 8 at 391 columns, one block per SM) with the same segments; 2DMamba at 391 x 391,
+# E = 256 on an H100: forward+backward 23.9 -> 18.8 ms (docs/benchmarks.md, "2D scans").
+BWD_WIDE_COLS_PER_THREAD = 4
 # Rows per band of the 2DMamba forward without gradients, 0 for none (with gradients the bands are the
 # backward's segments when GRAD_BANDS, so that the carry pass leaves exactly the checkpoint rows the
 # backward reads; otherwise one band of all rows writes them directly). Off: at 196 x 196 on an H100
@@ -83,15 +87,18 @@ class LaunchConfig:
 @functools.lru_cache(maxsize=256)
 def launch_config(
     n_state: int, height: int, width: int, states_per_thread: int = STATES_PER_THREAD, smem_budget: int = BWD_SMEM_BUDGET,
-    mode: int = 1,
+    mode: int = 1, wide_cols_per_thread: int = 8,
 ) -> LaunchConfig | None:
-    """Pick the layout for a grid (``mode`` 0: 2DMamba, 1: Mamba2D); None when a row of states does not fit."""
+    """Pick the layout for a grid (``mode`` 0: 2DMamba, 1: Mamba2D); None when a row of states does not fit.
+
+    Rows of at most 256 columns take one warp per state group; wider rows take ``wide_cols_per_thread``
+    columns per thread and as many warps as that needs."""
     b_planes = 1 if mode == 0 else 2
     s = states_per_thread if n_state % states_per_thread == 0 else 1
     if width <= 256:
         k, cw = max(1, math.ceil(width / 32)), 1
     else:
-        k = 8
+        k = wide_cols_per_thread
         cw = math.ceil(width / (32 * k))
     while 32 * cw * (n_state // s) > 1024 and n_state % (2 * s) == 0:
         s *= 2
@@ -282,7 +289,7 @@ def _config_or_none(u, n_state, mode):
     if isinstance(s_bwd, dict):
         s_bwd = s_bwd[mode] if W <= 256 else 4
     fwd = launch_config(n_state, H, W, STATES_PER_THREAD, BWD_SMEM_BUDGET, mode)
-    bwd = launch_config(n_state, H, W, s_bwd, BWD_SMEM_BUDGET, mode)
+    bwd = launch_config(n_state, H, W, s_bwd, BWD_SMEM_BUDGET, mode, wide_cols_per_thread=BWD_WIDE_COLS_PER_THREAD)
     return None if fwd is None or bwd is None else (fwd, bwd)
 
 
