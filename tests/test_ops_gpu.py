@@ -163,3 +163,31 @@ def test_auto_backend_uses_kernels_on_cuda():
     x["u"].requires_grad_()
     y = selective_scan_2d(**x)
     assert y.grad_fn is not None and "Scan2d" in type(y.grad_fn).__name__
+
+
+@pytest.mark.parametrize("kind,W,grad", [("2dmamba", 896, True), ("mamba2d", 640, True),
+                                         ("2dmamba", 1500, False), ("mamba2d", 1500, False)])
+def test_widest_rows_run_on_the_kernels(kind, W, grad):
+    # the widest rows the backward's shared memory holds, and a wider one without gradients (the forward
+    # alone needs far less): the kernels, not the reference fallback, must run them
+    import warnings
+
+    x = _inputs(kind, 1, 4, 16, 3, W, torch.float32, seed=W)
+    dout = torch.randn(1, 4, 3, W, device="cuda")
+    x64 = {k: v.double() for k, v in x.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        if grad:
+            y, grads = _run(kind, x, "cupy", dout)
+        else:
+            fn = selective_scan_2d if kind == "2dmamba" else mamba2d_scan
+            with torch.no_grad():
+                y = fn(**x, backend="cupy")
+    if grad:
+        y_ref, grads_ref = _run(kind, x64, "torch", dout.double())
+        for name in grads_ref:
+            assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+    else:
+        with torch.no_grad():
+            y_ref = (selective_scan_2d if kind == "2dmamba" else mamba2d_scan)(**x64, backend="torch")
+    assert _rel(y, y_ref) <= 1e-5

@@ -87,12 +87,13 @@ class LaunchConfig:
 @functools.lru_cache(maxsize=256)
 def launch_config(
     n_state: int, height: int, width: int, states_per_thread: int = STATES_PER_THREAD, smem_budget: int = BWD_SMEM_BUDGET,
-    mode: int = 1, wide_cols_per_thread: int = 8,
+    mode: int = 1, wide_cols_per_thread: int = 8, backward: bool = True,
 ) -> LaunchConfig | None:
     """Pick the layout for a grid (``mode`` 0: 2DMamba, 1: Mamba2D); None when a row of states does not fit.
 
     Rows of at most 256 columns take one warp per state group; wider rows take ``wide_cols_per_thread``
-    columns per thread and as many warps as that needs."""
+    columns per thread and as many warps as that needs. With ``backward`` the segment length is chosen
+    and the backward's shared memory must fit; without, only the forward's."""
     b_planes = 1 if mode == 0 else 2
     s = states_per_thread if n_state % states_per_thread == 0 else 1
     if width <= 256:
@@ -105,6 +106,8 @@ def launch_config(
     if 32 * cw * (n_state // s) > 1024:
         return None
     cfg = LaunchConfig(n_state, s, k, cw, 1, b_planes)
+    if not backward:
+        return cfg if cfg.fwd_smem() <= SMEM_LIMIT else None
     row_bytes = 4 * n_state * width
     fixed = cfg.bwd_smem(width) - 2 * row_bytes
     rows = max(1, (smem_budget - fixed) // row_bytes - 1)
@@ -282,13 +285,16 @@ class _Scan2d(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _config_or_none(u, n_state, mode):
-    """(forward, backward) layouts, or None when the grid is beyond the kernels."""
+def _config_or_none(u, n_state, mode, need_grad=True):
+    """(forward, backward) layouts, or None when the grid is beyond the kernels. Without gradients the
+    backward's layout is not needed (its shared memory limits the row width far more than the forward's)."""
     _, _, H, W = u.shape
+    fwd = launch_config(n_state, H, W, STATES_PER_THREAD, BWD_SMEM_BUDGET, mode, backward=False)
+    if not need_grad:
+        return None if fwd is None else (fwd, fwd)
     s_bwd = BWD_STATES_PER_THREAD
     if isinstance(s_bwd, dict):
         s_bwd = s_bwd[mode] if W <= 256 else 4
-    fwd = launch_config(n_state, H, W, STATES_PER_THREAD, BWD_SMEM_BUDGET, mode)
     bwd = launch_config(n_state, H, W, s_bwd, BWD_SMEM_BUDGET, mode, wide_cols_per_thread=BWD_WIDE_COLS_PER_THREAD)
     return None if fwd is None or bwd is None else (fwd, bwd)
 
@@ -307,23 +313,25 @@ def _needs_grad(*tensors) -> bool:
 
 def selective_scan_2d_cupy(u, dt, A, B, C, D=None, z=None, dt_bias=None):
     """The 2DMamba scan on the CUDA kernels (same contract as ``selective_scan_2d``)."""
-    cfg = _config_or_none(u, A.shape[1], 0)
+    need_grad = _needs_grad(u, dt, A, B, C, D, z, dt_bias)
+    cfg = _config_or_none(u, A.shape[1], 0, need_grad)
     if cfg is None:
         from wsi2dmamba.ops.reference import selective_scan_2d_reference
 
         _warn_reference("2DMamba", u)
         return selective_scan_2d_reference(u, dt, A, B, C, D, z, dt_bias)
-    cfgs = (*cfg, _needs_grad(u, dt, A, B, C, D, z, dt_bias))
+    cfgs = (*cfg, need_grad)
     return _Scan2d.apply(0, cfgs, u, dt, None, z, B, None, C, A, None, D, dt_bias)
 
 
 def mamba2d_scan_cupy(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D=None):
     """The Mamba2D scan on the CUDA kernels (same contract as ``mamba2d_scan``)."""
-    cfg = _config_or_none(u, A_t.shape[1], 1)
+    need_grad = _needs_grad(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D)
+    cfg = _config_or_none(u, A_t.shape[1], 1, need_grad)
     if cfg is None:
         from wsi2dmamba.ops.reference import mamba2d_scan_reference
 
         _warn_reference("Mamba2D", u)
         return mamba2d_scan_reference(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D)
-    cfgs = (*cfg, _needs_grad(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D))
+    cfgs = (*cfg, need_grad)
     return _Scan2d.apply(1, cfgs, u, dt_t, dt_l, None, B_t, B_l, C, A_t, A_l, D, None)
