@@ -109,6 +109,17 @@ def assert_all_whole(run: Path) -> int:
     return len(files)
 
 
+def sigkill_group(proc: subprocess.Popen) -> bool:
+    """SIGKILL ``proc``'s process group and reap it; whether it was still running."""
+    alive = proc.poll() is None
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    return alive
+
+
 def kill_at_random_points(cmd: list[str], run: Path, full_seconds: float, rng: random.Random, counts,
                           kills: int = KILLS_PER_STAGE) -> int:
     """Start ``cmd`` and SIGKILL its whole process group, ``kills`` times: the first time as soon as a
@@ -125,13 +136,7 @@ def kill_at_random_points(cmd: list[str], run: Path, full_seconds: float, rng: r
                 time.sleep(0.002)
         else:
             time.sleep(rng.uniform(0.05, full_seconds))
-        alive = proc.poll() is None
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        if alive:
+        if sigkill_group(proc):
             hits += 1
             counts("faults")
         counts("files", assert_all_whole(run))
@@ -554,12 +559,7 @@ def test_killed_training_resumes_to_identical_files(tmp_path, counts):
             time.sleep(0.002)
 
     def kill(proc: subprocess.Popen) -> bool:
-        alive = proc.poll() is None
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        alive = sigkill_group(proc)
         if alive:
             counts("faults")
         counts("files", assert_train_files_whole(run))
