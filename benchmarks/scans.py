@@ -146,8 +146,8 @@ def main():
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--shapes", default="all", help="'all' or indices into the shape table, e.g. 2,5")
-    p.add_argument("--states-per-thread", type=int, default=cupy_scans.STATES_PER_THREAD)
-    p.add_argument("--bwd-states-per-thread", type=int, default=None, help="default: the per-mode rule")
+    p.add_argument("--states-per-thread", type=int, default=None, help="default: the per-width rule")
+    p.add_argument("--bwd-states-per-thread", type=int, default=None, help="default: the per-width rule")
     p.add_argument("--smem-budget-kib", type=int, default=cupy_scans.BWD_SMEM_BUDGET // 1024)
     p.add_argument("--fwd-band-rows", type=int, default=cupy_scans.FWD_BAND_ROWS, help="0: no bands")
     p.add_argument("--grad-bands", type=int, default=int(cupy_scans.GRAD_BANDS),
@@ -161,7 +161,8 @@ def main():
     cupy_scans.EXTRA_OPTIONS = tuple(f"-D{d}" for d in args.define)
     cupy_scans.FWD_BAND_ROWS = args.fwd_band_rows
     cupy_scans.GRAD_BANDS = bool(args.grad_bands)
-    cupy_scans.STATES_PER_THREAD = args.states_per_thread
+    if args.states_per_thread is not None:
+        cupy_scans.STATES_PER_THREAD = args.states_per_thread
     cupy_scans.BWD_SMEM_BUDGET = args.smem_budget_kib * 1024
     if args.bwd_states_per_thread is not None:
         cupy_scans.BWD_STATES_PER_THREAD = args.bwd_states_per_thread

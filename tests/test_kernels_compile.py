@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from wsi2dmamba.ops.cupy_scans import KERNEL_FILE, launch_config
 
@@ -39,3 +40,22 @@ def test_compiles_to_ptx(source, tmp_path):
                 assert ".entry scan2d_fwd" in ptx and ".entry scan2d_bwd" in ptx
                 # the banded 2DMamba forward's carry and output-correction passes
                 assert (".entry scan2d_carry" in ptx and ".entry scan2d_fix" in ptx) == (mode == 0)
+
+
+@pytest.mark.parametrize("mode,widest", [(0, 896), (1, 640)])
+def test_default_layouts_cover_every_width_up_to_the_documented_limit(mode, widest):
+    """The per-width rules pick a layout that fits the shared memory for every row width the docs
+    promise with gradients (docs/scans.md, "Widest rows"), and none beyond."""
+    from wsi2dmamba.ops import cupy_scans
+
+    u = torch.empty(1, 1, 64, 1)
+    for W in range(1, widest + 2):
+        cfg = cupy_scans._config_or_none(u.expand(1, 1, 64, W), 16, mode, need_grad=True)
+        if W <= widest:
+            assert cfg is not None, W
+            fwd, bwd = cfg
+            assert fwd.states_per_thread == cupy_scans.forward_states_per_thread(mode, W)
+            assert bwd.states_per_thread == cupy_scans.backward_states_per_thread(mode, W)
+            assert bwd.seg_rows >= 1
+        else:
+            assert cfg is None, W

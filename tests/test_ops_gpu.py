@@ -110,6 +110,20 @@ def test_other_thread_layouts_match_reference(monkeypatch, kind, fwd_states, bwd
 
 
 @pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
+@pytest.mark.parametrize("W", [64, 65, 160, 161, 224, 225, 256])
+def test_every_width_rule_matches_reference(kind, W):
+    """The default layouts change with the row width (cupy_scans.*_states_per_thread): each side of
+    every boundary of those rules, with gradients, against the reference."""
+    x = _inputs(kind, 1, 3, 16, 9, W, torch.float32, seed=W)
+    dout = torch.randn(1, 3, 9, W, device="cuda")
+    y, grads = _run(kind, x, "cupy", dout)
+    y_ref, grads_ref = _run(kind, {k: v.double() for k, v in x.items()}, "torch", dout.double())
+    assert _rel(y, y_ref) <= 1e-5
+    for name in grads_ref:
+        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_kernels_match_reference(kind, dtype):
     x = _inputs(kind, 2, 8, 16, 23, 37, dtype, seed=7)

@@ -31,10 +31,34 @@ MIN_SEG_ROWS = 4
 FIXED_SCALE = 2.0**-32  # the kernels' int64 fixed point of dB and dC
 # States per thread of the forward and the backward: fewer means more warps per block to hide the
 # latency of each row step, but more per-cell work repeated by each warp; the backward also needs
-# shared memory for its recomputed rows. Backward per mode (0: 2DMamba, 1: Mamba2D), for rows of at
-# most 256 columns (wider rows: 4): measured fastest at 196 x 196 on an H100 (docs/benchmarks.md).
-STATES_PER_THREAD = 2
-BWD_STATES_PER_THREAD = {0: 4, 1: 1}
+# shared memory for its recomputed rows. None: the per-width rules below; an int forces one layout
+# (tests and benchmarks).
+STATES_PER_THREAD: int | None = None
+BWD_STATES_PER_THREAD: int | None = None
+
+
+def forward_states_per_thread(mode: int, width: int) -> int:
+    """States per thread of the forward (``mode`` 0: 2DMamba, 1: Mamba2D) for rows of ``width`` columns.
+
+    Fastest of 1, 2 and 4 in a sweep on an H100 (E = 256 at 64-256 columns, batch 16 x E = 192 at 56;
+    docs/benchmarks.md, "2D scans"): rows of at most 64 columns give each thread only 2 columns, so
+    4 states keep the per-thread work up; Mamba2D rows wider than 224 columns also prefer 4."""
+    if width <= 64 or (mode == 1 and width > 224):
+        return 4
+    return 2
+
+
+def backward_states_per_thread(mode: int, width: int) -> int:
+    """States per thread of the backward, from the same sweep (rows wider than 256 columns: 4)."""
+    if width > 256:
+        return 4
+    if mode == 0:
+        if width <= 64 or width > 224:
+            return 4
+        return 2 if width <= 160 else 1
+    return 1 if 160 < width <= 224 else 2
+
+
 # Columns per thread of the backward on rows wider than 256 columns: 4 runs twice the warps of 8 per
 # block (16 instead of 8 at 391 columns, one block per SM) with the same segments; 2DMamba at 391 x 391,
 # E = 256 on an H100: forward+backward 23.9 -> 18.8 ms (docs/benchmarks.md, "2D scans").
@@ -86,7 +110,7 @@ class LaunchConfig:
 
 @functools.lru_cache(maxsize=256)
 def launch_config(
-    n_state: int, height: int, width: int, states_per_thread: int = STATES_PER_THREAD, smem_budget: int = BWD_SMEM_BUDGET,
+    n_state: int, height: int, width: int, states_per_thread: int = 2, smem_budget: int = BWD_SMEM_BUDGET,
     mode: int = 1, wide_cols_per_thread: int = 8, backward: bool = True,
 ) -> LaunchConfig | None:
     """Pick the layout for a grid (``mode`` 0: 2DMamba, 1: Mamba2D); None when a row of states does not fit.
@@ -289,12 +313,11 @@ def _config_or_none(u, n_state, mode, need_grad=True):
     """(forward, backward) layouts, or None when the grid is beyond the kernels. Without gradients the
     backward's layout is not needed (its shared memory limits the row width far more than the forward's)."""
     _, _, H, W = u.shape
-    fwd = launch_config(n_state, H, W, STATES_PER_THREAD, BWD_SMEM_BUDGET, mode, backward=False)
+    s_fwd = STATES_PER_THREAD or forward_states_per_thread(mode, W)
+    fwd = launch_config(n_state, H, W, s_fwd, BWD_SMEM_BUDGET, mode, backward=False)
     if not need_grad:
         return None if fwd is None else (fwd, fwd)
-    s_bwd = BWD_STATES_PER_THREAD
-    if isinstance(s_bwd, dict):
-        s_bwd = s_bwd[mode] if W <= 256 else 4
+    s_bwd = BWD_STATES_PER_THREAD or backward_states_per_thread(mode, W)
     bwd = launch_config(n_state, H, W, s_bwd, BWD_SMEM_BUDGET, mode, wide_cols_per_thread=BWD_WIDE_COLS_PER_THREAD)
     return None if fwd is None or bwd is None else (fwd, bwd)
 
