@@ -737,6 +737,14 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
 #endif
 #pragma unroll
             for (int k = 0; k < K; ++k) dy[k] = c0 + k < W ? cells_a[(ADJ_CELLS - 1) * ROWCAP + c0 + k] : 0.f;
+#if MODE == 0
+            // this row's decays; the adjoint's right-to-left decay at a column is the next column's
+            float a[S][K];
+#pragma unroll
+            for (int s = 0; s < S; ++s)
+#pragma unroll
+                for (int k = 0; k < K; ++k) a[s][k] = c0 + k < W ? ex2_(d1[k] * A1r[s]) : 1.f;
+#endif
             // adjoint scan along the row, right to left
             float dec[S][K], adj[S][K];
 #pragma unroll
@@ -749,8 +757,7 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                         adj[s][k] = ld(Cp, n * HW + row + col) * dy[k] + carry[s][k];
                         if (col + 1 < W) {
 #if MODE == 0
-                            const float dn = (k + 1 < K) ? d1[k + 1] : d1x;
-                            dec[s][k] = ex2_(dn * A1r[s]);
+                            dec[s][k] = (k + 1 < K) ? a[s][k + 1] : ex2_(d1x * A1r[s]);
 #else
                             const float dn = (k + 1 < K) ? d2[k + 1] : d2x;
                             dec[s][k] = w_left(i, col + 1) * ex2_(dn * A2r[s]);
@@ -774,24 +781,11 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
 #endif
             scan_rev(dec, adj, scan_sm, lane, warp);
 #if MODE == 0
-            // recompute the horizontal states g of this row: g[j-1] is the left input of the decay
-            float a[S][K], g[S][K], inc[S];
+            // the decay of the column left of this thread's first (for the horizontal state entering it)
+            float aprev[S];
+            const float dprev = c0 > 0 && c0 - 1 < W ? cells_a[ROWCAP + c0 - 1] : 0.f;
 #pragma unroll
-            for (int s = 0; s < S; ++s) {
-                const int n = ty * S + s;
-#pragma unroll
-                for (int k = 0; k < K; ++k) {
-                    const int col = c0 + k;
-                    if (col < W) {
-                        a[s][k] = ex2_(d1[k] * A1r[s]);
-                        g[s][k] = (d1[k] * uu[k]) * ld(B1p, n * HW + row + col);
-                    } else {
-                        a[s][k] = 1.f;
-                        g[s][k] = 0.f;
-                    }
-                }
-            }
-            scan_fwd(a, g, inc, scan_sm, lane, warp);
+            for (int s = 0; s < S; ++s) aprev[s] = ex2_(dprev * A1r[s]);
 #endif
             float acc0[K], acc1[K], acc2[K];  // MODE 0: d dt, du, y;  MODE 1: d dt_t, d dt_l, du
 #pragma unroll
@@ -808,7 +802,11 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                     const float hu = hup[n * W + col];
 #if MODE == 0
                     const float F = adj[s][k];
-                    const float gl = k > 0 ? g[s][k - 1] : inc[s];
+                    // the horizontal state g of the column to the left, from h = a * h_up + g of the stored rows
+                    // (no second scan along the row)
+                    const float gl = col > 0 ? fmaf(-(k > 0 ? a[s][k - 1] : aprev[s]), hup[n * W + col - 1],
+                                                    hcur[n * W + col - 1])
+                                             : 0.f;
                     const float Bv = ld(B1p, idx);
                     const float da = G[s][k] * hu + F * gl;
                     const float dav = da * a[s][k];
