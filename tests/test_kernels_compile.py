@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from wsi2dmamba.ops import cupy_scans
 from wsi2dmamba.ops.cupy_scans import KERNEL_FILE, launch_config
 
 KERNELS = sorted((Path(__file__).resolve().parent.parent / "kernels").glob("*.cu"))
@@ -46,8 +47,6 @@ def test_compiles_to_ptx(source, tmp_path):
 def test_default_layouts_cover_every_width_up_to_the_documented_limit(mode, widest):
     """The per-width rules pick a layout that fits the shared memory for every row width the docs
     promise with gradients (docs/scans.md, "Widest rows"), and none beyond."""
-    from wsi2dmamba.ops import cupy_scans
-
     u = torch.empty(1, 1, 64, 1)
     for W in range(1, widest + 2):
         cfg = cupy_scans._config_or_none(u.expand(1, 1, 64, W), 16, mode, need_grad=True)
