@@ -149,9 +149,9 @@ def main():
     p.add_argument("--states-per-thread", type=int, default=None, help="default: the per-width rule")
     p.add_argument("--bwd-states-per-thread", type=int, default=None, help="default: the per-width rule")
     p.add_argument("--smem-budget-kib", type=int, default=cupy_scans.BWD_SMEM_BUDGET // 1024)
-    p.add_argument("--fwd-band-rows", type=int, default=cupy_scans.FWD_BAND_ROWS, help="0: no bands")
-    p.add_argument("--grad-bands", type=int, default=int(cupy_scans.GRAD_BANDS),
-                   help="1: the 2DMamba forward with gradients runs bands of the backward's segments; 0: one band")
+    p.add_argument("--tiled-forward", choices=["rule", "always", "never"], default="rule",
+                   help="2DMamba forward on 32 x 32 tiles: by the width rule (rows wider than "
+                        f"{cupy_scans.TILED_FORWARD_ABOVE} columns), always, or never (the row sweep)")
     p.add_argument("--kinds", default="2dmamba,mamba2d")
     p.add_argument("--define", action="append", default=[], help="extra kernel macro NAME[=VALUE] (experiments)")
     p.add_argument("--profile", action="store_true",
@@ -159,8 +159,7 @@ def main():
                         "cudaProfilerStart/Stop (for ncu --profile-from-start off)")
     args = p.parse_args()
     cupy_scans.EXTRA_OPTIONS = tuple(f"-D{d}" for d in args.define)
-    cupy_scans.FWD_BAND_ROWS = args.fwd_band_rows
-    cupy_scans.GRAD_BANDS = bool(args.grad_bands)
+    cupy_scans.TILED_FORWARD = {"rule": None, "always": True, "never": False}[args.tiled_forward]
     if args.states_per_thread is not None:
         cupy_scans.STATES_PER_THREAD = args.states_per_thread
     cupy_scans.BWD_SMEM_BUDGET = args.smem_budget_kib * 1024

@@ -1,7 +1,7 @@
 // Row-sweep CUDA kernels of the two 2D selective scans (docs/scans.md).
 //
-// One thread block per (batch, channel), or per band of its rows (optional 2DMamba forward: scan2d_carry
-// and scan2d_fix then add the state carried into each band). Threads are laid out as (32*CW) x NGRP: thread (tx, ty)
+// Row sweep (scan2d_fwd, scan2d_bwd): one thread block per (batch, channel). Threads are laid out as
+// (32*CW) x NGRP: thread (tx, ty)
 // owns the K consecutive columns [tx*K, tx*K+K) of every row and the S states [ty*S, ty*S+S)
 // (NGRP*S == NS). The block sweeps the H rows top to bottom; each row is a 1D linear scan along the
 // columns (sequential within a thread, warp shuffles across a warp, shared memory across warps),
@@ -9,6 +9,9 @@
 // memory except one checkpoint row every R rows, from which the backward recomputes the states of
 // R rows into shared memory before sweeping them bottom to top. The per-cell inputs of a row (u, the
 // steps, the gated output gradient) go once per block through shared memory, loaded a row step ahead.
+//
+// Tiled forward (scan2d_tile_fwd, MODE 0 only): the 2DMamba forward of wide rows on 32 x 32 tiles; see
+// its own header below.
 //
 // MODE 0: 2DMamba (horizontal scan, then vertical scan with the same decay, gate y*silu(z)).
 // MODE 1: Mamba2D (½ average of the left and upper terms inside the grid, plain scans on the
@@ -79,9 +82,6 @@ __device__ __forceinline__ float sigmoidf_(float x) { return 1.f / (1.f + expf(-
 // softplus with PyTorch's threshold (identity above 20)
 __device__ __forceinline__ float softplusf_(float x) { return x > 20.f ? x : log1pf(expf(x)); }
 
-#ifndef FIX_ROWS
-#define FIX_ROWS 4  // rows per chunk of the output correction of the banded 2DMamba forward
-#endif
 #ifndef PF_ROWS
 #define PF_ROWS 8  // rows fetched ahead into L2 by the bulk prefetches below
 #endif
@@ -407,13 +407,10 @@ extern "C" __global__ void __launch_bounds__(NTX * NGRP)
 scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restrict__ dt2, const T* __restrict__ z,
            const T* __restrict__ B1, const T* __restrict__ B2, const T* __restrict__ C, const float* __restrict__ A1,
            const float* __restrict__ A2, const float* __restrict__ D, const float* __restrict__ dt_bias,
-           T* __restrict__ out, float* __restrict__ ckpt, float* __restrict__ dtsum, int H, int W, int E, int R,
-           int RB) {
+           T* __restrict__ out, float* __restrict__ ckpt, int H, int W, int E, int R) {
     extern __shared__ float smem[];
     const int be = blockIdx.x, b = be / E, e = be % E;
-    // band of rows [i0, i1) scanned from zero state (2DMamba only; Mamba2D runs one band of all rows)
-    const int band = blockIdx.y, nband = gridDim.y;
-    const int i0 = band * RB, i1 = min(H, i0 + RB);
+    const int i0 = 0, i1 = H;
     const int tx = threadIdx.x, ty = threadIdx.y, lane = tx & 31, warp = tx >> 5;
     const int c0 = tx * K;
     const long HW = (long)H * W;
@@ -441,9 +438,6 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
 #pragma unroll
         for (int k = 0; k < K; ++k) hv[s][k] = 0.f;
 
-    float dsum[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) dsum[k] = 0.f;
     const int tid = ty * NTX + tx;
     const T* zp = z ? z + (long)be * HW : nullptr;
     prefetch_rows(i0, min(i1, i0 + PF_ROWS), W, HW, tid, up, d1p, d2p, zp, nullptr, B1p, B2p, Cp);
@@ -459,8 +453,6 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
         float d1[K], du1[K], d2[K], du2[K];
         read_cells(W, c0, cells, d1, du1, d2, du2);
         forward_row(i, W, HW, c0, d1, du1, d2, du2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp);
-#pragma unroll
-        for (int k = 0; k < K; ++k) dsum[k] += d1[k];
         const long row = (long)i * W;
         float yp[K];
 #pragma unroll
@@ -504,101 +496,244 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
         }
         __syncthreads();
     }
+}
+
 #if MODE == 0
-    // the column sums of dt over the band: the band's vertical decay exp(A * sum dt) for the carry pass
-    if (band + 1 < nband && ty == 0) {
-        float* dp = dtsum + ((long)be * (nband - 1) + band) * W;
-#pragma unroll
-        for (int k = 0; k < K; ++k)
-            if (c0 + k < W) dp[c0 + k] = dsum[k];
-    }
+// ---------------------------------------------------------------------------------------------------
+// Tiled 2DMamba forward. The 2DMamba scan is separable: a 1D scan along every row (g), then a 1D scan
+// down every column of g (h), with the same decay. So a block can take the grid in 32 x 32 tiles and
+// run each pass with lanes along the direction that needs no communication: lanes over columns to
+// form x = dt*u*B, lanes over rows for the horizontal pass, lanes over columns for the vertical one,
+// each lane's scan sequential in registers, the tile handed between the layouts through shared memory.
+// There is no warp-shuffle scan and no per-row barrier; a warp works only on its own (channel, states)
+// slices of the tile, so its three passes need only __syncwarp, and the block meets twice per tile.
+// Every global load goes into registers a phase ahead of its use (loaded at their use, the same kernel
+// ran 3x slower): the next tile's B after the vertical pass, C before the horizontal pass, the next
+// tile's per-cell inputs before the vertical pass. Rows and columns past the grid cost a branch in
+// the passes that run along them; a partial tile still costs a full one in the passes across them,
+// which is why rows of 196 columns (7 tiles for 6.1 tiles of cells) run faster on scan2d_fwd.
+//
+// Block: TCH channels of one batch element (they share the loads of B and C through L1), NS/TS warps
+// per channel; warp (c, grp) owns the states [grp*TS, grp*TS + TS) of channel e0 + c. The carries
+// cross tiles in registers (horizontal: the tiles of a band of 32 rows go left to right) and in shared memory
+// (vertical: one row of states per channel). Checkpoint rows for the backward (every R rows) are
+// written exactly as by scan2d_fwd. On an H100, TCH = TS = 1 (16 warps, 128 registers, no spill) ran
+// fastest; 2 channels or 2 states per thread spill registers.
+#ifndef TCH
+#define TCH 1
 #endif
+#ifndef TS
+#define TS 1
+#endif
+#define TILE 32
+#define TP (TILE + 1)  // padded pitch: lanes over rows and lanes over columns both conflict-free
+#define TGRP (NS / TS)
+#define TTHREADS (32 * TCH * TGRP)
+#define TCELLS ((TCH * TILE * TILE + TTHREADS - 1) / TTHREADS)  // per-cell inputs per thread and tile
+
+struct TileCells {
+    float u[TCELLS], dt[TCELLS], z[TCELLS];
+};
+
+// Raw per-cell inputs of the tile at (i0, j0): thread tid takes cells q = tid + k * TTHREADS of the
+// [TCH][TILE][TILE] tile (the output pass uses the same cells, so it may overwrite their planes).
+__device__ __forceinline__ void tile_load_cells(int i0, int j0, int b, int e0, int E, int H, int W, const T* u,
+                                                const T* dt1, const T* z, int tid, TileCells& r) {
+#pragma unroll
+    for (int k = 0; k < TCELLS; ++k) {
+        const int q = tid + k * TTHREADS;
+        const int cc = q / (TILE * TILE), i = i0 + (q / TILE) % TILE, j = j0 + q % TILE;
+        if (q < TCH * TILE * TILE && e0 + cc < E && i < H && j < W) {
+            const long idx = ((long)b * E + e0 + cc) * H * W + (long)i * W + j;
+            r.u[k] = ld(u, idx);
+            r.dt[k] = ld(dt1, idx);
+            r.z[k] = z ? ld(z, idx) : 0.f;
+        } else {
+            r.u[k] = r.dt[k] = r.z[k] = 0.f;
+        }
+    }
 }
 
-#if MODE == 0
-// Carry pass of the banded 2DMamba forward: turn each band's last-row states, scanned from zero
-// state, into the true states, in place: h(end of band k) += exp(A * sum dt over band k) * h(end of
-// band k-1). One thread per (batch*channel, state, column); bands in order.
-extern "C" __global__ void scan2d_carry(float* __restrict__ ckpt, const float* __restrict__ dtsum,
-                                        const float* __restrict__ A1, int W, int E, int nband, long total) {
-    for (long t = (long)blockIdx.x * blockDim.x + threadIdx.x; t < total; t += (long)gridDim.x * blockDim.x) {
-        const int j = (int)(t % W);
-        const int n = (int)((t / W) % NS);
-        const long be = t / ((long)W * NS);
-        const float a = A1[(be % E) * NS + n] * LOG2E;
-        float carry = 0.f;
-        // the loads of 8 bands go out before the dependent chain uses them
-        for (int k0 = 0; k0 + 1 < nband; k0 += 8) {
-            float cv[8], dv[8];
+// Planes [4][TCH][TILE][TP]: softplus(dt + bias) * log2(e), softplus(dt + bias) * u, u, z. Cells out
+// of the grid get step 0: decay 1 and input 0, so carries pass through them unchanged.
+__device__ __forceinline__ void tile_store_cells(int i0, int j0, int e0, int E, int H, int W,
+                                                 const float* __restrict__ dt_bias, const TileCells& r, float* planes,
+                                                 int tid) {
 #pragma unroll
-            for (int r = 0; r < 8; ++r) {
-                const int k = k0 + r;
-                if (k + 1 < nband) {
-                    cv[r] = ckpt[((be * (nband - 1) + k) * NS + n) * W + j];
-                    dv[r] = dtsum[(be * (nband - 1) + k) * W + j];
-                }
+    for (int k = 0; k < TCELLS; ++k) {
+        const int q = tid + k * TTHREADS;
+        if (q >= TCH * TILE * TILE) break;
+        const int cc = q / (TILE * TILE), rr = (q / TILE) % TILE, j = q % TILE;
+        const bool in = e0 + cc < E && i0 + rr < H && j0 + j < W;
+        const float d = in ? softplusf_(r.dt[k] + (dt_bias ? dt_bias[e0 + cc] : 0.f)) : 0.f;
+        const int o = (cc * TILE + rr) * TP + j;
+        planes[o] = d * LOG2E;
+        planes[TCH * TILE * TP + o] = d * r.u[k];
+        planes[2 * TCH * TILE * TP + o] = r.u[k];
+        planes[3 * TCH * TILE * TP + o] = r.z[k];
+    }
+}
+
+// This lane's column j of B (or C) in the tile of rows [i0, i0 + TILE), TS states: issued together, used a
+// phase later. Columns past the grid read the last column instead: finite values that meet a zero input
+// there (B) or reach no output (C). 32-bit offsets within a state's plane.
+__device__ __forceinline__ void tile_load_column(const T* p, long HW, int i0, int j, int H, int W,
+                                                 float (&v)[TS][TILE]) {
+    const int rmax = min(TILE, H - i0) - 1;
+    const T* q = p + (long)i0 * W + min(j, W - 1);
+    if (rmax == TILE - 1) {  // a full band: no clamping
+#pragma unroll
+        for (int s = 0; s < TS; ++s) {
+            const T* qs = q + s * HW;
+#pragma unroll
+            for (int r = 0; r < TILE; ++r) {
+                v[s][r] = ld(qs, 0);
+                qs += W;
             }
+        }
+    } else {  // the last band: rows past the grid are not loaded (the passes stop at the last row)
 #pragma unroll
-            for (int r = 0; r < 8; ++r) {
-                const int k = k0 + r;
-                if (k + 1 < nband) {
-                    carry = cv[r] + ex2_(a * dv[r]) * carry;
-                    ckpt[((be * (nband - 1) + k) * NS + n) * W + j] = carry;
-                }
+        for (int s = 0; s < TS; ++s) {
+            const T* qs = q + s * HW;
+#pragma unroll
+            for (int r = 0; r < TILE; ++r) {
+                if (r > rmax) break;
+                v[s][r] = ld(qs, r * W);
             }
         }
     }
 }
 
-// Output correction of the banded 2DMamba forward: the state carried into band k (k >= 1) decays
-// down each column by exp(A * cumulative dt), so out[i, j] += silu(z) * sum_n C * exp(A * cum dt) * carry.
-// One thread per (batch*channel, band, column); the carries are the true states left by scan2d_carry.
-extern "C" __global__ void scan2d_fix(const T* __restrict__ dt1, const T* __restrict__ z, const T* __restrict__ C,
-                                      const float* __restrict__ A1, const float* __restrict__ dt_bias,
-                                      const float* __restrict__ ckpt, T* __restrict__ out, int H, int W, int E,
-                                      int RB) {
-    const int j = blockIdx.z * blockDim.x + threadIdx.x;
-    const int band = blockIdx.y + 1, nband = gridDim.y + 1;
-    const int be = blockIdx.x, b = be / E, e = be % E;
-    if (j >= W) return;
+extern "C" __global__ void __launch_bounds__(TTHREADS, TTHREADS <= 256 ? 2 : 1)
+scan2d_tile_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restrict__ z, const T* __restrict__ B1,
+                const T* __restrict__ C, const float* __restrict__ A1, const float* __restrict__ D,
+                const float* __restrict__ dt_bias, T* __restrict__ out, float* __restrict__ ckpt, int H, int W, int E,
+                int R) {
+    extern __shared__ float smem[];
+    float* G = smem;                           // [TCH][NS][TILE][TP]: x, then g, then per-group sums of C*h
+    float* planes = G + TCH * NS * TILE * TP;  // [4][TCH][TILE][TP], see tile_store_cells
+    float* hcar = planes + 4 * TCH * TILE * TP;  // [TCH][NS][W]: the states of the row above the band
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int c = warp / TGRP, grp = warp % TGRP;
+    const int eblocks = (E + TCH - 1) / TCH;
+    const int b = blockIdx.x / eblocks, e0 = (blockIdx.x % eblocks) * TCH, e = e0 + c;
+    const bool live = e < E;
     const long HW = (long)H * W;
-    const int i0 = band * RB, i1 = min(H, i0 + RB);
-    const float bias = dt_bias ? dt_bias[e] : 0.f;
-    float carry[NS], a[NS];
-    const float* cp = ckpt + ((long)be * (nband - 1) + band - 1) * NS * W + j;
+    const int nseg = (H + R - 1) / R;
+    float a2[TS];  // A; the step plane carries log2(e)
 #pragma unroll
-    for (int n = 0; n < NS; ++n) {
-        carry[n] = cp[n * W];
-        a[n] = A1[e * NS + n] * LOG2E;
-    }
-    const T* Cp = C + (long)b * NS * HW + j;
-    float cum = 0.f;
-    // rows in chunks of FIX_ROWS whose loads all go out before the arithmetic (the kernel is latency-bound)
-    for (int i = i0; i < i1; i += FIX_ROWS) {
-        float dv[FIX_ROWS], zv[FIX_ROWS], ov[FIX_ROWS], cv[FIX_ROWS][NS];
+    for (int s = 0; s < TS; ++s) a2[s] = live ? A1[e * NS + grp * TS + s] : 0.f;
+    float* Gc = G + (c * NS + grp * TS) * TILE * TP;  // this warp's TS slices
+    const float* dsp = planes + c * TILE * TP;
+    const float* dxu = planes + (TCH + c) * TILE * TP;
+    float* hc = hcar + (c * NS + grp * TS) * W;
+    for (int j = lane; j < W; j += 32)
 #pragma unroll
-        for (int r = 0; r < FIX_ROWS; ++r) {
-            if (i + r < i1) {
-                const long idx = (long)be * HW + (long)(i + r) * W + j;
-                dv[r] = ld(dt1, idx);
-                zv[r] = z ? ld(z, idx) : 0.f;
-                ov[r] = ld(out, idx);
+        for (int s = 0; s < TS; ++s) hc[s * W + j] = 0.f;
+    const T* Bp = B1 + ((long)b * NS + grp * TS) * HW;
+    const T* Cp = C + ((long)b * NS + grp * TS) * HW;
+    // (a channel past E computes on clamped inputs and writes nothing)
+    float* ck = ckpt + ((long)b * E + min(e, E - 1)) * (nseg - 1) * NS * W + (grp * TS) * W;
+    const int nchunk = (W + TILE - 1) / TILE, ntile = nchunk * ((H + TILE - 1) / TILE);
+
+    TileCells raw;
+    float g[TS], bv[TS][TILE], cv[TS][TILE];
+    tile_load_cells(0, 0, b, e0, E, H, W, u, dt1, z, tid, raw);
+    tile_store_cells(0, 0, e0, E, H, W, dt_bias, raw, planes, tid);
+    tile_load_column(Bp, HW, 0, lane, H, W, bv);
+    __syncthreads();
+    for (int t = 0; t < ntile; ++t) {
+        const int i0 = (t / nchunk) * TILE, j0 = (t % nchunk) * TILE;
+        const int tn = t + 1, i0n = (tn / nchunk) * TILE, j0n = (tn % nchunk) * TILE;
+        if (j0 == 0)
 #pragma unroll
-                for (int n = 0; n < NS; ++n) cv[r][n] = ld(Cp, n * HW + (long)(i + r) * W);
+            for (int s = 0; s < TS; ++s) g[s] = 0.f;
+        // x = dt * u * B, lanes over columns
+        const int rows = min(TILE, H - i0), cols = min(TILE, W - j0);
+#pragma unroll
+        for (int r = 0; r < TILE; ++r) {
+            if (r >= rows) break;  // rows past the grid: left stale, they reach no output
+            const float xu = dxu[r * TP + lane];
+#pragma unroll
+            for (int s = 0; s < TS; ++s) Gc[(s * TILE + r) * TP + lane] = xu * bv[s][r];
+        }
+        tile_load_column(Cp, HW, i0, j0 + lane, H, W, cv);
+        __syncwarp();
+        // horizontal pass, lanes over rows: g = a * g + x along the tile's columns
+#pragma unroll 8
+        for (int j = 0; j < cols; ++j) {  // columns past the grid: left as x, they reach no output
+            const float d = dsp[lane * TP + j];
+#pragma unroll
+            for (int s = 0; s < TS; ++s) {
+                float* p = Gc + (s * TILE + lane) * TP + j;
+                g[s] = ex2_(d * a2[s]) * g[s] + *p;
+                *p = g[s];
             }
         }
+        __syncwarp();
+        if (tn < ntile) tile_load_cells(i0n, j0n, b, e0, E, H, W, u, dt1, z, tid, raw);
+        // vertical pass, lanes over columns: h = a * h + g down the tile's rows; C * h summed over this
+        // warp's states replaces the slice of its first state
+        {
+            const int col = j0 + lane;
+            const bool colin = col < W;
+            float h[TS];
 #pragma unroll
-        for (int r = 0; r < FIX_ROWS; ++r) {
-            if (i + r < i1) {
-                const long idx = (long)be * HW + (long)(i + r) * W + j;
-                cum += softplusf_(dv[r] + bias);
-                float corr = 0.f;
+            for (int s = 0; s < TS; ++s) h[s] = colin ? hc[s * W + col] : 0.f;
+            // the next row whose states are a checkpoint, and where they go
+            int next_ck = (i0 / R + 1) * R - 1;
+            const bool ckw = live && colin;
+            float* ckp = ck + (long)(i0 / R) * NS * W + min(col, W - 1);
 #pragma unroll
-                for (int n = 0; n < NS; ++n) corr += cv[r][n] * ex2_(a[n] * cum) * carry[n];
-                if (z) corr *= zv[r] * sigmoidf_(zv[r]);
-                st(out, idx, ov[r] + corr);
+            for (int r = 0; r < TILE; ++r) {
+                if (r >= rows) break;
+                const float d = dsp[r * TP + lane];
+                float yp = 0.f;
+#pragma unroll
+                for (int s = 0; s < TS; ++s) {
+                    h[s] = ex2_(d * a2[s]) * h[s] + Gc[(s * TILE + r) * TP + lane];
+                    yp += cv[s][r] * h[s];
+                }
+                if (i0 + r == next_ck) {
+                    if (ckw && next_ck + 1 < H)
+#pragma unroll
+                        for (int s = 0; s < TS; ++s) ckp[s * W] = h[s];
+                    next_ck += R;
+                    ckp += NS * W;
+                }
+                Gc[r * TP + lane] = yp;
+            }
+            if (colin)
+#pragma unroll
+                for (int s = 0; s < TS; ++s) hc[s * W + col] = h[s];
+        }
+        // the next tile's B: its latency hides behind the barrier and the output pass
+        if (tn < ntile) tile_load_column(Bp, HW, i0n, j0n + lane, H, W, bv);
+        __syncthreads();
+        // outputs: the fixed-order sum over state groups, the skip term and the gate; then the next
+        // tile's per-cell inputs take the planes (each thread overwrites only the cells it just read)
+#pragma unroll
+        for (int k = 0; k < TCELLS; ++k) {
+            const int q = tid + k * TTHREADS;
+            if (q >= TCH * TILE * TILE) break;
+            const int cc = q / (TILE * TILE), r = (q / TILE) % TILE, j = q % TILE, ee = e0 + cc;
+            if (ee < E && i0 + r < H && j0 + j < W) {
+                float y = 0.f;
+#pragma unroll
+                for (int gg = 0; gg < TGRP; ++gg) y += G[((cc * NS + gg * TS) * TILE + r) * TP + j];
+                const int o = (cc * TILE + r) * TP + j;
+                if (D) y += D[ee] * planes[2 * TCH * TILE * TP + o];
+                if (z) {
+                    const float zz = planes[3 * TCH * TILE * TP + o];
+                    y *= zz * sigmoidf_(zz);
+                }
+                st(out, ((long)b * E + ee) * HW + (long)(i0 + r) * W + j0 + j, y);
             }
         }
+        if (tn < ntile) {
+            tile_store_cells(i0n, j0n, e0, E, H, W, dt_bias, raw, planes, tid);
+        }
+        __syncthreads();
     }
 }
 #endif

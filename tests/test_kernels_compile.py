@@ -39,8 +39,38 @@ def test_compiles_to_ptx(source, tmp_path):
                 assert proc.returncode == 0, proc.stderr
                 ptx = out.read_text()
                 assert ".entry scan2d_fwd" in ptx and ".entry scan2d_bwd" in ptx
-                # the banded 2DMamba forward's carry and output-correction passes
-                assert (".entry scan2d_carry" in ptx and ".entry scan2d_fix" in ptx) == (mode == 0)
+                # the tiled 2DMamba forward of wide rows
+                assert (".entry scan2d_tile_fwd" in ptx) == (mode == 0)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("in_kind", [0, 1, 2])
+@pytest.mark.parametrize("n_state,channels,states", [(16, 1, 1), (16, 2, 2), (5, 1, 1)])
+def test_tiled_forward_compiles_for_each_layout(tmp_path, in_kind, n_state, channels, states):
+    out = tmp_path / "tile.ptx"
+    macros = ["-DMODE=0", f"-DIN_KIND={in_kind}", f"-DNS={n_state}", "-DS=1", "-DK=1", "-DCW=1",
+              f"-DTCH={channels}", f"-DTS={states}"]
+    proc = subprocess.run([NVCC, "--ptx", "-arch=sm_90", "-std=c++17", *macros, str(KERNEL_FILE), "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert ".entry scan2d_tile_fwd" in out.read_text()
+
+
+def test_tiled_forward_takes_rows_wider_than_the_rule(monkeypatch):
+    """The tiled 2DMamba forward runs rows wider than TILED_FORWARD_ABOVE columns, with a block that fits
+    the shared memory up to the widest rows the backward holds, and never runs the narrower rows."""
+    assert cupy_scans.TILED_FORWARD is None
+    above = cupy_scans.TILED_FORWARD_ABOVE
+    assert cupy_scans.tile_layout(16, above) is None
+    for W in (above + 1, 391, 896):
+        layout = cupy_scans.tile_layout(16, W)
+        assert layout is not None and layout.threads == 512
+        assert layout.smem(W) <= cupy_scans.SMEM_LIMIT
+    monkeypatch.setattr(cupy_scans, "TILED_FORWARD", True)
+    assert cupy_scans.tile_layout(16, 1) is not None
+    assert cupy_scans.tile_layout(64, 300) is None  # more than 32 warps: the row sweep runs it
+    monkeypatch.setattr(cupy_scans, "TILED_FORWARD", False)
+    assert cupy_scans.tile_layout(16, 391) is None
 
 
 @pytest.mark.parametrize("mode,widest", [(0, 896), (1, 640)])

@@ -78,21 +78,34 @@ def test_forward_without_gradients_matches_reference(kind, batch, H, W, N):
     assert _rel(out, want) <= 1e-5
 
 
-@pytest.mark.parametrize("batch,H,W", [(2, 33, 40), (1, 12, 300), (1, 5, 13)])
-def test_banded_2dmamba_forward_matches_reference(monkeypatch, batch, H, W):
-    # bands of rows scanned at once from zero state, then the carry and output-correction passes
-    monkeypatch.setattr(cupy_scans, "FWD_BAND_ROWS", 3)
-    monkeypatch.setattr(cupy_scans, "GRAD_BANDS", True)
-    x = _inputs("2dmamba", batch, 6, 16, H, W, torch.float32, seed=H + W)
+@pytest.mark.parametrize("batch,H,W", SHAPES + [(1, 40, 225), (2, 64, 64), (1, 3, 33)])
+@pytest.mark.parametrize("N,E", [(16, 6), (5, 3)])
+def test_tiled_2dmamba_forward_matches_reference(monkeypatch, batch, H, W, N, E):
+    # the tiled forward on every shape class (it runs only rows wider than 224 columns by default), with and
+    # without gradients: its checkpoint rows feed the row-sweep backward
+    monkeypatch.setattr(cupy_scans, "TILED_FORWARD", True)
+    x = _inputs("2dmamba", batch, E, N, H, W, torch.float32, seed=H * 7 + W)
     x64 = {k: v.double() for k, v in x.items()}
     with torch.no_grad():
         assert _rel(selective_scan_2d(**x, backend="cupy"), selective_scan_2d(**x64, backend="torch")) <= 1e-5
-    dout = torch.randn(batch, 6, H, W, device="cuda")
+    dout = torch.randn(batch, E, H, W, device="cuda")
     y, grads = _run("2dmamba", x, "cupy", dout)
     y_ref, grads_ref = _run("2dmamba", x64, "torch", dout.double())
     assert _rel(y, y_ref) <= 1e-5
     for name in grads_ref:
         assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("W", [37, 260])
+def test_tiled_2dmamba_forward_half_inputs(monkeypatch, dtype, W):
+    monkeypatch.setattr(cupy_scans, "TILED_FORWARD", True)
+    x = _inputs("2dmamba", 2, 8, 16, 23, W, dtype, seed=W)
+    with torch.no_grad():
+        y = selective_scan_2d(**x, backend="cupy")
+        y_ref = selective_scan_2d(**{k: v.double() for k, v in x.items()}, backend="torch")
+    assert y.dtype == dtype
+    assert _rel(y, y_ref) <= (1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
 @pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])

@@ -2,11 +2,10 @@
 
 The kernels (``kernels/scan2d.cu``, see its header) sweep the rows of each (batch, channel) grid in
 one thread block, keep the hidden states on chip and save one row of states every ``R`` rows for the
-backward, which recomputes the states of each segment of ``R`` rows. The 2DMamba forward can also
-cut the rows into bands scanned at once (``scan2d_fwd`` over a grid of bands, then ``scan2d_carry``
-and ``scan2d_fix``; off by default, ``FWD_BAND_ROWS``). Kernels get the tensors' device pointers and
-PyTorch's current stream directly (no copy, no DLPack view per call); compiled modules are cached per
-configuration.
+backward, which recomputes the states of each segment of ``R`` rows. The 2DMamba forward of wide rows
+runs on 32 x 32 tiles instead (``scan2d_tile_fwd``; ``TILED_FORWARD_ABOVE``), writing the same
+checkpoint rows. Kernels get the tensors' device pointers and PyTorch's current stream directly (no
+copy, no DLPack view per call); compiled modules are cached per configuration.
 """
 
 from __future__ import annotations
@@ -63,12 +62,17 @@ def backward_states_per_thread(mode: int, width: int) -> int:
 # block (16 instead of 8 at 391 columns, one block per SM) with the same segments; 2DMamba at 391 x 391,
 # E = 256 on an H100: forward+backward 23.9 -> 18.8 ms (docs/benchmarks.md, "2D scans").
 BWD_WIDE_COLS_PER_THREAD = 4
-# Rows per band of the 2DMamba forward without gradients, 0 for none (with gradients the bands are the
-# backward's segments when GRAD_BANDS, so that the carry pass leaves exactly the checkpoint rows the
-# backward reads; otherwise one band of all rows writes them directly). Off: at 196 x 196 on an H100
-# the carry and output-correction passes cost more than the bands' parallelism saved.
-FWD_BAND_ROWS = 0
-GRAD_BANDS = False
+# The 2DMamba forward on 32 x 32 tiles (scan2d_tile_fwd) for rows wider than TILED_FORWARD_ABOVE
+# columns: at 240-512 columns it took 0.56-0.76x the time of the row sweep on an H100; up to 224 columns
+# the row sweep was as fast or faster but at some multiples of 32 (tiles 1.33x at 196, whose last tile
+# is mostly empty; benchmarks/tiled_forward.py, docs/benchmarks.md). TILED_FORWARD: None follows the
+# width rule, True / False force either kernel. TILE_CHANNELS, TILE_STATES: the block layout (TileLayout;
+# 1 x 1 ran fastest, wider layouts spill registers).
+TILED_FORWARD: bool | None = None
+TILED_FORWARD_ABOVE = 224
+TILE_CHANNELS = 1
+TILE_STATES = 1
+TILE = 32
 # Extra NVRTC options (e.g. "-DPF_ROWS=4"), for benchmarking variants of the kernels.
 EXTRA_OPTIONS: tuple[str, ...] = ()
 
@@ -146,8 +150,38 @@ def launch_config(
     return cfg
 
 
+@dataclass(frozen=True)
+class TileLayout:
+    """Block of the tiled 2DMamba forward: ``channels`` channels of one batch element, ``states`` states
+    per thread, one warp per (channel, group of ``states`` states)."""
+
+    n_state: int
+    channels: int
+    states: int
+
+    @property
+    def threads(self) -> int:
+        return 32 * self.channels * (self.n_state // self.states)
+
+    def smem(self, width: int) -> int:
+        # the tile of x / g / sums per (channel, state), four tiles of per-cell inputs per channel, and
+        # one row of vertical carries per (channel, state)
+        pitch = TILE * (TILE + 1)
+        return 4 * (self.channels * (self.n_state + 4) * pitch + self.channels * self.n_state * width)
+
+
+def tile_layout(n_state: int, width: int) -> TileLayout | None:
+    """The tiled forward's layout for rows of ``width`` columns, or None where the row sweep runs."""
+    if TILED_FORWARD is False or (TILED_FORWARD is None and width <= TILED_FORWARD_ABOVE):
+        return None
+    layout = TileLayout(n_state, TILE_CHANNELS, TILE_STATES if n_state % TILE_STATES == 0 else 1)
+    if layout.threads <= 1024 and layout.smem(width) <= SMEM_LIMIT:
+        return layout
+    return None
+
+
 def _kernels(mode: int, in_kind: int, cfg: LaunchConfig, device: int):
-    """(fwd, bwd[, carry, fix]) kernels for a layout; the segment length is a kernel argument, not a macro."""
+    """(fwd, bwd) kernels for a layout; the segment length is a kernel argument, not a macro."""
     return _compiled(mode, in_kind, cfg.n_state, cfg.states_per_thread, cfg.cols_per_thread, cfg.col_warps, device,
                      EXTRA_OPTIONS)
 
@@ -169,8 +203,21 @@ def _compiled(mode: int, in_kind: int, n_state: int, states: int, cols: int, col
     )
     with cupy.cuda.Device(device):
         module = cupy.RawModule(code=KERNEL_FILE.read_text(), options=options)
-        names = ["scan2d_fwd", "scan2d_bwd"] + (["scan2d_carry", "scan2d_fix"] if mode == 0 else [])
-        return tuple(_Kernel(module.get_function(n), device) for n in names)
+        return tuple(_Kernel(module.get_function(n), device) for n in ("scan2d_fwd", "scan2d_bwd"))
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_kernel(in_kind: int, layout: TileLayout, device: int, extra: tuple[str, ...] = ()):
+    """The tiled 2DMamba forward for an input dtype and block layout (the row-sweep macros are unused)."""
+    import cupy
+
+    options = (
+        "-DMODE=0", f"-DIN_KIND={in_kind}", f"-DNS={layout.n_state}", "-DS=1", "-DK=1", "-DCW=1",
+        f"-DTCH={layout.channels}", f"-DTS={layout.states}", "-std=c++17", *extra,
+    )
+    with cupy.cuda.Device(device):
+        module = cupy.RawModule(code=KERNEL_FILE.read_text(), options=options)
+        return _Kernel(module.get_function("scan2d_tile_fwd"), device)
 
 
 class _Kernel:
@@ -198,17 +245,12 @@ class _Kernel:
         holders = [
             ctypes.c_void_p(0) if a is None
             else ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
-            else ctypes.c_int64(a) if isinstance(a, _Long)
             else ctypes.c_int32(a)
             for a in args
         ]
         params = (ctypes.c_void_p * len(holders))(*[ctypes.addressof(h) for h in holders])
         grid = (tuple(grid) + (1, 1))[:3]
         cupy.cuda.driver.launchKernel(self.func, *grid, *block, smem, stream, ctypes.addressof(params), 0)
-
-
-class _Long(int):
-    """An int passed to a kernel as a 64-bit ``long``."""
 
 
 def _stream(device: torch.device) -> int:
@@ -237,32 +279,23 @@ class _Scan2d(torch.autograd.Function):
         act = [_prep(t, dtype) for t in (u, dt1, dt2, z, B1, B2, C)]
         par = [_prep(t, torch.float32) for t in (A1, A2, D, dt_bias)]
         batch, E, H, W = u.shape
-        # checkpoint rows every seg_rows rows (the backward's segments); without gradients only the
-        # 2DMamba bands need them. 2DMamba bands are the segments; Mamba2D runs one band of all rows.
-        if need_grad:
-            seg_rows = cfg.seg_rows
-            banded = mode == 0 and GRAD_BANDS
-        else:
-            seg_rows = FWD_BAND_ROWS if mode == 0 and FWD_BAND_ROWS > 0 else H
-            banded = mode == 0
-        seg_rows = min(seg_rows, H)
-        band_rows = seg_rows if banded else H
-        nseg, nband = math.ceil(H / seg_rows), math.ceil(H / band_rows)
+        # checkpoint rows every seg_rows rows (the backward's segments); none without gradients
+        seg_rows = min(cfg.seg_rows if need_grad else H, H)
+        nseg = math.ceil(H / seg_rows)
         dev = u.device
         out = torch.empty_like(act[0])
         ckpt = torch.empty((batch * E, nseg - 1, cfg.n_state, W), device=dev, dtype=torch.float32)
-        dtsum = torch.empty((batch * E, nband - 1, W), device=dev, dtype=torch.float32) if nband > 1 else None
-        kernels = _kernels(mode, IN_KIND[dtype], cfg_fwd, dev.index)
         stream = _stream(dev)
-        kernels[0]((batch * E, nband), cfg_fwd.block, [*act, *par, out, ckpt, dtsum, H, W, E, seg_rows, band_rows],
-                   cfg_fwd.fwd_smem(), stream)
-        if nband > 1:
-            total = batch * E * cfg.n_state * W
-            kernels[2]((min(math.ceil(total / 256), 1 << 20),), (256, 1, 1),
-                       [ckpt, dtsum, par[0], W, E, nband, _Long(total)], 0, stream)
-            tx = min(256, 32 * math.ceil(W / 32))
-            kernels[3]((batch * E, nband - 1, math.ceil(W / tx)), (tx, 1, 1),
-                       [act[1], act[3], act[6], par[0], par[3], ckpt, out, H, W, E, band_rows], 0, stream)
+        tiles = tile_layout(cfg.n_state, W) if mode == 0 else None
+        if tiles is not None:
+            u_, dt_, _, z_, B_, _, C_ = act
+            A_, _, D_, bias_ = par
+            kernel = _tile_kernel(IN_KIND[dtype], tiles, dev.index, EXTRA_OPTIONS)
+            kernel((batch * math.ceil(E / tiles.channels),), (tiles.threads, 1, 1),
+                   [u_, dt_, z_, B_, C_, A_, D_, bias_, out, ckpt, H, W, E, seg_rows], tiles.smem(W), stream)
+        else:
+            fwd = _kernels(mode, IN_KIND[dtype], cfg_fwd, dev.index)[0]
+            fwd((batch * E,), cfg_fwd.block, [*act, *par, out, ckpt, H, W, E, seg_rows], cfg_fwd.fwd_smem(), stream)
         ctx.mode, ctx.cfg = mode, cfg
         ctx.in_dtypes = [None if t is None else t.dtype for t in (u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias)]
         ctx.save_for_backward(*act, *par, ckpt)
