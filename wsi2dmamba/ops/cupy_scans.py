@@ -186,38 +186,28 @@ def _kernels(mode: int, in_kind: int, cfg: LaunchConfig, device: int):
                      EXTRA_OPTIONS)
 
 
+def _functions(macros: dict[str, int], names: tuple[str, ...], device: int, extra: tuple[str, ...]):
+    """Compile ``scan2d.cu`` with ``-Dname=value`` macros (and ``extra`` options) and wrap its ``names``."""
+    import cupy
+
+    options = (*(f"-D{k}={v}" for k, v in macros.items()), "-std=c++17", *extra)
+    with cupy.cuda.Device(device):
+        module = cupy.RawModule(code=KERNEL_FILE.read_text(), options=options)
+        return tuple(_Kernel(module.get_function(n), device) for n in names)
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(mode: int, in_kind: int, n_state: int, states: int, cols: int, col_warps: int, device: int,
               extra: tuple[str, ...] = ()):
-    import cupy
-
-    options = (
-        f"-DMODE={mode}",
-        f"-DIN_KIND={in_kind}",
-        f"-DNS={n_state}",
-        f"-DS={states}",
-        f"-DK={cols}",
-        f"-DCW={col_warps}",
-        "-std=c++17",
-        *extra,
-    )
-    with cupy.cuda.Device(device):
-        module = cupy.RawModule(code=KERNEL_FILE.read_text(), options=options)
-        return tuple(_Kernel(module.get_function(n), device) for n in ("scan2d_fwd", "scan2d_bwd"))
+    macros = dict(MODE=mode, IN_KIND=in_kind, NS=n_state, S=states, K=cols, CW=col_warps)
+    return _functions(macros, ("scan2d_fwd", "scan2d_bwd"), device, extra)
 
 
 @functools.lru_cache(maxsize=None)
 def _tile_kernel(in_kind: int, layout: TileLayout, device: int, extra: tuple[str, ...] = ()):
     """The tiled 2DMamba forward for an input dtype and block layout (the row-sweep macros are unused)."""
-    import cupy
-
-    options = (
-        "-DMODE=0", f"-DIN_KIND={in_kind}", f"-DNS={layout.n_state}", "-DS=1", "-DK=1", "-DCW=1",
-        f"-DTCH={layout.channels}", f"-DTS={layout.states}", "-std=c++17", *extra,
-    )
-    with cupy.cuda.Device(device):
-        module = cupy.RawModule(code=KERNEL_FILE.read_text(), options=options)
-        return _Kernel(module.get_function("scan2d_tile_fwd"), device)
+    macros = dict(MODE=0, IN_KIND=in_kind, NS=layout.n_state, S=1, K=1, CW=1, TCH=layout.channels, TS=layout.states)
+    return _functions(macros, ("scan2d_tile_fwd",), device, extra)[0]
 
 
 class _Kernel:
