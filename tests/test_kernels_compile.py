@@ -39,8 +39,9 @@ def test_compiles_to_ptx(source, tmp_path):
                 assert proc.returncode == 0, proc.stderr
                 ptx = out.read_text()
                 assert ".entry scan2d_fwd" in ptx and ".entry scan2d_bwd" in ptx
-                # the tiled 2DMamba forward of wide rows
+                # the tiled 2DMamba forward of wide rows and the tiled 2DMamba backward
                 assert (".entry scan2d_tile_fwd" in ptx) == (mode == 0)
+                assert (".entry scan2d_tile_bwd" in ptx) == (mode == 0)
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
@@ -73,18 +74,57 @@ def test_tiled_forward_takes_rows_wider_than_the_rule(monkeypatch):
     assert cupy_scans.tile_layout(16, 391) is None
 
 
-@pytest.mark.parametrize("mode,widest", [(0, 896), (1, 640)])
+@pytest.mark.parametrize("mode,widest", [(0, 8192), (1, 640)])
 def test_default_layouts_cover_every_width_up_to_the_documented_limit(mode, widest):
     """The per-width rules pick a layout that fits the shared memory for every row width the docs
-    promise with gradients (docs/scans.md, "Widest rows"), and none beyond."""
+    promise with gradients (docs/scans.md, "Widest rows"), and none beyond. The 2DMamba backward runs on
+    tiles, whose block does not depend on the width: its limit is the forward's."""
     u = torch.empty(1, 1, 64, 1)
-    for W in range(1, widest + 2):
+    widths = [*range(1, 1025), *range(widest - 64, widest + 2)] if widest > 1024 else range(1, widest + 2)
+    for W in widths:
         cfg = cupy_scans._config_or_none(u.expand(1, 1, 64, W), 16, mode, need_grad=True)
         if W <= widest:
             assert cfg is not None, W
             fwd, bwd = cfg
-            assert fwd.states_per_thread == cupy_scans.forward_states_per_thread(mode, W)
-            assert bwd.states_per_thread == cupy_scans.backward_states_per_thread(mode, W)
+            # rows beyond 1,024 columns may need more states per thread to keep the block at 1,024 threads
+            rule = cupy_scans.forward_states_per_thread(mode, W)
+            assert fwd.states_per_thread == rule if W <= 1024 else fwd.states_per_thread >= rule
+            if mode == 0:
+                assert bwd == cupy_scans.TileBackwardLayout(16, 2)
+            else:
+                assert bwd.states_per_thread == cupy_scans.backward_states_per_thread(mode, W)
             assert bwd.seg_rows >= 1
         else:
             assert cfg is None, W
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("in_kind", [0, 1, 2])
+@pytest.mark.parametrize("n_state,states", [(16, 2), (16, 4), (5, 1), (32, 2)])
+def test_tiled_backward_compiles_for_each_layout(tmp_path, in_kind, n_state, states):
+    out = tmp_path / "tile_bwd.ptx"
+    macros = ["-DMODE=0", f"-DIN_KIND={in_kind}", f"-DNS={n_state}", "-DS=1", "-DK=1", "-DCW=1", f"-DBTS={states}"]
+    proc = subprocess.run([NVCC, "--ptx", "-arch=sm_90", "-std=c++17", *macros, str(KERNEL_FILE), "-o", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert ".entry scan2d_tile_bwd" in out.read_text()
+
+
+def test_tiled_backward_layout_rule(monkeypatch):
+    """The tiled 2DMamba backward takes every state count whose block fits (two states per warp where N
+    is even), keeps a block of at most 1024 threads and the shared memory limit, and can be turned off."""
+    assert cupy_scans.TILED_BACKWARD is None
+    for n_state, states in [(16, 2), (32, 2), (6, 2), (5, 1), (1, 1)]:
+        layout = cupy_scans.tile_backward_layout(n_state, 196)
+        assert layout == cupy_scans.TileBackwardLayout(n_state, states)
+        assert layout.rows * states == 32 and layout.seg_rows == layout.rows
+        assert layout.threads <= 1024 and layout.smem() <= cupy_scans.SMEM_LIMIT
+    assert cupy_scans.tile_backward_layout(64, 196) is None  # 412 KiB of shared memory: the row sweep runs it
+    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_STATES", 1)
+    assert cupy_scans.tile_backward_layout(16, 196) is None  # 283 KiB
+    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_STATES", 4)
+    assert cupy_scans.tile_backward_layout(16, 196) == cupy_scans.TileBackwardLayout(16, 4)
+    monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", False)
+    assert cupy_scans.tile_backward_layout(16, 196) is None
+    u = torch.empty(1, 1, 64, 196)
+    assert isinstance(cupy_scans._config_or_none(u, 16, 0)[1], cupy_scans.LaunchConfig)

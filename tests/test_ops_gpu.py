@@ -48,10 +48,23 @@ def _rel(got, want):
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
+# the 2DMamba backward runs on tiles by default; "2dmamba-rows" forces the row-sweep backward
+KINDS = ["2dmamba", "2dmamba-rows", "mamba2d"]
+
+
+def _backward_of(monkeypatch, kind):
+    """The scan of a KINDS entry, with the row-sweep 2DMamba backward forced for "2dmamba-rows"."""
+    if kind == "2dmamba-rows":
+        monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", False)
+        return "2dmamba"
+    return kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch,H,W", SHAPES)
 @pytest.mark.parametrize("N", [16, 5])
-def test_fp32_kernels_match_reference(kind, batch, H, W, N):
+def test_fp32_kernels_match_reference(monkeypatch, kind, batch, H, W, N):
+    kind = _backward_of(monkeypatch, kind)
     x = _inputs(kind, batch, 6, N, H, W, torch.float32, seed=H * 1000 + W)
     dout = torch.randn(batch, 6, H, W, device="cuda")
     y, grads = _run(kind, x, "cupy", dout)
@@ -80,10 +93,12 @@ def test_forward_without_gradients_matches_reference(kind, batch, H, W, N):
 
 @pytest.mark.parametrize("batch,H,W", SHAPES + [(1, 40, 225), (2, 64, 64), (1, 3, 33)])
 @pytest.mark.parametrize("N,E", [(16, 6), (5, 3)])
-def test_tiled_2dmamba_forward_matches_reference(monkeypatch, batch, H, W, N, E):
+@pytest.mark.parametrize("tiled_backward", [True, False])
+def test_tiled_2dmamba_forward_matches_reference(monkeypatch, batch, H, W, N, E, tiled_backward):
     # the tiled forward on every shape class (it runs only rows wider than 224 columns by default), with and
-    # without gradients: its checkpoint rows feed the row-sweep backward
+    # without gradients: its checkpoint rows (and horizontal carries) feed either backward
     monkeypatch.setattr(cupy_scans, "TILED_FORWARD", True)
+    monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", tiled_backward)
     x = _inputs("2dmamba", batch, E, N, H, W, torch.float32, seed=H * 7 + W)
     x64 = {k: v.double() for k, v in x.items()}
     with torch.no_grad():
@@ -108,9 +123,42 @@ def test_tiled_2dmamba_forward_half_inputs(monkeypatch, dtype, W):
     assert _rel(y, y_ref) <= (1e-2 if dtype == torch.bfloat16 else 2e-3)
 
 
-@pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
+@pytest.mark.parametrize("batch,H,W", [(1, 1, 1), (1, 1, 40), (1, 40, 1), (2, 37, 70), (1, 16, 32), (2, 17, 33),
+                                     (1, 64, 225), (1, 5, 391)])
+@pytest.mark.parametrize("N,states", [(16, None), (16, 4), (5, None), (6, None), (32, None)])
+def test_tiled_2dmamba_backward_matches_reference(monkeypatch, batch, H, W, N, states):
+    # every tile boundary case (a single cell, one row, one column, partial tiles on both sides, exact
+    # tiles, several bands and chunks) and each block layout: 2 states per warp (16-row tiles), 4 (8-row
+    # tiles) and 1 for odd N (32-row tiles), over 1 to 16 warps
+    monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", True)
+    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_STATES", states)
+    x = _inputs("2dmamba", batch, 4, N, H, W, torch.float32, seed=H * 31 + W + N)
+    dout = torch.randn(batch, 4, H, W, device="cuda")
+    y, grads = _run("2dmamba", x, "cupy", dout)
+    y_ref, grads_ref = _run("2dmamba", {k: v.double() for k, v in x.items()}, "torch", dout.double())
+    assert _rel(y, y_ref) <= 1e-5
+    for name in grads_ref:
+        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+
+
+def test_tiled_2dmamba_backward_without_gate_or_skip(monkeypatch):
+    # z, D and dt_bias are optional: the tiled backward's ungated path and absent parameters
+    monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", True)
+    x = _inputs("2dmamba", 2, 4, 16, 21, 45, torch.float32, seed=11)
+    for key in ("z", "D", "dt_bias"):
+        x.pop(key)
+    dout = torch.randn(2, 4, 21, 45, device="cuda")
+    y, grads = _run("2dmamba", x, "cupy", dout)
+    y_ref, grads_ref = _run("2dmamba", {k: v.double() for k, v in x.items()}, "torch", dout.double())
+    assert _rel(y, y_ref) <= 1e-5
+    for name in grads_ref:
+        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("kind", ["2dmamba-rows", "mamba2d"])
 @pytest.mark.parametrize("fwd_states,bwd_states", [(4, 4), (1, 2), (2, 1)])
 def test_other_thread_layouts_match_reference(monkeypatch, kind, fwd_states, bwd_states):
+    kind = _backward_of(monkeypatch, kind)
     monkeypatch.setattr(cupy_scans, "STATES_PER_THREAD", fwd_states)
     monkeypatch.setattr(cupy_scans, "BWD_STATES_PER_THREAD", bwd_states)
     x = _inputs(kind, 2, 6, 16, 19, 40, torch.float32, seed=fwd_states * 10 + bwd_states)
@@ -122,11 +170,12 @@ def test_other_thread_layouts_match_reference(monkeypatch, kind, fwd_states, bwd
         assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
 
 
-@pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("W", [64, 65, 160, 161, 224, 225, 256])
-def test_every_width_rule_matches_reference(kind, W):
+def test_every_width_rule_matches_reference(monkeypatch, kind, W):
     """The default layouts change with the row width (cupy_scans.*_states_per_thread): each side of
     every boundary of those rules, with gradients, against the reference."""
+    kind = _backward_of(monkeypatch, kind)
     x = _inputs(kind, 1, 3, 16, 9, W, torch.float32, seed=W)
     dout = torch.randn(1, 3, 9, W, device="cuda")
     y, grads = _run(kind, x, "cupy", dout)
@@ -136,9 +185,10 @@ def test_every_width_rule_matches_reference(kind, W):
         assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
 
 
-@pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_kernels_match_reference(kind, dtype):
+def test_half_kernels_match_reference(monkeypatch, kind, dtype):
+    kind = _backward_of(monkeypatch, kind)
     x = _inputs(kind, 2, 8, 16, 23, 37, dtype, seed=7)
     dout = torch.randn(2, 8, 23, 37, device="cuda").to(dtype)
     y, grads = _run(kind, x, "cupy", dout)
@@ -151,8 +201,9 @@ def test_half_kernels_match_reference(kind, dtype):
         assert _rel(grads[name], grads_ref[name]) <= 2 * tol, name
 
 
-@pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
-def test_gradients_are_bitwise_deterministic(kind):
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_are_bitwise_deterministic(monkeypatch, kind):
+    kind = _backward_of(monkeypatch, kind)
     x = _inputs(kind, 2, 32, 16, 41, 53, torch.float32, seed=3)
     dout = torch.randn(2, 32, 41, 53, device="cuda")
     _, g1 = _run(kind, x, "cupy", dout)
@@ -161,8 +212,9 @@ def test_gradients_are_bitwise_deterministic(kind):
         assert torch.equal(g1[name], g2[name]), name
 
 
-@pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
-def test_no_memory_growth_over_many_calls(kind):
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_memory_growth_over_many_calls(monkeypatch, kind):
+    kind = _backward_of(monkeypatch, kind)
     x = _inputs(kind, 1, 16, 16, 20, 24, torch.float32, seed=5)
     dout = torch.randn(1, 16, 20, 24, device="cuda")
     _run(kind, x, "cupy", dout)
@@ -192,11 +244,12 @@ def test_auto_backend_uses_kernels_on_cuda():
     assert y.grad_fn is not None and "Scan2d" in type(y.grad_fn).__name__
 
 
-@pytest.mark.parametrize("kind,W,grad", [("2dmamba", 896, True), ("mamba2d", 640, True),
+@pytest.mark.parametrize("kind,W,grad", [("2dmamba", 2500, True), ("mamba2d", 640, True),
                                          ("2dmamba", 1500, False), ("mamba2d", 1500, False)])
 def test_widest_rows_run_on_the_kernels(kind, W, grad):
-    # the widest rows the backward's shared memory holds, and a wider one without gradients (the forward
-    # alone needs far less): the kernels, not the reference fallback, must run them
+    # the widest rows the Mamba2D backward's shared memory holds, a 2DMamba row past the tiled forward's
+    # limit (row-sweep forward, tiled backward), and wider ones without gradients: the kernels, not the
+    # reference fallback, must run them
     import warnings
 
     x = _inputs(kind, 1, 4, 16, 3, W, torch.float32, seed=W)

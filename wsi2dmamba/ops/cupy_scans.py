@@ -4,8 +4,10 @@ The kernels (``kernels/scan2d.cu``, see its header) sweep the rows of each (batc
 one thread block, keep the hidden states on chip and save one row of states every ``R`` rows for the
 backward, which recomputes the states of each segment of ``R`` rows. The 2DMamba forward of wide rows
 runs on 32 x 32 tiles instead (``scan2d_tile_fwd``; ``TILED_FORWARD_ABOVE``), writing the same
-checkpoint rows. Kernels get the tensors' device pointers and PyTorch's current stream directly (no
-copy, no DLPack view per call); compiled modules are cached per configuration.
+checkpoint rows. The 2DMamba backward runs on tiles of 16 x 32 cells (``scan2d_tile_bwd``), from the
+checkpoint rows and the horizontal states at every 32nd column, which both forwards save for it.
+Kernels get the tensors' device pointers and PyTorch's current stream directly (no copy, no DLPack view
+per call); compiled modules are cached per configuration.
 """
 
 from __future__ import annotations
@@ -73,6 +75,15 @@ TILED_FORWARD_ABOVE = 224
 TILE_CHANNELS = 1
 TILE_STATES = 1
 TILE = 32
+# The 2DMamba backward on tiles of 32 / TILE_BACKWARD_STATES rows x 32 columns (scan2d_tile_bwd), from
+# checkpoint rows and horizontal carries the forward saves. It replaced the row-sweep backward wherever
+# its block fits (any row width at N <= 32): on an H100 at E = 256, forward+backward 196^2 3.12 -> 1.90 ms,
+# 391^2 14.6 -> 8.0 ms, batch 16 x 56^2 4.3 -> 1.8 ms, with less memory; 64^2 (launch-bound) unchanged
+# (docs/benchmarks.md, "2D scans"). TILED_BACKWARD: None = wherever it fits, True / False force it on or
+# off (False: the row sweep). TILE_BACKWARD_STATES: states per thread (one warp per group of them; 2 ran
+# faster than 4, 1 does not fit the shared memory at N = 16); None: 2 where N is even, else 1.
+TILED_BACKWARD: bool | None = None
+TILE_BACKWARD_STATES: int | None = None
 # Extra NVRTC options (e.g. "-DPF_ROWS=4"), for benchmarking variants of the kernels.
 EXTRA_OPTIONS: tuple[str, ...] = ()
 
@@ -180,6 +191,45 @@ def tile_layout(n_state: int, width: int) -> TileLayout | None:
     return None
 
 
+@dataclass(frozen=True)
+class TileBackwardLayout:
+    """Block of the tiled 2DMamba backward: one (batch, channel), one warp per ``states`` states; tiles of
+    ``rows`` = 32 / ``states`` rows by 32 columns (a lane of the row passes is one (state, row))."""
+
+    n_state: int
+    states: int
+
+    @property
+    def rows(self) -> int:
+        return 32 // self.states
+
+    @property
+    def seg_rows(self) -> int:
+        """The forward's checkpoint interval: the states of the row above every tile."""
+        return self.rows
+
+    @property
+    def threads(self) -> int:
+        return 32 * (self.n_state // self.states)
+
+    def smem(self) -> int:
+        # two tiles per state (x/g, G/F), two per warp (its sums over states) and three of per-cell inputs
+        return 4 * (2 * self.n_state + 2 * (self.n_state // self.states) + 3) * self.rows * (TILE + 1)
+
+
+def tile_backward_layout(n_state: int, width: int) -> TileBackwardLayout | None:
+    """The tiled 2DMamba backward's layout, or None where the row-sweep backward runs."""
+    if TILED_BACKWARD is False:
+        return None
+    states = TILE_BACKWARD_STATES or (2 if n_state % 2 == 0 else 1)
+    if n_state % states or 32 % states:
+        return None
+    layout = TileBackwardLayout(n_state, states)
+    if layout.threads <= 1024 and layout.smem() <= SMEM_LIMIT:
+        return layout
+    return None
+
+
 def _kernels(mode: int, in_kind: int, cfg: LaunchConfig, device: int):
     """(fwd, bwd) kernels for a layout; the segment length is a kernel argument, not a macro."""
     return _compiled(mode, in_kind, cfg.n_state, cfg.states_per_thread, cfg.cols_per_thread, cfg.col_warps, device,
@@ -208,6 +258,13 @@ def _tile_kernel(in_kind: int, layout: TileLayout, device: int, extra: tuple[str
     """The tiled 2DMamba forward for an input dtype and block layout (the row-sweep macros are unused)."""
     macros = dict(MODE=0, IN_KIND=in_kind, NS=layout.n_state, S=1, K=1, CW=1, TCH=layout.channels, TS=layout.states)
     return _functions(macros, ("scan2d_tile_fwd",), device, extra)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _tile_backward_kernel(in_kind: int, layout: TileBackwardLayout, device: int, extra: tuple[str, ...] = ()):
+    """The tiled 2DMamba backward for an input dtype and block layout."""
+    macros = dict(MODE=0, IN_KIND=in_kind, NS=layout.n_state, S=1, K=1, CW=1, BTS=layout.states)
+    return _functions(macros, ("scan2d_tile_bwd",), device, extra)[0]
 
 
 class _Kernel:
@@ -275,6 +332,10 @@ class _Scan2d(torch.autograd.Function):
         dev = u.device
         out = torch.empty_like(act[0])
         ckpt = torch.empty((batch * E, nseg - 1, cfg.n_state, W), device=dev, dtype=torch.float32)
+        # the tiled backward also needs the horizontal states at the last column of every 32-column chunk
+        gck = None
+        if need_grad and isinstance(cfg, TileBackwardLayout):
+            gck = torch.empty((batch * E, math.ceil(W / TILE) - 1, cfg.n_state, H), device=dev, dtype=torch.float32)
         stream = _stream(dev)
         tiles = tile_layout(cfg.n_state, W) if mode == 0 else None
         if tiles is not None:
@@ -282,18 +343,19 @@ class _Scan2d(torch.autograd.Function):
             A_, _, D_, bias_ = par
             kernel = _tile_kernel(IN_KIND[dtype], tiles, dev.index, EXTRA_OPTIONS)
             kernel((batch * math.ceil(E / tiles.channels),), (tiles.threads, 1, 1),
-                   [u_, dt_, z_, B_, C_, A_, D_, bias_, out, ckpt, H, W, E, seg_rows], tiles.smem(W), stream)
+                   [u_, dt_, z_, B_, C_, A_, D_, bias_, out, ckpt, gck, H, W, E, seg_rows], tiles.smem(W), stream)
         else:
             fwd = _kernels(mode, IN_KIND[dtype], cfg_fwd, dev.index)[0]
-            fwd((batch * E,), cfg_fwd.block, [*act, *par, out, ckpt, H, W, E, seg_rows], cfg_fwd.fwd_smem(), stream)
+            fwd((batch * E,), cfg_fwd.block, [*act, *par, out, ckpt, gck, H, W, E, seg_rows], cfg_fwd.fwd_smem(),
+                stream)
         ctx.mode, ctx.cfg = mode, cfg
         ctx.in_dtypes = [None if t is None else t.dtype for t in (u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias)]
-        ctx.save_for_backward(*act, *par, ckpt)
+        ctx.save_for_backward(*act, *par, ckpt, gck)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias, ckpt = ctx.saved_tensors
+        u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias, ckpt, gck = ctx.saved_tensors
         mode, cfg = ctx.mode, ctx.cfg
         batch, E, H, W = u.shape
         dtype = u.dtype
@@ -311,10 +373,18 @@ class _Scan2d(torch.autograd.Function):
         dA1, dA2 = part(True), part(A2 is not None)
         dD = torch.empty((batch, E), device=u.device, dtype=torch.float32)
         dbias = torch.empty((batch, E), device=u.device, dtype=torch.float32)
-        bwd = _kernels(mode, IN_KIND[dtype], cfg, u.device.index)[1]
-        args = [u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias, grad_out, ckpt,
-                du, ddt1, ddt2, dz, dB1, dB2, dC, dA1, dA2, dD, dbias, H, W, E, min(cfg.seg_rows, H)]
-        bwd((batch * E,), cfg.block, args, cfg.bwd_smem(W), _stream(u.device))
+        if isinstance(cfg, TileBackwardLayout):
+            # the adjoint's vertical carries between bands of tiles, one row of states per (batch, channel)
+            gcar = torch.empty((batch * E, cfg.n_state, W), device=u.device, dtype=torch.float32)
+            bwd = _tile_backward_kernel(IN_KIND[dtype], cfg, u.device.index, EXTRA_OPTIONS)
+            args = [u, dt1, z, B1, C, A1, D, dt_bias, grad_out, ckpt, gck, gcar,
+                    du, ddt1, dz, dB1, dC, dA1, dD, dbias, H, W, E]
+            bwd((batch * E,), (cfg.threads, 1, 1), args, cfg.smem(), _stream(u.device))
+        else:
+            bwd = _kernels(mode, IN_KIND[dtype], cfg, u.device.index)[1]
+            args = [u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias, grad_out, ckpt,
+                    du, ddt1, ddt2, dz, dB1, dB2, dC, dA1, dA2, dD, dbias, H, W, E, min(cfg.seg_rows, H)]
+            bwd((batch * E,), cfg.block, args, cfg.bwd_smem(W), _stream(u.device))
         t = ctx.in_dtypes
         grads = [
             du.to(t[0]),
@@ -334,12 +404,18 @@ class _Scan2d(torch.autograd.Function):
 
 def _config_or_none(u, n_state, mode, need_grad=True):
     """(forward, backward) layouts, or None when the grid is beyond the kernels. Without gradients the
-    backward's layout is not needed (its shared memory limits the row width far more than the forward's)."""
+    backward's layout is not needed. The backward is a ``TileBackwardLayout`` (2DMamba, any width) or a
+    ``LaunchConfig`` of the row sweep (Mamba2D, whose shared memory limits the row width far more than the
+    forward's)."""
     _, _, H, W = u.shape
     s_fwd = STATES_PER_THREAD or forward_states_per_thread(mode, W)
     fwd = launch_config(n_state, H, W, s_fwd, BWD_SMEM_BUDGET, mode, backward=False)
     if not need_grad:
         return None if fwd is None else (fwd, fwd)
+    if mode == 0 and fwd is not None:
+        tiles = tile_backward_layout(n_state, W)
+        if tiles is not None:
+            return fwd, tiles
     s_bwd = BWD_STATES_PER_THREAD or backward_states_per_thread(mode, W)
     bwd = launch_config(n_state, H, W, s_bwd, BWD_SMEM_BUDGET, mode, wide_cols_per_thread=BWD_WIDE_COLS_PER_THREAD)
     return None if fwd is None or bwd is None else (fwd, bwd)
