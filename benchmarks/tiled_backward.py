@@ -1,7 +1,7 @@
 """The 2DMamba backward on tiles against the row-sweep backward, interleaved in one process.
 
-For each shape and dtype, forward+backward of the 2DMamba scan (``selective_scan_2d`` then
-``torch.autograd.grad`` into every input) runs 20 times queued back to back with the row-sweep backward,
+For each shape and dtype, forward+backward of the 2DMamba scan (the calls of ``benchmarks/scans.py``,
+gradients into every input) runs 20 times queued back to back with the row-sweep backward,
 then with the tiled one, then both again (rows, tiles, rows, tiles): alternating the two within one
 process keeps clock and cache drift out of the comparison. Prints the queued milliseconds per call.
 
@@ -13,21 +13,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from scans import make_inputs
+from scans import make_inputs, measure
 
-from wsi2dmamba.ops import cupy_scans, selective_scan_2d
-
-
-def queued_ms(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+from wsi2dmamba.ops import cupy_scans
 
 
 def main():
@@ -44,17 +32,11 @@ def main():
         for text in args.shapes:
             b, E, H, W = (int(v) for v in text.split("x"))
             x = make_inputs("2dmamba", b, E, H, W, dtype)
-            leaves = [v.requires_grad_() for v in x.values()]
             dout = torch.randn(b, E, H, W, device="cuda", dtype=dtype)
-
-            def step():
-                y = selective_scan_2d(**x, backend="cupy")
-                torch.autograd.grad(y, leaves, dout)
-
             times = []
             for tiled in (False, True, False, True):
                 cupy_scans.TILED_BACKWARD = tiled
-                times.append(queued_ms(step, args.reps))
+                times.append(measure("2dmamba", "cupy", x, dout, True, args.reps)[1])  # the queued ms
             cupy_scans.TILED_BACKWARD = None
             print(f"{dtype_name:9s} {str((b, E, H, W)):21s} " + " ".join(f"{t:7.3f}" for t in times), flush=True)
 

@@ -523,6 +523,24 @@ __device__ __forceinline__ void fixed_add(unsigned long long* p, float v) {
     atomicAdd(p, (unsigned long long)__float2ll_rn(v * FIXED_SCALE));
 }
 
+// The sums of a and c over the block's nthr threads, in thread order (bitwise the same on every run),
+// stored by thread t == 0. red: 2 * nthr floats of shared memory; every thread of the block must call it.
+__device__ __forceinline__ void block_sum_pair(float* red, int t, int nthr, float a, float c, float* out_a,
+                                               float* out_c) {
+    red[t] = a;
+    red[nthr + t] = c;
+    __syncthreads();
+    if (t == 0) {
+        float sa = 0.f, sc = 0.f;
+        for (int q = 0; q < nthr; ++q) {
+            sa += red[q];
+            sc += red[nthr + q];
+        }
+        *out_a = sa;
+        *out_c = sc;
+    }
+}
+
 #if MODE == 0
 // ---------------------------------------------------------------------------------------------------
 // Tiled 2DMamba forward. The 2DMamba scan is separable: a 1D scan along every row (g), then a 1D scan
@@ -1073,18 +1091,7 @@ scan2d_tile_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __r
         if (rs == s) colsum = dAc[s];
     if (rr == 0) dA1[(long)be * NS + n0 + rs] = (colsum + dAr) * (1.f / LOG2E);  // the sums were of d * log2(e)
     // dD and d dt_bias: block sums in a fixed order
-    s1[tid] = dDacc;
-    s1[BTHREADS + tid] = dbacc;
-    __syncthreads();
-    if (tid == 0) {
-        float a = 0.f, c = 0.f;
-        for (int q = 0; q < BTHREADS; ++q) {
-            a += s1[q];
-            c += s1[BTHREADS + q];
-        }
-        dD[be] = a;
-        dbias[be] = c;
-    }
+    block_sum_pair(s1, tid, BTHREADS, dDacc, dbacc, dD + be, dbias + be);
 }
 
 #endif
@@ -1397,17 +1404,5 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
         }
         __syncthreads();
     }
-    const int nthr = NTX * NGRP, t = ty * NTX + tx;
-    red[t] = dDacc;
-    red[nthr + t] = dbacc;
-    __syncthreads();
-    if (t == 0) {
-        float s1 = 0.f, s2 = 0.f;
-        for (int q = 0; q < nthr; ++q) {
-            s1 += red[q];
-            s2 += red[nthr + q];
-        }
-        dD[be] = s1;
-        dbias[be] = s2;
-    }
+    block_sum_pair(red, ty * NTX + tx, NTX * NGRP, dDacc, dbacc, dD + be, dbias + be);
 }

@@ -41,6 +41,17 @@ def _run(kind, x, backend, dout):
     return y.detach(), {k: v.grad for k, v in x.items()}
 
 
+def _assert_matches_reference(kind, x, dout):
+    """Output and every gradient of the kernels against the float64 reference (fp32 tolerances); returns
+    the kernels' output."""
+    y, grads = _run(kind, x, "cupy", dout)
+    y_ref, grads_ref = _run(kind, {k: v.double() for k, v in x.items()}, "torch", dout.double())
+    assert _rel(y, y_ref) <= 1e-5
+    for name in grads_ref:
+        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+    return y
+
+
 def _rel(got, want):
     if want is None:  # the reference graph does not reach it (e.g. A on a 1x1 grid): the gradient is zero
         return got.abs().max().item()
@@ -67,13 +78,7 @@ def test_fp32_kernels_match_reference(monkeypatch, kind, batch, H, W, N):
     kind = _backward_of(monkeypatch, kind)
     x = _inputs(kind, batch, 6, N, H, W, torch.float32, seed=H * 1000 + W)
     dout = torch.randn(batch, 6, H, W, device="cuda")
-    y, grads = _run(kind, x, "cupy", dout)
-    x64 = {k: v.double() for k, v in x.items()}
-    y_ref, grads_ref = _run(kind, x64, "torch", dout.double())
-    assert y.dtype == torch.float32
-    assert _rel(y, y_ref) <= 1e-5
-    for name in grads_ref:
-        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+    assert _assert_matches_reference(kind, x, dout).dtype == torch.float32
 
 
 @pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
@@ -104,11 +109,7 @@ def test_tiled_2dmamba_forward_matches_reference(monkeypatch, batch, H, W, N, E,
     with torch.no_grad():
         assert _rel(selective_scan_2d(**x, backend="cupy"), selective_scan_2d(**x64, backend="torch")) <= 1e-5
     dout = torch.randn(batch, E, H, W, device="cuda")
-    y, grads = _run("2dmamba", x, "cupy", dout)
-    y_ref, grads_ref = _run("2dmamba", x64, "torch", dout.double())
-    assert _rel(y, y_ref) <= 1e-5
-    for name in grads_ref:
-        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+    _assert_matches_reference("2dmamba", x, dout)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -134,11 +135,7 @@ def test_tiled_2dmamba_backward_matches_reference(monkeypatch, batch, H, W, N, s
     monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_STATES", states)
     x = _inputs("2dmamba", batch, 4, N, H, W, torch.float32, seed=H * 31 + W + N)
     dout = torch.randn(batch, 4, H, W, device="cuda")
-    y, grads = _run("2dmamba", x, "cupy", dout)
-    y_ref, grads_ref = _run("2dmamba", {k: v.double() for k, v in x.items()}, "torch", dout.double())
-    assert _rel(y, y_ref) <= 1e-5
-    for name in grads_ref:
-        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+    _assert_matches_reference("2dmamba", x, dout)
 
 
 def test_tiled_2dmamba_backward_without_gate_or_skip(monkeypatch):
@@ -148,11 +145,7 @@ def test_tiled_2dmamba_backward_without_gate_or_skip(monkeypatch):
     for key in ("z", "D", "dt_bias"):
         x.pop(key)
     dout = torch.randn(2, 4, 21, 45, device="cuda")
-    y, grads = _run("2dmamba", x, "cupy", dout)
-    y_ref, grads_ref = _run("2dmamba", {k: v.double() for k, v in x.items()}, "torch", dout.double())
-    assert _rel(y, y_ref) <= 1e-5
-    for name in grads_ref:
-        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+    _assert_matches_reference("2dmamba", x, dout)
 
 
 @pytest.mark.parametrize("kind", ["2dmamba-rows", "mamba2d"])
@@ -163,11 +156,7 @@ def test_other_thread_layouts_match_reference(monkeypatch, kind, fwd_states, bwd
     monkeypatch.setattr(cupy_scans, "BWD_STATES_PER_THREAD", bwd_states)
     x = _inputs(kind, 2, 6, 16, 19, 40, torch.float32, seed=fwd_states * 10 + bwd_states)
     dout = torch.randn(2, 6, 19, 40, device="cuda")
-    y, grads = _run(kind, x, "cupy", dout)
-    y_ref, grads_ref = _run(kind, {k: v.double() for k, v in x.items()}, "torch", dout.double())
-    assert _rel(y, y_ref) <= 1e-5
-    for name in grads_ref:
-        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+    _assert_matches_reference(kind, x, dout)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -178,11 +167,7 @@ def test_every_width_rule_matches_reference(monkeypatch, kind, W):
     kind = _backward_of(monkeypatch, kind)
     x = _inputs(kind, 1, 3, 16, 9, W, torch.float32, seed=W)
     dout = torch.randn(1, 3, 9, W, device="cuda")
-    y, grads = _run(kind, x, "cupy", dout)
-    y_ref, grads_ref = _run(kind, {k: v.double() for k, v in x.items()}, "torch", dout.double())
-    assert _rel(y, y_ref) <= 1e-5
-    for name in grads_ref:
-        assert _rel(grads[name], grads_ref[name]) <= 1e-4, name
+    _assert_matches_reference(kind, x, dout)
 
 
 @pytest.mark.parametrize("kind", KINDS)
