@@ -155,6 +155,8 @@ def main():
     p.add_argument("--tiled-backward", choices=["rule", "always", "never"], default="rule",
                    help="2DMamba backward on tiles (scan2d_tile_bwd): by its rule, always, or never (the row sweep)")
     p.add_argument("--tile-backward-states", type=int, default=None, help="states per thread of the tiled backward")
+    p.add_argument("--tile-backward-channels", type=int, default=None,
+                   help="channels per block of the tiled backward (default: 2 where they fit)")
     p.add_argument("--kinds", default="2dmamba,mamba2d")
     p.add_argument("--define", action="append", default=[], help="extra kernel macro NAME[=VALUE] (experiments)")
     p.add_argument("--profile", action="store_true",
@@ -165,6 +167,7 @@ def main():
     cupy_scans.TILED_FORWARD = {"rule": None, "always": True, "never": False}[args.tiled_forward]
     cupy_scans.TILED_BACKWARD = {"rule": None, "always": True, "never": False}[args.tiled_backward]
     cupy_scans.TILE_BACKWARD_STATES = args.tile_backward_states
+    cupy_scans.TILE_BACKWARD_CHANNELS = args.tile_backward_channels
     if args.states_per_thread is not None:
         cupy_scans.STATES_PER_THREAD = args.states_per_thread
     cupy_scans.BWD_SMEM_BUDGET = args.smem_budget_kib * 1024

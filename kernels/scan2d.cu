@@ -12,8 +12,8 @@
 //
 // Tiled forward (scan2d_tile_fwd, MODE 0 only): the 2DMamba forward of wide rows on 32 x 32 tiles.
 // Tiled backward (scan2d_tile_bwd, MODE 0 only): the 2DMamba backward on tiles of 32 / BTS rows x 32
-// columns, from the checkpoint rows and the horizontal states at every 32nd column (gck), which both
-// forwards write when given the pointers. See their own headers below.
+// columns, BCH channels per block, from the checkpoint rows and the horizontal states at every 32nd
+// column (gck), which both forwards write when given the pointers. See their own headers below.
 //
 // MODE 0: 2DMamba (horizontal scan, then vertical scan with the same decay, gate y*silu(z)).
 // MODE 1: Mamba2D (½ average of the left and upper terms inside the grid, plain scans on the
@@ -523,6 +523,17 @@ __device__ __forceinline__ void fixed_add(unsigned long long* p, float v) {
     atomicAdd(p, (unsigned long long)__float2ll_rn(v * FIXED_SCALE));
 }
 
+// fixed_add of a term already scaled by FIXED_SCALE. The tiled backward calls it on every lane, lanes past
+// the grid with a zero term (at a valid cell): without a branch around the atomic, the compiler can overlap
+// the conversions of several terms.
+__device__ __forceinline__ void fixed_add_scaled(unsigned long long* p, float scaled) {
+#ifdef NO_ATOMICS
+    if (scaled == 12345.f) atomicAdd(p, 1ull);
+    return;
+#endif
+    atomicAdd(p, (unsigned long long)__float2ll_rn(scaled));
+}
+
 // The sums of a and c over the block's nthr threads, in thread order (bitwise the same on every run),
 // stored by thread t == 0. red: 2 * nthr floats of shared memory; every thread of the block must call it.
 __device__ __forceinline__ void block_sum_pair(float* red, int t, int nthr, float a, float c, float* out_a,
@@ -647,6 +658,70 @@ __device__ __forceinline__ void load_column(const T* p, long HW, int i0, int j, 
     }
 }
 
+// The passes of both tiled kernels are functions with __restrict__ pointers, so that the compiler may issue
+// the next cells' shared-memory loads before this cell's stores (otherwise each step of a lane's scan waits
+// out a load's latency); the row passes also load their cells BGRP at a time.
+#define BGRP 8
+
+// g = a * g + x along one row of a tile (this lane's) of each of NC channels (DLS, PS: the channels' strides
+// in dl and p), in place, from the carries g (left in g). Whole groups of BGRP columns: cells past the grid
+// have decay 1 and x = 0, so they pass g through.
+template <int NC, int DLS, int PS>
+__device__ __forceinline__ void tile_scan_right(const float* __restrict__ dl, float* __restrict__ p, const float (&A)[NC],
+                                                float (&g)[NC], int cols) {
+    for (int j0 = 0; j0 < cols; j0 += BGRP) {
+        float d[NC][BGRP], x[NC][BGRP];
+#pragma unroll
+        for (int c = 0; c < NC; ++c)
+#pragma unroll
+            for (int k = 0; k < BGRP; ++k) {
+                d[c][k] = dl[c * DLS + j0 + k];
+                x[c][k] = p[c * PS + j0 + k];
+            }
+#pragma unroll
+        for (int k = 0; k < BGRP; ++k)
+#pragma unroll
+            for (int c = 0; c < NC; ++c) {
+                g[c] = ex2_(d[c][k] * A[c]) * g[c] + x[c][k];
+                x[c][k] = g[c];
+            }
+#pragma unroll
+        for (int c = 0; c < NC; ++c)
+#pragma unroll
+            for (int k = 0; k < BGRP; ++k) p[c * PS + j0 + k] = x[c][k];
+    }
+}
+
+// The tiled forward's vertical pass down one column of a tile (this lane's; ds, Gc: its cells in the step
+// plane and in this warp's slices): h = a * h + g from the carry h (left in h), C * h summed over the
+// warp's states into the slice of its first state, and the states of every R-th row (rows R - 1, 2R - 1,
+// ... of the grid, but the last) to the checkpoint rows at ckp (where ckw: a channel and column in the grid).
+__device__ __forceinline__ void tile_columns_down(const float* __restrict__ ds, float* __restrict__ Gc,
+                                                  float* __restrict__ ckp, const float (&cv)[TS][TILE],
+                                                  const float (&a2)[TS], float (&h)[TS], int i0, int rows, int R,
+                                                  int H, int W, bool ckw) {
+    int next_ck = (i0 / R + 1) * R - 1;  // the next row whose states are a checkpoint
+#pragma unroll
+    for (int r = 0; r < TILE; ++r) {
+        if (r >= rows) break;
+        const float d = ds[r * TP];
+        float yp = 0.f;
+#pragma unroll
+        for (int s = 0; s < TS; ++s) {
+            h[s] = ex2_(d * a2[s]) * h[s] + Gc[(s * TILE + r) * TP];
+            yp += cv[s][r] * h[s];
+        }
+        if (i0 + r == next_ck) {
+            if (ckw && next_ck + 1 < H)
+#pragma unroll
+                for (int s = 0; s < TS; ++s) ckp[s * W] = h[s];
+            next_ck += R;
+            ckp += NS * W;
+        }
+        Gc[r * TP] = yp;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(TTHREADS, TTHREADS <= 256 ? 2 : 1)
 scan2d_tile_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restrict__ z, const T* __restrict__ B1,
                 const T* __restrict__ C, const float* __restrict__ A1, const float* __restrict__ D,
@@ -703,15 +778,12 @@ scan2d_tile_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __r
         load_column<TS, TILE>(Cp, HW, i0, j0 + lane, H, W, cv);
         __syncwarp();
         // horizontal pass, lanes over rows: g = a * g + x along the tile's columns
-#pragma unroll 8
-        for (int j = 0; j < cols; ++j) {  // columns past the grid: left as x, they reach no output
-            const float d = dsp[lane * TP + j];
 #pragma unroll
-            for (int s = 0; s < TS; ++s) {
-                float* p = Gc + (s * TILE + lane) * TP + j;
-                g[s] = ex2_(d * a2[s]) * g[s] + *p;
-                *p = g[s];
-            }
+        for (int s = 0; s < TS; ++s) {
+            const float as[1] = {a2[s]};
+            float gs[1] = {g[s]};
+            tile_scan_right<1, 0, 0>(dsp + lane * TP, Gc + (s * TILE + lane) * TP, as, gs, cols);
+            g[s] = gs[0];
         }
         // the horizontal carries into the next chunk, for the tiled backward
         if (gck && live && j0 + TILE < W && i0 + lane < H) {
@@ -729,29 +801,8 @@ scan2d_tile_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __r
             float h[TS];
 #pragma unroll
             for (int s = 0; s < TS; ++s) h[s] = colin ? hc[s * W + col] : 0.f;
-            // the next row whose states are a checkpoint, and where they go
-            int next_ck = (i0 / R + 1) * R - 1;
-            const bool ckw = live && colin;
             float* ckp = ck + (long)(i0 / R) * NS * W + min(col, W - 1);
-#pragma unroll
-            for (int r = 0; r < TILE; ++r) {
-                if (r >= rows) break;
-                const float d = dsp[r * TP + lane];
-                float yp = 0.f;
-#pragma unroll
-                for (int s = 0; s < TS; ++s) {
-                    h[s] = ex2_(d * a2[s]) * h[s] + Gc[(s * TILE + r) * TP + lane];
-                    yp += cv[s][r] * h[s];
-                }
-                if (i0 + r == next_ck) {
-                    if (ckw && next_ck + 1 < H)
-#pragma unroll
-                        for (int s = 0; s < TS; ++s) ckp[s * W] = h[s];
-                    next_ck += R;
-                    ckp += NS * W;
-                }
-                Gc[r * TP + lane] = yp;
-            }
+            tile_columns_down(dsp + lane, Gc + lane, ckp, cv, a2, h, i0, rows, R, H, W, live && colin);
             if (colin)
 #pragma unroll
                 for (int s = 0; s < TS; ++s) hc[s * W + col] = h[s];
@@ -792,7 +843,7 @@ scan2d_tile_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __r
 // carries the forward saved (the states of the row above the tile, a checkpoint row every BTH rows, and
 // the horizontal states g left of the tile, gck), then runs the two adjoint scans from two carries of
 // its own (G from the tile below, in a row of global scratch, and F from the tile to the right, in
-// registers), sweeping the tiles bottom to top and right to left. Four passes, each with lanes along the
+// registers), sweeping the tiles bottom to top and right to left. Five passes, each with lanes along the
 // direction that needs no communication:
 //   X      lanes over columns   x = dt * u * B
 //   H1     lanes over rows      g = a * g + x, left to right
@@ -801,53 +852,81 @@ scan2d_tile_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __r
 //   final  lanes over columns   F * B and dB
 // then the block sums the per-cell terms over its warps (fixed order) and writes du, d dt and dz. dB, dC
 // are summed over channels with the fixed-point atomics of the row-sweep backward (consecutive lanes on
-// consecutive columns). Block: one (batch, channel), NS / BTS warps, warp w owning states
-// [w*BTS, w*BTS + BTS); a tile is BTH = 32 / BTS rows by 32 columns, so that a row-phase lane is one
-// (state, row) of its warp.
+// consecutive columns).
+//
+// Block: BCH channels of one batch element, NS / BTS warps, warp w owning the states [w*BTS, w*BTS + BTS)
+// of every channel of the block; a tile is BTH = 32 / BTS rows by 32 columns, so that a row-pass lane is
+// one (state, row) of its warp, for each channel. With BCH = 2 the two channels share every load of B and
+// C, and each dB / dC atomic adds the two channels' terms (in a fixed order): half the L2 traffic of one
+// channel per block, which is what bounds the kernel (Nsight Compute: L2 75-80 % busy at 196 x 196).
 #ifndef BTS
 #define BTS 2
+#endif
+#ifndef BCH
+#define BCH 1
 #endif
 #define BTH (32 / BTS)
 #define BWARPS (NS / BTS)
 #define BTHREADS (32 * BWARPS)
-#define BSL (BTH * TP)  // one tile slot
-#define BCELLS ((BTH * TILE + BTHREADS - 1) / BTHREADS)
+#define BSL (BTH * TP)         // one tile slot
+#define BCS (NS * BSL)         // one channel's slots of a per-state array
+#define BTC (BTH * TILE)       // cells of one channel's tile
+#define BCELLS ((BCH * BTC + BTHREADS - 1) / BTHREADS)
+
+// v[c] for a c known only at run time, without indexing a register array (which would go to local memory)
+__device__ __forceinline__ float pick(const float (&v)[BCH], int c) {
+    float r = v[0];
+#pragma unroll
+    for (int k = 1; k < BCH; ++k)
+        if (c == k) r = v[k];
+    return r;
+}
+
+__device__ __forceinline__ void add_at(float (&v)[BCH], int c, float x) {
+#pragma unroll
+    for (int k = 0; k < BCH; ++k)
+        if (c == k) v[k] += x;
+}
 
 struct BwdCells {
-    float u[BCELLS], x[BCELLS], z[BCELLS], g[BCELLS];  // x = dt + dt_bias, g: the output gradient
+    float u[BCELLS], dt[BCELLS], z[BCELLS], g[BCELLS];  // g: the output gradient
 };
 
-__device__ __forceinline__ void btile_load_cells(int i0, int j0, long base, int H, int W, const T* u, const T* dt1,
-                                                 const T* z, const T* go, float bias, int tid, BwdCells& r) {
+// The raw per-cell inputs of the tile at (i0, j0), cell q = tid + k * BTHREADS of the [BCH][BTH][TILE]
+// tile, loaded into registers a phase before their use (nothing here may consume them: a use would wait
+// for the load). base: the block's first channel; nlive: its channels inside E.
+__device__ __forceinline__ void btile_load_cells(int i0, int j0, long base, long HW, int nlive, int H, int W,
+                                                 const T* u, const T* dt1, const T* z, const T* go, int tid,
+                                                 BwdCells& r) {
 #pragma unroll
     for (int k = 0; k < BCELLS; ++k) {
-        const int q = tid + k * BTHREADS, i = i0 + q / TILE, j = j0 + q % TILE;
-        if (q < BTH * TILE && i < H && j < W) {
-            const long idx = base + (long)i * W + j;
+        const int q = tid + k * BTHREADS, c = q / BTC, i = i0 + (q % BTC) / TILE, j = j0 + q % TILE;
+        if (c < nlive && i < H && j < W) {
+            const long idx = base + c * HW + (long)i * W + j;
             r.u[k] = ld(u, idx);
-            r.x[k] = ld(dt1, idx) + bias;
+            r.dt[k] = ld(dt1, idx);
             r.z[k] = z ? ld(z, idx) : 0.f;
             r.g[k] = ld(go, idx);
         } else {
-            r.u[k] = r.x[k] = r.z[k] = r.g[k] = 0.f;
+            r.u[k] = r.dt[k] = r.z[k] = r.g[k] = 0.f;
         }
     }
 }
 
-// Planes [3][BSL]: softplus(dt + bias) * log2(e), softplus(dt + bias) * u, the gated output gradient.
-// Cells out of the grid get zeros: decay 1, no input, no gradient.
-__device__ __forceinline__ void btile_store_cells(int i0, int j0, int H, int W, bool gated, const BwdCells& r,
-                                                  float* planes, int tid) {
+// Planes [3][BCH][BSL]: softplus(dt + bias) * log2(e), softplus(dt + bias) * u, the gated output gradient.
+// Cells out of the grid (and channels past E) get zeros: decay 1, no input, no gradient.
+__device__ __forceinline__ void btile_store_cells(int i0, int j0, int nlive, int H, int W, const float (&bias)[BCH],
+                                                  bool gated, const BwdCells& r, float* planes, int tid) {
 #pragma unroll
     for (int k = 0; k < BCELLS; ++k) {
         const int q = tid + k * BTHREADS;
-        if (q >= BTH * TILE) break;
-        const int rr = q / TILE, j = q % TILE, o = rr * TP + j;
-        const bool in = i0 + rr < H && j0 + j < W;
-        const float d = in ? softplusf_(r.x[k]) : 0.f;
+        if (q >= BCH * BTC) break;
+        const int c = q / BTC, rr = (q % BTC) / TILE, j = q % TILE, o = c * BSL + rr * TP + j;
+        const bool in = c < nlive && i0 + rr < H && j0 + j < W;
+        const float d = in ? softplusf_(r.dt[k] + pick(bias, c)) : 0.f;
         planes[o] = d * LOG2E;
-        planes[BSL + o] = d * r.u[k];
-        planes[2 * BSL + o] = in ? (gated ? r.g[k] * r.z[k] * sigmoidf_(r.z[k]) : r.g[k]) : 0.f;
+        planes[BCH * BSL + o] = d * r.u[k];
+        planes[2 * BCH * BSL + o] = in ? (gated ? r.g[k] * r.z[k] * sigmoidf_(r.z[k]) : r.g[k]) : 0.f;
     }
 }
 
@@ -864,7 +943,171 @@ __device__ __forceinline__ float btile_load_left(const float* gkw, int tc, int r
     return tc > 0 && row < H ? gkw[(long)(tc - 1) * NS * H + row] : 0.f;
 }
 
-extern "C" __global__ void __launch_bounds__(BTHREADS, BTHREADS <= 256 ? 2 : 1)
+// The tiled backward's other passes, with __restrict__ pointers for the same reason as tile_scan_right.
+// Per-channel arrays are BSL (planes) or BCS (per-state slots) apart.
+
+// H2: F = G + a[j+1] * F[j+1] right to left along this lane's row of each channel, from the carry
+// Fp = a * F of the tile to the right (left in Fp for the tile to the left). G in p2 becomes F; g in p1
+// becomes A * Hq, with Hq = F * a * g_left (gl: g left of the tile) dL/da's horizontal part, whose sum of
+// Hq * d goes to dA. Cells past the grid have F = 0.
+__device__ __forceinline__ void btile_adjoint_left(const float* __restrict__ dl, float* __restrict__ p1,
+                                                   float* __restrict__ p2, const float (&A)[BCH],
+                                                   const float (&gl)[BCH], float (&Fp)[BCH], float (&dA)[BCH],
+                                                   int cols) {
+    for (int j1 = (cols + BGRP - 1) / BGRP * BGRP; j1 > 0; j1 -= BGRP) {
+        const int j0 = j1 - BGRP;
+        float d[BCH][BGRP], G[BCH][BGRP], gL[BCH][BGRP];
+#pragma unroll
+        for (int c = 0; c < BCH; ++c)
+#pragma unroll
+            for (int k = 0; k < BGRP; ++k) {
+                d[c][k] = dl[c * BSL + j0 + k];
+                G[c][k] = p2[c * BCS + j0 + k];
+                gL[c][k] = p1[c * BCS + max(j0 + k - 1, 0)];
+            }
+        if (j0 == 0)
+#pragma unroll
+            for (int c = 0; c < BCH; ++c) gL[c][0] = gl[c];
+#pragma unroll
+        for (int k = BGRP - 1; k >= 0; --k)
+#pragma unroll
+            for (int c = 0; c < BCH; ++c) {
+                const float a = ex2_(d[c][k] * A[c]), F = G[c][k] + Fp[c], Hq = F * a * gL[c][k];
+                dA[c] = fmaf(Hq, d[c][k], dA[c]);
+                gL[c][k] = A[c] * Hq;
+                G[c][k] = F;
+                Fp[c] = a * F;
+            }
+#pragma unroll
+        for (int c = 0; c < BCH; ++c)
+#pragma unroll
+            for (int k = 0; k < BGRP; ++k) {
+                p1[c * BCS + j0 + k] = gL[c][k];
+                p2[c * BCS + j0 + k] = G[c][k];
+            }
+    }
+}
+
+// X: x = dt * u * B into this warp's slots, lanes over columns.
+__device__ __forceinline__ void btile_inputs(const float* __restrict__ dup, float* __restrict__ s1w,
+                                             const float (&bv)[BTS][BTH], int rows, int lane) {
+#pragma unroll
+    for (int r = 0; r < BTH; ++r) {
+        if (r >= rows) break;
+#pragma unroll
+        for (int c = 0; c < BCH; ++c) {
+            const float xu = dup[c * BSL + r * TP + lane];
+#pragma unroll
+            for (int s = 0; s < BTS; ++s) s1w[c * BCS + s * BSL + r * TP + lane] = xu * bv[s][r];
+        }
+    }
+}
+
+// V, first half: G = c + a[i+1] * G[i+1] bottom to top down this lane's column (c = C * dy), from the carry
+// Gp = a * G of the tile below (left in Gp for the tile above), into this warp's G slots.
+__device__ __forceinline__ void btile_adjoint_up(const float* __restrict__ dlp, const float* __restrict__ dyp,
+                                                 float* __restrict__ s2w, const float (&cv)[BTS][BTH],
+                                                 const float (&Ac)[BCH][BTS], float (&Gp)[BCH][BTS], int rows,
+                                                 int lane) {
+#pragma unroll
+    for (int r = BTH - 1; r >= 0; --r) {
+        if (r >= rows) continue;
+#pragma unroll
+        for (int c = 0; c < BCH; ++c) {
+            const float dl = dlp[c * BSL + r * TP + lane], dy = dyp[c * BSL + r * TP + lane];
+#pragma unroll
+            for (int s = 0; s < BTS; ++s) {
+                const float G = fmaf(cv[s][r], dy, Gp[c][s]);
+                s2w[c * BCS + s * BSL + r * TP + lane] = G;
+                Gp[c][s] = ex2_(dl * Ac[c][s]) * G;
+            }
+        }
+    }
+}
+
+// V, second half: h = a * h + g top to bottom from the states above the tile; dL/da's vertical part
+// P = G * a * h_above into dA (as P * d) and this warp's sum of A * P (qww); the sum of C * h (yww);
+// dC += sum over channels of dy * h (dCt: this lane's cells of the tile's first row, per state; on: the
+// column is in the grid, otherwise the terms are zeros).
+__device__ __forceinline__ void btile_states_down(const float* __restrict__ dlp, const float* __restrict__ dyp,
+                                                  const float* __restrict__ s1w, const float* __restrict__ s2w,
+                                                  float* __restrict__ qww, float* __restrict__ yww,
+                                                  const float (&cv)[BTS][BTH], const float (&Ac)[BCH][BTS],
+                                                  const float (&htop)[BCH][BTS], float (&dAc)[BCH][BTS],
+                                                  unsigned long long* const (&dCt)[BTS], bool on, int W, int rows,
+                                                  int lane) {
+    float h[BCH][BTS];
+#pragma unroll
+    for (int c = 0; c < BCH; ++c)
+#pragma unroll
+        for (int s = 0; s < BTS; ++s) h[c][s] = htop[c][s];
+    int ro = 0;  // row r's offset from the tile's first row in a plane of dC
+#pragma unroll
+    for (int r = 0; r < BTH; ++r) {
+        if (r >= rows) break;
+        float term[BTS];
+#pragma unroll
+        for (int s = 0; s < BTS; ++s) term[s] = 0.f;
+#pragma unroll
+        for (int c = 0; c < BCH; ++c) {
+            const float dl = dlp[c * BSL + r * TP + lane], dys = on ? dyp[c * BSL + r * TP + lane] * FIXED_SCALE : 0.f;
+            float q = 0.f, y = 0.f;
+#pragma unroll
+            for (int s = 0; s < BTS; ++s) {
+                const int o = c * BCS + s * BSL + r * TP + lane;
+                const float ahup = ex2_(dl * Ac[c][s]) * h[c][s];
+                h[c][s] = ahup + s1w[o];
+                const float P = s2w[o] * ahup;
+                dAc[c][s] = fmaf(P, dl, dAc[c][s]);
+                q = fmaf(Ac[c][s], P, q);
+                y = fmaf(cv[s][r], h[c][s], y);
+                term[s] = fmaf(dys, h[c][s], term[s]);
+            }
+            qww[c * BSL + r * TP + lane] = q;
+            yww[c * BSL + r * TP + lane] = y;
+        }
+#pragma unroll
+        for (int s = 0; s < BTS; ++s) fixed_add_scaled(dCt[s] + ro, term[s]);
+        ro += W;
+    }
+}
+
+// The final column pass: this warp's sums of F * B (into its first G slot of each channel) and of
+// A * dL/da * a (qww, adding the horizontal parts left in s1w by H2); dB += sum over channels of F * dt * u.
+__device__ __forceinline__ void btile_finish_column(const float* __restrict__ dup, const float* __restrict__ s1w,
+                                                    float* __restrict__ s2w, float* __restrict__ qww,
+                                                    const float (&bv)[BTS][BTH],
+                                                    unsigned long long* const (&dBt)[BTS], bool on, int W, int rows,
+                                                    int lane) {
+    int ro = 0;
+#pragma unroll
+    for (int r = 0; r < BTH; ++r) {
+        if (r >= rows) break;
+        float term[BTS];
+#pragma unroll
+        for (int s = 0; s < BTS; ++s) term[s] = 0.f;
+#pragma unroll
+        for (int c = 0; c < BCH; ++c) {
+            const float xus = on ? dup[c * BSL + r * TP + lane] * FIXED_SCALE : 0.f;
+            float fb = 0.f, q = qww[c * BSL + r * TP + lane];
+#pragma unroll
+            for (int s = 0; s < BTS; ++s) {
+                const int o = c * BCS + s * BSL + r * TP + lane;
+                const float F = s2w[o];
+                fb = fmaf(F, bv[s][r], fb);
+                q += s1w[o];
+                term[s] = fmaf(F, xus, term[s]);
+            }
+            qww[c * BSL + r * TP + lane] = q;
+            s2w[c * BCS + r * TP + lane] = fb;
+        }
+#pragma unroll
+        for (int s = 0; s < BTS; ++s) fixed_add_scaled(dBt[s] + ro, term[s]);
+        ro += W;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(BTHREADS, BCH == 1 && BTHREADS <= 256 ? 2 : 1)
 scan2d_tile_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restrict__ z, const T* __restrict__ B1,
                 const T* __restrict__ C, const float* __restrict__ A1, const float* __restrict__ D,
                 const float* __restrict__ dt_bias, const T* __restrict__ dout, const float* __restrict__ ckpt,
@@ -872,53 +1115,70 @@ scan2d_tile_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __r
                 T* __restrict__ dz, unsigned long long* __restrict__ dB1, unsigned long long* __restrict__ dC,
                 float* __restrict__ dA1, float* __restrict__ dD, float* __restrict__ dbias, int H, int W, int E) {
     extern __shared__ float smem[];
-    float* s1 = smem;                   // [NS][BSL]: x, then g, then dL/da's horizontal part * A
-    float* s2 = s1 + NS * BSL;          // [NS][BSL]: G, then F; a warp's first slot then takes its sum of F * B
-    float* qw = s2 + NS * BSL;          // [BWARPS][BSL]: per-warp sums of A * dL/da * a
-    float* yw = qw + BWARPS * BSL;      // [BWARPS][BSL]: per-warp sums of C * h
-    float* planes = yw + BWARPS * BSL;  // [3][BSL], see btile_store_cells
+    float* s1 = smem;                         // [BCH][NS][BSL]: x, then g, then dL/da's horizontal part * A
+    float* s2 = s1 + BCH * BCS;               // [BCH][NS][BSL]: G, then F; a warp's first slot then its sum of F * B
+    float* qw = s2 + BCH * BCS;               // [BWARPS][BCH][BSL]: per-warp sums of A * dL/da * a
+    float* yw = qw + BWARPS * BCH * BSL;      // [BWARPS][BCH][BSL]: per-warp sums of C * h
+    float* planes = yw + BWARPS * BCH * BSL;  // [3][BCH][BSL], see btile_store_cells
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-    const int be = blockIdx.x, b = be / E, e = be % E;
+    const int eblocks = (E + BCH - 1) / BCH;
+    const int b = blockIdx.x / eblocks, e0 = (blockIdx.x % eblocks) * BCH, nlive = min(BCH, E - e0);
     const long HW = (long)H * W;
     const int n0 = w * BTS;
-    const int rs = lane / BTH, rr = lane % BTH;  // row phases: this lane's state n0 + rs and row rr
-    float Ac[BTS];  // A; the step plane carries log2(e)
-#pragma unroll
-    for (int s = 0; s < BTS; ++s) Ac[s] = A1[e * NS + n0 + s];
-    const float Ar = A1[e * NS + n0 + rs];
-    const float bias = dt_bias ? dt_bias[e] : 0.f;
-    const float Dv = D ? D[e] : 0.f;
+    const int rs = lane / BTH, rr = lane % BTH;  // row passes: this lane's state n0 + rs and row rr
     const int nchunk = (W + TILE - 1) / TILE, nband = (H + BTH - 1) / BTH, ntile = nchunk * nband;
+    // per channel (a channel past E reads the last one's parameters and carries, and writes nothing)
+    float Ac[BCH][BTS], Ar[BCH], bias[BCH], Dv[BCH];  // A: the step plane carries log2(e)
+    float* gcw[BCH];        // the adjoint's vertical carries, [BTS][W]
+    const float* ckw[BCH];  // checkpoint k: + k * NS * W
+    const float* gkw[BCH];  // chunk m: + m * NS * H
+#pragma unroll
+    for (int c = 0; c < BCH; ++c) {
+        const int e = min(e0 + c, E - 1);
+        const long be = (long)b * E + e;
+#pragma unroll
+        for (int s = 0; s < BTS; ++s) Ac[c][s] = A1[e * NS + n0 + s];
+        Ar[c] = A1[e * NS + n0 + rs];
+        bias[c] = dt_bias ? dt_bias[e] : 0.f;
+        Dv[c] = D ? D[e] : 0.f;
+        gcw[c] = gcar + (be * NS + n0) * W;
+        ckw[c] = ckpt + be * (nband - 1) * NS * W + n0 * W;
+        gkw[c] = gck + be * (nchunk - 1) * NS * H + (long)(n0 + rs) * H;
+    }
     const T* Bp = B1 + ((long)b * NS + n0) * HW;
     const T* Cp = C + ((long)b * NS + n0) * HW;
     unsigned long long* dBp = dB1 + ((long)b * NS + n0) * HW;
     unsigned long long* dCp = dC + ((long)b * NS + n0) * HW;
     float* s1w = s1 + n0 * BSL;
     float* s2w = s2 + n0 * BSL;
-    float* qww = qw + w * BSL;
-    float* yww = yw + w * BSL;
+    float* qww = qw + w * BCH * BSL;
+    float* yww = yw + w * BCH * BSL;
     const float* dlp = planes;
-    const float* dup = planes + BSL;
-    const float* dyp = planes + 2 * BSL;
-    float* gcw = gcar + ((long)be * NS + n0) * W;                        // [BTS][W]
-    const float* ckw = ckpt + (long)be * (nband - 1) * NS * W + n0 * W;  // checkpoint k: + k * NS * W
-    const float* gkw = gck + (long)be * (nchunk - 1) * NS * H + (long)(n0 + rs) * H;  // chunk m: + m * NS * H
-    const long base = (long)be * HW;
+    const float* dup = planes + BCH * BSL;
+    const float* dyp = planes + 2 * BCH * BSL;
+    const long base = ((long)b * E + e0) * HW;
     const bool gated = z != nullptr;
 
-    float dAc[BTS], dAr = 0.f, dDacc = 0.f, dbacc = 0.f, Fcar = 0.f, gl, htop[BTS];
+    float dAc[BCH][BTS], dAr[BCH], dDacc[BCH], dbacc[BCH], Fcar[BCH], gl[BCH], htop[BCH][BTS];
     float bv[BTS][BTH], cv[BTS][BTH];
 #pragma unroll
-    for (int s = 0; s < BTS; ++s) dAc[s] = 0.f;
+    for (int c = 0; c < BCH; ++c) {
+        dAr[c] = dDacc[c] = dbacc[c] = Fcar[c] = 0.f;
+#pragma unroll
+        for (int s = 0; s < BTS; ++s) dAc[c][s] = 0.f;
+    }
     BwdCells raw, cur;
     {
         const int t = ntile - 1, tb = t / nchunk, tc = t % nchunk, i0 = tb * BTH, j0 = tc * TILE;
-        btile_load_cells(i0, j0, base, H, W, u, dt1, z, dout, bias, tid, raw);
+        btile_load_cells(i0, j0, base, HW, nlive, H, W, u, dt1, z, dout, tid, raw);
         load_column<BTS, BTH>(Bp, HW, i0, j0 + lane, H, W, bv);
         load_column<BTS, BTH>(Cp, HW, i0, j0 + lane, H, W, cv);
-        btile_load_top(ckw, tb, j0 + lane, W, htop);
-        gl = btile_load_left(gkw, tc, i0 + rr, H);
-        btile_store_cells(i0, j0, H, W, gated, raw, planes, tid);
+#pragma unroll
+        for (int c = 0; c < BCH; ++c) {
+            btile_load_top(ckw[c], tb, j0 + lane, W, htop[c]);
+            gl[c] = btile_load_left(gkw[c], tc, i0 + rr, H);
+        }
+        btile_store_cells(i0, j0, nlive, H, W, bias, gated, raw, planes, tid);
         cur = raw;
     }
     __syncthreads();
@@ -928,151 +1188,98 @@ scan2d_tile_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __r
         const int rows = min(BTH, H - i0), cols = min(TILE, W - j0);
         const int col = j0 + lane;
         const bool colin = col < W;
-        if (tc == nchunk - 1) Fcar = 0.f;
+        // the adjoint's carry from the tile below, which this lane stored a band ago: loaded two passes
+        // before its use
+        float Gp[BCH][BTS];
+#pragma unroll
+        for (int c = 0; c < BCH; ++c) {
+            if (tc == nchunk - 1) Fcar[c] = 0.f;
+#pragma unroll
+            for (int s = 0; s < BTS; ++s) Gp[c][s] = tb < nband - 1 && colin && c < nlive ? gcw[c][s * W + col] : 0.f;
+        }
+        // this lane's dB and dC cells in the tile's first row, per state (32-bit offsets within a plane); a
+        // lane past the grid adds zeros a chunk to the left, so that a warp's atomics still cover 32
+        // consecutive cells (or, on grids narrower than 32 columns, to column 0)
+        unsigned long long *dBt[BTS], *dCt[BTS];
+        const int acol = colin ? col : max(col - TILE, 0);
+#pragma unroll
+        for (int s = 0; s < BTS; ++s) {
+            dBt[s] = dBp + s * HW + (i0 * W + acol);
+            dCt[s] = dCp + s * HW + (i0 * W + acol);
+        }
 
         // X, lanes over columns
-#pragma unroll
-        for (int r = 0; r < BTH; ++r) {
-            if (r >= rows) break;
-            const float xu = dup[r * TP + lane];
-#pragma unroll
-            for (int s = 0; s < BTS; ++s) s1w[s * BSL + r * TP + lane] = xu * bv[s][r];
-        }
+        btile_inputs(dup, s1w, bv, rows, lane);
         __syncwarp();
         // H1, lanes over rows: g, left to right from the forward's carry
         if (rr < rows) {
-            float g = gl;
-            float* p = s1w + rs * BSL + rr * TP;
-            const float* dl = dlp + rr * TP;
-#pragma unroll 8
-            for (int j = 0; j < cols; ++j) {
-                g = ex2_(dl[j] * Ar) * g + p[j];
-                p[j] = g;
-            }
+            float g[BCH];
+#pragma unroll
+            for (int c = 0; c < BCH; ++c) g[c] = gl[c];
+            tile_scan_right<BCH, BSL, BCS>(dlp + rr * TP, s1w + rs * BSL + rr * TP, Ar, g, cols);
         }
         __syncwarp();
-        if (tn >= 0) btile_load_cells(i0n, j0n, base, H, W, u, dt1, z, dout, bias, tid, raw);
-        // V, lanes over columns: G bottom to top (the carry is a[i+1] * G[i+1] of the tile below)
-        {
-            float Gp[BTS];
+        if (tn >= 0) btile_load_cells(i0n, j0n, base, HW, nlive, H, W, u, dt1, z, dout, tid, raw);
+        // V, lanes over columns: G bottom to top (the carry is a[i+1] * G[i+1] of the tile below), then h
+        // top to bottom from the checkpoint row
+        btile_adjoint_up(dlp, dyp, s2w, cv, Ac, Gp, rows, lane);
+        if (tb > 0 && colin)
 #pragma unroll
-            for (int s = 0; s < BTS; ++s) Gp[s] = tb < nband - 1 && colin ? gcw[s * W + col] : 0.f;
+            for (int c = 0; c < BCH; ++c)
+                if (c < nlive)
 #pragma unroll
-            for (int r = BTH - 1; r >= 0; --r) {
-                if (r >= rows) continue;
-                const float dl = dlp[r * TP + lane], dy = dyp[r * TP + lane];
-#pragma unroll
-                for (int s = 0; s < BTS; ++s) {
-                    const float G = fmaf(cv[s][r], dy, Gp[s]);
-                    s2w[s * BSL + r * TP + lane] = G;
-                    Gp[s] = ex2_(dl * Ac[s]) * G;
-                }
-            }
-            if (tb > 0 && colin)
-#pragma unroll
-                for (int s = 0; s < BTS; ++s) gcw[s * W + col] = Gp[s];
-        }
-        // then h top to bottom from the checkpoint row: dL/da's vertical part G * a * h_above, C * h, dC
-        {
-            float h[BTS];
-#pragma unroll
-            for (int s = 0; s < BTS; ++s) h[s] = htop[s];
-#pragma unroll
-            for (int r = 0; r < BTH; ++r) {
-                if (r >= rows) break;
-                const float dl = dlp[r * TP + lane], dy = dyp[r * TP + lane];
-                float q = 0.f, y = 0.f;
-#pragma unroll
-                for (int s = 0; s < BTS; ++s) {
-                    const float ahup = ex2_(dl * Ac[s]) * h[s];
-                    h[s] = ahup + s1w[s * BSL + r * TP + lane];
-                    const float P = s2w[s * BSL + r * TP + lane] * ahup;
-                    dAc[s] = fmaf(P, dl, dAc[s]);
-                    q = fmaf(Ac[s], P, q);
-                    y = fmaf(cv[s][r], h[s], y);
-                    if (colin) fixed_add(dCp + s * HW + (long)(i0 + r) * W + col, dy * h[s]);
-                }
-                qww[r * TP + lane] = q;
-                yww[r * TP + lane] = y;
-            }
-        }
-        // the next tile's C column and checkpoint row: their latency hides behind H2 and the final pass
+                    for (int s = 0; s < BTS; ++s) gcw[c][s * W + col] = Gp[c][s];
+        btile_states_down(dlp, dyp, s1w, s2w, qww, yww, cv, Ac, htop, dAc, dCt, colin, W, rows, lane);
+        // the next tile's C column and checkpoint rows: their latency hides behind H2 and the final pass
         if (tn >= 0) {
             load_column<BTS, BTH>(Cp, HW, i0n, j0n + lane, H, W, cv);
-            btile_load_top(ckw, tbn, j0n + lane, W, htop);
+#pragma unroll
+            for (int c = 0; c < BCH; ++c) btile_load_top(ckw[c], tbn, j0n + lane, W, htop[c]);
         }
         __syncwarp();
-        // H2, lanes over rows: F right to left (the carry is a[j+1] * F[j+1] of the tile to the right);
-        // dL/da's horizontal part F * a * g_left replaces g_left's slot once read
-        if (rr < rows) {
-            float Fp = Fcar;
-            float* p1 = s1w + rs * BSL + rr * TP;
-            float* p2 = s2w + rs * BSL + rr * TP;
-            const float* dl = dlp + rr * TP;
-#pragma unroll 8
-            for (int j = cols - 1; j >= 0; --j) {
-                const float dlj = dl[j], a = ex2_(dlj * Ar);
-                const float F = p2[j] + Fp;
-                const float Hq = F * a * (j > 0 ? p1[j - 1] : gl);
-                dAr = fmaf(Hq, dlj, dAr);
-                p1[j] = Ar * Hq;
-                p2[j] = F;
-                Fp = a * F;
-            }
-            Fcar = Fp;
-        }
-        if (tn >= 0) gl = btile_load_left(gkw, tcn, i0n + rr, H);
+        // H2, lanes over rows: F right to left (the carry is a[j+1] * F[j+1] of the tile to the right)
+        if (rr < rows)
+            btile_adjoint_left(dlp + rr * TP, s1w + rs * BSL + rr * TP, s2w + rs * BSL + rr * TP, Ar, gl, Fcar, dAr,
+                               cols);
+        if (tn >= 0)
+#pragma unroll
+            for (int c = 0; c < BCH; ++c) gl[c] = btile_load_left(gkw[c], tcn, i0n + rr, H);
         __syncwarp();
-        // final pass, lanes over columns: this warp's sums of F * B and of A * dL/da * a; dB
-#pragma unroll
-        for (int r = 0; r < BTH; ++r) {
-            if (r >= rows) break;
-            const float xu = dup[r * TP + lane];
-            float fb = 0.f, q = qww[r * TP + lane];
-#pragma unroll
-            for (int s = 0; s < BTS; ++s) {
-                const float F = s2w[s * BSL + r * TP + lane];
-                fb = fmaf(F, bv[s][r], fb);
-                q += s1w[s * BSL + r * TP + lane];
-                if (colin) fixed_add(dBp + s * HW + (long)(i0 + r) * W + col, F * xu);
-            }
-            qww[r * TP + lane] = q;
-            s2w[r * TP + lane] = fb;
-        }
+        btile_finish_column(dup, s1w, s2w, qww, bv, dBt, colin, W, rows, lane);
         if (tn >= 0) load_column<BTS, BTH>(Bp, HW, i0n, j0n + lane, H, W, bv);
         __syncthreads();
         // the tile's cells: fixed-order sums over warps, then the per-cell gradients
 #pragma unroll
         for (int k = 0; k < BCELLS; ++k) {
             const int q = tid + k * BTHREADS;
-            if (q >= BTH * TILE) break;
-            const int r = q / TILE, j = q % TILE;
-            if (i0 + r < H && j0 + j < W) {
-                const int o = r * TP + j;
+            if (q >= BCH * BTC) break;
+            const int c = q / BTC, r = (q % BTC) / TILE, j = q % TILE;
+            if (c < nlive && i0 + r < H && j0 + j < W) {
+                const int o = c * BSL + r * TP + j;
                 float Qt = 0.f, St = 0.f, Yt = 0.f;
 #pragma unroll
                 for (int v = 0; v < BWARPS; ++v) {
-                    Qt += qw[v * BSL + o];
-                    St += s2[v * BTS * BSL + o];
-                    Yt += yw[v * BSL + o];
+                    Qt += qw[v * BCH * BSL + o];
+                    St += s2[c * BCS + v * BTS * BSL + r * TP + j];
+                    Yt += yw[v * BCH * BSL + o];
                 }
-                const float uv = cur.u[k], x = cur.x[k], zv = cur.z[k], gov = cur.g[k];
-                const float d = softplusf_(x);
-                const float dyg = gated ? gov * zv * sigmoidf_(zv) : gov;
-                const long idx = base + (long)(i0 + r) * W + j0 + j;
+                // the step and the gated output gradient from the planes, rather than evaluated again
+                const float uv = cur.u[k], x = cur.dt[k] + pick(bias, c), zv = cur.z[k], gov = cur.g[k];
+                const float d = dlp[o] * (1.f / LOG2E), dyg = dyp[o], Dc = pick(Dv, c);
+                const long idx = base + c * HW + (long)(i0 + r) * W + j0 + j;
                 const float gdt = (Qt + uv * St) * (x > 20.f ? 1.f : sigmoidf_(x));
                 st(ddt1, idx, gdt);
-                dbacc += gdt;
-                st(du, idx, d * St + Dv * dyg);
-                dDacc += dyg * uv;
+                add_at(dbacc, c, gdt);
+                st(du, idx, d * St + Dc * dyg);
+                add_at(dDacc, c, dyg * uv);
                 if (gated) {
-                    const float y = Yt + Dv * uv, sg = sigmoidf_(zv);
+                    const float y = Yt + Dc * uv, sg = sigmoidf_(zv);
                     st(dz, idx, gov * y * sg * (1.f + zv * (1.f - sg)));
                 }
             }
         }
         if (tn >= 0) {
-            btile_store_cells(i0n, j0n, H, W, gated, raw, planes, tid);
+            btile_store_cells(i0n, j0n, nlive, H, W, bias, gated, raw, planes, tid);
             cur = raw;
         }
         __syncthreads();
@@ -1080,20 +1287,28 @@ scan2d_tile_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __r
 
     // dA per state: the column passes' sums (over the warp) and the row passes' (over the lanes of a state)
 #pragma unroll
-    for (int s = 0; s < BTS; ++s)
+    for (int c = 0; c < BCH; ++c) {
 #pragma unroll
-        for (int m = 16; m > 0; m >>= 1) dAc[s] += __shfl_xor_sync(0xffffffffu, dAc[s], m);
+        for (int s = 0; s < BTS; ++s)
 #pragma unroll
-    for (int m = BTH / 2; m > 0; m >>= 1) dAr += __shfl_xor_sync(0xffffffffu, dAr, m);
-    float colsum = dAc[0];
+            for (int m = 16; m > 0; m >>= 1) dAc[c][s] += __shfl_xor_sync(0xffffffffu, dAc[c][s], m);
 #pragma unroll
-    for (int s = 1; s < BTS; ++s)
-        if (rs == s) colsum = dAc[s];
-    if (rr == 0) dA1[(long)be * NS + n0 + rs] = (colsum + dAr) * (1.f / LOG2E);  // the sums were of d * log2(e)
-    // dD and d dt_bias: block sums in a fixed order
-    block_sum_pair(s1, tid, BTHREADS, dDacc, dbacc, dD + be, dbias + be);
+        for (int m = BTH / 2; m > 0; m >>= 1) dAr[c] += __shfl_xor_sync(0xffffffffu, dAr[c], m);
+        float colsum = dAc[c][0];
+#pragma unroll
+        for (int s = 1; s < BTS; ++s)
+            if (rs == s) colsum = dAc[c][s];
+        if (rr == 0 && c < nlive)  // the sums were of d * log2(e)
+            dA1[((long)b * E + e0 + c) * NS + n0 + rs] = (colsum + dAr[c]) * (1.f / LOG2E);
+    }
+    // dD and d dt_bias: block sums in a fixed order (each channel in its own scratch)
+#pragma unroll
+    for (int c = 0; c < BCH; ++c)
+        if (c < nlive) {
+            const long be = (long)b * E + e0 + c;
+            block_sum_pair(s1 + c * 2 * BTHREADS, tid, BTHREADS, dDacc[c], dbacc[c], dD + be, dbias + be);
+        }
 }
-
 #endif
 
 

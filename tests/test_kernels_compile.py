@@ -90,7 +90,7 @@ def test_default_layouts_cover_every_width_up_to_the_documented_limit(mode, wide
             rule = cupy_scans.forward_states_per_thread(mode, W)
             assert fwd.states_per_thread == rule if W <= 1024 else fwd.states_per_thread >= rule
             if mode == 0:
-                assert bwd == cupy_scans.TileBackwardLayout(16, 2)
+                assert bwd == cupy_scans.TileBackwardLayout(16, 2, 2)
             else:
                 assert bwd.states_per_thread == cupy_scans.backward_states_per_thread(mode, W)
             assert bwd.seg_rows >= 1
@@ -100,10 +100,11 @@ def test_default_layouts_cover_every_width_up_to_the_documented_limit(mode, wide
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("in_kind", [0, 1, 2])
-@pytest.mark.parametrize("n_state,states", [(16, 2), (16, 4), (5, 1), (32, 2)])
-def test_tiled_backward_compiles_for_each_layout(tmp_path, in_kind, n_state, states):
+@pytest.mark.parametrize("n_state,states,channels", [(16, 2, 2), (16, 2, 1), (16, 4, 2), (5, 1, 2), (32, 2, 1)])
+def test_tiled_backward_compiles_for_each_layout(tmp_path, in_kind, n_state, states, channels):
     out = tmp_path / "tile_bwd.ptx"
-    macros = ["-DMODE=0", f"-DIN_KIND={in_kind}", f"-DNS={n_state}", "-DS=1", "-DK=1", "-DCW=1", f"-DBTS={states}"]
+    macros = ["-DMODE=0", f"-DIN_KIND={in_kind}", f"-DNS={n_state}", "-DS=1", "-DK=1", "-DCW=1", f"-DBTS={states}",
+              f"-DBCH={channels}"]
     proc = subprocess.run([NVCC, "--ptx", "-arch=sm_90", "-std=c++17", *macros, str(KERNEL_FILE), "-o", str(out)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -112,18 +113,27 @@ def test_tiled_backward_compiles_for_each_layout(tmp_path, in_kind, n_state, sta
 
 def test_tiled_backward_layout_rule(monkeypatch):
     """The tiled 2DMamba backward takes every state count whose block fits (two states per warp where N
-    is even), keeps a block of at most 1024 threads and the shared memory limit, and can be turned off."""
-    assert cupy_scans.TILED_BACKWARD is None
-    for n_state, states in [(16, 2), (32, 2), (6, 2), (5, 1), (1, 1)]:
+    is even; two channels per block where they fit, else one), keeps a block of at most 1024 threads and the
+    shared memory limit, and can be turned off."""
+    assert cupy_scans.TILED_BACKWARD is None and cupy_scans.TILE_BACKWARD_CHANNELS is None
+    for n_state, states, channels in [(16, 2, 2), (32, 2, 1), (6, 2, 2), (5, 1, 2), (1, 1, 2)]:
         layout = cupy_scans.tile_backward_layout(n_state, 196)
-        assert layout == cupy_scans.TileBackwardLayout(n_state, states)
+        assert layout == cupy_scans.TileBackwardLayout(n_state, states, channels)
         assert layout.rows * states == 32 and layout.seg_rows == layout.rows
         assert layout.threads <= 1024 and layout.smem() <= cupy_scans.SMEM_LIMIT
+    assert cupy_scans.TileBackwardLayout(32, 2, 2).smem() > cupy_scans.SMEM_LIMIT  # hence one channel at N = 32
+    assert cupy_scans.TileBackwardLayout(16, 2, 2).blocks(3, 5) == 9  # the last block of each batch holds one
+    # one channel per block where the grids would not fill the GPU with two
+    assert cupy_scans.tile_backward_layout(16, 196, grids=64, sm_count=132) == cupy_scans.TileBackwardLayout(16, 2, 1)
+    assert cupy_scans.tile_backward_layout(16, 196, grids=256, sm_count=132) == cupy_scans.TileBackwardLayout(16, 2, 2)
+    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_CHANNELS", 1)
+    assert cupy_scans.tile_backward_layout(16, 196) == cupy_scans.TileBackwardLayout(16, 2, 1)
+    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_CHANNELS", None)
     assert cupy_scans.tile_backward_layout(64, 196) is None  # 412 KiB of shared memory: the row sweep runs it
     monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_STATES", 1)
     assert cupy_scans.tile_backward_layout(16, 196) is None  # 283 KiB
     monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_STATES", 4)
-    assert cupy_scans.tile_backward_layout(16, 196) == cupy_scans.TileBackwardLayout(16, 4)
+    assert cupy_scans.tile_backward_layout(16, 196) == cupy_scans.TileBackwardLayout(16, 4, 2)
     monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", False)
     assert cupy_scans.tile_backward_layout(16, 196) is None
     u = torch.empty(1, 1, 64, 196)

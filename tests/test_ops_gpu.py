@@ -126,25 +126,30 @@ def test_tiled_2dmamba_forward_half_inputs(monkeypatch, dtype, W):
 
 @pytest.mark.parametrize("batch,H,W", [(1, 1, 1), (1, 1, 40), (1, 40, 1), (2, 37, 70), (1, 16, 32), (2, 17, 33),
                                      (1, 64, 225), (1, 5, 391)])
-@pytest.mark.parametrize("N,states", [(16, None), (16, 4), (5, None), (6, None), (32, None)])
-def test_tiled_2dmamba_backward_matches_reference(monkeypatch, batch, H, W, N, states):
+@pytest.mark.parametrize("N,states,channels", [(16, None, 2), (16, None, 1), (16, 4, 2), (5, None, 2), (6, None, 2),
+                                              (32, None, None)])
+def test_tiled_2dmamba_backward_matches_reference(monkeypatch, batch, H, W, N, states, channels):
     # every tile boundary case (a single cell, one row, one column, partial tiles on both sides, exact
     # tiles, several bands and chunks) and each block layout: 2 states per warp (16-row tiles), 4 (8-row
-    # tiles) and 1 for odd N (32-row tiles), over 1 to 16 warps
+    # tiles) and 1 for odd N (32-row tiles), over 1 to 16 warps; two channels per block (E = 5 leaves the
+    # last block one) and one (the default for so few channels, and where two do not fit: N = 32)
     monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", True)
     monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_STATES", states)
-    x = _inputs("2dmamba", batch, 4, N, H, W, torch.float32, seed=H * 31 + W + N)
-    dout = torch.randn(batch, 4, H, W, device="cuda")
+    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_CHANNELS", channels)
+    x = _inputs("2dmamba", batch, 5, N, H, W, torch.float32, seed=H * 31 + W + N)
+    dout = torch.randn(batch, 5, H, W, device="cuda")
     _assert_matches_reference("2dmamba", x, dout)
 
 
-def test_tiled_2dmamba_backward_without_gate_or_skip(monkeypatch):
+@pytest.mark.parametrize("channels", [1, 2])
+def test_tiled_2dmamba_backward_without_gate_or_skip(monkeypatch, channels):
     # z, D and dt_bias are optional: the tiled backward's ungated path and absent parameters
     monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", True)
-    x = _inputs("2dmamba", 2, 4, 16, 21, 45, torch.float32, seed=11)
+    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_CHANNELS", channels)
+    x = _inputs("2dmamba", 2, 3, 16, 21, 45, torch.float32, seed=11)
     for key in ("z", "D", "dt_bias"):
         x.pop(key)
-    dout = torch.randn(2, 4, 21, 45, device="cuda")
+    dout = torch.randn(2, 3, 21, 45, device="cuda")
     _assert_matches_reference("2dmamba", x, dout)
 
 

@@ -84,6 +84,12 @@ TILE = 32
 # faster than 4, 1 does not fit the shared memory at N = 16); None: 2 where N is even, else 1.
 TILED_BACKWARD: bool | None = None
 TILE_BACKWARD_STATES: int | None = None
+# Channels per block of the tiled backward: 2 share the loads of B and C and add their dB / dC terms before
+# the atomics, halving the L2 traffic per channel that bounds the kernel (on an H100 at E = 256,
+# forward+backward 196^2 1.91 -> 1.81 ms, 391^2 7.77 -> 7.11 ms; docs/benchmarks.md). None: 2 where the
+# block's shared memory holds them (N up to 16 at 2 states per warp) and the call has more (batch,
+# channel) grids than the GPU has multiprocessors (see tile_backward_layout), else 1.
+TILE_BACKWARD_CHANNELS: int | None = None
 # Extra NVRTC options (e.g. "-DPF_ROWS=4"), for benchmarking variants of the kernels.
 EXTRA_OPTIONS: tuple[str, ...] = ()
 
@@ -193,11 +199,13 @@ def tile_layout(n_state: int, width: int) -> TileLayout | None:
 
 @dataclass(frozen=True)
 class TileBackwardLayout:
-    """Block of the tiled 2DMamba backward: one (batch, channel), one warp per ``states`` states; tiles of
-    ``rows`` = 32 / ``states`` rows by 32 columns (a lane of the row passes is one (state, row))."""
+    """Block of the tiled 2DMamba backward: ``channels`` channels of one batch element, one warp per
+    ``states`` states (of every channel); tiles of ``rows`` = 32 / ``states`` rows by 32 columns (a lane of
+    the row passes is one (state, row))."""
 
     n_state: int
     states: int
+    channels: int = 1
 
     @property
     def rows(self) -> int:
@@ -212,22 +220,45 @@ class TileBackwardLayout:
     def threads(self) -> int:
         return 32 * (self.n_state // self.states)
 
+    def blocks(self, batch: int, channels: int) -> int:
+        return batch * math.ceil(channels / self.channels)
+
     def smem(self) -> int:
-        # two tiles per state (x/g, G/F), two per warp (its sums over states) and three of per-cell inputs
-        return 4 * (2 * self.n_state + 2 * (self.n_state // self.states) + 3) * self.rows * (TILE + 1)
+        # per channel: two tiles per state (x/g, G/F), two per warp (its sums over states) and three of
+        # per-cell inputs
+        slots = 2 * self.n_state + 2 * (self.n_state // self.states) + 3
+        return 4 * self.channels * slots * self.rows * (TILE + 1)
 
 
-def tile_backward_layout(n_state: int, width: int) -> TileBackwardLayout | None:
-    """The tiled 2DMamba backward's layout, or None where the row-sweep backward runs."""
+def tile_backward_layout(n_state: int, width: int, grids: int | None = None,
+                         sm_count: int | None = None) -> TileBackwardLayout | None:
+    """The tiled 2DMamba backward's layout, or None where the row-sweep backward runs.
+
+    ``grids``: the call's batch * E (batch, channel) grids; ``sm_count``: the GPU's multiprocessors. Two
+    channels per block only where there are more grids than multiprocessors: with fewer, one channel per
+    block spreads them over twice as many (the channel groups of a model's lean blocks: a 2dmambamil step
+    at 391 x 391, two groups of 128 channels, ran 33.3 ms with one channel per block, 34.5 with two)."""
     if TILED_BACKWARD is False:
         return None
     states = TILE_BACKWARD_STATES or (2 if n_state % 2 == 0 else 1)
     if n_state % states or 32 % states:
         return None
-    layout = TileBackwardLayout(n_state, states)
-    if layout.threads <= 1024 and layout.smem() <= SMEM_LIMIT:
-        return layout
+    if TILE_BACKWARD_CHANNELS:
+        candidates = (TILE_BACKWARD_CHANNELS,)
+    elif grids is not None and sm_count is not None and grids <= sm_count:
+        candidates = (1,)
+    else:
+        candidates = (2, 1)
+    for channels in candidates:
+        layout = TileBackwardLayout(n_state, states, channels)
+        if layout.threads <= 1024 and layout.smem() <= SMEM_LIMIT:
+            return layout
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _kernels(mode: int, in_kind: int, cfg: LaunchConfig, device: int):
@@ -263,7 +294,8 @@ def _tile_kernel(in_kind: int, layout: TileLayout, device: int, extra: tuple[str
 @functools.lru_cache(maxsize=None)
 def _tile_backward_kernel(in_kind: int, layout: TileBackwardLayout, device: int, extra: tuple[str, ...] = ()):
     """The tiled 2DMamba backward for an input dtype and block layout."""
-    macros = dict(MODE=0, IN_KIND=in_kind, NS=layout.n_state, S=1, K=1, CW=1, BTS=layout.states)
+    macros = dict(MODE=0, IN_KIND=in_kind, NS=layout.n_state, S=1, K=1, CW=1, BTS=layout.states,
+                  BCH=layout.channels)
     return _functions(macros, ("scan2d_tile_bwd",), device, extra)[0]
 
 
@@ -379,7 +411,7 @@ class _Scan2d(torch.autograd.Function):
             bwd = _tile_backward_kernel(IN_KIND[dtype], cfg, u.device.index, EXTRA_OPTIONS)
             args = [u, dt1, z, B1, C, A1, D, dt_bias, grad_out, ckpt, gck, gcar,
                     du, ddt1, dz, dB1, dC, dA1, dD, dbias, H, W, E]
-            bwd((batch * E,), (cfg.threads, 1, 1), args, cfg.smem(), _stream(u.device))
+            bwd((cfg.blocks(batch, E),), (cfg.threads, 1, 1), args, cfg.smem(), _stream(u.device))
         else:
             bwd = _kernels(mode, IN_KIND[dtype], cfg, u.device.index)[1]
             args = [u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias, grad_out, ckpt,
@@ -413,7 +445,8 @@ def _config_or_none(u, n_state, mode, need_grad=True):
     if not need_grad:
         return None if fwd is None else (fwd, fwd)
     if mode == 0 and fwd is not None:
-        tiles = tile_backward_layout(n_state, W)
+        sms = _sm_count(u.device.index) if u.is_cuda else None
+        tiles = tile_backward_layout(n_state, W, u.shape[0] * u.shape[1], sms)
         if tiles is not None:
             return fwd, tiles
     s_bwd = BWD_STATES_PER_THREAD or backward_states_per_thread(mode, W)
