@@ -220,8 +220,9 @@ class TileBackwardLayout:
     def threads(self) -> int:
         return 32 * (self.n_state // self.states)
 
-    def blocks(self, batch: int, channels: int) -> int:
-        return batch * math.ceil(channels / self.channels)
+    def blocks(self, batch: int, n_channels: int) -> int:
+        """Thread blocks of a call on ``batch`` grids of ``n_channels`` channels (E)."""
+        return batch * math.ceil(n_channels / self.channels)
 
     def smem(self) -> int:
         # per channel: two tiles per state (x/g, G/F), two per warp (its sums over states) and three of
