@@ -91,11 +91,13 @@ __device__ __forceinline__ float softplusf_(float x) { return x > 20.f ? x : log
 // Ask the copy engine to bring bytes [p, p + bytes) into L2 (a hint: no data comes back, nothing
 // waits). The range is cut to whole 16-byte units inside it, as cp.async.bulk requires.
 __device__ __forceinline__ void l2_prefetch(const void* p, long bytes) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // a Hopper instruction; older GPUs go without the hint
     if (!p || bytes <= 0) return;
     unsigned long long g;
     asm("cvta.to.global.u64 %0, %1;" : "=l"(g) : "l"(p));
     const unsigned long long lo = g & ~15ull, hi = (g + (unsigned long long)bytes) & ~15ull;
     if (hi > lo) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lo), "r"((unsigned)(hi - lo)) : "memory");
+#endif
 }
 
 // Rows [r0, r1) of one (batch, channel) grid: the per-channel planes and the NS planes of each B and
@@ -247,30 +249,29 @@ __device__ __forceinline__ float w_up(int i, int j) { return i == 0 ? 0.f : (j =
 
 // One forward row: given the states hv of row i-1 (zero for i = 0), leave the states of row i in hv.
 // d1, d2: the steps (2DMamba: softplus(dt + bias) in d1); du1, du2: the steps times u.
+// b1r, b2r: row i of B1 (, B2) for each of this thread's states.
 // gk (2DMamba, may be null): this grid's horizontal states at the last column of every 32-column chunk
 // but the last, [chunk][NS][H], for the tiled backward.
-__device__ __forceinline__ void forward_row(int i, int H, int W, long HW, int c0, const float (&d1)[K],
-                                            const float (&du1)[K], const float (&d2)[K], const float (&du2)[K],
-                                            const T* B1p, const T* B2p, const float (&A1r)[S], const float (&A2r)[S],
+__device__ __forceinline__ void forward_row(int i, int H, int W, int c0, const float (&d1)[K], const float (&du1)[K],
+                                            const float (&d2)[K], const float (&du2)[K], const T* const (&b1r)[S],
+                                            const T* const (&b2r)[S], const float (&A1r)[S], const float (&A2r)[S],
                                             int ty, float (&hv)[S][K], float* scan_sm, int lane, int warp,
                                             float* gk) {
     float a[S][K], b[S][K], inc[S];
-    const long row = (long)i * W;
 #pragma unroll
     for (int s = 0; s < S; ++s) {
-        const int n = ty * S + s;
 #pragma unroll
         for (int k = 0; k < K; ++k) {
             const int col = c0 + k;
             if (col < W) {
 #if MODE == 0
                 a[s][k] = ex2_(d1[k] * A1r[s]);
-                b[s][k] = du1[k] * ld(B1p, n * HW + row + col);
+                b[s][k] = du1[k] * ld(b1r[s], col);
 #else
                 const float at = ex2_(d1[k] * A1r[s]);
                 const float al = ex2_(d2[k] * A2r[s]);
-                const float ut = du1[k] * ld(B1p, n * HW + row + col);
-                const float ul = du2[k] * ld(B2p, n * HW + row + col);
+                const float ut = du1[k] * ld(b1r[s], col);
+                const float ul = du2[k] * ld(b2r[s], col);
                 const float wl = w_left(i, col), wu = w_up(i, col);
                 a[s][k] = wl * al;
                 b[s][k] = wl * ul + wu * (at * hv[s][k] + ut);
@@ -284,12 +285,16 @@ __device__ __forceinline__ void forward_row(int i, int H, int W, long HW, int c0
     scan_fwd(a, b, inc, scan_sm, lane, warp);
 #if MODE == 0
     if (gk) {
+        // at most one of this thread's columns ends a 32-column chunk (K <= 32)
+        const int kk = 31 - (c0 & 31);
+        if (kk < K && c0 + kk + 1 < W) {
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-            const int col = c0 + k;
-            if ((col & 31) == 31 && col + 1 < W)
+            for (int s = 0; s < S; ++s) {
+                float v = b[s][0];
 #pragma unroll
-                for (int s = 0; s < S; ++s) gk[((long)(col >> 5) * NS + ty * S + s) * H + i] = b[s][k];
+                for (int k = 1; k < K; ++k) v = k == kk ? b[s][k] : v;
+                gk[((long)((c0 + kk) >> 5) * NS + ty * S + s) * H + i] = v;
+            }
         }
     }
 #endif
@@ -307,8 +312,11 @@ __device__ __forceinline__ void forward_row(int i, int H, int W, long HW, int c0
 
 // The per-cell inputs of row i, once per block: the forward's warps (one per state group) all read
 // them from shared memory instead of each loading u and dt and evaluating the softplus again.
-// cells: [4][ROWCAP] = d1, d1*u, d2, d2*u. Thread tid handles columns tid + c * NTX * NGRP, c < CPT.
+// cells: [NCELLP][ROWCAP] = 2DMamba: d1, d1*u; Mamba2D: d1, d1*u, d2, d2*u. Thread tid handles columns
+// tid + c * NTX * NGRP, c < CPT: the columns whose output it also writes, so u (and the 2DMamba gate,
+// loaded into d2) stay in its registers for that.
 #define CPT ((K + NGRP - 1) / NGRP)
+#define NCELLP (MODE == 0 ? 2 : 4)
 struct RawCells {
     float u[CPT], d1[CPT], d2[CPT];
 };
@@ -346,18 +354,11 @@ __device__ __forceinline__ void store_cells(int W, float bias, const RawCells& r
     }
 }
 
-__device__ __forceinline__ void fill_cells(int i, int W, const T* up, const T* d1p, const T* d2p, float bias,
-                                           float* cells, int tid) {
-    RawCells r;
-    load_cells(i, W, up, d1p, d2p, tid, r);
-    store_cells(W, bias, r, cells, tid);
-}
-
 // The per-cell inputs of the backward's adjoint row i: [ADJ_CELLS][ROWCAP] = u, d1 (2DMamba:
 // softplus(dt + bias)), [d2 (Mamba2D),] and the output gradient dy (2DMamba: times silu(z)); loaded
 // into registers a row step ahead, then stored (as for the forward's cells).
 #define ADJ_CELLS (MODE == 0 ? 3 : 4)
-#define RED_ROWS (3 * NGRP > 4 ? 3 * NGRP : 4)  // rows of the backward's red[] (also holds 4 rows of cells)
+#define RED_ROWS (3 * NGRP > 4 ? 3 * NGRP : 4)  // rows of the backward's red[] (also holds the cells)
 struct RawAdjoint {
     float u[CPT], d1[CPT], d2[CPT], g[CPT], z[CPT];
 };
@@ -419,6 +420,12 @@ __device__ __forceinline__ void read_cells(int W, int c0, const float* cells, fl
     }
 }
 
+// Shared memory of scan2d_fwd, in this order (the host's LaunchConfig.fwd_smem mirrors it): the scan
+// scratch [NGRP][S * CW * 2], NBUF rows of per-group sums of y [NBUF][NGRP][ROWCAP] and NBUF rows of
+// cells [NBUF][NCELLP][ROWCAP]. With two of each a row step needs one barrier, not two.
+#ifndef NBUF
+#define NBUF 2
+#endif
 extern "C" __global__ void __launch_bounds__(NTX * NGRP)
 scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restrict__ dt2, const T* __restrict__ z,
            const T* __restrict__ B1, const T* __restrict__ B2, const T* __restrict__ C, const float* __restrict__ A1,
@@ -426,16 +433,19 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
            T* __restrict__ out, float* __restrict__ ckpt, float* __restrict__ gck, int H, int W, int E, int R) {
     extern __shared__ float smem[];
     const int be = blockIdx.x, b = be / E, e = be % E;
-    const int i0 = 0, i1 = H;
     const int tx = threadIdx.x, ty = threadIdx.y, lane = tx & 31, warp = tx >> 5;
     const int c0 = tx * K;
     const long HW = (long)H * W;
-    float* scan_sm = smem + ty * (S * CW * 2);
-    float* ypart = smem + NGRP * S * CW * 2;  // [NGRP][ROWCAP]
-    float* cells = ypart + NGRP * ROWCAP;    // [4][ROWCAP], see fill_cells
+    const int tid = ty * NTX + tx;
+    float* scan_sm = smem;
+    float* ypart = scan_sm + NGRP * S * CW * 2;  // [NBUF][NGRP][ROWCAP]
+    float* cells = ypart + NBUF * NGRP * ROWCAP;  // [NBUF][NCELLP][ROWCAP], see store_cells
+    scan_sm += ty * (S * CW * 2);
     const T* up = u + (long)be * HW;
     const T* d1p = dt1 + (long)be * HW;
-    const T* d2p = dt2 ? dt2 + (long)be * HW : nullptr;
+    const T* zp = z ? z + (long)be * HW : nullptr;
+    // 2DMamba's raw cells carry the gate where Mamba2D's carry the second step
+    const T* d2p = MODE == 0 ? zp : dt2 + (long)be * HW;
     const T* B1p = B1 + (long)b * NS * HW;
     const T* B2p = B2 ? B2 + (long)b * NS * HW : nullptr;
     const T* Cp = C + (long)b * NS * HW;
@@ -444,10 +454,12 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
     const int nseg = (H + R - 1) / R;
     float* gk = gck ? gck + (long)be * ((W + 31) / 32 - 1) * NS * H : nullptr;
     float A1r[S], A2r[S];
+    long plane_off[S];  // where state ty*S+s's plane starts in B and C
 #pragma unroll
     for (int s = 0; s < S; ++s) {
         A1r[s] = A1[e * NS + ty * S + s] * LOG2E;
         A2r[s] = A2 ? A2[e * NS + ty * S + s] * LOG2E : 0.f;
+        plane_off[s] = (long)(ty * S + s) * HW;
     }
     float hv[S][K];
 #pragma unroll
@@ -455,22 +467,39 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
 #pragma unroll
         for (int k = 0; k < K; ++k) hv[s][k] = 0.f;
 
-    const int tid = ty * NTX + tx;
-    const T* zp = z ? z + (long)be * HW : nullptr;
-    prefetch_rows(i0, min(i1, i0 + PF_ROWS), W, HW, tid, up, d1p, d2p, zp, nullptr, B1p, B2p, Cp);
+    prefetch_rows(0, min(H, PF_ROWS), W, HW, tid, up, d1p, d2p, zp, nullptr, B1p, B2p, Cp);
     // the raw inputs of a row are loaded into registers two rows ahead of their use, one row ahead of
-    // going to shared memory, so that their latency hides behind a row step
+    // going to shared memory, so that their latency hides behind a row step; the thread keeps u (and
+    // the gate) of the columns whose output it writes
     RawCells raw;
-    fill_cells(i0, W, up, d1p, d2p, bias, cells, tid);
-    if (i0 + 1 < i1) load_cells(i0 + 1, W, up, d1p, d2p, tid, raw);
+    load_cells(0, W, up, d1p, d2p, tid, raw);
+    store_cells(W, bias, raw, cells, tid);
+    float ucur[CPT], zcur[CPT];
+#pragma unroll
+    for (int c = 0; c < CPT; ++c) {
+        ucur[c] = raw.u[c];
+        zcur[c] = raw.d2[c];
+    }
+    if (H > 1) load_cells(1, W, up, d1p, d2p, tid, raw);
     __syncthreads();
-    for (int i = i0; i < i1; ++i) {
-        if ((i - i0) % PF_ROWS == 0)
-            prefetch_rows(i + PF_ROWS, min(i1, i + 2 * PF_ROWS), W, HW, tid, up, d1p, d2p, zp, nullptr, B1p, B2p, Cp);
+    int next_ckpt = R - 1;  // the row after which the next checkpoint row is saved
+    for (int i = 0; i < H; ++i) {
+        if (i % PF_ROWS == 0)
+            prefetch_rows(i + PF_ROWS, min(H, i + 2 * PF_ROWS), W, HW, tid, up, d1p, d2p, zp, nullptr, B1p, B2p, Cp);
+        const int buf = NBUF == 2 ? (i & 1) : 0;
         float d1[K], du1[K], d2[K], du2[K];
-        read_cells(W, c0, cells, d1, du1, d2, du2);
-        forward_row(i, H, W, HW, c0, d1, du1, d2, du2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp, gk);
+        read_cells(W, c0, cells + buf * NCELLP * ROWCAP, d1, du1, d2, du2);
         const long row = (long)i * W;
+        const T* b1r[S];
+        const T* b2r[S];
+        const T* cr[S];
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+            b1r[s] = B1p + plane_off[s] + row;
+            b2r[s] = B2p ? B2p + plane_off[s] + row : nullptr;
+            cr[s] = Cp + plane_off[s] + row;
+        }
+        forward_row(i, H, W, c0, d1, du1, d2, du2, b1r, b2r, A1r, A2r, ty, hv, scan_sm, lane, warp, gk);
         float yp[K];
 #pragma unroll
         for (int k = 0; k < K; ++k) {
@@ -478,10 +507,11 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
             const int col = c0 + k;
             if (col < W) {
 #pragma unroll
-                for (int s = 0; s < S; ++s) yp[k] += ld(Cp, (ty * S + s) * HW + row + col) * hv[s][k];
+                for (int s = 0; s < S; ++s) yp[k] += ld(cr[s], col) * hv[s][k];
             }
         }
-        if ((i + 1) % R == 0 && i + 1 < H) {
+        if (i == next_ckpt && i + 1 < H) {
+            next_ckpt += R;
             float* cp = ckpt + ((long)be * (nseg - 1) + (i + 1) / R - 1) * NS * W;
 #pragma unroll
             for (int s = 0; s < S; ++s)
@@ -489,29 +519,43 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                 for (int k = 0; k < K; ++k)
                     if (c0 + k < W) cp[(ty * S + s) * W + c0 + k] = hv[s][k];
         }
+        float* yrow = ypart + buf * NGRP * ROWCAP;
 #pragma unroll
-        for (int k = 0; k < K; ++k) ypart[ty * ROWCAP + c0 + k] = yp[k];
+        for (int k = 0; k < K; ++k) yrow[ty * ROWCAP + c0 + k] = yp[k];
+        float unext[CPT], znext[CPT];
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+            unext[c] = raw.u[c];
+            znext[c] = raw.d2[c];
+        }
+        // (NBUF 2) the other cell buffer last held row i-1's cells, all read before the previous barrier
+        if (NBUF == 2 && i + 1 < H) {
+            store_cells(W, bias, raw, cells + (buf ^ 1) * NCELLP * ROWCAP, tid);
+            if (i + 2 < H) load_cells(i + 2, W, up, d1p, d2p, tid, raw);
+        }
         __syncthreads();
         // the whole block finishes the row, one column per thread: fixed-order sum over state groups
-        for (int col = ty * NTX + tx; col < W; col += NTX * NGRP) {
-            float y = 0.f;
-            for (int g = 0; g < NGRP; ++g) y += ypart[g * ROWCAP + col];
-            const long idx = (long)be * HW + row + col;
-            y += Dv * ld(u, idx);
+#pragma unroll
+        for (int c = 0; c < CPT; ++c) {
+            const int col = tid + c * NTX * NGRP;
+            if (col < W) {
+                float y = 0.f;
+                for (int g = 0; g < NGRP; ++g) y += yrow[g * ROWCAP + col];
+                y += Dv * ucur[c];
 #if MODE == 0
-            if (z) {
-                const float zz = ld(z, idx);
-                y *= zz * sigmoidf_(zz);
-            }
+                if (z) y *= zcur[c] * sigmoidf_(zcur[c]);
 #endif
-            st(out, idx, y);
+                st(out, (long)be * HW + row + col, y);
+            }
+            ucur[c] = unext[c];
+            zcur[c] = znext[c];
         }
-        // every warp read this row's cells before the barrier above: the next row's may replace them
-        if (i + 1 < i1) {
+        if (NBUF == 1 && i + 1 < H) {
+            // every warp read this row's cells and sums before the barrier above
             store_cells(W, bias, raw, cells, tid);
-            if (i + 2 < i1) load_cells(i + 2, W, up, d1p, d2p, tid, raw);
+            if (i + 2 < H) load_cells(i + 2, W, up, d1p, d2p, tid, raw);
+            __syncthreads();
         }
-        __syncthreads();
     }
 }
 
@@ -1330,7 +1374,7 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
     const long HW = (long)H * W;
     float* scan_sm = smem + ty * (S * CW * 2);
     // [3][NGRP][ROWCAP] per-group sums of the adjoint rows; during the recompute of a segment, which does
-    // not use them, its first 4 rows hold the cells of fill_cells
+    // not use them, its first rows hold the cells of store_cells
     float* red = smem + NGRP * S * CW * 2;
     float* cells_r = red;
     // this row's dB1 (, dB2) terms [NS][ROWCAP] each and its (gated) dy [ROWCAP], added to global memory
@@ -1400,7 +1444,14 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
             float d1[K], du1[K], d2[K], du2[K];
             read_cells(W, c0, cells_r, d1, du1, d2, du2);
             __syncthreads();  // all warps have read the cells: the next row may replace them
-            forward_row(i, H, W, HW, c0, d1, du1, d2, du2, B1p, B2p, A1r, A2r, ty, hv, scan_sm, lane, warp, nullptr);
+            const T* b1r[S];
+            const T* b2r[S];
+#pragma unroll
+            for (int s = 0; s < S; ++s) {
+                b1r[s] = B1p + (long)(ty * S + s) * HW + (long)i * W;
+                b2r[s] = B2p ? B2p + (long)(ty * S + s) * HW + (long)i * W : nullptr;
+            }
+            forward_row(i, H, W, c0, d1, du1, d2, du2, b1r, b2r, A1r, A2r, ty, hv, scan_sm, lane, warp, nullptr);
             float* hr = hrows + (long)(i - i0 + 1) * NS * W;
 #pragma unroll
             for (int s = 0; s < S; ++s)

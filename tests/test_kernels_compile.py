@@ -45,6 +45,36 @@ def test_compiles_to_ptx(source, tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("mode", [0, 1])
+def test_forward_compiles_with_one_row_buffer_and_for_pre_hopper_gpus(tmp_path, mode):
+    """The row-sweep forward's single-buffered layout (the widest Mamba2D rows) compiles, and the whole
+    file compiles for an A100 (sm_80), where the Hopper-only L2 bulk prefetch is left out."""
+    cfg = launch_config(16, 3, 8192, 2, mode=mode, backward=False)
+    assert cfg is not None and (cfg.fwd_buffers() == 1) == (mode == 1)
+    for arch, nbuf in (("sm_90", 1), ("sm_80", 2)):
+        out = tmp_path / f"{arch}.ptx"
+        macros = [f"-DMODE={mode}", "-DIN_KIND=1", f"-DNS={cfg.n_state}", f"-DS={cfg.states_per_thread}",
+                  f"-DK={cfg.cols_per_thread}", f"-DCW={cfg.col_warps}", f"-DNBUF={nbuf}"]
+        proc = subprocess.run([NVCC, "--ptx", f"-arch={arch}", "-std=c++17", *macros, str(KERNEL_FILE), "-o", str(out)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        ptx = out.read_text()
+        assert ".entry scan2d_fwd" in ptx
+        assert ("cp.async.bulk.prefetch.L2" in ptx) == (arch == "sm_90")
+
+
+def test_forward_double_buffers_where_it_fits():
+    """Two rows of sums and cells (one barrier per row step) wherever they fit the shared memory."""
+    for mode in (0, 1):
+        for W in (1, 56, 196, 391, 1500):
+            cfg = launch_config(16, 64, W, 2, mode=mode, backward=False)
+            assert cfg.fwd_buffers() == 2, (mode, W)
+            assert cfg.fwd_smem(2) == cfg.fwd_smem(1) + 4 * (cfg.groups + 2 * (1 + mode)) * cfg.row_cap
+    wide = launch_config(16, 3, 8192, 2, mode=1, backward=False)
+    assert wide.fwd_buffers() == 1 and wide.fwd_smem(1) <= cupy_scans.SMEM_LIMIT < wide.fwd_smem(2)
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("in_kind", [0, 1, 2])
 @pytest.mark.parametrize("n_state,channels,states", [(16, 1, 1), (16, 2, 2), (5, 1, 1)])
 def test_tiled_forward_compiles_for_each_layout(tmp_path, in_kind, n_state, channels, states):

@@ -235,10 +235,12 @@ def test_auto_backend_uses_kernels_on_cuda():
 
 
 @pytest.mark.parametrize("kind,W,grad", [("2dmamba", 2500, True), ("mamba2d", 640, True),
-                                         ("2dmamba", 1500, False), ("mamba2d", 1500, False)])
+                                         ("2dmamba", 1500, False), ("mamba2d", 1500, False),
+                                         ("mamba2d", 8192, False)])
 def test_widest_rows_run_on_the_kernels(kind, W, grad):
     # the widest rows the Mamba2D backward's shared memory holds, a 2DMamba row past the tiled forward's
-    # limit (row-sweep forward, tiled backward), and wider ones without gradients: the kernels, not the
+    # limit (row-sweep forward, tiled backward), and wider ones without gradients (at 8,192 columns the
+    # Mamba2D forward keeps one row of sums and cells, two barriers per row): the kernels, not the
     # reference fallback, must run them
     import warnings
 

@@ -117,9 +117,17 @@ class LaunchConfig:
     def row_cap(self) -> int:
         return 32 * self.col_warps * self.cols_per_thread
 
-    def fwd_smem(self) -> int:
-        # scan scratch, per-group row sums of y, and the row's per-cell inputs (4 planes)
-        return 4 * (self.groups * self.states_per_thread * self.col_warps * 2 + (self.groups + 4) * self.row_cap)
+    def fwd_smem(self, buffers: int = 2) -> int:
+        """Bytes of the forward's shared memory (the layout is in the comment above ``scan2d_fwd``):
+        scan scratch, then ``buffers`` rows of per-group sums of y and of per-cell inputs (2: one
+        barrier per row step)."""
+        n_cells = 2 if self.b_planes == 1 else 4
+        floats = self.groups * self.states_per_thread * self.col_warps * 2
+        return 4 * (floats + buffers * (self.groups + n_cells) * self.row_cap)
+
+    def fwd_buffers(self) -> int:
+        """Rows of sums and cells the forward double-buffers where they fit (wide Mamba2D rows: 1)."""
+        return 2 if self.fwd_smem(buffers=2) <= SMEM_LIMIT else 1
 
     def bwd_smem(self, width: int) -> int:
         # scan scratch, row sums (at least 4 rows: they also hold the recompute's cells), one row of the
@@ -152,7 +160,7 @@ def launch_config(
         return None
     cfg = LaunchConfig(n_state, s, k, cw, 1, b_planes)
     if not backward:
-        return cfg if cfg.fwd_smem() <= SMEM_LIMIT else None
+        return cfg if cfg.fwd_smem(buffers=1) <= SMEM_LIMIT else None
     row_bytes = 4 * n_state * width
     fixed = cfg.bwd_smem(width) - 2 * row_bytes
     rows = max(1, (smem_budget - fixed) // row_bytes - 1)
@@ -265,7 +273,7 @@ def _sm_count(device: int) -> int:
 def _kernels(mode: int, in_kind: int, cfg: LaunchConfig, device: int):
     """(fwd, bwd) kernels for a layout; the segment length is a kernel argument, not a macro."""
     return _compiled(mode, in_kind, cfg.n_state, cfg.states_per_thread, cfg.cols_per_thread, cfg.col_warps, device,
-                     EXTRA_OPTIONS)
+                     EXTRA_OPTIONS, cfg.fwd_buffers())
 
 
 def _functions(macros: dict[str, int], names: tuple[str, ...], device: int, extra: tuple[str, ...]):
@@ -280,8 +288,8 @@ def _functions(macros: dict[str, int], names: tuple[str, ...], device: int, extr
 
 @functools.lru_cache(maxsize=None)
 def _compiled(mode: int, in_kind: int, n_state: int, states: int, cols: int, col_warps: int, device: int,
-              extra: tuple[str, ...] = ()):
-    macros = dict(MODE=mode, IN_KIND=in_kind, NS=n_state, S=states, K=cols, CW=col_warps)
+              extra: tuple[str, ...] = (), buffers: int = 2):
+    macros = dict(MODE=mode, IN_KIND=in_kind, NS=n_state, S=states, K=cols, CW=col_warps, NBUF=buffers)
     return _functions(macros, ("scan2d_fwd", "scan2d_bwd"), device, extra)
 
 
@@ -379,8 +387,8 @@ class _Scan2d(torch.autograd.Function):
                    [u_, dt_, z_, B_, C_, A_, D_, bias_, out, ckpt, gck, H, W, E, seg_rows], tiles.smem(W), stream)
         else:
             fwd = _kernels(mode, IN_KIND[dtype], cfg_fwd, dev.index)[0]
-            fwd((batch * E,), cfg_fwd.block, [*act, *par, out, ckpt, gck, H, W, E, seg_rows], cfg_fwd.fwd_smem(),
-                stream)
+            fwd((batch * E,), cfg_fwd.block, [*act, *par, out, ckpt, gck, H, W, E, seg_rows],
+                cfg_fwd.fwd_smem(cfg_fwd.fwd_buffers()), stream)
         ctx.mode, ctx.cfg = mode, cfg
         ctx.in_dtypes = [None if t is None else t.dtype for t in (u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias)]
         ctx.save_for_backward(*act, *par, ckpt, gck)
