@@ -426,6 +426,9 @@ __device__ __forceinline__ void read_cells(int W, int c0, const float* cells, fl
 #ifndef NBUF
 #define NBUF 2
 #endif
+// C of a row is loaded before its scan, which then covers the loads' latency, where a thread holds at
+// most 16 (state, column) pairs; more would spill registers.
+#define EARLY_C (S * K <= 16)
 extern "C" __global__ void __launch_bounds__(NTX * NGRP)
 scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restrict__ dt2, const T* __restrict__ z,
            const T* __restrict__ B1, const T* __restrict__ B2, const T* __restrict__ C, const float* __restrict__ A1,
@@ -499,6 +502,11 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
             b2r[s] = B2p ? B2p + plane_off[s] + row : nullptr;
             cr[s] = Cp + plane_off[s] + row;
         }
+        float cv[S][K];  // (EARLY_C) this row's C
+#pragma unroll
+        for (int s = 0; s < S; ++s)
+#pragma unroll
+            for (int k = 0; k < K; ++k) cv[s][k] = EARLY_C && c0 + k < W ? ld(cr[s], c0 + k) : 0.f;
         forward_row(i, H, W, c0, d1, du1, d2, du2, b1r, b2r, A1r, A2r, ty, hv, scan_sm, lane, warp, gk);
         float yp[K];
 #pragma unroll
@@ -507,7 +515,7 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
             const int col = c0 + k;
             if (col < W) {
 #pragma unroll
-                for (int s = 0; s < S; ++s) yp[k] += ld(cr[s], col) * hv[s][k];
+                for (int s = 0; s < S; ++s) yp[k] += (EARLY_C ? cv[s][k] : ld(cr[s], col)) * hv[s][k];
             }
         }
         if (i == next_ckpt && i + 1 < H) {
