@@ -1364,6 +1364,10 @@ scan2d_tile_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __r
 #endif
 
 
+// KEEP_ADJ: a thread keeps the raw inputs of the adjoint row's columns it finishes in registers (acur),
+// rather than loading them again after the row's barrier; not on rows of several warps, whose threads
+// are short of registers already.
+#define KEEP_ADJ (CW == 1)
 // Backward. Gradients of the per-cell inputs are written directly; dB, dC (summed over channels)
 // are accumulated as 2^-32 fixed point in int64, whose integer sums do not depend on the order;
 // dA, dD and d dt_bias are written per (batch, channel) and summed over the batch by the caller.
@@ -1427,6 +1431,8 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
     const int tid = ty * NTX + tx;
     const T* zp = z ? z + (long)be * HW : nullptr;
     const T* gp = dout + (long)be * HW;
+    // this thread's first (state, column) pair of a row's dB / dC atomics, and its step between pairs
+    const int pair_n = tid / W, pair_col = tid % W, pair_dn = NTX * NGRP / W, pair_dc = NTX * NGRP % W;
     for (int seg = nseg - 1; seg >= 0; --seg) {
         const int i0 = seg * R, i1 = min(H, i0 + R);
         // this segment's rows are read twice (recompute, adjoint), the next segment's after that
@@ -1467,9 +1473,12 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                 for (int k = 0; k < K; ++k)
                     if (c0 + k < W) hr[(ty * S + s) * W + c0 + k] = hv[s][k];
         }
-        RawAdjoint araw;  // likewise for the adjoint rows, bottom to top
+        // likewise for the adjoint rows, bottom to top; the thread keeps the raw inputs of the current row's
+        // columns that it finishes (acur)
+        RawAdjoint araw, acur;
         load_adjoint_cells(i1 - 1, W, up, d1p, d2p, gp, zp, tid, araw);
         store_adjoint_cells(W, bias, zp != nullptr, araw, cells_a, tid);
+        if (KEEP_ADJ) acur = araw;
         if (i1 - 2 >= i0) load_adjoint_cells(i1 - 2, W, up, d1p, d2p, gp, zp, tid, araw);
         __syncthreads();
 
@@ -1607,19 +1616,27 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                 red[(2 * NGRP + ty) * ROWCAP + c0 + k] = acc2[k];
             }
             __syncthreads();
-            // dB, dC of this row: consecutive threads take consecutive columns (coalesced atomics)
-#pragma unroll 4
-            for (int n = 0; n < NS; ++n)
-                for (int col = tid; col < W; col += NTX * NGRP) {
-                    const long at = n * HW + row + col;
-                    fixed_add(dB1p + at, gsm[n * ROWCAP + col]);
+            // dB, dC of this row: the (state, column) pairs spread over all the block's threads, consecutive
+            // threads on consecutive columns (coalesced atomics)
+            for (int n = pair_n, col = pair_col; n < NS;) {
+                const long at = n * HW + row + col;
+                fixed_add(dB1p + at, gsm[n * ROWCAP + col]);
 #if MODE == 1
-                    fixed_add(dB2p + at, gsm[NS * ROWCAP + n * ROWCAP + col]);
+                fixed_add(dB2p + at, gsm[NS * ROWCAP + n * ROWCAP + col]);
 #endif
-                    fixed_add(dCp + at, dysm[col] * hcur[n * W + col]);
+                fixed_add(dCp + at, dysm[col] * hcur[n * W + col]);
+                n += pair_dn;
+                col += pair_dc;
+                if (col >= W) {
+                    col -= W;
+                    ++n;
                 }
+            }
             // the whole block finishes the row, one column per thread: fixed-order sums over state groups
-            for (int col = ty * NTX + tx; col < W; col += NTX * NGRP) {
+#pragma unroll
+            for (int c = 0; c < CPT; ++c) {
+                const int col = tid + c * NTX * NGRP;
+                if (col >= W) break;
                 float s0 = 0.f, s1 = 0.f, s2 = 0.f;
                 for (int gi = 0; gi < NGRP; ++gi) {
                     s0 += red[(0 * NGRP + gi) * ROWCAP + col];
@@ -1627,16 +1644,20 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
                     s2 += red[(2 * NGRP + gi) * ROWCAP + col];
                 }
                 const long idx = (long)be * HW + row + col;
+#if KEEP_ADJ
+                const float uv = acur.u[c], gov = acur.g[c];
+#else
                 const float uv = ld(u, idx), gov = ld(dout, idx);
+#endif
 #if MODE == 0
                 float dyv = gov, zv = 0.f;
                 if (z) {
-                    zv = ld(z, idx);
+                    zv = KEEP_ADJ ? acur.z[c] : ld(z, idx);
                     dyv = gov * zv * sigmoidf_(zv);
                 }
                 st(du, idx, s1 + Dv * dyv);
                 dDacc += dyv * uv;
-                const float x = ld(dt1, idx) + bias;
+                const float x = (KEEP_ADJ ? acur.d1[c] : ld(dt1, idx)) + bias;
                 const float gdt = x > 20.f ? s0 : s0 * sigmoidf_(x);
                 st(ddt1, idx, gdt);
                 dbacc += gdt;
@@ -1655,6 +1676,7 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
             // every warp read this row's cells before the barrier above
             if (i > i0) {
                 store_adjoint_cells(W, bias, zp != nullptr, araw, cells_a, tid);
+                if (KEEP_ADJ) acur = araw;
                 if (i - 2 >= i0) load_adjoint_cells(i - 2, W, up, d1p, d2p, gp, zp, tid, araw);
             }
             __syncthreads();
