@@ -427,8 +427,10 @@ __device__ __forceinline__ void read_cells(int W, int c0, const float* cells, fl
 #define NBUF 2
 #endif
 // C of a row is loaded before its scan, which then covers the loads' latency, where a thread holds at
-// most 16 (state, column) pairs; more would spill registers.
+// most 16 (state, column) pairs; more would spill registers. (-DEARLY_C=0 / 1 forces either, to measure.)
+#ifndef EARLY_C
 #define EARLY_C (S * K <= 16)
+#endif
 extern "C" __global__ void __launch_bounds__(NTX * NGRP)
 scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restrict__ dt2, const T* __restrict__ z,
            const T* __restrict__ B1, const T* __restrict__ B2, const T* __restrict__ C, const float* __restrict__ A1,
