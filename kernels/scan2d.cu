@@ -313,10 +313,14 @@ __device__ __forceinline__ void forward_row(int i, int H, int W, int c0, const f
 // The per-cell inputs of row i, once per block: the forward's warps (one per state group) all read
 // them from shared memory instead of each loading u and dt and evaluating the softplus again.
 // cells: [NCELLP][ROWCAP] = 2DMamba: d1, d1*u; Mamba2D: d1, d1*u, d2, d2*u. Thread tid handles columns
-// tid + c * NTX * NGRP, c < CPT: the columns whose output it also writes, so u (and the 2DMamba gate,
-// loaded into d2) stay in its registers for that.
+// cell_col(tid, c), c < CPT: the columns whose output it also writes, so u (and the 2DMamba gate, loaded
+// into d2) stay in its registers for that.
 #define CPT ((K + NGRP - 1) / NGRP)
 #define NCELLP (MODE == 0 ? 2 : 4)
+
+// The column of thread tid's c-th cell of a row, in every per-cell pass of both row-sweep kernels (loads,
+// stores, the output): the registers a thread keeps for its columns rely on this one mapping.
+__device__ __forceinline__ int cell_col(int tid, int c) { return tid + c * NTX * NGRP; }
 struct RawCells {
     float u[CPT], d1[CPT], d2[CPT];
 };
@@ -326,7 +330,7 @@ __device__ __forceinline__ void load_cells(int i, int W, const T* up, const T* d
     const long row = (long)i * W;
 #pragma unroll
     for (int c = 0; c < CPT; ++c) {
-        const int col = tid + c * NTX * NGRP;
+        const int col = cell_col(tid, c);
         if (col < W) {
             r.u[c] = ld(up, row + col);
             r.d1[c] = ld(d1p, row + col);
@@ -338,7 +342,7 @@ __device__ __forceinline__ void load_cells(int i, int W, const T* up, const T* d
 __device__ __forceinline__ void store_cells(int W, float bias, const RawCells& r, float* cells, int tid) {
 #pragma unroll
     for (int c = 0; c < CPT; ++c) {
-        const int col = tid + c * NTX * NGRP;
+        const int col = cell_col(tid, c);
         if (col < W) {
 #if MODE == 0
             const float d = softplusf_(r.d1[c] + bias);
@@ -368,7 +372,7 @@ __device__ __forceinline__ void load_adjoint_cells(int i, int W, const T* up, co
     const long row = (long)i * W;
 #pragma unroll
     for (int c = 0; c < CPT; ++c) {
-        const int col = tid + c * NTX * NGRP;
+        const int col = cell_col(tid, c);
         if (col < W) {
             r.u[c] = ld(up, row + col);
             r.d1[c] = ld(d1p, row + col);
@@ -386,7 +390,7 @@ __device__ __forceinline__ void store_adjoint_cells(int W, float bias, bool gate
                                                     int tid) {
 #pragma unroll
     for (int c = 0; c < CPT; ++c) {
-        const int col = tid + c * NTX * NGRP;
+        const int col = cell_col(tid, c);
         if (col < W) {
             cells[col] = r.u[c];
             float dy = r.g[c];
@@ -547,7 +551,7 @@ scan2d_fwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
         // the whole block finishes the row, one column per thread: fixed-order sum over state groups
 #pragma unroll
         for (int c = 0; c < CPT; ++c) {
-            const int col = tid + c * NTX * NGRP;
+            const int col = cell_col(tid, c);
             if (col < W) {
                 float y = 0.f;
                 for (int g = 0; g < NGRP; ++g) y += yrow[g * ROWCAP + col];
@@ -1637,7 +1641,7 @@ scan2d_bwd(const T* __restrict__ u, const T* __restrict__ dt1, const T* __restri
             // the whole block finishes the row, one column per thread: fixed-order sums over state groups
 #pragma unroll
             for (int c = 0; c < CPT; ++c) {
-                const int col = tid + c * NTX * NGRP;
+                const int col = cell_col(tid, c);
                 if (col >= W) break;
                 float s0 = 0.f, s1 = 0.f, s2 = 0.f;
                 for (int gi = 0; gi < NGRP; ++gi) {
