@@ -86,3 +86,39 @@ def test_checkpoint_round_trip_is_exact(tmp_path, key):
     batch = GridBatch.from_grids([grid])
     with torch.no_grad():
         assert torch.equal(model(batch).logits, back(batch).logits)
+
+
+def test_clam_weighs_slide_and_instance_losses_as_published():
+    """CLAM-SB trains on 0.7 · slide loss + 0.3 · instance loss (bag_weight 0.7 in CLAM's main.py)."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = create("clam-sb", in_dim=16, n_classes=2, hidden=16, attn_dim=8, k_sample=2, dropout=0.0)
+    rng = np.random.default_rng(0)
+    batch = GridBatch.from_arrays([(rng.standard_normal((4, 5, 16)).astype(np.float32), np.ones((4, 5), bool))])
+    out = model.train()(batch, targets=torch.tensor([1]))
+    assert out.slide_loss_weight == pytest.approx(0.7)
+    inst = model.instance_loss(*_clam_parts(model, batch), torch.tensor([1]))
+    torch.testing.assert_close(out.aux_loss, 0.3 * inst)
+    assert model.eval()(batch).slide_loss_weight == 1.0  # validation loss: the slide loss alone
+
+
+def _clam_parts(model, batch):
+    from wsi2dmamba.models.base import embed_cells, pooling_mask
+
+    mask = pooling_mask(batch)
+    h = embed_cells(model.embed, batch.features)
+    _, weights = model.pool(h, mask)
+    return h, weights, mask
+
+
+def test_mambamil_reorders_each_sequence_with_its_rate():
+    from wsi2dmamba.models.mamba_mil import reorder_index
+
+    order = reorder_index(torch.tensor([7, 4]), 7, 3)
+    # slide 0: rows of 3 (0 1 2 / 3 4 5 / 6) read column by column; slide 1: 4 cells, then its padding
+    assert order[0].tolist() == [0, 3, 6, 1, 4, 2, 5]
+    assert order[1].tolist() == [0, 3, 1, 2, 4, 5, 6]
+    with_branch = create("mambamil", in_dim=8, n_classes=2, d_model=16)
+    without = create("mambamil", in_dim=8, n_classes=2, d_model=16, reorder_rate=None)
+    assert len(with_branch.blocks[0].mixers) == 2 and len(without.blocks[0].mixers) == 1

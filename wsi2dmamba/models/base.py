@@ -64,11 +64,13 @@ class MILOutput:
             over the cells it pools), or None for models without attention.
         aux_loss: a scalar auxiliary training loss, already weighted, to add to the slide loss (CLAM's
             instance loss when targets were given), else None.
+        slide_loss_weight: the weight of the slide loss beside ``aux_loss`` in training (CLAM: 0.7).
     """
 
     logits: torch.Tensor
     attention: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    slide_loss_weight: float = 1.0
 
 
 class MILModel(nn.Module):

@@ -148,7 +148,7 @@ class _FoldTrainer:
         else:
             loss = F.cross_entropy(logits, t["label"], weight=self.weights, reduction=reduction)
         if out.aux_loss is not None and reduction == "mean":
-            loss = loss + out.aux_loss.float()
+            loss = out.slide_loss_weight * loss + out.aux_loss.float()
         return loss
 
     def forward(self, ids: Sequence[str], batch, training: bool):
