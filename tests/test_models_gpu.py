@@ -95,8 +95,13 @@ def test_cnn2d_on_the_gpu_matches_the_cpu(batch):
     torch.manual_seed(0)
     model = create("cnn2d", in_dim=64, n_classes=3, d_model=32).eval()
     cpu_batch = batch.to("cpu")
-    with torch.no_grad():
-        ref = model(cpu_batch)
-        got = model.cuda()(batch)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions, as on the CPU
+    try:
+        with torch.no_grad():
+            ref = model(cpu_batch)
+            got = model.cuda()(batch)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     torch.testing.assert_close(got.logits.cpu(), ref.logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.attention.cpu(), ref.attention, atol=1e-5, rtol=1e-4)
