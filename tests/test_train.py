@@ -240,3 +240,70 @@ def test_mixed_precision_training_on_gpu(small, tmp_path, precision):
     with torch.no_grad():
         probs = torch.softmax(model(GridBatch.from_grids(grids)).logits, dim=1).numpy()
     assert np.abs(probs - last[["prob_0", "prob_1"]].to_numpy()).max() < 0.02
+
+
+def _fold_record(fold: Path) -> tuple[int, list[tuple[int, float, int]]]:
+    done = json.loads((fold / "done.json").read_text())
+    return done["chosen_restart"], [(r["restart"], r["best_value"], r["best_epoch"]) for r in done["restarts"]]
+
+
+def test_restarts_are_chosen_on_validation_only_and_resume_per_restart(small, tmp_path):
+    folder, cohort, feats = small
+    config = TrainConfig(folds=2, epochs=3, lr=5e-3, batch_size=2, seed=3, restarts=3, device="cpu")
+    res = train_cohort(cohort, feats, tmp_path / "a", "abmil", config, TINY["abmil"], folds_to_run=[0],
+                       progress=False)
+    fold_a = tmp_path / "a" / "train" / "abmil" / "fold_0"
+    chosen, records = _fold_record(fold_a)
+    assert [r[0] for r in records] == [0, 1, 2] and len({r[1] for r in records}) == 3  # three different seeds
+    assert chosen == int(np.argmin([r[1] for r in records])) == res.folds[0].chosen_restart  # lowest val loss
+    src = fold_a / f"restart_{chosen}"
+    assert (fold_a / "predictions.csv").read_bytes() == (src / "predictions.csv").read_bytes()
+    assert (fold_a / "best.safetensors").read_bytes() == (src / "best.safetensors").read_bytes()
+    table = pd.read_csv(fold_a / "restarts.csv")
+    assert table["chosen"].tolist() == [r == chosen for r in range(3)] and "val_auc" in table
+    assert json.loads((fold_a / "config.json").read_text())["train"]["restarts"] == 3
+
+    # Permuted test targets (the labels of fold 0's test patients flipped), same splits: the same choice.
+    test_ids = set(pd.read_csv(tmp_path / "a" / "train" / "splits" / "splits_0.csv")["test"].dropna())
+    manifest = pd.read_csv(cohort.source, dtype=str)
+    flip = manifest["slide_id"].isin(test_ids)
+    manifest.loc[flip, "label"] = manifest.loc[flip, "label"].map({"low": "high", "high": "low"})
+    manifest.to_csv(folder / "permuted.csv", index=False)
+    permuted = load_cohort(folder / "permuted.csv", require_path=False)
+    train_cohort(permuted, feats, tmp_path / "p", "abmil", config, TINY["abmil"], folds_to_run=[0],
+                 splits=tmp_path / "a" / "train" / "splits", progress=False)
+    fold_p = tmp_path / "p" / "train" / "abmil" / "fold_0"
+    assert _fold_record(fold_p) == (chosen, records)
+    pa, pp = pd.read_csv(fold_a / "predictions.csv"), pd.read_csv(fold_p / "predictions.csv")
+    test = pa["partition"] == "test"
+    assert (pa.loc[test, "target"] != pp.loc[test, "target"]).all()   # the test targets did change …
+    assert np.array_equal(pa["prob_1"], pp["prob_1"])                 # … and nothing trained on them
+
+    # A stop inside restart 2 (the second) resumes that restart alone and ends as the uninterrupted run.
+    def stop(row):
+        if row["fold_dir"].endswith("restart_1") and row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_cohort(cohort, feats, tmp_path / "b", "abmil", config, TINY["abmil"], folds_to_run=[0],
+                     callbacks=[stop], progress=False)
+    fold_b = tmp_path / "b" / "train" / "abmil" / "fold_0"
+    assert (fold_b / "restart_0" / "done.json").is_file() and (fold_b / "restart_1" / "resume.safetensors").is_file()
+    assert not (fold_b / "done.json").exists()
+    seen = []
+    train_cohort(cohort, feats, tmp_path / "b", "abmil", config, TINY["abmil"], folds_to_run=[0],
+                 callbacks=[lambda row: seen.append((Path(row["fold_dir"]).name, row["epoch"]))], progress=False)
+    assert seen == [("restart_1", 3), ("restart_2", 1), ("restart_2", 2), ("restart_2", 3)]
+    assert _fold_record(fold_b) == (chosen, records)
+    pd.testing.assert_frame_equal(pd.read_csv(fold_a / "predictions.csv"), pd.read_csv(fold_b / "predictions.csv"))
+    again = train_cohort(cohort, feats, tmp_path / "b", "abmil", config, TINY["abmil"], folds_to_run=[0],
+                         progress=False)
+    assert again.folds[0].skipped and again.folds[0].chosen_restart == chosen
+
+
+def test_restarts_in_a_pipeline_file(tmp_path):
+    from wsi2dmamba.pipeline import load_pipeline
+
+    (tmp_path / "cohort.csv").write_text("slide_id,path,label\ns1,s1.svs,a\n")
+    (tmp_path / "p.toml").write_text('[cohort]\nmanifest = "cohort.csv"\n[train]\nmodels = ["abmil"]\nrestarts = 4\n')
+    assert load_pipeline(tmp_path / "p.toml").option("train").restarts == 4

@@ -45,6 +45,9 @@ class TrainConfig(BaseModel):
                                                "(lower is better), or auc, balanced_accuracy, accuracy, f1 "
                                                "(classification), c_index (survival).")
     seed: int = 0
+    restarts: int = Field(1, ge=1, description="Trainings per fold, with seeds seed, seed+1, …; the fold keeps "
+                                               "the one whose chosen checkpoint scores best on validation "
+                                               "(ties: the earlier restart). Test data play no part in the choice.")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', …")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast precision on GPU; 'auto' = bf16 where supported, else fp16. CPU is fp32.")
