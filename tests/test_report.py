@@ -131,3 +131,29 @@ def test_survival_report_with_kaplan_meier_and_logrank(tmp_path_factory, tmp_pat
     p = json.loads((run / "report" / "metrics.json").read_text())["models"]["abmil"]["logrank_p"]
     assert p is None or 0 <= p <= 1
     _check_page(tmp_path, html, 2, ["C-index", "IPCW C-index", "Kaplan", "log-rank p"])
+
+
+def test_failed_folds_are_counted_on_validation_only(classification_run):
+    from wsi2dmamba.evaluation.evaluate import FAILED_FOLD_THRESHOLD, format_summary, summary_table
+
+    run, metrics = classification_run
+    preds = pd.concat(pd.read_csv(run / "train" / "abmil" / f"fold_{k}" / "predictions.csv") for k in range(3))
+    val = preds[(preds["checkpoint"] == "best") & (preds["partition"] == "val")]
+    pat = val.groupby(["fold", "patient_id"]).agg(prob_1=("prob_1", "mean"), target=("target", "first"))
+    aucs = {k: roc_auc_score(g["target"], g["prob_1"]) for k, g in pat.groupby(level="fold")}
+    failed = metrics["models"]["abmil"]["failed_folds"]["best"]
+    assert failed["of"] == 3 and failed["metric"] == "auc" and failed["threshold"] == FAILED_FOLD_THRESHOLD == 0.55
+    assert failed["folds"] == sorted(k for k, a in aucs.items() if a <= 0.55)
+    # Changing a fold's validation figure past the threshold, and nothing else, makes it count.
+    import copy
+
+    changed = copy.deepcopy(metrics)
+    fold0 = changed["models"]["abmil"]["results"]["patient"]["best"]["val"]["folds"][0]
+    fold0["auc"] = 0.5
+    from wsi2dmamba.evaluation.evaluate import failed_folds
+
+    assert 0 in failed_folds(changed["models"]["abmil"]["results"], "classification")["folds"]
+    row = next(r for r in summary_table(metrics) if r["model"] == "abmil" and r["checkpoint"] == "best")
+    assert row["partition"] == "test" and row["failed"] == len(failed["folds"]) and row["failed_of"] == 3
+    text = format_summary(metrics)
+    assert f"3 folds, {len(failed['folds'])} failed" in text and "auc" in text and " ± " in text and "pooled" in text

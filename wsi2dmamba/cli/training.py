@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
         if level not in ("patient", "slide"):
             raise ConfigError(f"--level must be patient or slide, got {level!r}")
         metrics = evaluate_run(out, n_boot=n_boot, seed=seed)
-        typer.echo(f"Test metrics ({level} level; mean ± std over folds, pooled [95% CI]):")
+        typer.echo(f"Test metrics ({level} level; mean ± std over folds, pooled [95% CI]; failed folds):")
         typer.echo(format_summary(metrics, level))
         typer.echo(f"Written {Path(out) / 'eval' / 'metrics.json'}")
 

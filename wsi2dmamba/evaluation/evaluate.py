@@ -9,6 +9,11 @@ metrics are computed
 
 ``pooled`` concatenates the test predictions of all folds (every patient once); its 95 % interval is a
 patient-level bootstrap. Each fold's interval is a bootstrap of that fold's test partition.
+
+A fold **failed** when its checkpoint is at chance on its own validation partition: patient-level AUC
+(classification) or Harrell's C-index (survival) ≤ :data:`FAILED_FOLD_THRESHOLD`. Only validation decides
+it, so counting failures looks at no test result. Splits without a test partition (published survival
+splits) are summarised on validation instead, labelled so.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from .metrics import CLASSIFICATION_METRICS, SURVIVAL_METRICS, classification_me
 
 LEVELS = ("slide", "patient")
 CHECKPOINTS = ("best", "last")
+#: A fold whose validation AUC / C-index (patient level) is at most this is counted as failed.
+FAILED_FOLD_THRESHOLD = 0.55
+FAILED_FOLD_METRIC = {"classification": "auc", "survival": "c_index"}
 
 
 def model_dirs(run_dir: str | os.PathLike[str]) -> list[Path]:
@@ -174,7 +182,37 @@ def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: 
         "preset": first.get("preset"), "classes": first.get("classes"), "select_on": first["train"]["select_on"],
         "folds": sorted(configs), "incomplete_folds": sorted(set(all_folds) - set(configs)),
         "n_parameters": first.get("n_parameters"), "results": results,
+        "failed_folds": {ckpt: failed_folds(results, task, ckpt) for ckpt in CHECKPOINTS},
+        "restarts": read_restarts(folds),
     })
+
+
+def failed_folds(results: dict[str, Any], task: str, checkpoint: str = "best") -> dict[str, Any]:
+    """The folds at chance on their validation partition (see the module docstring).
+
+    Returns:
+        ``{"metric", "threshold", "level", "partition", "folds" (failed), "undefined" (metric not defined,
+        e.g. one class in validation), "of" (folds with a validation partition)}``.
+    """
+    metric = FAILED_FOLD_METRIC[task]
+    val = results.get("patient", {}).get(checkpoint, {}).get("val")
+    per_fold = val["folds"] if val else []
+    values = {int(f["fold"]): f.get(metric) for f in per_fold}
+    defined = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+    return {"metric": metric, "threshold": FAILED_FOLD_THRESHOLD, "level": "patient", "partition": "val",
+            "folds": sorted(k for k, v in defined.items() if v <= FAILED_FOLD_THRESHOLD),
+            "undefined": sorted(set(values) - set(defined)), "of": len(values)}
+
+
+def read_restarts(folds: list[Path]) -> dict[str, Any]:
+    """fold → ``{"chosen", "restarts"}`` (each restart's seed, chosen epoch and validation figures) for the
+    folds trained with ``--restarts``; empty when none was."""
+    out = {}
+    for d in folds:
+        done = json.loads((d / "done.json").read_text())
+        if "restarts" in done:
+            out[d.name.split("_")[1]] = {"chosen": done["chosen_restart"], "restarts": done["restarts"]}
+    return out
 
 
 def clam_summary_rows(metrics: dict[str, Any], checkpoint: str = "best") -> list[dict[str, Any]]:
@@ -224,17 +262,29 @@ def evaluate_run(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
     return out
 
 
+def summary_partition(model_metrics: dict[str, Any], level: str, checkpoint: str) -> str | None:
+    """The partition a model's results are summarised on: ``test``, or ``val`` for splits without a test
+    partition (optimistic for the checkpoint chosen on it); None when there is neither."""
+    res = model_metrics["results"][level][checkpoint]
+    return "test" if "test" in res else ("val" if "val" in res else None)
+
+
 def summary_table(metrics: dict[str, Any], level: str = "patient") -> list[dict[str, Any]]:
-    """One row per (model, checkpoint): test metrics as mean ± std over folds and pooled [95 % CI]."""
+    """One row per (model, checkpoint): test metrics (validation metrics where the splits have no test
+    partition; ``partition`` says which) as mean ± std over folds and pooled [95 % CI], and the number of
+    failed folds (``failed``, of ``folds``)."""
     rows = []
     for name, m in metrics["models"].items():
         names = SURVIVAL_METRICS if m["task"] == "survival" else CLASSIFICATION_METRICS
         for ckpt in CHECKPOINTS:
-            res = m["results"][level][ckpt].get("test")
-            if res is None:
+            part = summary_partition(m, level, ckpt)
+            if part is None:
                 continue
-            row: dict[str, Any] = {"model": name, "task": m["task"], "checkpoint": ckpt,
-                                   "folds": len(res["folds"]), "level": level}
+            res = m["results"][level][ckpt][part]
+            failed = m.get("failed_folds", {}).get(ckpt, {})
+            row: dict[str, Any] = {"model": name, "task": m["task"], "checkpoint": ckpt, "partition": part,
+                                   "folds": len(res["folds"]), "level": level,
+                                   "failed": len(failed.get("folds", [])), "failed_of": failed.get("of")}
             for n in names:
                 row[f"{n}_mean"] = res["mean"].get(n)
                 row[f"{n}_std"] = res["std"].get(n)
@@ -260,5 +310,8 @@ def format_summary(metrics: dict[str, Any], level: str = "patient") -> str:
             if pooled is not None and lo is not None:
                 text += f" (pooled {pooled:.3f} [{lo:.3f}, {hi:.3f}])"
             parts.append(text)
-        lines.append(f"{row['model']:<20} {row['checkpoint']:<5} {row['folds']} folds  " + "; ".join(parts))
+        where = "" if row["partition"] == "test" else "VALIDATION (no test partition)  "
+        lines.append(f"{row['model']:<20} {row['checkpoint']:<5} {row['folds']} folds, {row['failed']} failed  "
+                     + where + "; ".join(parts))
+    lines.append(f"A fold failed when its patient-level validation AUC / C-index ≤ {FAILED_FOLD_THRESHOLD}.")
     return "\n".join(lines)

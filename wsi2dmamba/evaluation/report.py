@@ -22,6 +22,8 @@ from ..fileio import write_json_atomic, write_text_atomic
 from . import plots
 from .evaluate import (
     CHECKPOINTS,
+    FAILED_FOLD_METRIC,
+    FAILED_FOLD_THRESHOLD,
     aggregate_patients,
     clam_summary_rows,
     complete_folds,
@@ -47,6 +49,8 @@ tr.last td { color: #555; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { font-size: 0.85em; color: #555; }
 .note { font-size: 0.85em; color: #555; }
+.warn { color: #a33; font-weight: 600; }
+tr.failed td { background: #fbeaea; }
 """
 
 
@@ -67,7 +71,7 @@ def _summary_html(metrics: dict[str, Any], task: str, level: str) -> str:
     rows = [r for r in summary_table(metrics, level) if r["task"] == task]
     if not rows:
         return ""
-    head = "".join(f"<th>{_LABELS[n]}<br>mean ± std</th><th>{_LABELS[n]}<br>pooled [95% CI]</th>" for n in names)
+    head = "".join(f"<th>{_LABELS[n]}<br>mean ± sd</th><th>{_LABELS[n]}<br>pooled [95% CI]</th>" for n in names)
     body = []
     for r in rows:
         cells = []
@@ -76,10 +80,54 @@ def _summary_html(metrics: dict[str, Any], task: str, level: str) -> str:
             ci = (f" [{_fmt(r[f'{n}_ci_low'])}, {_fmt(r[f'{n}_ci_high'])}]" if r[f"{n}_ci_low"] is not None else "")
             cells.append(f"<td>{_fmt(r[f'{n}_pooled'])}{ci}</td>")
         label = "chosen on validation" if r["checkpoint"] == "best" else "last epoch"
+        part = ("test" if r["partition"] == "test"
+                else '<span class="warn">validation (no test partition; optimistic)</span>')
+        failed = f'{r["failed"]} of {r["failed_of"]}' if r["failed_of"] is not None else "–"
         body.append(f'<tr class="{r["checkpoint"]}"><td class="name">{html.escape(r["model"])}</td>'
-                    f'<td class="name">{label}</td><td>{r["folds"]}</td>{"".join(cells)}</tr>')
+                    f'<td class="name">{label}</td><td class="name partition">{part}</td><td>{r["folds"]}</td>'
+                    f'<td class="failed">{failed}</td>{"".join(cells)}</tr>')
     return (f'<table class="summary" data-task="{task}" data-level="{level}"><thead><tr><th class="name">model</th>'
-            f'<th class="name">checkpoint</th><th>folds</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+            f'<th class="name">checkpoint</th><th class="name">evaluated on</th><th>folds</th>'
+            f'<th>failed folds</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def _restart_text(m: dict[str, Any], fold: int) -> str:
+    info = m.get("restarts", {}).get(str(fold))
+    if not info:
+        return "–"
+    values = ", ".join(_fmt(r.get("best_value")) for r in info["restarts"])
+    return f'{info["chosen"] + 1} of {len(info["restarts"])} ({m["select_on"]}: {values})'
+
+
+def _folds_html(metrics: dict[str, Any], task: str) -> str:
+    """Per model and fold: chosen epoch and restart, the validation figure that decides failure, and the
+    test metrics of the checkpoint chosen on validation (patient level)."""
+    names = SURVIVAL_METRICS if task == "survival" else CLASSIFICATION_METRICS
+    body = []
+    for name, m in metrics["models"].items():
+        if m["task"] != task:
+            continue
+        res = m["results"]["patient"]["best"]
+        failed = m.get("failed_folds", {}).get("best", {})
+        key = failed.get("metric", names[0])
+        val = {f["fold"]: f for f in res.get("val", {}).get("folds", [])}
+        test = {f["fold"]: f for f in res.get("test", {}).get("folds", [])}
+        for k in sorted(set(val) | set(test)):
+            t = test.get(k, {})
+            bad = k in failed.get("folds", [])
+            cells = "".join(f"<td>{_fmt(t.get(n))}</td>" for n in names)
+            epoch = (t or val.get(k, {})).get("epoch")
+            body.append(f'<tr class="{"failed" if bad else "ok"}"><td class="name">{html.escape(name)}</td>'
+                        f'<td>{k}</td><td>{epoch if epoch is not None else "–"}</td>'
+                        f'<td class="name">{_restart_text(m, k)}</td><td>{_fmt(val.get(k, {}).get(key))}</td>'
+                        f'<td class="name">{"failed" if bad else ""}</td>{cells}</tr>')
+    if not body:
+        return ""
+    key_label = _LABELS[FAILED_FOLD_METRIC[task]]
+    head = "".join(f"<th>test {_LABELS[n]}</th>" for n in names)
+    return (f'<table class="folds" data-task="{task}"><thead><tr><th class="name">model</th><th>fold</th>'
+            f'<th>chosen epoch</th><th class="name">restart chosen</th><th>validation {key_label}</th>'
+            f'<th class="name">at chance</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
 
 
 def _models_html(metrics: dict[str, Any]) -> str:
@@ -131,9 +179,11 @@ def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
     parts = [f"<h1>wsi2dmamba report</h1><p class=\"note\">Run <code>{html.escape(str(run_dir.resolve()))}</code>, "
              f"written {time.strftime('%Y-%m-%d %H:%M')}. Test metrics are of the held-out partition of each fold; "
              "“chosen on validation” is the checkpoint with the best validation "
-             "score, “last epoch” the final one. Mean ± std is over folds; pooled joins the test predictions "
+             "score, “last epoch” the final one. Mean ± sd is over folds; pooled joins the test predictions "
              f"of all folds (each patient once), with a patient-level bootstrap 95% interval ({metrics['n_boot']} "
-             "resamples).</p>", "<h2>Models</h2>", _models_html(metrics)]
+             "resamples). A fold <em>failed</em> when its checkpoint is at chance on its own validation "
+             f"partition: patient-level AUC (classification) or C-index (survival) ≤ {FAILED_FOLD_THRESHOLD}; "
+             "only validation decides it.</p>", "<h2>Models</h2>", _models_html(metrics)]
     for task in ("classification", "survival"):
         names = [n for n, t in tables.items() if t["task"] == task]
         if not names:
@@ -142,6 +192,8 @@ def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
         parts.append(_summary_html(metrics, task, "patient"))
         parts.append(f"<h2>Summary: {task} (slide level)</h2>")
         parts.append(_summary_html(metrics, task, "slide"))
+        parts.append(f"<h2>Per fold: {task} (patient level, checkpoint chosen on validation)</h2>")
+        parts.append(_folds_html(metrics, task))
         test_tables = {n: tables[n]["test"] for n in names if len(tables[n]["test"])}
         if task == "classification" and test_tables:
             classes = {n: metrics["models"][n]["classes"] for n in test_tables}
