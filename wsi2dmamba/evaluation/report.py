@@ -72,23 +72,25 @@ def _summary_html(metrics: dict[str, Any], task: str, level: str) -> str:
     if not rows:
         return ""
     head = "".join(f"<th>{_LABELS[n]}<br>mean ± sd</th><th>{_LABELS[n]}<br>pooled [95% CI]</th>" for n in names)
-    body = []
-    for r in rows:
-        cells = []
-        for n in names:
-            cells.append(f"<td>{_fmt(r[f'{n}_mean'])} ± {_fmt(r[f'{n}_std'])}</td>")
-            ci = (f" [{_fmt(r[f'{n}_ci_low'])}, {_fmt(r[f'{n}_ci_high'])}]" if r[f"{n}_ci_low"] is not None else "")
-            cells.append(f"<td>{_fmt(r[f'{n}_pooled'])}{ci}</td>")
-        label = "chosen on validation" if r["checkpoint"] == "best" else "last epoch"
-        part = ("test" if r["partition"] == "test"
-                else '<span class="warn">validation (no test partition; optimistic)</span>')
-        failed = f'{r["failed"]} of {r["failed_of"]}' if r["failed_of"] is not None else "–"
-        body.append(f'<tr class="{r["checkpoint"]}"><td class="name">{html.escape(r["model"])}</td>'
-                    f'<td class="name">{label}</td><td class="name partition">{part}</td><td>{r["folds"]}</td>'
-                    f'<td class="failed">{failed}</td>{"".join(cells)}</tr>')
+    body = [_summary_row(r, names) for r in rows]
     return (f'<table class="summary" data-task="{task}" data-level="{level}"><thead><tr><th class="name">model</th>'
             f'<th class="name">checkpoint</th><th class="name">evaluated on</th><th>folds</th>'
             f'<th>failed folds</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def _summary_row(r: dict[str, Any], names: tuple[str, ...]) -> str:
+    cells = []
+    for n in names:
+        cells.append(f"<td>{_fmt(r[f'{n}_mean'])} ± {_fmt(r[f'{n}_std'])}</td>")
+        ci = (f" [{_fmt(r[f'{n}_ci_low'])}, {_fmt(r[f'{n}_ci_high'])}]" if r[f"{n}_ci_low"] is not None else "")
+        cells.append(f"<td>{_fmt(r[f'{n}_pooled'])}{ci}</td>")
+    label = "chosen on validation" if r["checkpoint"] == "best" else "last epoch"
+    part = ("test" if r["partition"] == "test"
+            else '<span class="warn">validation (no test partition; optimistic)</span>')
+    failed = f'{r["failed"]} of {r["failed_of"]}' if r["failed_of"] is not None else "–"
+    return (f'<tr class="{r["checkpoint"]}"><td class="name">{html.escape(r["model"])}</td>'
+            f'<td class="name">{label}</td><td class="name partition">{part}</td><td>{r["folds"]}</td>'
+            f'<td class="failed">{failed}</td>{"".join(cells)}</tr>')
 
 
 def _restart_text(m: dict[str, Any], fold: int) -> str:
@@ -99,28 +101,30 @@ def _restart_text(m: dict[str, Any], fold: int) -> str:
     return f'{info["chosen"] + 1} of {len(info["restarts"])} ({m["select_on"]}: {values})'
 
 
+def _fold_rows(name: str, m: dict[str, Any], names: tuple[str, ...]) -> list[str]:
+    res = m["results"]["patient"]["best"]
+    failed = m.get("failed_folds", {}).get("best", {})
+    key = failed.get("metric", names[0])
+    val = {f["fold"]: f for f in res.get("val", {}).get("folds", [])}
+    test = {f["fold"]: f for f in res.get("test", {}).get("folds", [])}
+    rows = []
+    for k in sorted(set(val) | set(test)):
+        t = test.get(k, {})
+        bad = k in failed.get("folds", [])
+        cells = "".join(f"<td>{_fmt(t.get(n))}</td>" for n in names)
+        epoch = (t or val.get(k, {})).get("epoch")
+        rows.append(f'<tr class="{"failed" if bad else "ok"}"><td class="name">{html.escape(name)}</td>'
+                    f'<td>{k}</td><td>{epoch if epoch is not None else "–"}</td>'
+                    f'<td class="name">{_restart_text(m, k)}</td><td>{_fmt(val.get(k, {}).get(key))}</td>'
+                    f'<td class="name">{"failed" if bad else ""}</td>{cells}</tr>')
+    return rows
+
+
 def _folds_html(metrics: dict[str, Any], task: str) -> str:
     """Per model and fold: chosen epoch and restart, the validation figure that decides failure, and the
     test metrics of the checkpoint chosen on validation (patient level)."""
     names = SURVIVAL_METRICS if task == "survival" else CLASSIFICATION_METRICS
-    body = []
-    for name, m in metrics["models"].items():
-        if m["task"] != task:
-            continue
-        res = m["results"]["patient"]["best"]
-        failed = m.get("failed_folds", {}).get("best", {})
-        key = failed.get("metric", names[0])
-        val = {f["fold"]: f for f in res.get("val", {}).get("folds", [])}
-        test = {f["fold"]: f for f in res.get("test", {}).get("folds", [])}
-        for k in sorted(set(val) | set(test)):
-            t = test.get(k, {})
-            bad = k in failed.get("folds", [])
-            cells = "".join(f"<td>{_fmt(t.get(n))}</td>" for n in names)
-            epoch = (t or val.get(k, {})).get("epoch")
-            body.append(f'<tr class="{"failed" if bad else "ok"}"><td class="name">{html.escape(name)}</td>'
-                        f'<td>{k}</td><td>{epoch if epoch is not None else "–"}</td>'
-                        f'<td class="name">{_restart_text(m, k)}</td><td>{_fmt(val.get(k, {}).get(key))}</td>'
-                        f'<td class="name">{"failed" if bad else ""}</td>{cells}</tr>')
+    body = [row for name, m in metrics["models"].items() if m["task"] == task for row in _fold_rows(name, m, names)]
     if not body:
         return ""
     key_label = _LABELS[FAILED_FOLD_METRIC[task]]

@@ -528,6 +528,18 @@ def _train_restarts(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGr
     if prior is not None and prior.get("config_hash") == config_hash and all(res.skipped for res in results):
         return FoldResult(split.fold, fold_dir, int(prior["best_epoch"]), float(prior["best_value"]),
                           int(prior["epochs"]), skipped=True, chosen_restart=chosen, restarts=records)
+    best = results[chosen]
+    _write_chosen_restart(fold_dir, config, config_hash, chosen, records, best)
+    return FoldResult(split.fold, fold_dir, best.best_epoch, best.best_value, best.epochs, chosen_restart=chosen,
+                      restarts=records)
+
+
+def _write_chosen_restart(fold_dir: Path, config: TrainConfig, config_hash: str, chosen: int,
+                          records: list[dict[str, Any]], best: FoldResult) -> None:
+    """Give ``fold_dir`` the files of restart ``chosen``; ``done.json`` last."""
+    import json
+
+    done_path = fold_dir / "done.json"
     done_path.unlink(missing_ok=True)  # the fold is unfinished until its files are those of the chosen restart
     src = fold_dir / f"restart_{chosen}"
     for name in FOLD_OUTPUTS:
@@ -539,13 +551,10 @@ def _train_restarts(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGr
     write_json_atomic(fold_dir / "config.json", fold_config)
     write_text_atomic(fold_dir / "restarts.csv", _csv_text([{**rec, "chosen": rec["restart"] == chosen}
                                                             for rec in records]))
-    best = results[chosen]
     write_json_atomic(done_path, {
         "best_epoch": best.best_epoch, "best_value": best.best_value, "select_on": config.select_on,
         "epochs": best.epochs, "config_hash": config_hash, "chosen_restart": chosen, "restarts": records,
         "outputs": {n: file_sha256(fold_dir / n) for n in FOLD_OUTPUTS}})
-    return FoldResult(split.fold, fold_dir, best.best_epoch, best.best_value, best.epochs, chosen_restart=chosen,
-                      restarts=records)
 
 
 # ---------------------------------------------------------------------------------------- a cohort
