@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from sksurv.metrics import concordance_index_censored
+from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
+from sksurv.util import Surv
 from training_data import one_thread, trained_run  # noqa: F401
 
 from wsi2dmamba.evaluation import evaluate_run, write_report
@@ -124,6 +125,16 @@ def test_survival_report_with_kaplan_meier_and_logrank(tmp_path_factory, tmp_pat
     for k, g in test.groupby("fold"):
         expected = concordance_index_censored(g["event"].astype(bool), g["time"], g["risk"])[0]
         assert res["slide"]["best"]["test"]["folds"][k]["c_index"] == pytest.approx(expected)
+    # IPCW C-index per fold: the censoring distribution of that fold's training patients alone.
+    pat = test.groupby(["fold", "patient_id"]).agg(time=("time", "first"), event=("event", "first"),
+                                                   risk=("risk", "mean"))
+    for k, g in pat.groupby(level="fold"):
+        ts = json.loads((run / "train" / "abmil" / f"fold_{k}" / "config.json").read_text())["train_survival"]
+        tt, te = np.array(ts["time"]), np.array(ts["event"], bool)
+        tau = tt[te].max()
+        y_te = Surv.from_arrays(g["event"].astype(bool) & (g["time"] <= tau), np.minimum(g["time"], tau))
+        expected = concordance_index_ipcw(Surv.from_arrays(te, tt), y_te, g["risk"].to_numpy(), tau=tau)[0]
+        assert res["patient"]["best"]["test"]["folds"][k]["c_index_ipcw"] == pytest.approx(expected)
     pooled = res["patient"]["best"]["test"]["pooled"]
     assert pooled["c_index"] is not None and 0 < pooled["ibs"] < 0.5
     assert all(f["ibs"] is not None for f in res["slide"]["best"]["test"]["folds"])

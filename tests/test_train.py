@@ -171,10 +171,18 @@ def test_survival_bins_are_fitted_on_the_training_partition(tmp_path_factory):
         fold = run / "train" / "abmil" / f"fold_{k}"
         cfg = json.loads((fold / "config.json").read_text())
         train = cfg["split"]["train"]
-        t = np.array([cohort[s].time for s in train])
-        e = np.array([cohort[s].event for s in train])
+        # One time per training patient, however many slides it has (the cohort has 1–2 per patient).
+        first = {}
+        for s in train:
+            first.setdefault(cohort[s].patient_id, cohort[s])
+        assert len(first) < len(train)
+        t = np.array([r.time for r in first.values()])
+        e = np.array([r.event for r in first.values()])
         assert cfg["bin_edges"] == pytest.approx(survival_bin_edges(t, e, 4).tolist())
         assert cfg["train_survival"]["time"] == pytest.approx(t.tolist())
+        assert cfg["train_survival"]["patient_id"] == list(first)
+        per_slide = np.array([cohort[s].time for s in train]), np.array([cohort[s].event for s in train])
+        assert cfg["bin_edges"] != pytest.approx(survival_bin_edges(*per_slide, 4).tolist())
         preds = pd.read_csv(fold / "predictions.csv")
         surv = preds[[f"surv_{j}" for j in range(4)]].to_numpy()
         assert np.all(np.diff(surv, axis=1) <= 1e-7) and np.allclose(preds["risk"], -surv.sum(axis=1), atol=1e-5)

@@ -85,19 +85,29 @@ def _surv_matrix(df: Any) -> np.ndarray:
     return df[cols].to_numpy(np.float64)
 
 
-def _point_metrics(df: Any, task: str, fold_cfgs: dict[int, dict[str, Any]], pooled: bool) -> dict[str, Any]:
+def _point_metrics(df: Any, task: str, fold_cfgs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     if task == "classification":
         return classification_metrics(df["target"].to_numpy(), _prob_matrix(df))
     folds = df["fold"].to_numpy()
     ends = np.stack([np.asarray(fold_cfgs[int(f)]["bin_ends"], np.float64) for f in folds]) if len(df) else None
-    if pooled:
-        # Every patient is in the pooled test set once: its own censoring distribution is the cohort's.
-        train_t, train_e = df["time"].to_numpy(), df["event"].to_numpy()
-    else:
-        ts = fold_cfgs[int(folds[0])]["train_survival"]
-        train_t, train_e = np.asarray(ts["time"]), np.asarray(ts["event"])
+    train_t, train_e = training_survival([fold_cfgs[int(k)] for k in np.unique(folds)])
     return survival_metrics(df["time"].to_numpy(), df["event"].to_numpy(), df["risk"].to_numpy(),
                             surv=_surv_matrix(df), bin_ends=ends, train_time=train_t, train_event=train_e)
+
+
+def training_survival(fold_cfgs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(time, event) of the training patients of the given folds, each patient once: the data of the
+    censoring estimate. For one fold, its training partition; pooled over folds, every patient that some
+    fold trained on (runs that recorded no patient ids give each fold's list as it is)."""
+    time: dict[Any, float] = {}
+    event: dict[Any, int] = {}
+    for i, cfg in enumerate(fold_cfgs):
+        ts = cfg["train_survival"]
+        ids = ts.get("patient_id") or [(i, j) for j in range(len(ts["time"]))]
+        for pid, t, e in zip(ids, ts["time"], ts["event"]):
+            time.setdefault(pid, float(t))
+            event.setdefault(pid, int(e))
+    return np.fromiter(time.values(), np.float64, len(time)), np.fromiter(event.values(), np.int64, len(event))
 
 
 def _intervals(df: Any, task: str, n_boot: int, seed: int) -> dict[str, list[float]]:
@@ -161,7 +171,7 @@ def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: 
                     continue
                 per_fold = []
                 for k, g in sub.groupby("fold", sort=True):
-                    m = _point_metrics(g, task, configs, pooled=False)
+                    m = _point_metrics(g, task, configs)
                     if part == "test":
                         m["ci"] = _intervals(g, task, n_boot, seed + int(k))
                     per_fold.append({"fold": int(k), "epoch": int(g["epoch"].iloc[0]), **m})
@@ -172,7 +182,7 @@ def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: 
                     "std": {n: float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else math.nan
                             for n, v in values.items()},
                 }
-                pooled = _point_metrics(sub, task, configs, pooled=True)
+                pooled = _point_metrics(sub, task, configs)
                 if part == "test":
                     pooled["ci"] = _intervals(sub, task, n_boot, seed)
                 entry["pooled"] = pooled

@@ -257,6 +257,21 @@ def _selection_value(config: TrainConfig, outputs: dict[str, np.ndarray], loss: 
     return float(value), metrics
 
 
+def patient_survival(cohort: Cohort, slide_ids: Sequence[str]) -> dict[str, list[Any]]:
+    """One (time, event) per patient of ``slide_ids``, each patient once (from its first slide), so that
+    a patient with several slides weighs as much as one with a single slide in the survival bins and the
+    censoring estimate.
+
+    Returns:
+        ``{"patient_id": [...], "time": [...], "event": [...]}`` in order of first appearance.
+    """
+    first: dict[str, Any] = {}
+    for sid in slide_ids:
+        first.setdefault(cohort[sid].patient_id, cohort[sid])
+    return {"patient_id": list(first), "time": [float(r.time) for r in first.values()],
+            "event": [int(r.event) for r in first.values()]}
+
+
 def _prediction_rows(fold: int, checkpoint: str, epoch: int, partition: str, ids: Sequence[str],
                      outputs: dict[str, np.ndarray], cohort: Cohort, targets: Targets, classes: Sequence[str] | None,
                      ) -> list[dict[str, Any]]:
@@ -335,11 +350,10 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
     bin_edges = bin_ends = None
     train_surv = None
     if task == "survival":
-        t = np.array([cohort[s].time for s in split.train], np.float64)
-        e = np.array([cohort[s].event for s in split.train], np.int64)
-        bin_edges = survival_bin_edges(t, e, config.n_bins)  # fitted on the training partition only
+        train_surv = patient_survival(cohort, split.train)
+        t, e = np.array(train_surv["time"], np.float64), np.array(train_surv["event"], np.int64)
+        bin_edges = survival_bin_edges(t, e, config.n_bins)  # fitted on the training patients only
         bin_ends = np.append(bin_edges, t.max())
-        train_surv = {"time": t.tolist(), "event": e.tolist()}
         classes = None
     else:
         classes = list(classes) if classes is not None else class_names(cohort)
