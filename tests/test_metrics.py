@@ -189,3 +189,16 @@ def test_percentile_interval():
     lo, hi = percentile_interval(v)
     assert lo == pytest.approx(0.025, abs=1e-3) and hi == pytest.approx(0.975, abs=1e-3)
     assert all(math.isnan(x) for x in percentile_interval(np.array([0.5, np.nan])))
+
+
+def test_calibration_bins_and_error():
+    from wsi2dmamba.evaluation.plots import calibration_bins, expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 20000)
+    y = rng.uniform(0, 1, p.size) < p                     # calibrated by construction
+    pred, obs, n = calibration_bins(y, p)
+    assert n.sum() == p.size and len(n) == 10 and np.all(np.diff(pred) > 0)
+    assert np.abs(obs - pred).max() < 0.03 and expected_calibration_error(y, p) < 0.02
+    assert expected_calibration_error(np.ones(50), np.full(50, 0.2)) == pytest.approx(0.8)
+    assert len(calibration_bins(np.ones(12), np.linspace(0, 1, 12))[0]) == 2  # at least 5 patients a bin

@@ -98,7 +98,7 @@ def _check_page(tmp_path, html, n_images, must_contain):
     coloured = (pixels.max(axis=2) - pixels.min(axis=2)) > 60  # figure colours, not text or background
     dark = pixels.max(axis=2) < 100                              # text and table rules
     assert coloured.sum() > 2000 and dark.sum() > 2000
-    return shot
+    return dom.stdout
 
 
 def test_classification_report_renders_in_chromium(classification_run, tmp_path):
@@ -111,9 +111,14 @@ def test_classification_report_renders_in_chromium(classification_run, tmp_path)
     assert len(summary) == 2 * 2 * 3
     saved = json.loads((run / "report" / "metrics.json").read_text())
     assert set(saved["models"]) == {"abmil", "meanpool"}
-    # Figures: ROC, confusion matrices, learning curves.
-    _check_page(tmp_path, html, 3, ['class="summary"', "abmil", "meanpool", "chosen on validation", "last epoch",
-                                     "ROC curves", "Confusion matrices", "Learning curves"])
+    # Figures: ROC, precision-recall, calibration, confusion matrices, training curves per fold.
+    dom = _check_page(tmp_path, html, 5, ['class="summary"', "abmil", "meanpool", "chosen on validation",
+                                          "last epoch", "ROC curves", "Precision–recall curves", "Calibration",
+                                          "Confusion matrices", "Training curves per fold", "failed folds",
+                                          'class="folds"', "mean ± sd", "pooled [95% CI]"])
+    failed = metrics["models"]["abmil"]["failed_folds"]["best"]
+    assert f'<td class="failed">{len(failed["folds"])} of 3</td>' in dom
+    assert dom.count('<tr class="failed">') + dom.count('<tr class="ok">') == 2 * 3  # one row per model and fold
 
 
 def test_survival_report_with_kaplan_meier_and_logrank(tmp_path_factory, tmp_path):
@@ -141,7 +146,23 @@ def test_survival_report_with_kaplan_meier_and_logrank(tmp_path_factory, tmp_pat
     html = write_report(run, metrics=metrics)
     p = json.loads((run / "report" / "metrics.json").read_text())["models"]["abmil"]["logrank_p"]
     assert p is None or 0 <= p <= 1
-    _check_page(tmp_path, html, 2, ["C-index", "IPCW C-index", "Kaplan", "log-rank p"])
+    dom = _check_page(tmp_path, html, 3, ["C-index", "IPCW C-index", "Kaplan", "log-rank p", "number at risk",
+                                          "Calibration", "Training curves per fold"])
+    # The at-risk table under the Kaplan–Meier curves: patients followed at least t, per predicted risk half.
+    rows = re.findall(r'<table class="at-risk">(.*?)</table>', dom)
+    assert len(rows) == 1
+    pat = test.groupby(["fold", "patient_id"]).agg(time=("time", "first"), risk=("risk", "mean")).reset_index()
+    high = np.zeros(len(pat), bool)
+    for _, g in pat.groupby("fold"):
+        high[g.index] = g["risk"] > g["risk"].median()
+    from wsi2dmamba.evaluation.plots import at_risk_times
+
+    ticks = at_risk_times(pat["time"].to_numpy())
+    assert len(ticks) == 5 and ticks[0] == 0 and ticks[-1] <= pat["time"].max() * 1.05
+    for group, flag in (("low risk", False), ("high risk", True)):
+        found = re.findall(rf'<td class="name">{group}</td>((?:<td>\d+</td>)+)', rows[0])[0]
+        counts = [int(c) for c in re.findall(r"<td>(\d+)</td>", found)]
+        assert counts == [int(((pat["time"] >= t) & (high == flag)).sum()) for t in ticks], group
 
 
 def test_failed_folds_are_counted_on_validation_only(classification_run):
@@ -168,3 +189,37 @@ def test_failed_folds_are_counted_on_validation_only(classification_run):
     assert row["partition"] == "test" and row["failed"] == len(failed["folds"]) and row["failed_of"] == 3
     text = format_summary(metrics)
     assert f"3 folds, {len(failed['folds'])} failed" in text and "auc" in text and " ± " in text and "pooled" in text
+
+
+def test_splits_without_a_test_partition_report_validation_labelled_as_such(tmp_path_factory, tmp_path):
+    from training_data import TINY, make_cohort
+
+    from wsi2dmamba.cohort import load_cohort
+    from wsi2dmamba.evaluation.evaluate import format_summary, summary_table
+    from wsi2dmamba.training import TrainConfig, train_cohort
+
+    folder = tmp_path_factory.mktemp("valonly")
+    manifest, feats = make_cohort(folder, n_patients=16, seed=3)
+    cohort = load_cohort(manifest, require_path=False)
+    ids = sorted(cohort.slide_ids)
+    split_dir = folder / "published_splits"
+    split_dir.mkdir()
+    for k in range(2):  # as the published survival splits: train and val, no test column values
+        val = ids[k::2][:8]
+        train = [s for s in ids if s not in val]
+        pd.DataFrame({"train": pd.Series(train), "val": pd.Series(val), "test": pd.Series([], dtype=object)}
+                     ).to_csv(split_dir / f"splits_{k}.csv")
+    config = TrainConfig(folds=2, epochs=2, lr=5e-3, batch_size=2, select_on="auc", device="cpu")
+    res = train_cohort(cohort, feats, folder / "run", "meanpool", config, TINY["meanpool"], splits=split_dir,
+                       progress=False)
+    assert any("no test partition" in w for w in res.warnings)
+    metrics = evaluate_run(folder / "run", n_boot=100)
+    best = metrics["models"]["meanpool"]["results"]["patient"]["best"]
+    assert "test" not in best and best["val"]["pooled"]["ci"]["auc"]  # validation, with its interval
+    row = next(r for r in summary_table(metrics) if r["checkpoint"] == "best")
+    assert row["partition"] == "val" and row["auc_pooled"] == best["val"]["pooled"]["auc"]
+    assert "VALIDATION (no test partition)" in format_summary(metrics)
+    html = write_report(folder / "run", metrics=metrics)
+    dom = _check_page(tmp_path, html, 5, ["validation (no test partition; optimistic)", "ROC curves",
+                                          "pooled VALIDATION predictions"])
+    assert dom.count("validation (no test partition; optimistic)") == 4  # both checkpoints, both levels

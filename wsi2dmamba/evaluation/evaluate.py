@@ -135,6 +135,28 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _partition_entry(sub: Any, task: str, configs: dict[int, dict[str, Any]], with_ci: bool, n_boot: int,
+                     seed: int) -> dict[str, Any]:
+    """``folds`` (per-fold metrics, with CIs when ``with_ci``), ``mean`` and ``std`` over folds, and ``pooled``."""
+    names = SURVIVAL_METRICS if task == "survival" else CLASSIFICATION_METRICS
+    per_fold = []
+    for k, g in sub.groupby("fold", sort=True):
+        m = _point_metrics(g, task, configs)
+        if with_ci:
+            m["ci"] = _intervals(g, task, n_boot, seed + int(k))
+        per_fold.append({"fold": int(k), "epoch": int(g["epoch"].iloc[0]), **m})
+    values = {n: np.array([f[n] for f in per_fold], np.float64) for n in names}
+    pooled = _point_metrics(sub, task, configs)
+    if with_ci:
+        pooled["ci"] = _intervals(sub, task, n_boot, seed)
+    return {
+        "folds": per_fold,
+        "mean": {n: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for n, v in values.items()},
+        "std": {n: float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else math.nan for n, v in values.items()},
+        "pooled": pooled,
+    }
+
+
 def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Metrics of one model folder (see the module docstring for what is computed).
 
@@ -158,8 +180,8 @@ def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: 
     first = configs[min(configs)]
     task = first["task"]
     slides = pd.concat(frames, ignore_index=True)
-    names = SURVIVAL_METRICS if task == "survival" else CLASSIFICATION_METRICS
     results: dict[str, Any] = {}
+    has_test = bool((slides["partition"] == "test").any())
     for level in LEVELS:
         table = slides if level == "slide" else aggregate_patients(slides, task)
         results[level] = {}
@@ -167,26 +189,10 @@ def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: 
             results[level][ckpt] = {}
             for part in ("test", "val"):
                 sub = table[(table["checkpoint"] == ckpt) & (table["partition"] == part)]
-                if sub.empty:
-                    continue
-                per_fold = []
-                for k, g in sub.groupby("fold", sort=True):
-                    m = _point_metrics(g, task, configs)
-                    if part == "test":
-                        m["ci"] = _intervals(g, task, n_boot, seed + int(k))
-                    per_fold.append({"fold": int(k), "epoch": int(g["epoch"].iloc[0]), **m})
-                values = {n: np.array([f[n] for f in per_fold], np.float64) for n in names}
-                entry = {
-                    "folds": per_fold,
-                    "mean": {n: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for n, v in values.items()},
-                    "std": {n: float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else math.nan
-                            for n, v in values.items()},
-                }
-                pooled = _point_metrics(sub, task, configs)
-                if part == "test":
-                    pooled["ci"] = _intervals(sub, task, n_boot, seed)
-                entry["pooled"] = pooled
-                results[level][ckpt][part] = entry
+                if not sub.empty:
+                    # Intervals for the partition the run is summarised on: test, or validation without one.
+                    with_ci = part == "test" or not has_test
+                    results[level][ckpt][part] = _partition_entry(sub, task, configs, with_ci, n_boot, seed)
     return _clean({
         "name": model_dir.name, "task": task, "model": first["model"].get("model", first.get("model_name")),
         "preset": first.get("preset"), "classes": first.get("classes"), "select_on": first["train"]["select_on"],

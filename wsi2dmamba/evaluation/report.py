@@ -50,6 +50,7 @@ figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1p
 figcaption { font-size: 0.85em; color: #555; }
 .note { font-size: 0.85em; color: #555; }
 .warn { color: #a33; font-weight: 600; }
+table.at-risk { font-size: 0.8em; margin-top: -0.4em; }
 tr.failed td { background: #fbeaea; }
 """
 
@@ -151,30 +152,146 @@ def _models_html(metrics: dict[str, Any]) -> str:
 
 
 def _load_tables(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per model: its task, the patient-level predictions of the checkpoint chosen on validation on the
+    partition the run is summarised on (``eval``; test, or validation without one, ``partition`` says
+    which), each fold's training log and survival interval ends."""
     import pandas as pd
 
     out = {}
     for d in model_dirs(run_dir):
-        frames, logs, task = [], [], None
+        frames, logs, ends, task = [], {}, {}, None
         for f in complete_folds(d):
             cfg, preds = read_fold(f)
             task = cfg["task"]
             frames.append(preds)
-            log = pd.read_csv(f / "log.csv")
-            logs.append(log)
+            logs[int(cfg["fold"])] = pd.read_csv(f / "log.csv")
+            ends[int(cfg["fold"])] = cfg.get("bin_ends")
         slides = pd.concat(frames, ignore_index=True)
         patients = aggregate_patients(slides, task).reset_index(drop=True)
-        test = patients[(patients["checkpoint"] == "best") & (patients["partition"] == "test")].reset_index(drop=True)
-        out[d.name] = {"task": task, "test": test, "logs": logs}
+        part = "test" if (patients["partition"] == "test").any() else "val"
+        chosen = patients[(patients["checkpoint"] == "best") & (patients["partition"] == part)].reset_index(drop=True)
+        out[d.name] = {"task": task, "eval": chosen, "partition": part, "logs": logs, "bin_ends": ends}
     return out
+
+
+def _which(tables: dict[str, dict[str, Any]], names: list[str]) -> str:
+    """How a caption names the predictions it plots."""
+    val = [n for n in names if tables[n]["partition"] == "val"]
+    if not val:
+        return "pooled test predictions"
+    if len(val) == len(names):
+        return "pooled VALIDATION predictions (the splits have no test partition; optimistic)"
+    return f"pooled test predictions (VALIDATION for {', '.join(val)}: no test partition)"
+
+
+def _classification_figures(metrics: dict[str, Any], tables: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    evals = {n: tables[n]["eval"] for n in names if len(tables[n]["eval"])}
+    if not evals:
+        return []
+    which = _which(tables, list(evals))
+    classes = {n: metrics["models"][n]["classes"] for n in evals}
+    # Models with the same number of classes can share panels; draw each group separately.
+    by_k: dict[int, list[str]] = {}
+    for n in evals:
+        by_k.setdefault(len(classes[n]), []).append(n)
+    parts = ["<h2>ROC curves</h2>"]
+    for group in by_k.values():
+        parts.append(_img(plots.roc_figure({n: evals[n] for n in group}, classes), "ROC curves",
+                          f"Patient level, {which} of the checkpoints chosen on validation."))
+    parts.append("<h2>Precision–recall curves</h2>")
+    for group in by_k.values():
+        parts.append(_img(plots.pr_figure({n: evals[n] for n in group}, classes), "precision-recall curves",
+                          f"Patient level, {which}. With imbalanced classes read these beside the ROC: "
+                          "the dotted line is the chance level (the class's prevalence), AP the average precision."))
+    parts.append("<h2>Calibration</h2>")
+    for group in by_k.values():
+        parts.append(_img(plots.calibration_figure({n: evals[n] for n in group}, classes), "calibration",
+                          f"Patient level, {which}: observed frequency against predicted probability on bins "
+                          "of equal size (binary: the second class; more classes: confidence of the predicted "
+                          "class against accuracy); ECE the count-weighted mean gap. The diagonal is perfect "
+                          "calibration."))
+    parts.append("<h2>Confusion matrices</h2>")
+    matrices = {}
+    for n in evals:
+        m = metrics["models"][n]["results"]["patient"]["best"]
+        matrices[n] = np.asarray(m[tables[n]["partition"]]["pooled"]["confusion"])
+    parts.append(_img(plots.confusion_figure(matrices, classes), "confusion matrices",
+                      f"Patient level, {which} (checkpoint chosen on validation); rows are true classes, columns "
+                      "predictions, shading the fraction of the row."))
+    return parts
+
+
+def _survival_tables(tables: dict[str, dict[str, Any]], names: list[str]) -> tuple[dict[str, Any], float]:
+    """The survival models' evaluated patients with ``pred_surv``, each patient's predicted survival at
+    the horizon (the median observed event time of the patients shown)."""
+    from .metrics import survival_function_at
+
+    evals = {n: tables[n]["eval"].copy() for n in names if len(tables[n]["eval"])}
+    events = np.concatenate([df["time"].to_numpy(np.float64)[df["event"].to_numpy().astype(bool)]
+                             for df in evals.values()]) if evals else np.array([])
+    horizon = float(np.median(events)) if events.size else math.nan
+    for n, df in evals.items():
+        surv_cols = sorted((c for c in df.columns if c.startswith("surv_")), key=lambda c: int(c.split("_")[1]))
+        ends = np.stack([np.asarray(tables[n]["bin_ends"][int(k)], np.float64) for k in df["fold"]])
+        df["pred_surv"] = survival_function_at(df[surv_cols].to_numpy(np.float64), ends, np.array([horizon]))[:, 0]
+    return evals, horizon
+
+
+def _at_risk_html(evals: dict[str, Any]) -> str:
+    rows = []
+    for n, df in evals.items():
+        t = df["time"].to_numpy(np.float64)
+        ticks = plots.at_risk_times(t)
+        table = plots.at_risk_table(t, plots.risk_groups(df), ticks)
+        head = "".join(f"<th>{_fmt(float(x), 0 if float(x).is_integer() else 2)}</th>" for x in ticks)
+        body = "".join(f'<tr><td class="name">{html.escape(n)}</td><td class="name">{g}</td>'
+                       + "".join(f"<td>{c}</td>" for c in counts) + "</tr>" for g, counts in table.items())
+        rows.append(f'<table class="at-risk"><thead><tr><th class="name">model</th><th class="name">number at risk'
+                    f'</th>{head}</tr></thead><tbody>{body}</tbody></table>')
+    return "".join(rows)
+
+
+def _survival_figures(metrics: dict[str, Any], tables: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
+    evals, horizon = _survival_tables(tables, names)
+    if not evals:
+        return []
+    which = _which(tables, list(evals))
+    png, pvalues = plots.km_figure(evals)
+    for n, p in pvalues.items():
+        metrics["models"][n]["logrank_p"] = None if not math.isfinite(p) else p
+    parts = ["<h2>Kaplan–Meier curves of predicted risk groups</h2>",
+             _img(png, "Kaplan-Meier curves",
+                  f"{which.capitalize()}: patients above their fold's median predicted risk (high risk) against "
+                  "the rest, with the number at risk under the axis; log-rank p-values: "
+                  + ", ".join(f"{n} {p:.3g}" for n, p in pvalues.items()) + "."),
+             _at_risk_html(evals)]
+    if math.isfinite(horizon):
+        parts += ["<h2>Calibration</h2>",
+                  _img(plots.survival_calibration_figure(evals, horizon), "survival calibration",
+                       f"{which.capitalize()}: predicted survival at t = {horizon:.3g} (the median event time) "
+                       "against the Kaplan–Meier estimate, in thirds of predicted survival within each fold. "
+                       "The diagonal is perfect calibration.")]
+    return parts
+
+
+def _training_figure(metrics: dict[str, Any], tables: dict[str, dict[str, Any]], names: list[str], task: str) -> str:
+    curves = {}
+    for n in names:
+        m = metrics["models"][n]
+        curves[n] = f"val_{m['select_on']}" if m["select_on"] != "loss" else f"val_{FAILED_FOLD_METRIC[task]}"
+    failed = {n: metrics["models"][n].get("failed_folds", {}).get("best", {}).get("folds", []) for n in names}
+    return _img(plots.training_curves_figure({n: tables[n]["logs"] for n in names}, curves, failed),
+                "training curves per fold",
+                "Per fold (one colour): training loss (solid) and validation loss (dashed) by epoch, and the "
+                "validation metric by epoch (right) with the epoch chosen on validation marked. A training "
+                "loss falling while the validation loss rises is a fold memorising its training slides; folds "
+                "at chance on validation are marked failed and drawn dashed.")
 
 
 def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int = 0,
                  metrics: dict[str, Any] | None = None) -> Path:
     """Evaluate the run (unless ``metrics`` is given) and write ``RUN/report/index.html``,
     ``summary.csv`` and ``metrics.json``. Returns the HTML file."""
-    import pandas as pd
-
     run_dir = Path(run_dir)
     if metrics is None:
         metrics = evaluate_run(run_dir, n_boot=n_boot, seed=seed)
@@ -187,7 +304,8 @@ def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
              f"of all folds (each patient once), with a patient-level bootstrap 95% interval ({metrics['n_boot']} "
              "resamples). A fold <em>failed</em> when its checkpoint is at chance on its own validation "
              f"partition: patient-level AUC (classification) or C-index (survival) ≤ {FAILED_FOLD_THRESHOLD}; "
-             "only validation decides it.</p>", "<h2>Models</h2>", _models_html(metrics)]
+             "only validation decides it. Where the splits have no test partition, every figure is of the "
+             "validation partition and says so.</p>", "<h2>Models</h2>", _models_html(metrics)]
     for task in ("classification", "survival"):
         names = [n for n, t in tables.items() if t["task"] == task]
         if not names:
@@ -198,37 +316,24 @@ def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
         parts.append(_summary_html(metrics, task, "slide"))
         parts.append(f"<h2>Per fold: {task} (patient level, checkpoint chosen on validation)</h2>")
         parts.append(_folds_html(metrics, task))
-        test_tables = {n: tables[n]["test"] for n in names if len(tables[n]["test"])}
-        if task == "classification" and test_tables:
-            classes = {n: metrics["models"][n]["classes"] for n in test_tables}
-            parts.append("<h2>ROC curves</h2>")
-            # Models with the same number of classes can share panels; draw each group separately.
-            by_k: dict[int, list[str]] = {}
-            for n in test_tables:
-                by_k.setdefault(len(classes[n]), []).append(n)
-            for group in by_k.values():
-                parts.append(_img(plots.roc_figure({n: test_tables[n] for n in group}, classes), "ROC curves",
-                                  "Patient level, pooled test predictions of the checkpoints chosen on validation."))
-            parts.append("<h2>Confusion matrices</h2>")
-            matrices = {n: np.asarray(metrics["models"][n]["results"]["patient"]["best"]["test"]["pooled"]["confusion"])
-                        for n in test_tables}
-            parts.append(_img(plots.confusion_figure(matrices, classes), "confusion matrices",
-                              "Patient level, pooled test predictions (checkpoint chosen on validation); rows are "
-                              "true classes, columns predictions, shading the fraction of the row."))
-        if task == "survival" and test_tables:
-            png, pvalues = plots.km_figure(test_tables)
-            parts.append("<h2>Kaplan–Meier curves of predicted risk groups</h2>")
-            parts.append(_img(png, "Kaplan-Meier curves",
-                              "Patients above their fold's median predicted test risk (high risk) against the rest; "
-                              "log-rank p-values: " + ", ".join(f"{n} {p:.3g}" for n, p in pvalues.items()) + "."))
-            for n, p in pvalues.items():
-                metrics["models"][n]["logrank_p"] = None if not math.isfinite(p) else p
-        parts.append(f"<h2>Learning curves ({task})</h2>")
-        parts.append(_img(plots.learning_figure({n: tables[n]["logs"] for n in names}), "learning curves",
-                          "Training and validation loss per epoch, one thin line per fold, bold the mean."))
+        figures = _classification_figures if task == "classification" else _survival_figures
+        parts += figures(metrics, tables, names)
+        parts.append(f"<h2>Training curves per fold ({task})</h2>")
+        parts.append(_training_figure(metrics, tables, names, task))
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>wsi2dmamba report</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>'
             f'<body>{"".join(parts)}</body></html>\n')
+    write_text_atomic(out_dir / "summary.csv", _summary_csv(metrics))
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_text_atomic(out_dir / "index.html", page)
+    return out_dir / "index.html"
+
+
+def _summary_csv(metrics: dict[str, Any]) -> str:
+    """CLAM's columns ``folds, test_auc, val_auc, test_acc, val_acc`` first; one row per model, checkpoint
+    and fold."""
+    import pandas as pd
+
     rows = []
     for name, m in metrics["models"].items():
         for ckpt in CHECKPOINTS:
@@ -238,7 +343,4 @@ def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
     summary = pd.DataFrame(rows)
     summary = summary[[c for c in clam_first if c in summary.columns]
                       + [c for c in summary.columns if c not in clam_first]]
-    write_text_atomic(out_dir / "summary.csv", summary.to_csv(index=False))
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    write_text_atomic(out_dir / "index.html", page)
-    return out_dir / "index.html"
+    return summary.to_csv(index=False)
