@@ -223,3 +223,17 @@ def test_splits_without_a_test_partition_report_validation_labelled_as_such(tmp_
     dom = _check_page(tmp_path, html, 5, ["validation (no test partition; optimistic)", "ROC curves",
                                           "pooled VALIDATION predictions"])
     assert dom.count("validation (no test partition; optimistic)") == 4  # both checkpoints, both levels
+
+
+def test_paper_rows_name_their_differences_from_the_published_recipe(classification_run):
+    import copy
+
+    from wsi2dmamba.evaluation.report import _models_html
+
+    _, metrics = classification_run
+    assert "differs from the published recipe" not in _models_html(metrics)
+    paper = copy.deepcopy(metrics)
+    paper["models"]["abmil"]["preset"] = "paper"
+    text = _models_html(paper)
+    assert 'data-model="abmil"' in text and 'data-model="meanpool"' not in text
+    assert "clipped at 1.0 (published: no clipping)" in text and "earlier epoch (published: the later)" in text

@@ -315,3 +315,20 @@ def test_restarts_in_a_pipeline_file(tmp_path):
     (tmp_path / "cohort.csv").write_text("slide_id,path,label\ns1,s1.svs,a\n")
     (tmp_path / "p.toml").write_text('[cohort]\nmanifest = "cohort.csv"\n[train]\nmodels = ["abmil"]\nrestarts = 4\n')
     assert load_pipeline(tmp_path / "p.toml").option("train").restarts == 4
+
+
+def test_paper_recipe_differences_are_named():
+    from wsi2dmamba.training import paper_recipe_differences
+
+    cls = paper_recipe_differences(TrainConfig(task="classification", select_on="auc").model_dump(mode="json"))
+    assert any("clipped at 1.0 (published: no clipping)" in d for d in cls)
+    assert any("earlier epoch (published: the later)" in d for d in cls)
+    assert any("per optimiser step (published: per epoch)" in d for d in cls)
+    assert not any("learning rate" in d and "published: 0.0001" in d for d in cls)
+    surv = paper_recipe_differences(TrainConfig(task="survival", select_on="c_index").model_dump(mode="json"))
+    assert any("published for survival: constant learning rate" in d for d in surv)
+    assert not any("clipped" in d for d in surv)  # survival clips nothing by default, as published
+    other = paper_recipe_differences(TrainConfig(task="survival", lr=1e-3, select_on="loss", restarts=3,
+                                                 clip_grad=2.0).model_dump(mode="json"))
+    for text in ("learning rate 0.001", "clipped at 2.0", "validation loss (published: c_index)", "3 restarts"):
+        assert any(text in d for d in other), text

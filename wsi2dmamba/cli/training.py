@@ -108,6 +108,12 @@ def register(app: typer.Typer) -> None:
                            executor=executor, ray_address=ray_address)
         for w in res.warnings:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+        if preset == "paper":
+            from ..training import paper_recipe_differences
+
+            typer.secho("note: the paper preset is the published architecture; its training here differs from "
+                        "the published recipe in: " + "; ".join(paper_recipe_differences(config.model_dump(
+                            mode="json"))), fg=typer.colors.YELLOW, err=True)
         for f in res.folds:
             state = "already done" if f.skipped else f"trained {f.epochs} epochs"
             chosen = "" if f.chosen_restart is None else (

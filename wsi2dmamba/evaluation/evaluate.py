@@ -197,7 +197,7 @@ def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: 
         "name": model_dir.name, "task": task, "model": first["model"].get("model", first.get("model_name")),
         "preset": first.get("preset"), "classes": first.get("classes"), "select_on": first["train"]["select_on"],
         "folds": sorted(configs), "incomplete_folds": sorted(set(all_folds) - set(configs)),
-        "n_parameters": first.get("n_parameters"), "results": results,
+        "n_parameters": first.get("n_parameters"), "train": first["train"], "results": results,
         "failed_folds": {ckpt: failed_folds(results, task, ckpt) for ckpt in CHECKPOINTS},
         "restarts": read_restarts(folds),
     })

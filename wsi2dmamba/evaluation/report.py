@@ -148,7 +148,22 @@ def _models_html(metrics: dict[str, Any]) -> str:
     return ('<table class="models"><thead><tr><th class="name">name</th><th class="name">architecture</th>'
             '<th class="name">preset</th><th class="name">task</th><th class="name">classes</th><th>parameters</th>'
             '<th class="name">selected on</th><th>complete folds</th><th class="name">unfinished folds</th></tr>'
-            f'</thead><tbody>{"".join(rows)}</tbody></table>')
+            f'</thead><tbody>{"".join(rows)}</tbody></table>') + _recipe_html(metrics)
+
+
+def _recipe_html(metrics: dict[str, Any]) -> str:
+    """For models with the ``paper`` preset: every way their training departs from the published recipe."""
+    from ..training.config import paper_recipe_differences
+
+    items = []
+    for name, m in metrics["models"].items():
+        if m.get("preset") != "paper" or "train" not in m:
+            continue
+        diffs = "".join(f"<li>{html.escape(d)}</li>" for d in paper_recipe_differences(m["train"]))
+        items.append(f'<div class="recipe" data-model="{html.escape(name)}"><p class="note"><strong>'
+                     f'{html.escape(name)}</strong> is the published architecture; its training differs from the '
+                     f"published recipe in:</p><ul class=\"note\">{diffs}</ul></div>")
+    return "".join(items)
 
 
 def _load_tables(run_dir: Path) -> dict[str, dict[str, Any]]:
