@@ -328,6 +328,8 @@ def test_paper_recipe_differences_are_named():
     surv = paper_recipe_differences(TrainConfig(task="survival", select_on="c_index").model_dump(mode="json"))
     assert any("published for survival: constant learning rate" in d for d in surv)
     assert not any("clipped" in d for d in surv)  # survival clips nothing by default, as published
+    off = TrainConfig(task="classification", clip_grad=0)  # how a pipeline file turns clipping off
+    assert off.clip_grad is None and not any("clipped" in d for d in paper_recipe_differences(off.model_dump()))
     other = paper_recipe_differences(TrainConfig(task="survival", lr=1e-3, select_on="loss", restarts=3,
                                                  clip_grad=2.0).model_dump(mode="json"))
     for text in ("learning rate 0.001", "clipped at 2.0", "validation loss (published: c_index)", "3 restarts"):

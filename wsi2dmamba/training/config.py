@@ -39,7 +39,7 @@ class TrainConfig(BaseModel):
     class_weighting: bool = Field(False, description="Weight the cross-entropy by inverse class frequency "
                                                      "of the training partition.")
     clip_grad: Optional[float] = Field(1.0, gt=0.0, description="Max global gradient norm per optimiser step; "
-                                       "None = no clipping. Default 1.0 for classification and none for survival "
+                                       "None or 0 = no clipping. Default 1.0 for classification and none for survival "
                                        "(see ``_survival_clips_nothing``).")
     select_on: str = Field("loss", description="Validation quantity that picks the 'best' checkpoint: loss "
                                                "(lower is better), or auc, balanced_accuracy, accuracy, f1 "
@@ -62,6 +62,8 @@ class TrainConfig(BaseModel):
         # one, so clipping shrinks events more than censored slides and drives every hazard below its
         # Kaplan–Meier level (the training loss rises). Survival therefore clips nothing unless asked.
         if isinstance(data, dict) and "clip_grad" not in data and data.get("task") == "survival":
+            return {**data, "clip_grad": None}
+        if isinstance(data, dict) and data.get("clip_grad") == 0:  # 0 = off, as --clip-grad 0 (TOML has no null)
             return {**data, "clip_grad": None}
         return data
 
