@@ -237,3 +237,33 @@ def test_paper_rows_name_their_differences_from_the_published_recipe(classificat
     text = _models_html(paper)
     assert 'data-model="abmil"' in text and 'data-model="meanpool"' not in text
     assert "clipped at 1.0 (published: no clipping)" in text and "earlier epoch (published: the later)" in text
+
+
+def test_cohorts_without_patient_ids_are_warned_that_patient_level_is_slide_level(tmp_path_factory):
+    from training_data import TINY, make_cohort
+
+    from wsi2dmamba.cohort import load_cohort
+    from wsi2dmamba.evaluation.evaluate import format_summary
+    from wsi2dmamba.evaluation.report import write_report
+    from wsi2dmamba.training import TrainConfig, train_cohort
+
+    folder = tmp_path_factory.mktemp("nopatients")
+    manifest, feats = make_cohort(folder, n_patients=12, seed=4)
+    config = TrainConfig(folds=2, epochs=1, lr=5e-3, batch_size=4, device="cpu")
+    # With patient ids (the generated cohort has some), no warning.
+    res = train_cohort(load_cohort(manifest, require_path=False), feats, folder / "with", "meanpool", config,
+                       TINY["meanpool"], progress=False)
+    assert not any("own patient" in w for w in res.warnings)
+    # As BRACS's manifest: patient_id = slide_id.
+    table = pd.read_csv(manifest, dtype=str)
+    table["patient_id"] = table["slide_id"]
+    table.to_csv(folder / "bracs_like.csv", index=False)
+    res = train_cohort(load_cohort(folder / "bracs_like.csv", require_path=False), feats, folder / "without",
+                       "meanpool", config, TINY["meanpool"], progress=False)
+    assert any("own patient" in w and "bracs.icar.cnr.it" in w for w in res.warnings)
+    metrics = evaluate_run(folder / "without", n_boot=20)
+    assert metrics["models"]["meanpool"]["notes"] and "slide-level" in metrics["models"]["meanpool"]["notes"][0]
+    assert "warning (meanpool): every slide of the cohort is its own patient" in format_summary(metrics)
+    page = write_report(folder / "without", metrics=metrics).read_text()
+    assert page.count('class="warn cohort-note"') == 1 and "confidence intervals are slide-level" in page
+    assert not evaluate_run(folder / "with", n_boot=20, write=False)["models"]["meanpool"]["notes"]

@@ -199,8 +199,17 @@ def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: 
         "folds": sorted(configs), "incomplete_folds": sorted(set(all_folds) - set(configs)),
         "n_parameters": first.get("n_parameters"), "train": first["train"], "results": results,
         "failed_folds": {ckpt: failed_folds(results, task, ckpt) for ckpt in CHECKPOINTS},
+        "notes": _cohort_notes(slides),
         "restarts": read_restarts(folds),
     })
+
+
+def _cohort_notes(slides: Any) -> list[str]:
+    """Warnings about what the figures mean for this cohort."""
+    from ..training.splits import SLIDE_LEVEL_PATIENTS, slide_level_patients
+
+    pairs = dict(zip(slides["slide_id"].astype(str), slides["patient_id"].astype(str)))
+    return [SLIDE_LEVEL_PATIENTS] if slide_level_patients(pairs) else []
 
 
 def failed_folds(results: dict[str, Any], task: str, checkpoint: str = "best") -> dict[str, Any]:
@@ -330,4 +339,6 @@ def format_summary(metrics: dict[str, Any], level: str = "patient") -> str:
         lines.append(f"{row['model']:<20} {row['checkpoint']:<5} {row['folds']} folds, {row['failed']} failed  "
                      + where + "; ".join(parts))
     lines.append(f"A fold failed when its patient-level validation AUC / C-index ≤ {FAILED_FOLD_THRESHOLD}.")
+    for name, m in metrics["models"].items():
+        lines += [f"warning ({name}): {note}" for note in m.get("notes", [])]
     return "\n".join(lines)

@@ -326,6 +326,8 @@ def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
         if not names:
             continue
         parts.append(f"<h2>Summary: {task} (patient level)</h2>")
+        notes = dict.fromkeys(n for name in names for n in metrics["models"][name].get("notes", []))
+        parts += [f'<p class="warn cohort-note">Warning: {html.escape(n)}</p>' for n in notes]
         parts.append(_summary_html(metrics, task, "patient"))
         parts.append(f"<h2>Summary: {task} (slide level)</h2>")
         parts.append(_summary_html(metrics, task, "slide"))

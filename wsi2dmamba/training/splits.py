@@ -57,6 +57,19 @@ class Leak:
         return f"fold {self.fold}: patient {self.patient_id} is in {' and '.join(self.partitions)}"
 
 
+#: Said wherever a cohort's patients are its slides (training warnings, evaluation notes, the report).
+SLIDE_LEVEL_PATIENTS = (
+    "every slide of the cohort is its own patient (patient_id equals slide_id, or the manifest has no "
+    "patient_id column): the patient-level splits, metrics and confidence intervals are slide-level, and "
+    "a patient with several slides can sit in two partitions. Put the real patient ids in the manifest's "
+    "patient_id column (BRACS: the patient ID column of the .xlsx on https://www.bracs.icar.cnr.it/details/).")
+
+
+def slide_level_patients(patient_of: Mapping[str, str]) -> bool:
+    """True when every slide id (key) maps to itself as its patient: no patient ids were given."""
+    return len(patient_of) > 1 and all(s == p for s, p in patient_of.items())
+
+
 class SplitLeakError(ConfigError):
     """A patient is in two partitions of one fold."""
 
@@ -305,6 +318,8 @@ def resolve_splits(splits: Sequence[FoldSplit], cohort: Cohort) -> tuple[list[Fo
         raise SplitLeakError(f"The splits put a patient in two partitions, which leaks information between "
                              f"training and evaluation: {shown}{more}. Fix the split files (every slide of "
                              f"a patient in one partition) or let wsi2dmamba make the splits.")
+    if slide_level_patients(patient_of):
+        warnings.append(SLIDE_LEVEL_PATIENTS)
     for fs in resolved:
         for p in ("train", "val"):
             if not fs.partition(p):
