@@ -270,6 +270,10 @@ def test_restarts_are_chosen_on_validation_only_and_resume_per_restart(small, tm
     table = pd.read_csv(fold_a / "restarts.csv")
     assert table["chosen"].tolist() == [r == chosen for r in range(3)] and "val_auc" in table
     assert json.loads((fold_a / "config.json").read_text())["train"]["restarts"] == 3
+    from wsi2dmamba.cohort.verify import verify_run
+
+    report = verify_run(tmp_path / "a", sources=False)
+    assert report.ok and report.folds_checked == 1, report.findings  # the fold reads as one ordinary fold
 
     # Permuted test targets (the labels of fold 0's test patients flipped), same splits: the same choice.
     test_ids = set(pd.read_csv(tmp_path / "a" / "train" / "splits" / "splits_0.csv")["test"].dropna())
