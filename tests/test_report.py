@@ -166,7 +166,11 @@ def test_survival_report_with_kaplan_meier_and_logrank(tmp_path_factory, tmp_pat
 
 
 def test_failed_folds_are_counted_on_validation_only(classification_run):
-    from wsi2dmamba.evaluation.evaluate import FAILED_FOLD_THRESHOLD, format_summary, summary_table
+    from wsi2dmamba.evaluation.evaluate import (
+        FAILED_FOLD_THRESHOLD,
+        format_summary,
+        summary_table,
+    )
 
     run, metrics = classification_run
     preds = pd.concat(pd.read_csv(run / "train" / "abmil" / f"fold_{k}" / "predictions.csv") for k in range(3))

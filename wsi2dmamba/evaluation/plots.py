@@ -40,6 +40,14 @@ def _probs(df) -> np.ndarray:
     return df[cols].to_numpy(np.float64)
 
 
+def _one_vs_rest(name: str, df, classes: Sequence[str], binary: bool) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(label, positive (N,) bool, score (N,)) per curve: the second class of a binary task, else each class
+    against the rest; classes all or none of the patients have are left out (no curve exists)."""
+    y, p = df["target"].to_numpy(), _probs(df)
+    pairs = [(name, y == 1, p[:, 1])] if binary else [(c, y == k, p[:, k]) for k, c in enumerate(classes)]
+    return [(label, pos, score) for label, pos, score in pairs if pos.any() and not pos.all()]
+
+
 def roc_figure(tables: Mapping[str, Any], classes: Mapping[str, Sequence[str]]) -> bytes:
     """ROC curves of each model's pooled test predictions.
 
@@ -53,20 +61,13 @@ def roc_figure(tables: Mapping[str, Any], classes: Mapping[str, Sequence[str]]) 
     fig, axes = _figure(1 if binary else len(names))
     for i, name in enumerate(names):
         ax = axes[0, 0 if binary else i]
-        df = tables[name]
-        y = df["target"].to_numpy()
-        p = _probs(df)
-        pairs = [(f"{name}", y == 1, p[:, 1])] if binary else \
-            [(f"{c}", y == k, p[:, k]) for k, c in enumerate(classes[name])]
-        for j, (label, pos, score) in enumerate(pairs):
-            if pos.all() or not pos.any():
-                continue
+        for j, (label, pos, score) in enumerate(_one_vs_rest(name, tables[name], classes[name], binary)):
             fpr, tpr, _ = roc_curve(pos, score)
             colour = _COLOURS[(i if binary else j) % len(_COLOURS)]
             ax.plot(fpr, tpr, color=colour, lw=1.8, label=f"{label} (AUC {auc(fpr, tpr):.3f})")
         ax.plot([0, 1], [0, 1], color="#999999", lw=0.8, ls="--")
         ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-               title="ROC, pooled test folds" if binary else f"{name}: one-vs-rest ROC")
+               title="ROC, pooled folds" if binary else f"{name}: one-vs-rest ROC")
         ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 
@@ -141,7 +142,7 @@ def risk_groups(df: Any) -> np.ndarray:
     from different models and are not compared with each other)."""
     high = np.zeros(len(df), bool)
     risk = df["risk"].to_numpy()
-    for _, idx in df.groupby("fold").groups.items():
+    for idx in df.groupby("fold").groups.values():
         pos = df.index.get_indexer(idx)
         high[pos] = risk[pos] > np.median(risk[pos])
     return high
@@ -247,12 +248,7 @@ def pr_figure(tables: Mapping[str, Any], classes: Mapping[str, Sequence[str]]) -
     fig, axes = _figure(1 if binary else len(names))
     for i, name in enumerate(names):
         ax = axes[0, 0 if binary else i]
-        df = tables[name]
-        y, p = df["target"].to_numpy(), _probs(df)
-        pairs = [(name, y == 1, p[:, 1])] if binary else [(c, y == k, p[:, k]) for k, c in enumerate(classes[name])]
-        for j, (label, pos, score) in enumerate(pairs):
-            if pos.all() or not pos.any():
-                continue
+        for j, (label, pos, score) in enumerate(_one_vs_rest(name, tables[name], classes[name], binary)):
             precision, recall, _ = precision_recall_curve(pos, score)
             colour = _COLOURS[(i if binary else j) % len(_COLOURS)]
             ax.step(recall, precision, where="post", color=colour, lw=1.6,
@@ -277,7 +273,7 @@ def survival_calibration_figure(tables: Mapping[str, Any], horizon: float, n_gro
     for i, (name, df) in enumerate(tables.items()):
         group = np.zeros(len(df), np.int64)
         pred = df["pred_surv"].to_numpy(np.float64)
-        for _, idx in df.groupby("fold").groups.items():
+        for idx in df.groupby("fold").groups.values():
             pos = df.index.get_indexer(idx)
             order = np.argsort(pred[pos], kind="mergesort")
             for g, chunk in enumerate(np.array_split(order, n_groups)):

@@ -199,6 +199,21 @@ def _which(tables: dict[str, dict[str, Any]], names: list[str]) -> str:
     return f"pooled test predictions (VALIDATION for {', '.join(val)}: no test partition)"
 
 
+def _classification_curves(which: str) -> tuple[tuple[str, Any, str, str], ...]:
+    """(heading, figure function, alt text, caption) of the figures drawn per group of models."""
+    return (
+        ("ROC curves", plots.roc_figure, "ROC curves",
+         f"Patient level, {which} of the checkpoints chosen on validation."),
+        ("Precision–recall curves", plots.pr_figure, "precision-recall curves",
+         (f"Patient level, {which}. With imbalanced classes read these beside the ROC: the dotted line is the "
+          "chance level (the class's prevalence), AP the average precision.")),
+        ("Calibration", plots.calibration_figure, "calibration",
+         (f"Patient level, {which}: observed frequency against predicted probability on bins of equal size "
+          "(binary: the second class; more classes: confidence of the predicted class against accuracy); ECE "
+          "the count-weighted mean gap. The diagonal is perfect calibration.")),
+    )
+
+
 def _classification_figures(metrics: dict[str, Any], tables: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
     evals = {n: tables[n]["eval"] for n in names if len(tables[n]["eval"])}
     if not evals:
@@ -209,27 +224,13 @@ def _classification_figures(metrics: dict[str, Any], tables: dict[str, dict[str,
     by_k: dict[int, list[str]] = {}
     for n in evals:
         by_k.setdefault(len(classes[n]), []).append(n)
-    parts = ["<h2>ROC curves</h2>"]
-    for group in by_k.values():
-        parts.append(_img(plots.roc_figure({n: evals[n] for n in group}, classes), "ROC curves",
-                          f"Patient level, {which} of the checkpoints chosen on validation."))
-    parts.append("<h2>Precision–recall curves</h2>")
-    for group in by_k.values():
-        parts.append(_img(plots.pr_figure({n: evals[n] for n in group}, classes), "precision-recall curves",
-                          f"Patient level, {which}. With imbalanced classes read these beside the ROC: "
-                          "the dotted line is the chance level (the class's prevalence), AP the average precision."))
-    parts.append("<h2>Calibration</h2>")
-    for group in by_k.values():
-        parts.append(_img(plots.calibration_figure({n: evals[n] for n in group}, classes), "calibration",
-                          f"Patient level, {which}: observed frequency against predicted probability on bins "
-                          "of equal size (binary: the second class; more classes: confidence of the predicted "
-                          "class against accuracy); ECE the count-weighted mean gap. The diagonal is perfect "
-                          "calibration."))
+    parts = []
+    for heading, figure, alt, caption in _classification_curves(which):
+        parts.append(f"<h2>{heading}</h2>")
+        parts += [_img(figure({n: evals[n] for n in group}, classes), alt, caption) for group in by_k.values()]
+    matrices = {n: np.asarray(metrics["models"][n]["results"]["patient"]["best"][tables[n]["partition"]]
+                              ["pooled"]["confusion"]) for n in evals}
     parts.append("<h2>Confusion matrices</h2>")
-    matrices = {}
-    for n in evals:
-        m = metrics["models"][n]["results"]["patient"]["best"]
-        matrices[n] = np.asarray(m[tables[n]["partition"]]["pooled"]["confusion"])
     parts.append(_img(plots.confusion_figure(matrices, classes), "confusion matrices",
                       f"Patient level, {which} (checkpoint chosen on validation); rows are true classes, columns "
                       "predictions, shading the fraction of the row."))

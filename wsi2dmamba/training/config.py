@@ -96,12 +96,24 @@ def paper_recipe_differences(train: dict[str, Any]) -> list[str]:
         One sentence per difference; empty when there is none.
     """
     survival = train.get("task") == "survival"
+    out = [f"{what} {train[key]} (published: {published})"
+           for key, published, what in (("lr", 1e-4, "learning rate"), ("weight_decay", 1e-5, "weight decay"),
+                                        ("epochs", 20, "epochs"), ("batch_size", 1, "slides per step"),
+                                        ("accum_steps", 1, "accumulation steps"))
+           if train.get(key, published) != published]
+    out += _schedule_differences(train, survival)
+    published_select = "c_index" if survival else "auc"
+    if train.get("select_on") != published_select:
+        out.append(f"epoch chosen on validation {train.get('select_on')} (published: {published_select})")
+    out.append("ties in the validation score go to the earlier epoch (published: the later)")
+    if train.get("restarts", 1) > 1:
+        out.append(f"{train['restarts']} restarts per fold, chosen on validation (published: one)")
+    return out
+
+
+def _schedule_differences(train: dict[str, Any], survival: bool) -> list[str]:
+    """Clipping, class weights, schedule, order and survival bins against the published recipe."""
     out = []
-    for key, published, what in (("lr", 1e-4, "learning rate"), ("weight_decay", 1e-5, "weight decay"),
-                                 ("epochs", 20, "epochs"), ("batch_size", 1, "slides per step"),
-                                 ("accum_steps", 1, "accumulation steps")):
-        if train.get(key, published) != published:
-            out.append(f"{what} {train[key]} (published: {published})")
     if train.get("clip_grad") is not None:
         out.append(f"gradient norm clipped at {train['clip_grad']} (published: no clipping)")
     if train.get("class_weighting"):
@@ -115,10 +127,4 @@ def paper_recipe_differences(train: dict[str, Any]) -> list[str]:
         out.append("training order shuffled every epoch (published: a fixed, unshuffled order)")
     if train.get("warmup_epochs", 0.0) or train.get("min_lr_ratio", 0.0):
         out.append("learning-rate warm-up or floor (published: none)")
-    published_select = "c_index" if survival else "auc"
-    if train.get("select_on") != published_select:
-        out.append(f"epoch chosen on validation {train.get('select_on')} (published: {published_select})")
-    out.append("ties in the validation score go to the earlier epoch (published: the later)")
-    if train.get("restarts", 1) > 1:
-        out.append(f"{train['restarts']} restarts per fold, chosen on validation (published: one)")
     return out

@@ -513,6 +513,19 @@ def _copy_atomic(src: Path, dst: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
+def _prior_restarts(fold_dir: Path, force: bool) -> dict[str, Any] | None:
+    """The ``done.json`` of a fold already chosen among restarts (None if there is none); a fold trained
+    once, without restarts, is refused unless ``force``."""
+    import json
+
+    done_path = fold_dir / "done.json"
+    prior = json.loads(done_path.read_text()) if done_path.is_file() else None
+    if prior is not None and "restarts" not in prior and not force:
+        raise ConfigError(f"{fold_dir} holds a fold trained once, without --restarts; pass --force to retrain "
+                          "it, or train into another --out or --name.")
+    return prior
+
+
 def _train_restarts(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], fold_dir: Path,
                     model_name: str, config: TrainConfig, *, force: bool = False, **kwargs: Any) -> FoldResult:
     """Train ``config.restarts`` restarts of one fold and give the fold the files of the one that validation
@@ -521,15 +534,9 @@ def _train_restarts(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGr
     ``fold_dir/done.json`` records every restart's validation figures (``restarts``) and the choice
     (``chosen_restart``); ``fold_dir/restarts.csv`` lists the same figures for people.
     """
-    import json
-
     fold_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(fold_dir)
-    done_path = fold_dir / "done.json"
-    prior = json.loads(done_path.read_text()) if done_path.is_file() else None
-    if prior is not None and "restarts" not in prior and not force:
-        raise ConfigError(f"{fold_dir} holds a fold trained once, without --restarts; pass --force to retrain "
-                          "it, or train into another --out or --name.")
+    prior = _prior_restarts(fold_dir, force)
     where = f"{fold_dir.parent.name} fold {split.fold}"
     results, records = [], []
     for r in range(config.restarts):
