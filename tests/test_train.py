@@ -274,6 +274,12 @@ def test_restarts_are_chosen_on_validation_only_and_resume_per_restart(small, tm
 
     report = verify_run(tmp_path / "a", sources=False)
     assert report.ok and report.folds_checked == 1, report.findings  # the fold reads as one ordinary fold
+    from wsi2dmamba.evaluation import evaluate_run, write_report
+
+    metrics = evaluate_run(tmp_path / "a", n_boot=20)
+    assert metrics["models"]["abmil"]["restarts"]["0"]["chosen"] == chosen
+    page = write_report(tmp_path / "a", metrics=metrics).read_text()
+    assert f"<td class=\"name\">{chosen + 1} of 3 (loss: " in page  # the per-fold table names the choice
 
     # Permuted test targets (the labels of fold 0's test patients flipped), same splits: the same choice.
     test_ids = set(pd.read_csv(tmp_path / "a" / "train" / "splits" / "splits_0.csv")["test"].dropna())

@@ -295,8 +295,26 @@ def survival_calibration_figure(tables: Mapping[str, Any], horizon: float, n_gro
     return _png(fig)
 
 
+def _fold_curves(loss_ax, metric_ax, log, col: str, colour: str, label: str, bad: bool,
+                 others: Sequence[Any]) -> None:
+    """One fold's lines in both panels of :func:`training_curves_figure`."""
+    loss_ax.plot(log["epoch"], log["train_loss"], color=colour, lw=1.4, label=label)
+    loss_ax.plot(log["epoch"], log["val_loss"], color=colour, lw=1.0, ls="--")
+    if col not in log:
+        return
+    metric_ax.plot(log["epoch"], log[col], color=colour, lw=1.4, ls="--" if bad else "-", label=label)
+    for other in others:
+        if col in other:
+            metric_ax.plot(other["epoch"], other[col], color=colour, lw=0.6, alpha=0.5)
+    chosen = log[log["selected"].astype(bool)]["epoch"]
+    if len(chosen):  # the last epoch that improved on validation is the one kept
+        epoch = int(chosen.iloc[-1])
+        metric_ax.plot([epoch], log.loc[log["epoch"] == epoch, col], marker="o", color=colour, ms=6)
+
+
 def training_curves_figure(logs: Mapping[str, Mapping[int, Any]], metric: Mapping[str, str],
-                           failed: Mapping[str, Sequence[int]]) -> bytes:
+                           failed: Mapping[str, Sequence[int]],
+                           other_restarts: Mapping[str, Mapping[int, Sequence[Any]]] | None = None) -> bytes:
     """Per model (one row) and fold (one colour): training and validation loss by epoch (left), and the
     validation metric by epoch (right), with the epoch chosen on validation marked.
 
@@ -304,32 +322,25 @@ def training_curves_figure(logs: Mapping[str, Mapping[int, Any]], metric: Mappin
         logs: model → fold → its ``log.csv`` (DataFrame).
         metric: model → the log column of the right panel (e.g. ``val_auc``).
         failed: model → folds counted as failed (drawn dashed, named in the legend).
+        other_restarts: model → fold → the logs of the restarts validation did not choose (thin lines).
     """
+    from matplotlib.ticker import MaxNLocator
+
+    other_restarts = other_restarts or {}
     names = list(logs)
     fig, axes = _figure(2, len(names), size=(5.2, 3.6))
     for row, name in enumerate(names):
         loss_ax, metric_ax = axes[row, 0], axes[row, 1]
         col = metric[name]
         for j, (fold, log) in enumerate(sorted(logs[name].items())):
-            colour = _COLOURS[j % len(_COLOURS)]
             bad = fold in failed.get(name, ())
-            label = f"fold {fold}" + (" (failed)" if bad else "")
-            loss_ax.plot(log["epoch"], log["train_loss"], color=colour, lw=1.4, label=label)
-            loss_ax.plot(log["epoch"], log["val_loss"], color=colour, lw=1.0, ls="--")
-            if col in log:
-                metric_ax.plot(log["epoch"], log[col], color=colour, lw=1.4, ls="--" if bad else "-", label=label)
-            chosen = log[log["selected"].astype(bool)]["epoch"]
-            if len(chosen) and col in log:
-                epoch = int(chosen.iloc[-1])
-                metric_ax.plot([epoch], log.loc[log["epoch"] == epoch, col], marker="o", color=colour, ms=6)
-        from matplotlib.ticker import MaxNLocator
-
+            _fold_curves(loss_ax, metric_ax, log, col, _COLOURS[j % len(_COLOURS)],
+                         f"fold {fold}" + (" (failed)" if bad else ""), bad, other_restarts.get(name, {}).get(fold, ()))
         for ax in (loss_ax, metric_ax):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.legend(fontsize=7)
         loss_ax.set(xlabel="epoch", ylabel="loss", title=f"{name}: loss (solid training, dashed validation)")
         metric_ax.axhline(0.5, color="#999999", lw=0.8, ls=":")
         metric_ax.set(xlabel="epoch", ylabel=col.replace("_", " "), title=f"{name}: {col.replace('_', ' ')} "
                       "(dot: chosen epoch)")
-        loss_ax.legend(fontsize=7)
-        metric_ax.legend(fontsize=7)
     return _png(fig)

@@ -174,18 +174,22 @@ def _load_tables(run_dir: Path) -> dict[str, dict[str, Any]]:
 
     out = {}
     for d in model_dirs(run_dir):
-        frames, logs, ends, task = [], {}, {}, None
+        frames, logs, others, ends, task = [], {}, {}, {}, None
         for f in complete_folds(d):
             cfg, preds = read_fold(f)
             task = cfg["task"]
             frames.append(preds)
             logs[int(cfg["fold"])] = pd.read_csv(f / "log.csv")
             ends[int(cfg["fold"])] = cfg.get("bin_ends")
+            chosen = cfg.get("chosen_restart")
+            others[int(cfg["fold"])] = [pd.read_csv(r / "log.csv") for r in sorted(f.glob("restart_*"))
+                                        if r.name != f"restart_{chosen}" and (r / "log.csv").is_file()]
         slides = pd.concat(frames, ignore_index=True)
         patients = aggregate_patients(slides, task).reset_index(drop=True)
         part = "test" if (patients["partition"] == "test").any() else "val"
         chosen = patients[(patients["checkpoint"] == "best") & (patients["partition"] == part)].reset_index(drop=True)
-        out[d.name] = {"task": task, "eval": chosen, "partition": part, "logs": logs, "bin_ends": ends}
+        out[d.name] = {"task": task, "eval": chosen, "partition": part, "logs": logs, "bin_ends": ends,
+                       "other_restarts": others}
     return out
 
 
@@ -296,10 +300,12 @@ def _training_figure(metrics: dict[str, Any], tables: dict[str, dict[str, Any]],
         m = metrics["models"][n]
         curves[n] = f"val_{m['select_on']}" if m["select_on"] != "loss" else f"val_{FAILED_FOLD_METRIC[task]}"
     failed = {n: metrics["models"][n].get("failed_folds", {}).get("best", {}).get("folds", []) for n in names}
-    return _img(plots.training_curves_figure({n: tables[n]["logs"] for n in names}, curves, failed),
+    return _img(plots.training_curves_figure({n: tables[n]["logs"] for n in names}, curves, failed,
+                                             {n: tables[n]["other_restarts"] for n in names}),
                 "training curves per fold",
                 "Per fold (one colour): training loss (solid) and validation loss (dashed) by epoch, and the "
-                "validation metric by epoch (right) with the epoch chosen on validation marked. A training "
+                "validation metric by epoch (right) with the epoch chosen on validation marked; thin lines of "
+                "the fold's colour are the restarts that validation did not choose (--restarts). A training "
                 "loss falling while the validation loss rises is a fold memorising its training slides; folds "
                 "at chance on validation are marked failed and drawn dashed.")
 
