@@ -341,6 +341,7 @@ def training_curves_figure(logs: Mapping[str, Mapping[int, Any]], metric: Mappin
             ax.legend(fontsize=7)
         loss_ax.set(xlabel="epoch", ylabel="loss", title=f"{name}: loss (solid training, dashed validation)")
         metric_ax.axhline(0.5, color="#999999", lw=0.8, ls=":")
-        metric_ax.set(xlabel="epoch", ylabel=col.replace("_", " "), title=f"{name}: {col.replace('_', ' ')} "
-                      "(dot: chosen epoch)")
+        # The training log scores validation per slide, as the checkpoint choice does.
+        metric_ax.set(xlabel="epoch", ylabel=f"{col.replace('_', ' ')} (per slide)",
+                      title=f"{name}: {col.replace('_', ' ')} (dot: chosen epoch)")
     return _png(fig)
