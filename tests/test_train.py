@@ -344,3 +344,27 @@ def test_paper_recipe_differences_are_named():
                                                  clip_grad=2.0).model_dump(mode="json"))
     for text in ("learning rate 0.001", "clipped at 2.0", "validation loss (published: c_index)", "3 restarts"):
         assert any(text in d for d in other), text
+
+
+def test_choose_restart_prefers_the_better_validation_value_then_the_earlier_restart():
+    from wsi2dmamba.training.loop import choose_restart
+
+    assert choose_restart([0.7, 0.5, 0.6], lower_is_better=True) == 1
+    assert choose_restart([0.7, 0.9, 0.9], lower_is_better=False) == 1          # a tie goes to the earlier
+    assert choose_restart([float("nan"), 0.6, 0.8], lower_is_better=False) == 2  # NaN never wins
+    assert choose_restart([0.5, 0.5], lower_is_better=True) == 0
+
+
+def test_cli_train_with_restarts(small, tmp_path):
+    from typer.testing import CliRunner
+
+    from wsi2dmamba.cli import app
+
+    _, cohort, feats = small
+    args = ["train", "--cohort", str(cohort.source), "--features", str(feats), "--out", str(tmp_path),
+            "--model", "meanpool", "--folds", "2", "--fold", "1", "--epochs", "1", "--restarts", "2",
+            "--set", "hidden=8", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"meanpool fold 1: trained 1 epochs; restart [12] of 2 chosen on validation \(", result.output)
+    assert (tmp_path / "train" / "meanpool" / "fold_1" / "restart_1" / "done.json").is_file()
