@@ -175,7 +175,9 @@ def write_splits(splits: Sequence[FoldSplit], folder: str | os.PathLike[str], co
                  task: str = "classification") -> list[Path]:
     """Write ``splits_<k>.csv`` (CLAM layout) and, given the cohort, ``splits_<k>_descriptor.csv``.
 
-    The descriptor counts slides per stratum (label, or event/censored) and partition.
+    The descriptor counts slides (columns ``train, val, test``, as CLAM's) and patients
+    (``train_patients, val_patients, test_patients``) per stratum (label, or event/censored) and partition;
+    a patient whose slides fall in two strata counts in both.
     """
     import pandas as pd
 
@@ -192,11 +194,16 @@ def write_splits(splits: Sequence[FoldSplit], folder: str | os.PathLike[str], co
             key: Callable = ((lambda r: "event" if r.event else "censored") if task == "survival"
                              else (lambda r: r.label))
             by_id = {r.slide_id: r for r in cohort}
-            rows = defaultdict(lambda: dict.fromkeys(PARTITIONS, 0))
+            rows = defaultdict(lambda: dict.fromkeys((*PARTITIONS, *(f"{p}_patients" for p in PARTITIONS)), 0))
             for p in PARTITIONS:
+                seen: set[tuple[str, str]] = set()
                 for sid in s.partition(p):
                     if sid in by_id:
-                        rows[key(by_id[sid])][p] += 1
+                        stratum = key(by_id[sid])
+                        rows[stratum][p] += 1
+                        if (stratum, by_id[sid].patient_id) not in seen:
+                            seen.add((stratum, by_id[sid].patient_id))
+                            rows[stratum][f"{p}_patients"] += 1
             desc = pd.DataFrame.from_dict(rows, orient="index").sort_index()
             with atomic_path(folder / f"splits_{s.fold}_descriptor.csv") as tmp:
                 desc.to_csv(tmp)
