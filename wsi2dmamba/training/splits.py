@@ -60,9 +60,10 @@ class Leak:
 #: Said wherever a cohort's patients are its slides (training warnings, evaluation notes, the report).
 SLIDE_LEVEL_PATIENTS = (
     "every slide of the cohort is its own patient (patient_id equals slide_id, or the manifest has no "
-    "patient_id column): the patient-level splits, metrics and confidence intervals are slide-level, and "
-    "a patient with several slides can sit in two partitions. Put the real patient ids in the manifest's "
-    "patient_id column (BRACS: the patient ID column of the .xlsx on https://www.bracs.icar.cnr.it/details/).")
+    "patient_id column), so the patient-level splits, metrics and confidence intervals are slide-level: where "
+    "a patient has several slides, they can sit in two partitions and the intervals are too narrow. Put the "
+    "real patient ids in the manifest's patient_id column (BRACS: the patient ID column of the .xlsx on "
+    "https://www.bracs.icar.cnr.it/details/).")
 
 
 def slide_level_patients(patient_of: Mapping[str, str]) -> bool:
