@@ -91,13 +91,20 @@ def attention_on_grid(model: torch.nn.Module, grid: FeatureGrid, device: str = "
     return att[grid.index[:, 0], grid.index[:, 1]].astype(np.float64)
 
 
-def tile_boxes(grid: FeatureGrid) -> np.ndarray:
-    """(N, 4) level-0 boxes (x0, y0, x1, y1) of the tiles, from the lattice's origin and stride."""
+def tile_boxes(grid: FeatureGrid, *, clip: bool = False) -> np.ndarray:
+    """(N, 4) level-0 boxes (x0, y0, x1, y1) of the tiles, from the lattice's origin and stride.
+
+    With ``clip``, boxes are cut at the slide's edges (a tile at the border is read past them, padded).
+    """
     ox, oy = grid.origin_level0
     x0 = ox + grid.index[:, 1] * grid.stride_level0
     y0 = oy + grid.index[:, 0] * grid.stride_level0
     s = grid.tile_size_level0
-    return np.stack([x0, y0, x0 + s, y0 + s], axis=1)
+    boxes = np.stack([x0, y0, x0 + s, y0 + s], axis=1)
+    if clip:
+        w0, h0 = grid.level0_size
+        boxes = np.clip(boxes, 0.0, np.array([w0, h0, w0, h0], np.float64))
+    return boxes
 
 
 def percentiles(values: np.ndarray) -> np.ndarray:
@@ -110,8 +117,9 @@ def percentiles(values: np.ndarray) -> np.ndarray:
 
 
 def geojson_tiles(grid: FeatureGrid, attention: np.ndarray, model_name: str) -> dict[str, Any]:
-    """GeoJSON FeatureCollection of the tiles with their attention as QuPath measurements."""
-    boxes = tile_boxes(grid)
+    """GeoJSON FeatureCollection of the tiles with their attention as QuPath measurements (tiles clipped
+    to the slide)."""
+    boxes = tile_boxes(grid, clip=True)
     pct = percentiles(attention)
     feats = []
     for i, (x0, y0, x1, y1) in enumerate(np.round(boxes, 2).tolist()):
