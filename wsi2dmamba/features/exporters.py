@@ -152,6 +152,19 @@ def features_dir_of(run_dir: Path, encoder: str | None) -> tuple[Path, str]:
     return base / found[0], found[0]
 
 
+def _grid_files(feat_dir: Path, cohort, notes: list[str]) -> list[Path]:
+    """The grid files to export: all, or the cohort's (noting the cohort's slides without one)."""
+    files = sorted(feat_dir.glob("*.h5"))
+    if cohort is None:
+        return files
+    wanted = {r.slide_id for r in cohort.records}
+    missing = sorted(wanted - {p.stem for p in files})
+    if missing:
+        notes.append(f"{len(missing)} slide(s) of the cohort have no feature grid: "
+                     f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    return [p for p in files if p.stem in wanted]
+
+
 def export_features(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                     fmt: Literal["clam", "trident"], *, encoder: str | None = None, cohort=None,
                     progress: bool = True) -> ExportSummary:
@@ -171,11 +184,8 @@ def export_features(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"--format must be clam or trident, not {fmt!r}.")
     feat_dir, enc_name = features_dir_of(Path(run_dir), encoder)
-    files = sorted(feat_dir.glob("*.h5"))
-    if cohort is not None:
-        wanted = {r.slide_id for r in cohort.records}
-        files = [p for p in files if p.stem in wanted]
     summary = ExportSummary(fmt, Path(out_dir))
+    files = _grid_files(feat_dir, cohort, summary.notes)
     for path in tqdm(files, desc=f"export {fmt}", unit="slide", disable=not progress, dynamic_ncols=True):
         try:
             grid = read_feature_grid(path)
@@ -184,11 +194,6 @@ def export_features(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[
             summary.failed[path.stem] = str(exc)
             continue
         summary.written.append(grid.slide_id)
-    if cohort is not None:
-        missing = sorted({r.slide_id for r in cohort.records} - {p.stem for p in files})
-        if missing:
-            summary.notes.append(f"{len(missing)} slide(s) of the cohort have no feature grid: "
-                                 f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
     if fmt == "clam":
         write_text_atomic(Path(out_dir) / CLAM_CSV, _clam_csv(summary.written, cohort))
         if cohort is None:

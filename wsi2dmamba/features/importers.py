@@ -151,30 +151,38 @@ class Geometry:
 
 
 def _geometry(fmt: str, attrs: dict, path: Path, mpp: float | None, step: float | None = None) -> Geometry:
-    assumed: list[str] = []
     if fmt == "trident":
-        ps = _num(attrs, "patch_size")
-        ps0 = _num(attrs, "patch_size_level0")
-        mag0 = _num(attrs, "level0_magnification")
-        magt = _num(attrs, "target_magnification")
-        if ps is None or (ps0 is None and not (mag0 and magt)):
-            raise GridFileError(f"{path}: the coords dataset lacks TRIDENT's attributes (patch_size with "
-                                "patch_size_level0 or the magnifications); import it with --format clam.")
-        if ps0 is None:
-            ps0 = ps * mag0 / magt
-        overlap = _num(attrs, "overlap") or 0.0
-        stride = ps0 * (step if step is not None else ps - overlap) / ps
-        if mpp is not None:
-            mpp0 = float(mpp)
-        elif mag0:
-            mpp0 = 10.0 / mag0
-        else:
-            raise ConfigError(f"{path} records no level-0 magnification; pass --cohort with an mpp column, "
-                              "or --slide-mpp (µm per level-0 pixel).")
-        w, h = _num(attrs, "level0_width"), _num(attrs, "level0_height")
-        level0 = (int(w), int(h)) if w and h else None
-        return Geometry(int(round(ps)), float(ps0), float(stride), mpp0, 0, 1.0, level0, tuple(assumed))
-    # CLAM: attributes only when the patch file is given; never a resolution.
+        return _trident_geometry(attrs, path, mpp, step)
+    return _clam_geometry(attrs, path, mpp, step)
+
+
+def _trident_geometry(attrs: dict, path: Path, mpp: float | None, step: float | None) -> Geometry:
+    ps = _num(attrs, "patch_size")
+    ps0 = _num(attrs, "patch_size_level0")
+    mag0 = _num(attrs, "level0_magnification")
+    magt = _num(attrs, "target_magnification")
+    if ps is None or (ps0 is None and not (mag0 and magt)):
+        raise GridFileError(f"{path}: the coords dataset lacks TRIDENT's attributes (patch_size with "
+                            "patch_size_level0 or the magnifications); import it with --format clam.")
+    if ps0 is None:
+        ps0 = ps * mag0 / magt
+    overlap = _num(attrs, "overlap") or 0.0
+    stride = ps0 * (step if step is not None else ps - overlap) / ps
+    if mpp is not None:
+        mpp0 = float(mpp)
+    elif mag0:
+        mpp0 = 10.0 / mag0
+    else:
+        raise ConfigError(f"{path} records no level-0 magnification; pass --cohort with an mpp column, "
+                          "or --slide-mpp (µm per level-0 pixel).")
+    w, h = _num(attrs, "level0_width"), _num(attrs, "level0_height")
+    level0 = (int(w), int(h)) if w and h else None
+    return Geometry(int(round(ps)), float(ps0), float(stride), mpp0, 0, 1.0, level0, ())
+
+
+def _clam_geometry(attrs: dict, path: Path, mpp: float | None, step: float | None) -> Geometry:
+    """CLAM: attributes only when the patch file is given; never a resolution."""
+    assumed: list[str] = []
     if mpp is None:
         raise ConfigError(f"CLAM files record no resolution; pass --cohort (its mpp column or slide files) or "
                           f"--slide-mpp with the µm per level-0 pixel of the "
@@ -268,6 +276,43 @@ def _slide_id(fmt: str, path: Path, attrs: dict) -> str:
     return stem
 
 
+def _check_options(fmt: str, on_collision: str, step: float | None) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"Unknown format {fmt!r}; use clam or trident.")
+    if on_collision not in ("refuse", "keep-first"):
+        raise ConfigError(f"--on-collision must be refuse or keep-first, not {on_collision!r}.")
+    if step is not None and step <= 0:
+        raise ConfigError(f"--step must be > 0, got {step}.")
+
+
+def _kept_tiles(lat: Lattice, coords: np.ndarray, path: Path, slide_id: str, on_collision: str,
+                max_offset: float, assumed: list[str]) -> tuple[np.ndarray, float]:
+    """The tiles kept on the lattice (all, or the first of each cell) and their largest offset from their
+    cell in level-0 pixels; refuses collisions (unless told) and offsets beyond ``max_offset`` of a stride."""
+    stride = lat.stride
+    keep = np.arange(len(coords))
+    if lat.collisions:
+        if on_collision == "refuse":
+            raise GridFileError(
+                f"{path}: {lat.collisions} tile(s) would share a grid cell with another tile on the lattice of "
+                f"stride {stride:g} level-0 px (the tiles come from grids that do not line up, e.g. CLAM's "
+                "per-region grids with overlap). Re-tile the slide with `wsi2dmamba tile`, or pass "
+                "--on-collision keep-first to keep the first tile of each cell.")
+        flat = lat.index[:, 0].astype(np.int64) * lat.shape[1] + lat.index[:, 1]
+        _, first = np.unique(flat, return_index=True)
+        keep = np.sort(first)
+        assumed.append(f"{lat.collisions} colliding tile(s) dropped (kept the first of each cell)")
+    offset = float(np.abs(coords[keep] - (np.asarray(lat.origin) + lat.index[keep][:, ::-1] * stride)).max()) \
+        if len(keep) else 0.0
+    if offset > max_offset * stride:
+        raise GridFileError(
+            f"{path}: slide {slide_id}: tiles sit up to {offset:g} level-0 px "
+            f"({offset / stride:.0%} of the stride {stride:g}) off one lattice, more than the "
+            f"{max_offset:.0%} accepted. The patches were made on several grids or with another step: pass "
+            "--step with the step they were made with, or --max-offset to move them onto the lattice.")
+    return keep, offset
+
+
 def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trident"], *,
                         mpp: float | None = None, coords_file: str | os.PathLike[str] | None = None,
                         encoder: str | None = None, on_collision: str = "refuse", step: float | None = None,
@@ -297,10 +342,7 @@ def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trid
         ConfigError: a needed resolution is missing.
     """
     path = Path(path)
-    if fmt not in FORMATS:
-        raise ConfigError(f"Unknown format {fmt!r}; use clam or trident.")
-    if on_collision not in ("refuse", "keep-first"):
-        raise ConfigError(f"--on-collision must be refuse or keep-first, not {on_collision!r}.")
+    _check_options(fmt, on_collision, step)
     feats, coords, attrs, feat_attrs = _read_feature_file(path)
     if coords_file is not None:
         attrs = {**_read_coords_attrs(Path(coords_file)), **attrs}
@@ -308,11 +350,8 @@ def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trid
         bad = int((~np.isfinite(feats)).any(axis=1).sum())
         raise GridFileError(f"{path}: {bad} of {len(feats)} tile(s) have NaN or inf features; re-extract this "
                             "slide's features (the file was not imported).")
-    if step is not None and step <= 0:
-        raise ConfigError(f"--step must be > 0, got {step}.")
     slide_id = _slide_id(fmt, path, attrs)
-    if mpp_by_slide and mpp_by_slide.get(slide_id):
-        mpp = float(mpp_by_slide[slide_id])
+    mpp = float(mpp_by_slide[slide_id]) if mpp_by_slide and mpp_by_slide.get(slide_id) else mpp
     geo = _geometry(fmt, attrs, path, mpp, step)
     stride = infer_stride(coords, geo.stride_level0)
     assumed = list(geo.assumed)
@@ -320,26 +359,7 @@ def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trid
     if tile_px == 0:  # CLAM without attributes: a tile is one stride wide, read at level 0
         tile_px, size0 = int(round(stride)), float(stride)
     lat = place_on_lattice(coords, stride)
-    keep = np.arange(len(coords))
-    if lat.collisions:
-        if on_collision == "refuse":
-            raise GridFileError(
-                f"{path}: {lat.collisions} tile(s) would share a grid cell with another tile on the lattice of "
-                f"stride {stride:g} level-0 px (the tiles come from grids that do not line up, e.g. CLAM's "
-                "per-region grids with overlap). Re-tile the slide with `wsi2dmamba tile`, or pass "
-                "--on-collision keep-first to keep the first tile of each cell.")
-        flat = lat.index[:, 0].astype(np.int64) * lat.shape[1] + lat.index[:, 1]
-        _, first = np.unique(flat, return_index=True)
-        keep = np.sort(first)
-        assumed.append(f"{lat.collisions} colliding tile(s) dropped (kept the first of each cell)")
-    offset = float(np.abs(coords[keep] - (np.asarray(lat.origin) + lat.index[keep][:, ::-1] * stride)).max()) \
-        if len(keep) else 0.0
-    if offset > max_offset * stride:
-        raise GridFileError(
-            f"{path}: slide {slide_id}: tiles sit up to {offset:g} level-0 px "
-            f"({offset / stride:.0%} of the stride {stride:g}) off one lattice, more than the "
-            f"{max_offset:.0%} accepted. The patches were made on several grids or with another step: pass "
-            "--step with the step they were made with, or --max-offset to move them onto the lattice.")
+    keep, offset = _kept_tiles(lat, coords, path, slide_id, on_collision, max_offset, assumed)
     index = lat.index[keep]
     order = np.lexsort((index[:, 1], index[:, 0]))  # row-major order of cells
     sel = keep[order]

@@ -47,6 +47,15 @@ def _rings_of(polygon) -> list[list[list[float]]]:
         [_ring(np.asarray(h.coords)[:-1]) for h in polygon.interiors]
 
 
+def _strands(shp) -> list[list[list[float]]]:
+    """The zero-area lines of an invalid polygon (the one-pixel-wide strands of a traced outline)."""
+    import shapely
+
+    pieces = shapely.get_parts(shapely.make_valid(shp, method="linework"))
+    lines = [line for g in pieces if "LineString" in g.geom_type for line in shapely.get_parts(g)]
+    return [[[_num(x), _num(y)] for x, y in line.coords] for line in lines if not line.is_empty]
+
+
 def valid_geometry(poly: TissuePolygon) -> tuple[dict[str, Any], list[list[list[float]]]]:
     """GeoJSON geometry of one tissue piece, made valid where its outline crosses or touches itself.
 
@@ -66,10 +75,8 @@ def valid_geometry(poly: TissuePolygon) -> tuple[dict[str, Any], list[list[list[
     if shp.is_valid:
         return {"type": "Polygon", "coordinates": rings}, []
     fixed = shapely.make_valid(shp, method="structure")
-    parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type == "Polygon" and not g.is_empty]
-    pieces = shapely.get_parts(shapely.make_valid(shp, method="linework"))
-    lines = [line for g in pieces if "LineString" in g.geom_type for line in shapely.get_parts(g)]
-    strands = [[[_num(x), _num(y)] for x, y in line.coords] for line in lines if not line.is_empty]
+    parts = [g for g in shapely.get_parts(fixed) if g.geom_type == "Polygon" and not g.is_empty]
+    strands = _strands(shp)
     if len(parts) == 1:
         return {"type": "Polygon", "coordinates": _rings_of(parts[0])}, strands
     return {"type": "MultiPolygon", "coordinates": [_rings_of(g) for g in parts]}, strands
@@ -183,6 +190,19 @@ def _draw_strands(mask: np.ndarray, strands: list, ds: tuple[float, float], wher
     return out.astype(bool)
 
 
+def _mask_frame(meta: dict | None, level0_size: tuple[int, int], mpp: float, default_seg_mpp: float,
+                ) -> tuple[tuple[int, int], tuple[float, float], bool]:
+    """(mask shape (h, w), downsample (sx, sy), whether they are the file's own) of the mask to rebuild."""
+    w0, h0 = level0_size
+    if meta and meta.get("mask_shape") and meta.get("mask_downsample") \
+            and [int(v) for v in meta.get("level0_size", [w0, h0])] == [w0, h0]:
+        shape = (int(meta["mask_shape"][0]), int(meta["mask_shape"][1]))
+        return shape, (float(meta["mask_downsample"][0]), float(meta["mask_downsample"][1])), True
+    d = max(default_seg_mpp / mpp, 1.0)
+    shape = (max(1, round(h0 / d)), max(1, round(w0 / d)))
+    return shape, (w0 / shape[1], h0 / shape[0]), False
+
+
 def from_geojson(obj: dict[str, Any], *, level0_size: tuple[int, int], mpp: float, default_seg_mpp: float,
                  where: str = "GeoJSON") -> TissueMap:
     """A :class:`TissueMap` from GeoJSON: the polygons, and the mask rebuilt from them.
@@ -200,16 +220,9 @@ def from_geojson(obj: dict[str, Any], *, level0_size: tuple[int, int], mpp: floa
     meta = obj.get("wsi2dmamba")
     meta = meta if isinstance(meta, dict) else None
     w0, h0 = int(level0_size[0]), int(level0_size[1])
-    if meta and meta.get("mask_shape") and meta.get("mask_downsample") \
-            and [int(v) for v in meta.get("level0_size", [w0, h0])] == [w0, h0]:
-        shape = (int(meta["mask_shape"][0]), int(meta["mask_shape"][1]))
-        ds = (float(meta["mask_downsample"][0]), float(meta["mask_downsample"][1]))
-    else:
-        d = max(default_seg_mpp / mpp, 1.0)
-        shape = (max(1, round(h0 / d)), max(1, round(w0 / d)))
-        ds = (w0 / shape[1], h0 / shape[0])
+    shape, ds, own = _mask_frame(meta, (w0, h0), mpp, default_seg_mpp)
     mask = rasterize(level0_to_rings(polys, ds), shape)
-    if meta and meta.get("strands_level0") and meta.get("mask_shape") and list(shape) == list(meta["mask_shape"]):
+    if own and meta.get("strands_level0"):
         mask = _draw_strands(mask, meta["strands_level0"], ds, where)
     return TissueMap(polygons=tuple(polys), mask=mask, downsample=ds, mpp=mpp * ds[0], level0_size=(w0, h0))
 
