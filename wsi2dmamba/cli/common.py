@@ -12,6 +12,8 @@ from ..errors import ConfigError
 
 CohortOpt = Annotated[Optional[Path], typer.Option("--cohort", help="Cohort manifest CSV (slide_id, path, …).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder; every stage writes below it.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where the model runs: auto (a GPU when there is one), "
+                                       "cpu, cuda or cuda:N.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo slides that are already done.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ..errors import ConfigError
-from .common import CohortOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt
+from .common import CohortOpt, DeviceOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
@@ -38,6 +39,21 @@ def _train_config(**values: Any):
         problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-') or 'config'}: {e['msg']}"
                              for e in exc.errors())
         raise ConfigError(f"Invalid training options: {problems}") from None
+
+
+class Checkpoint(str, Enum):
+    """Which weights of a fold."""
+
+    best = "best"
+    last = "last"
+
+
+class Scale(str, Enum):
+    """How heatmap colours are scaled."""
+
+    rank = "rank"
+    percentile = "percentile"
+    linear = "linear"
 
 
 def register(app: typer.Typer) -> None:
@@ -144,22 +160,60 @@ def register(app: typer.Typer) -> None:
     def heatmap_command(
         out: OutOpt = Path("runs/run"),
         model: Annotated[str, typer.Option("--model", help="Model folder name in RUN/train.")] = "2dmambamil",
-        slide: Annotated[str, typer.Option("--slide", help="Slide id.")] = "",
+        slide: Annotated[Optional[list[str]], typer.Option(
+            "--slide", help="Slide id (repeatable).")] = None,
+        all_slides: Annotated[bool, typer.Option(
+            "--all", help="Every test slide of every fold, each drawn by the fold that tested it.")] = False,
         fold: Annotated[Optional[int], typer.Option("--fold", help="Fold (default: where the slide is "
                                                     "in the test partition).")] = None,
-        checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+        checkpoint: Annotated[Checkpoint, typer.Option("--checkpoint", help="Which weights of the fold.")
+                              ] = Checkpoint.best,
         slide_path: Annotated[Optional[Path], typer.Option("--slide-path", help="Slide file (default: the "
                                                            "path recorded in the feature grid).")] = None,
-        size: Annotated[int, typer.Option("--size", help="Longer side of the PNG in pixels.")] = 2048,
-        device: Annotated[str, typer.Option("--device")] = "cpu",
+        size: Annotated[int, typer.Option("--size", min=16, help="Longer side of the PNG in pixels.")] = 2048,
+        scale: Annotated[Scale, typer.Option(
+            "--scale", help="Colours: rank of each tile among the slide's, linear between the 1st and 99th "
+            "percentiles, or linear between min and max.")] = Scale.rank,
+        blur: Annotated[float, typer.Option(
+            "--blur", min=0.0, help="Gaussian blur, sigma in tile strides (0: none).")] = 0.0,
+        top_k: Annotated[int, typer.Option(
+            "--top-k", min=0, help="Highest and lowest attended tiles in the montage (0: none).")] = 8,
+        colorbar: Annotated[bool, typer.Option(
+            "--colorbar/--no-colorbar", help="Also write <slide>_figure.png with a colour bar.")] = True,
+        per_class: Annotated[Optional[bool], typer.Option(
+            "--per-class/--no-per-class", help="One map per class (default: for more than two classes).",
+            show_default=False)] = None,
+        device: DeviceOpt = "auto",
+        force: ForceOpt = False,
+        quiet: QuietOpt = False,
     ) -> None:
-        """Attention of a trained model over a slide: PNG overlay and QuPath GeoJSON tiles."""
+        """Attention of a trained model over slides: PNG overlay, figure with colour bar, top/bottom tile
+        montage, per-class maps and QuPath GeoJSON tiles (RUN/heatmaps/<model>/)."""
         from ..evaluation import heatmap
+        from ..evaluation.heatmap_batch import heatmap_cohort
+        from ..evaluation.heatmap_figures import HeatmapStyle
 
+        style = HeatmapStyle(scale=scale.value, blur=blur, top_k=top_k, colorbar=colorbar)
+        if all_slides or (slide and len(slide) > 1):
+            if fold is not None or slide_path is not None:
+                raise ConfigError("--fold and --slide-path apply to one --slide, not to a batch.")
+            res = heatmap_cohort(out, model, None if all_slides and not slide else slide,
+                                 checkpoint=checkpoint.value, thumbnail_px=size, device=device, style=style,
+                                 per_class=per_class, force=force, progress=not quiet)
+            for sid, notes in sorted(res.notes.items()):
+                for n in notes:
+                    typer.secho(f"note: {sid}: {n}", fg=typer.colors.YELLOW, err=True)
+            typer.echo(res.line())
+            for sid, reason in sorted(res.failed.items()):
+                typer.secho(f"  failed {sid}: {reason}", fg=typer.colors.YELLOW, err=True)
+            if res.failed:
+                raise typer.Exit(1)
+            return
         if not slide:
-            raise ConfigError("heatmap needs --slide SLIDE_ID")
-        res = heatmap(out, model, slide, fold=fold, checkpoint=checkpoint, slide_path=slide_path,
-                      thumbnail_px=size, device=device)
+            raise ConfigError("heatmap needs --slide SLIDE_ID (repeatable) or --all")
+        res = heatmap(out, model, slide[0], fold=fold, checkpoint=checkpoint.value, slide_path=slide_path,
+                      thumbnail_px=size, device=device, style=style, per_class=per_class)
         for n in res.notes:
             typer.secho(f"note: {n}", fg=typer.colors.YELLOW, err=True)
-        typer.echo(f"fold {res.fold} ({res.partition} partition): {res.png} and {res.geojson}")
+        typer.echo(f"fold {res.fold} ({res.partition} partition): {res.png} and {res.geojson} "
+                   f"(+{len(res.files) - 2} more in {res.png.parent})")
