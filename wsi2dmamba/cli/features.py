@@ -8,8 +8,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (CohortOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, ShardOpt, cohort_from_args,
-                     parse_shard, report_summary)
+from .common import (CohortOpt, DeviceOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt,
+                     ShardOpt, WorkersOpt, cohort_from_args, parse_shard, report_summary)
+from .slides import SlideMppOpt
+
+
+class Precision(str, Enum):
+    """Numbers an encoder computes with."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
 
 
 class ImportFormat(str, Enum):
@@ -36,34 +45,33 @@ def register(app: typer.Typer) -> None:
                                              "timm:<model-name>.")] = "efficientnet-lite0",
         weights: Annotated[Optional[Path], typer.Option("--weights", help="Encoder weight file (default: the "
                                                         "packaged weights or the local HF / torch hub cache).")] = None,
-        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+        device: DeviceOpt = "auto",
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per batch.")] = 256,
-        workers: Annotated[Optional[int], typer.Option(
-            "--workers", min=0, help="Tile-reading processes (default: every core but one, at most 16).")] = None,
-        precision: Annotated[Optional[str], typer.Option(
-            "--precision", help="fp32, fp16 or bf16 (default: the encoder's own on a GPU, fp32 on CPU).")] = None,
+        workers: WorkersOpt = None,
+        precision: Annotated[Optional[Precision], typer.Option(
+            "--precision", help="Numbers the encoder computes with (default: the encoder's own on a GPU, fp32 "
+            "on CPU).", show_default=False)] = None,
+        slide_mpp: SlideMppOpt = None,
         random_weights: Annotated[bool, typer.Option(
             "--random-weights", help="Keep the encoder's random initial weights (speed tests only).")] = False,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
         shard: ShardOpt = None,
-        executor: ExecutorOpt = "local",
+        executor: ExecutorOpt = Executor.local,
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Encode the tiles of every slide: RUN/tiles/<slide_id>.h5 → RUN/features/<encoder>/<slide_id>.h5."""
-        from ..errors import ConfigError
         from ..features import ExtractConfig, extract_cohort, get_encoder
         from ..features.extract import blank_tile_count, encoder_dirname
 
-        if precision is not None and precision not in ("fp32", "fp16", "bf16"):
-            raise ConfigError(f"--precision must be fp32, fp16 or bf16, not {precision!r}.")
         get_encoder(encoder, weights)  # an unknown encoder or weight path fails before any work
-        co = cohort_from_args(cohort, slides)
+        co = cohort_from_args(cohort, slides, mpp=slide_mpp)
         config = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, device=device,
-                               batch_size=batch_size, workers=workers, precision=precision,
+                               batch_size=batch_size, workers=workers,
+                               precision=precision.value if precision else None,
                                pretrained=not random_weights)
         summary = extract_cohort(co, out, config, progress=not quiet, force=force, shard=parse_shard(shard),
-                                 executor=executor, ray_address=ray_address)
+                                 executor=executor.value, ray_address=ray_address)
         n_tiles = sum(int(i.get("n_tiles", 0)) for i in summary.infos.values())
         if summary.done:
             typer.echo(f"{n_tiles} tiles encoded into {out / 'features' / encoder_dirname(encoder)}; "

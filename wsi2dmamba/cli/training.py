@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import ConfigError
-from .common import CohortOpt, DeviceOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt
+from .common import CohortOpt, DeviceOpt, Executor, ForceOpt, OutOpt, QuietOpt, RayAddressOpt
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
@@ -41,6 +41,40 @@ def _train_config(**values: Any):
         raise ConfigError(f"Invalid training options: {problems}") from None
 
 
+class TaskKind(str, Enum):
+    """What a model predicts."""
+
+    classification = "classification"
+    survival = "survival"
+
+
+class SelectOn(str, Enum):
+    """Validation quantities that can pick the best checkpoint."""
+
+    loss = "loss"
+    auc = "auc"
+    balanced_accuracy = "balanced_accuracy"
+    accuracy = "accuracy"
+    f1 = "f1"
+    c_index = "c_index"
+
+
+class TrainPrecision(str, Enum):
+    """Numbers a model trains with."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Level(str, Enum):
+    """Patient- or slide-level metrics."""
+
+    patient = "patient"
+    slide = "slide"
+
+
 class Checkpoint(str, Enum):
     """Which weights of a fold."""
 
@@ -64,7 +98,7 @@ def register(app: typer.Typer) -> None:
         features: Annotated[Optional[Path], typer.Option(
             "--features", help="Folder of feature grids (RUN/features/<encoder>).")] = None,
         model: Annotated[str, typer.Option("--model", help="Model name (see `wsi2dmamba models`).")] = "2dmambamil",
-        task: Annotated[str, typer.Option("--task", help="classification or survival.")] = "classification",
+        task: Annotated[TaskKind, typer.Option("--task", help="What the model predicts.")] = TaskKind.classification,
         folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds.")] = 5,
         epochs: Annotated[int, typer.Option("--epochs")] = 20,
         lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-4,
@@ -76,17 +110,21 @@ def register(app: typer.Typer) -> None:
         class_weighting: Annotated[bool, typer.Option("--class-weighting",
                                                       help="Inverse-frequency class weights.")] = False,
         clip_grad: Annotated[Optional[float], typer.Option(
-            "--clip-grad", help="Max gradient norm (0 = off). Default: 1.0 for classification, off for survival.")] = None,
-        select_on: Annotated[str, typer.Option("--select-on", help="Validation quantity choosing the 'best' "
-                                               "checkpoint: loss, auc, balanced_accuracy, accuracy, f1, "
-                                               "c_index.")] = "loss",
+            "--clip-grad", help="Max gradient norm (0 = off). Default: 1.0 for classification, off for "
+            "survival.")] = None,
+        select_on: Annotated[SelectOn, typer.Option("--select-on", help="Validation quantity choosing the "
+                                                    "'best' checkpoint (c_index: survival only; auc, "
+                                                    "balanced_accuracy, accuracy, f1: classification only).")
+                             ] = SelectOn.loss,
         val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each fold's non-test "
                                                     "patients used for validation.")] = 0.2,
         n_bins: Annotated[int, typer.Option("--n-bins", help="Survival time bins.")] = 4,
         alpha: Annotated[float, typer.Option("--alpha", help="Survival NLL uncensored-only weight.")] = 0.0,
         seed: Annotated[int, typer.Option("--seed")] = 0,
-        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, …")] = "auto",
-        precision: Annotated[str, typer.Option("--precision", help="auto, fp32, bf16, fp16 (GPU).")] = "auto",
+        device: DeviceOpt = "auto",
+        precision: Annotated[TrainPrecision, typer.Option(
+            "--precision", help="Autocast precision on a GPU (auto: bf16 where supported, else fp16); CPU "
+            "trains in fp32.")] = TrainPrecision.auto,
         preset: Annotated[Optional[str], typer.Option("--preset", help="Named model preset, e.g. paper.")] = None,
         name: Annotated[Optional[str], typer.Option("--name", help="Folder name of this model in the run "
                                                     "(default: model[-preset]).")] = None,
@@ -95,9 +133,11 @@ def register(app: typer.Typer) -> None:
         fold: Annotated[Optional[list[int]], typer.Option("--fold", help="Train only this fold (repeatable).")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Model option key=value (repeatable), "
                                                           "e.g. --set hidden=256.")] = None,
-        force: ForceOpt = False,
+        force: Annotated[bool, typer.Option("--force", help="Retrain folds that are already done.")] = False,
         quiet: QuietOpt = False,
-        executor: ExecutorOpt = "local",
+        executor: Annotated[Executor, typer.Option(
+            "--executor", help="Where the folds train: local processes (one per GPU), or Ray tasks.")
+                            ] = Executor.local,
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Train a model with patient-level k-fold cross-validation; resumes unfinished folds.
@@ -111,14 +151,14 @@ def register(app: typer.Typer) -> None:
         if cohort is None or features is None:
             raise ConfigError("train needs --cohort M.csv and --features RUN/features/<encoder>.")
         clip = {} if clip_grad is None else {"clip_grad": clip_grad if clip_grad > 0 else None}
-        config = _train_config(task=task, folds=folds, epochs=epochs, lr=lr, weight_decay=weight_decay,
+        config = _train_config(task=task.value, folds=folds, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                warmup_epochs=warmup_epochs, batch_size=batch_size, accum_steps=accum_steps,
-                               class_weighting=class_weighting, select_on=select_on, val_fraction=val_fraction,
-                               n_bins=n_bins, alpha=alpha, seed=seed, device=device, precision=precision, **clip)
+                               class_weighting=class_weighting, select_on=select_on.value, val_fraction=val_fraction,
+                               n_bins=n_bins, alpha=alpha, seed=seed, device=device, precision=precision.value, **clip)
         c = load_cohort(cohort, require_path=False, check_files=False)
         res = train_cohort(c, features, out, model, config, _overrides(set_), preset=preset, name=name,
                            splits=splits, folds_to_run=fold, force=force, progress=not quiet,
-                           executor=executor, ray_address=ray_address)
+                           executor=executor.value, ray_address=ray_address)
         for w in res.warnings:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
         for f in res.folds:
@@ -131,17 +171,15 @@ def register(app: typer.Typer) -> None:
     def evaluate_command(
         out: OutOpt = Path("runs/run"),
         n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the 95% CIs.")] = 1000,
-        level: Annotated[str, typer.Option("--level", help="Printed level: patient or slide.")] = "patient",
+        level: Annotated[Level, typer.Option("--level", help="Level of the printed metrics.")] = Level.patient,
         seed: Annotated[int, typer.Option("--seed")] = 0,
     ) -> None:
         """Metrics of every model in the run, per fold and overall, with bootstrap CIs (RUN/eval/metrics.json)."""
         from ..evaluation import evaluate_run, format_summary
 
-        if level not in ("patient", "slide"):
-            raise ConfigError(f"--level must be patient or slide, got {level!r}")
         metrics = evaluate_run(out, n_boot=n_boot, seed=seed)
-        typer.echo(f"Test metrics ({level} level; mean ± std over folds, pooled [95% CI]):")
-        typer.echo(format_summary(metrics, level))
+        typer.echo(f"Test metrics ({level.value} level; mean ± std over folds, pooled [95% CI]):")
+        typer.echo(format_summary(metrics, level.value))
         typer.echo(f"Written {Path(out) / 'eval' / 'metrics.json'}")
 
     @app.command("report")
