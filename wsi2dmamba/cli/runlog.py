@@ -44,17 +44,20 @@ def run_folder(argv: list[str]) -> tuple[str, Path] | None:
     their first argument.
     """
     command = next((a for a in argv if not a.startswith("-")), None)
-    if command is None or command in NOT_ON_A_RUN or "-h" in argv or "--help" in argv:
+    if command is None or command in NOT_ON_A_RUN or {"-h", "--help"} & set(argv):
         return None
+    out = _out_option(argv)
+    if out is None and command in ("verify", "merge"):
+        out = next((a for a in argv[argv.index(command) + 1:] if not a.startswith("-")), None)
+    return (command, Path(out)) if out else None
+
+
+def _out_option(argv: list[str]) -> str | None:
     for i, a in enumerate(argv):
         if a == "--out" and i + 1 < len(argv):
-            return command, Path(argv[i + 1])
+            return argv[i + 1]
         if a.startswith("--out="):
-            return command, Path(a.split("=", 1)[1])
-    if command in ("verify", "merge"):
-        rest = argv[argv.index(command) + 1:]
-        first = next((a for a in rest if not a.startswith("-")), None)
-        return (command, Path(first)) if first else None
+            return a.split("=", 1)[1]
     return None
 
 

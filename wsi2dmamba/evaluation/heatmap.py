@@ -245,6 +245,20 @@ def _model_and_fold(run_dir: Path, model: str, slide_id: str, fold: int | None,
     return model_dir, k, partition, cfg
 
 
+def _partition_notes(slide_id: str, partition: str, fold: int) -> list[str]:
+    if partition not in ("train", "none"):
+        return []
+    return [f"slide {slide_id} was in the {partition} partition of fold {fold}: the model "
+            + ("trained on it" if partition == "train" else "never saw it in any fold")]
+
+
+def _slide_file(grid: FeatureGrid, slide_path: str | os.PathLike[str] | None) -> Path | None:
+    """The slide file given, else the one the feature grid records (None when it records none)."""
+    if slide_path is not None:
+        return Path(slide_path)
+    return Path(grid.slide_path) if grid.slide_path else None
+
+
 def _scores(checkpoint: Path, grid: FeatureGrid, device: str, per_class: bool,
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """(N,) attention and, when asked and the model allows, (N, C) per-class shares of the logits."""
@@ -292,10 +306,7 @@ def heatmap(run_dir: str | os.PathLike[str], model: str, slide_id: str, *, fold:
     style = style or HeatmapStyle()
     run_dir = Path(run_dir)
     model_dir, k, partition, cfg = _model_and_fold(run_dir, model, slide_id, fold, checkpoint)
-    notes = []
-    if partition in ("train", "none"):
-        notes.append(f"slide {slide_id} was in the {partition} partition of fold {k}: the model "
-                     + ("trained on it" if partition == "train" else "never saw it in any fold"))
+    notes = _partition_notes(slide_id, partition, k)
     grid = read_feature_grid(_features_file(run_dir, cfg, slide_id))
     classes = [str(c) for c in cfg.get("classes") or []]
     params = heatmap_params(style, thumbnail_px, per_class)
@@ -306,11 +317,11 @@ def heatmap(run_dir: str | os.PathLike[str], model: str, slide_id: str, *, fold:
         notes.append(f"model {model!r} has no per-class maps (they need attention pooling into a linear head "
                      "and class labels)")
 
-    out_dir = Path(out_dir) if out_dir is not None else run_dir / "heatmaps" / model
+    out_dir = Path(out_dir or run_dir / "heatmaps" / model)
     geo_path = out_dir / f"{slide_id}.geojson"
     write_text_atomic(geo_path, json.dumps(geojson_tiles(grid, att, model, contrib, classes)))
 
-    path = Path(slide_path) if slide_path is not None else (Path(grid.slide_path) if grid.slide_path else None)
+    path = _slide_file(grid, slide_path)
     thumb, downsample = _thumbnail(grid, path, slide_path is not None, thumbnail_px, notes)
     title = f"{slide_id} — {model}, fold {k} ({partition})"
     files = [geo_path] + _attention_pictures(out_dir / slide_id, thumb, downsample, grid, att, style, title,

@@ -36,6 +36,14 @@ def _is_done(out_dir: Path, slide_id: str, params: dict, checkpoint: str) -> boo
             and all((out_dir / name).is_file() for name in info.get("files", [])))
 
 
+def _slides_to_draw(model_dir: Path, slides: list[str] | None) -> tuple[dict[str, int], list[str]]:
+    """(slide → testing fold, the slides to draw in order): the given ones, else every tested slide."""
+    folds = slides_tested_by_fold(model_dir) if model_dir.is_dir() else {}
+    if not folds and slides is None:
+        raise StageInputError(f"{model_dir} has no complete fold; run `wsi2dmamba train` first.")
+    return folds, sorted(folds) if slides is None else list(dict.fromkeys(slides))
+
+
 @dataclass
 class HeatmapSummary:
     """Outcome of a batch: slides drawn, skipped (already drawn) and failed (with the reason), and notes."""
@@ -66,11 +74,7 @@ def heatmap_cohort(run_dir: str | os.PathLike[str], model: str, slides: list[str
 
     style = style or HeatmapStyle()
     run_dir = Path(run_dir)
-    model_dir = run_dir / "train" / model
-    folds = slides_tested_by_fold(model_dir) if model_dir.is_dir() else {}
-    if not folds and slides is None:
-        raise StageInputError(f"{model_dir} has no complete fold; run `wsi2dmamba train` first.")
-    todo = sorted(folds) if slides is None else list(dict.fromkeys(slides))
+    folds, todo = _slides_to_draw(run_dir / "train" / model, slides)
     out = Path(out_dir) if out_dir is not None else run_dir / "heatmaps" / model
     summary = HeatmapSummary(out)
     params = heatmap_params(style, thumbnail_px, per_class)

@@ -24,7 +24,6 @@ TRIDENT from wsi2dmamba's tiles do), else by the file's stem.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,7 +155,8 @@ def _geometry(fmt: str, attrs: dict, path: Path, mpp: float | None, step: float 
     return _clam_geometry(attrs, path, mpp, step)
 
 
-def _trident_geometry(attrs: dict, path: Path, mpp: float | None, step: float | None) -> Geometry:
+def _trident_patch(attrs: dict, path: Path) -> tuple[float, float, float | None]:
+    """(patch size in pixels, its size in level-0 pixels, level-0 magnification) of TRIDENT's attributes."""
     ps = _num(attrs, "patch_size")
     ps0 = _num(attrs, "patch_size_level0")
     mag0 = _num(attrs, "level0_magnification")
@@ -164,20 +164,31 @@ def _trident_geometry(attrs: dict, path: Path, mpp: float | None, step: float | 
     if ps is None or (ps0 is None and not (mag0 and magt)):
         raise GridFileError(f"{path}: the coords dataset lacks TRIDENT's attributes (patch_size with "
                             "patch_size_level0 or the magnifications); import it with --format clam.")
-    if ps0 is None:
-        ps0 = ps * mag0 / magt
+    return ps, ps0 if ps0 is not None else ps * mag0 / magt, mag0
+
+
+def _level0_size(attrs: dict) -> tuple[int, int] | None:
+    w, h = _num(attrs, "level0_width"), _num(attrs, "level0_height")
+    return (int(w), int(h)) if w and h else None
+
+
+def _trident_geometry(attrs: dict, path: Path, mpp: float | None, step: float | None) -> Geometry:
+    ps, ps0, mag0 = _trident_patch(attrs, path)
     overlap = _num(attrs, "overlap") or 0.0
     stride = ps0 * (step if step is not None else ps - overlap) / ps
-    if mpp is not None:
-        mpp0 = float(mpp)
-    elif mag0:
-        mpp0 = 10.0 / mag0
-    else:
+    if mpp is None and not mag0:
         raise ConfigError(f"{path} records no level-0 magnification; pass --cohort with an mpp column, "
                           "or --slide-mpp (µm per level-0 pixel).")
-    w, h = _num(attrs, "level0_width"), _num(attrs, "level0_height")
-    level0 = (int(w), int(h)) if w and h else None
-    return Geometry(int(round(ps)), float(ps0), float(stride), mpp0, 0, 1.0, level0, ())
+    mpp0 = float(mpp) if mpp is not None else 10.0 / mag0
+    return Geometry(int(round(ps)), float(ps0), float(stride), mpp0, 0, 1.0, _level0_size(attrs), ())
+
+
+def _level0_from_level_dim(lvl_dim, ds: float) -> tuple[int, int] | None:
+    """Level-0 (width, height) from CLAM's ``level_dim`` of the patch level and its downsample."""
+    if lvl_dim is None:
+        return None
+    wd, hd = np.asarray(lvl_dim, dtype=np.float64).reshape(-1)[:2]
+    return int(round(wd * ds)), int(round(hd * ds))
 
 
 def _clam_geometry(attrs: dict, path: Path, mpp: float | None, step: float | None) -> Geometry:
@@ -200,11 +211,7 @@ def _clam_geometry(attrs: dict, path: Path, mpp: float | None, step: float | Non
     if step is None:
         assumed.append("step = patch size (CLAM's default; the step is not stored; pass --step otherwise)")
     stride0 = float(size0 if step is None else step * ds * custom)
-    lvl_dim = attrs.get("level_dim")
-    level0 = None
-    if lvl_dim is not None:
-        wd, hd = np.asarray(lvl_dim, dtype=np.float64).reshape(-1)[:2]
-        level0 = (int(round(wd * ds)), int(round(hd * ds)))
+    level0 = _level0_from_level_dim(attrs.get("level_dim"), ds)
     tile_px = int(round(ps / custom)) if custom != 1.0 else int(round(ps))
     return Geometry(tile_px, float(size0), stride0, float(mpp), level if custom == 1.0 else 0,
                     ds if custom == 1.0 else 1.0, level0, tuple(assumed))
@@ -274,6 +281,13 @@ def _slide_id(fmt: str, path: Path, attrs: dict) -> str:
     if fmt == "trident" and stem.endswith("_patches"):
         stem = stem[: -len("_patches")]
     return stem
+
+
+def _check_finite(feats: np.ndarray, path: Path) -> None:
+    if len(feats) and not np.all(np.isfinite(feats)):
+        bad = int((~np.isfinite(feats)).any(axis=1).sum())
+        raise GridFileError(f"{path}: {bad} of {len(feats)} tile(s) have NaN or inf features; re-extract this "
+                            "slide's features (the file was not imported).")
 
 
 def _check_options(fmt: str, on_collision: str, step: float | None) -> None:
@@ -346,10 +360,7 @@ def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trid
     feats, coords, attrs, feat_attrs = _read_feature_file(path)
     if coords_file is not None:
         attrs = {**_read_coords_attrs(Path(coords_file)), **attrs}
-    if len(feats) and not np.all(np.isfinite(feats)):
-        bad = int((~np.isfinite(feats)).any(axis=1).sum())
-        raise GridFileError(f"{path}: {bad} of {len(feats)} tile(s) have NaN or inf features; re-extract this "
-                            "slide's features (the file was not imported).")
+    _check_finite(feats, path)
     slide_id = _slide_id(fmt, path, attrs)
     mpp = float(mpp_by_slide[slide_id]) if mpp_by_slide and mpp_by_slide.get(slide_id) else mpp
     geo = _geometry(fmt, attrs, path, mpp, step)
