@@ -127,7 +127,7 @@ def test_a_log_per_run_beside_the_ledger(tmp_path, cmu_slide, monkeypatch, capsy
     text = logs[0].read_text()
     assert f"command: wsi2dmamba segment {cmu_slide} --out {run} -q" in text and "status: ok" in text
     for lib in ("wsi2dmamba", "numpy", "torch", "h5py", "openslide-python"):
-        assert re.search(rf"^  {lib}: \d", text, re.M), lib
+        assert re.search(rf"^  {lib}: \d", text, re.MULTILINE), lib
     # A failing command is logged with its error.
     monkeypatch.setattr("sys.argv", ["wsi2dmamba", "tile", str(tmp_path / "missing.svs"), "--out", str(run), "-q"])
     with pytest.raises(SystemExit) as exc:

@@ -144,3 +144,27 @@ def test_per_class_maps_of_a_multi_class_model(tmp_path):
     geo = json.loads(res.geojson.read_text())
     m = geo["features"][0]["properties"]["measurements"]
     assert {f"share of {c}" for c in classes} <= set(m)
+
+
+def test_tiles_of_a_real_overlapping_lattice_are_averaged(tmp_path, cmu_slide):
+    """CMU tiled with 50 % overlap (CLAM's usual): where four tiles cover a pixel, two of each column
+    parity, the map shows their mean."""
+    from wsi2dmamba.cohort import Cohort
+    from wsi2dmamba.evaluation.heatmap import draw_scores, tile_boxes
+    from wsi2dmamba.grid import read_tile_grid
+    from wsi2dmamba.tiling import TileConfig, tile_cohort, tile_paths
+
+    cohort = Cohort.from_paths([cmu_slide])
+    assert tile_cohort(cohort, tmp_path, TileConfig(tile_px=128, overlap=64, mpp=2.0, segment_missing=True),
+                       progress=False).ok
+    grid = read_tile_grid(tile_paths(tmp_path, "CMU-1-Small-Region")["h5"])
+    assert grid.stride_level0 == pytest.approx(grid.tile_size_level0 / 2, rel=0.02)
+    downsample = grid.tile_size_level0 / 16  # 16 thumbnail pixels a tile
+    w0, h0 = grid.level0_size
+    thumb = np.zeros((int(np.ceil(h0 / downsample)), int(np.ceil(w0 / downsample)), 3), np.uint8)
+    parity = (grid.index[:, 1] % 2).astype(float)
+    img = draw_scores(thumb, downsample, grid, parity, HeatmapStyle(cmap="gray", alpha=1.0))[..., 0]
+    _, count = score_map(thumb.shape[:2], tile_boxes(grid, clip=True) / downsample, parity)
+    inner = count == 4
+    assert inner.sum() > 100
+    assert np.abs(img[inner].astype(int) - 128).max() <= 2  # the mean of 0 and 1, not a stripe of either

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import re
 
-_WRAPPED = re.compile(r'<(span|div) class="arithmatex">(.*?)</\1>', re.S)
+_WRAPPED = re.compile(r'<(span|div) class="arithmatex">(.*?)</\1>', re.DOTALL)
 _DELIMITERS = {"span": ("\\(", "\\)", "inline"), "div": ("\\[", "\\]", "block")}
 
 
