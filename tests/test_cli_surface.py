@@ -116,6 +116,17 @@ def test_the_slide_mpp_error_names_an_option_the_command_has(tmp_path, cmu_slide
 
 
 def test_a_log_per_run_beside_the_ledger(tmp_path, cmu_slide, monkeypatch, capsys):
+    import warnings
+
+    import wsi2dmamba.tissue
+
+    segment_cohort = wsi2dmamba.tissue.segment_cohort
+
+    def warning_segment(*args, **kwargs):
+        warnings.warn("a library warned here", UserWarning, stacklevel=1)
+        return segment_cohort(*args, **kwargs)
+
+    monkeypatch.setattr(wsi2dmamba.tissue, "segment_cohort", warning_segment)
     run = tmp_path / "run"
     monkeypatch.setattr("sys.argv", ["wsi2dmamba", "segment", str(cmu_slide), "--out", str(run), "-q"])
     with pytest.raises(SystemExit) as exc:
@@ -128,6 +139,9 @@ def test_a_log_per_run_beside_the_ledger(tmp_path, cmu_slide, monkeypatch, capsy
     assert f"command: wsi2dmamba segment {cmu_slide} --out {run} -q" in text and "status: ok" in text
     for lib in ("wsi2dmamba", "numpy", "torch", "h5py", "openslide-python"):
         assert re.search(rf"^  {lib}: \d", text, re.MULTILINE), lib
+    # Python warnings are kept in the log and still shown to the user.
+    assert re.search(r"^warnings:\n  .*UserWarning: a library warned here", text, re.MULTILINE), text
+    assert "a library warned here" in capsys.readouterr().err
     # A failing command is logged with its error.
     monkeypatch.setattr("sys.argv", ["wsi2dmamba", "tile", str(tmp_path / "missing.svs"), "--out", str(run), "-q"])
     with pytest.raises(SystemExit) as exc:

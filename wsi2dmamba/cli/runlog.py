@@ -87,6 +87,20 @@ class _Tee(io.TextIOBase):
         return getattr(self.inner, "encoding", "utf-8")
 
 
+class _WarningsHandler(logging.Handler):
+    """Python warnings (through :func:`logging.captureWarnings`): kept for the log and shown on stderr as
+    Python would show them."""
+
+    def __init__(self, kept: list[str]) -> None:
+        super().__init__()
+        self.kept = kept
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        self.kept.append(text.strip().splitlines()[0] if text.strip() else "")
+        sys.stderr.write(text if text.endswith("\n") else text + "\n")
+
+
 def log_text(argv: list[str], started: float, status: str, stderr_lines: list[str], warned: list[str]) -> str:
     """The log's text."""
     lines = [f"command: wsi2dmamba {' '.join(argv)}",
@@ -114,8 +128,7 @@ def run_log(argv: list[str]) -> Iterator[None]:
     started = time.time()
     tee = _Tee(sys.stderr)
     warned: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: warned.append(record.getMessage().strip().splitlines()[0])  # type: ignore[method-assign]
+    handler = _WarningsHandler(warned)
     wlog = logging.getLogger("py.warnings")
     logging.captureWarnings(True)
     wlog.addHandler(handler)
