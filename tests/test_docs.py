@@ -32,22 +32,104 @@ def doc_pages() -> list[str]:
     return sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md") if "hooks" not in p.parts)
 
 
-def test_site_builds_strict_without_warnings(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The site built with ``mkdocs build --strict``: (site folder, build output)."""
     mkdocs = shutil.which("mkdocs") or str(Path(sys.executable).parent / "mkdocs")
     if not Path(mkdocs).is_file():
         pytest.fail("mkdocs is not installed: pip install -e '.[test]'")
+    out_dir = tmp_path_factory.mktemp("site") / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    res = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(tmp_path / "site")], cwd=REPO,
+    res = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(out_dir)], cwd=REPO,
                          capture_output=True, text=True, timeout=300, env=env)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out
+    return out_dir, out
+
+
+def test_site_builds_strict_without_warnings(site):
+    site_dir, out = site
     assert "WARNING" not in out, out
     for page in OWN_PAGES:
-        html = tmp_path / "site" / (page[:-3] + "/index.html" if page != "index.md" else "index.html")
+        html = site_dir / (page[:-3] + "/index.html" if page != "index.md" else "index.html")
         assert html.is_file(), f"{page} was not built"
-    # Equations are left for MathJax in the page (arithmatex), not mangled by Markdown.
-    grid = (tmp_path / "site" / "grid-format" / "index.html").read_text()
-    assert 'class="arithmatex"' in grid and r"\mathrm{origin}" in grid
+    # Equations are MathML, made at build time; no page loads anything from the network.
+    grid = (site_dir / "grid-format" / "index.html").read_text()
+    assert grid.count('<span class="arithmatex"><math ') >= 3 and grid.count('<div class="arithmatex"><math ') >= 1
+    assert "\\mathrm" not in grid and "\\(" not in grid
+    for page in site_dir.rglob("*.html"):
+        remote = re.findall(r'<(?:script|link)[^>]*(?:src|href)="(https?://[^"]+)"', page.read_text())
+        assert not remote, (page, remote)
+
+
+def _chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("Chromium is not installed; the CI set-up (.ci/run) installs Debian's chromium")
+    pytest.skip("Chromium not installed (apt-get install chromium)")
+
+
+PROBE = """<script>
+addEventListener("load", () => {
+  const maths = [...document.querySelectorAll(".arithmatex math")];
+  const boxes = maths.map((m) => m.getBoundingClientRect());
+  document.body.setAttribute("data-probe", JSON.stringify({
+    n: maths.length,
+    mathml: maths.every((m) => m instanceof MathMLElement),
+    width: Math.min(...boxes.map((b) => b.width)),
+    height: Math.min(...boxes.map((b) => b.height)),
+  }));
+});
+</script>"""
+
+
+@pytest.fixture
+def served(site):
+    """The built site served over HTTP on the loopback interface, as a static host would: its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site[0]))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _dump_dom(url: str, profile: Path) -> subprocess.CompletedProcess:
+    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--proxy-server=127.0.0.1:9",  # offline: everything but the loopback goes to a closed port
+           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000",
+           "--dump-dom", url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_formulas_render_offline_in_a_browser_without_console_errors(site, served, tmp_path):
+    site_dir, _ = site
+    page = site_dir / "grid-format" / "index.html"
+    res = _dump_dom(f"{served}/grid-format/", tmp_path / "profile")
+    assert res.returncode == 0, res.stderr[-2000:]
+    console = [ln for ln in res.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not [ln for ln in console if re.search(r"error|uncaught|failed", ln, re.I)], console
+    # The same page with a probe: the formulas are MathML elements that the browser lays out.
+    probe = page.with_name("probe.html")
+    probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    dom = _dump_dom(f"{served}/grid-format/probe.html", tmp_path / "profile2").stdout
+    found = re.search(r'data-probe="([^"]+)"', dom)
+    assert found, dom[-2000:]
+    import html as html_lib
+    import json
+
+    seen = json.loads(html_lib.unescape(found.group(1)))
+    assert seen["n"] >= 3 and seen["mathml"] and seen["width"] > 5 and seen["height"] > 5, seen
 
 
 def test_every_page_is_in_the_nav_and_every_nav_page_is_known():
@@ -56,6 +138,41 @@ def test_every_page_is_in_the_nav_and_every_nav_page_is_known():
     assert not missing, f"pages not in mkdocs.yml's nav (add them): {missing}"
     for page in OWN_PAGES:
         assert page in nav and (DOCS / page).is_file()
+
+
+def test_pipeline_file_reference_is_current():
+    """docs/pipeline-file.md is what the configuration models make now, and names every key they accept."""
+    from wsi2dmamba.pipeline.config import stage_config_class
+    from wsi2dmamba.pipeline.reference import pipeline_reference
+
+    committed = (DOCS / "pipeline-file.md").read_text()
+    assert committed == pipeline_reference(), \
+        "docs/pipeline-file.md is stale: run `python -m wsi2dmamba.pipeline.reference docs/pipeline-file.md`"
+    for stage in ("segment", "extract", "train", "evaluate"):
+        for key in stage_config_class(stage).model_fields:
+            assert f"| `{key}` |" in committed, (stage, key)
+    for table in ("cohort", "demo", "run", "segment", "tile", "extract", "train", "evaluate"):
+        assert f"## `[{table}]`" in committed
+
+
+def test_quickstart_says_what_users_run_into():
+    """The three things new users hit: the patient count train needs (checked against the splitter),
+    the mpp column for slides without µm/px, and heatmap."""
+    from wsi2dmamba.cohort import Cohort, SlideRecord
+    from wsi2dmamba.errors import ConfigError
+    from wsi2dmamba.training.splits import make_splits
+
+    text = (DOCS / "quickstart.md").read_text()
+    assert "at least folds + 2 patients" in text and "7 patients for the default `--folds 5`" in text
+    assert "need an `mpp`\n  column" in text or "need an `mpp` column" in " ".join(text.split())
+    assert "wsi2dmamba heatmap --out" in text and "--all" in text
+
+    def cohort(n):
+        return Cohort(tuple(SlideRecord(f"s{i}", None, f"p{i}", label="ab"[i % 2]) for i in range(n)))
+
+    make_splits(cohort(7), folds=5)
+    with pytest.raises(ConfigError, match="too few"):
+        make_splits(cohort(6), folds=5)
 
 
 def test_cli_reference_is_current():

@@ -104,7 +104,7 @@ def test_clam_features_alone_use_the_coordinate_spacing(tmp_path, ours):
     # No attributes: the stride comes from the spacing of the corners (a fractional stride, rounded).
     assert grid.stride_level0 == pytest.approx(ours.stride_level0, abs=0.5)
     np.testing.assert_array_equal(grid.index, ours.index - ours.index.min(axis=0))
-    with pytest.raises(ConfigError, match="--mpp"):
+    with pytest.raises(ConfigError, match="--slide-mpp"):
         import_feature_file(tmp_path / "clam" / "h5_files" / "cmu.h5", "clam")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import Annotated
 
 import typer
 
@@ -19,9 +20,27 @@ app = typer.Typer(
     help="Whole-slide images to cross-validated 2D state-space models: "
     "segment → tile → extract → train → evaluate → report.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
+
+def _show_version(value: bool) -> None:
+    if value:
+        from .. import __version__
+
+        typer.echo(f"wsi2dmamba {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    pass
+
 
 # Command modules, in the order their commands are listed by --help.
 COMMAND_MODULES = (
@@ -45,9 +64,12 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    """Console entry point."""
-    try:
-        app()
-    except WsiError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+    """Console entry point; a command on a run folder is logged in ``RUN/logs/`` (see :mod:`.runlog`)."""
+    from .runlog import run_log
+
+    with run_log(sys.argv[1:]):
+        try:
+            app()
+        except WsiError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            sys.exit(2)

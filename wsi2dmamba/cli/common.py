@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,15 +11,37 @@ import typer
 from ..cohort import Cohort, StageSummary, load_cohort
 from ..errors import ConfigError
 
+
+
+class Executor(str, Enum):
+    """Where a stage's tasks run."""
+
+    local = "local"
+    ray = "ray"
+
+
+def process_count(workers: int | None) -> int:
+    """``--workers`` of the slide stages as a number of processes (None: every core but one, at most 16)."""
+    from ..features.loader import default_workers
+
+    return default_workers() if workers is None else max(1, workers)
+
+
 CohortOpt = Annotated[Optional[Path], typer.Option("--cohort", help="Cohort manifest CSV (slide_id, path, …).")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Run folder; every stage writes below it.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")]
+OutOpt = Annotated[Path, typer.Option("--out", help="Run folder: the command reads its inputs from it and writes "
+                                    "its outputs below it.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where the model runs: auto (a GPU when there is one), "
+                                       "cpu, cuda or cuda:N.")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", min=0, help="Processes reading the slides (default: every core but one, at most 16; 0: this "
+    "process only).", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo slides that are already done.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 ShardOpt = Annotated[Optional[str], typer.Option(
     "--shard", help="Process only shard i of N ('i/N', 0-based), e.g. for Slurm array jobs; "
     "combine with `wsi2dmamba merge`.")]
-ExecutorOpt = Annotated[str, typer.Option("--executor", help="Where per-slide tasks run: local or ray.")]
+ExecutorOpt = Annotated[Executor, typer.Option("--executor", help="Where the per-slide tasks run: local "
+                                             "processes, or Ray tasks.")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="Ray cluster to connect to (default: start a local one).")]
 SlidesDirOpt = Annotated[Optional[Path], typer.Option(

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from .common import (CohortOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, ShardOpt, cohort_from_args,
-                     parse_shard, report_summary)
+from .common import (CohortOpt, DeviceOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt,
+                     ShardOpt, WorkersOpt, cohort_from_args, parse_shard, report_summary)
+from .slides import SlideMppOpt
+
+
+class Precision(str, Enum):
+    """Numbers an encoder computes with."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class ImportFormat(str, Enum):
+    """Feature file layouts read and written."""
+
+    clam = "clam"
+    trident = "trident"
+
+
+class Collision(str, Enum):
+    """What import does with two tiles in one grid cell."""
+
+    refuse = "refuse"
+    keep_first = "keep-first"
 
 
 def register(app: typer.Typer) -> None:
@@ -21,34 +45,33 @@ def register(app: typer.Typer) -> None:
                                              "timm:<model-name>.")] = "efficientnet-lite0",
         weights: Annotated[Optional[Path], typer.Option("--weights", help="Encoder weight file (default: the "
                                                         "packaged weights or the local HF / torch hub cache).")] = None,
-        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+        device: DeviceOpt = "auto",
         batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per batch.")] = 256,
-        workers: Annotated[Optional[int], typer.Option(
-            "--workers", min=0, help="Tile-reading processes (default: every core but one, at most 16).")] = None,
-        precision: Annotated[Optional[str], typer.Option(
-            "--precision", help="fp32, fp16 or bf16 (default: the encoder's own on a GPU, fp32 on CPU).")] = None,
+        workers: WorkersOpt = None,
+        precision: Annotated[Optional[Precision], typer.Option(
+            "--precision", help="Numbers the encoder computes with (default: the encoder's own on a GPU, fp32 "
+            "on CPU).", show_default=False)] = None,
+        slide_mpp: SlideMppOpt = None,
         random_weights: Annotated[bool, typer.Option(
             "--random-weights", help="Keep the encoder's random initial weights (speed tests only).")] = False,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
         shard: ShardOpt = None,
-        executor: ExecutorOpt = "local",
+        executor: ExecutorOpt = Executor.local,
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Encode the tiles of every slide: RUN/tiles/<slide_id>.h5 → RUN/features/<encoder>/<slide_id>.h5."""
-        from ..errors import ConfigError
         from ..features import ExtractConfig, extract_cohort, get_encoder
         from ..features.extract import blank_tile_count, encoder_dirname
 
-        if precision is not None and precision not in ("fp32", "fp16", "bf16"):
-            raise ConfigError(f"--precision must be fp32, fp16 or bf16, not {precision!r}.")
         get_encoder(encoder, weights)  # an unknown encoder or weight path fails before any work
-        co = cohort_from_args(cohort, slides)
+        co = cohort_from_args(cohort, slides, mpp=slide_mpp)
         config = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, device=device,
-                               batch_size=batch_size, workers=workers, precision=precision,
+                               batch_size=batch_size, workers=workers,
+                               precision=precision.value if precision else None,
                                pretrained=not random_weights)
         summary = extract_cohort(co, out, config, progress=not quiet, force=force, shard=parse_shard(shard),
-                                 executor=executor, ray_address=ray_address)
+                                 executor=executor.value, ray_address=ray_address)
         n_tiles = sum(int(i.get("n_tiles", 0)) for i in summary.infos.values())
         if summary.done:
             typer.echo(f"{n_tiles} tiles encoded into {out / 'features' / encoder_dirname(encoder)}; "
@@ -59,28 +82,69 @@ def register(app: typer.Typer) -> None:
     def import_command(
         src: Annotated[Path, typer.Argument(help="A CLAM or TRIDENT feature file, or a folder of them.")],
         out: OutOpt,
-        fmt: Annotated[str, typer.Option("--format", help="clam or trident.")],
+        fmt: Annotated[ImportFormat, typer.Option("--format", help="The tool that wrote the files.")],
+        cohort: Annotated[Optional[Path], typer.Option(
+            "--cohort", help="Cohort manifest CSV: each slide's µm/px comes from its mpp column, else the "
+            "slide file.")] = None,
         mpp: Annotated[Optional[float], typer.Option(
-            "--mpp", help="µm per level-0 pixel of the slides (required for CLAM files).")] = None,
+            "--slide-mpp", help="µm per level-0 pixel of every slide (CLAM files record none; with --cohort, "
+            "only for slides it gives none).")] = None,
         coords_dir: Annotated[Optional[Path], typer.Option(
             "--coords-dir", help="Folder of the matching patch files (their coords attributes give the "
             "patch size and level).")] = None,
         encoder: Annotated[Optional[str], typer.Option(
             "--encoder", help="Encoder name to record (default: the file's, else <format>-import).")] = None,
-        on_collision: Annotated[str, typer.Option(
-            "--on-collision", help="refuse, or keep-first when two tiles fall in one grid cell.")] = "refuse",
+        step: Annotated[Optional[float], typer.Option(
+            "--step", min=0.0, help="Step between patches in pixels at the patch level, as given to CLAM's "
+            "--step_size (default: the patch size; CLAM does not store it).")] = None,
+        max_offset: Annotated[float, typer.Option(
+            "--max-offset", min=0.0, max=0.5, help="Largest distance of a tile from its lattice cell, as a "
+            "fraction of the stride, moved onto the lattice; files with tiles further off are refused.")] = 0.1,
+        on_collision: Annotated[Collision, typer.Option(
+            "--on-collision", help="What to do when two tiles fall in one grid cell.")] = Collision.refuse,
+        quiet: QuietOpt = False,
     ) -> None:
         """Turn CLAM or TRIDENT feature files (features + coords) into feature grid files."""
-        from ..errors import ConfigError
+        from ..cohort import load_cohort
         from ..features.importers import import_features
 
-        if fmt not in ("clam", "trident"):
-            raise ConfigError(f"--format must be clam or trident, not {fmt!r}.")
-        summary = import_features(src, out, fmt, mpp=mpp, coords_dir=coords_dir, encoder=encoder,
-                                  on_collision=on_collision)
+        co = load_cohort(cohort, require_path=False, check_files=False) if cohort is not None else None
+        summary = import_features(src, out, fmt.value, mpp=mpp, coords_dir=coords_dir, encoder=encoder,
+                                  on_collision=on_collision.value, step=step, max_offset=max_offset, cohort=co,
+                                  progress=not quiet)
         typer.echo(summary.line())
+        for note in summary.warnings:
+            typer.secho(f"  warning: {note}", fg=typer.colors.YELLOW, err=True)
+        for name in summary.empty:
+            typer.echo(f"  empty {name}: no tiles (a slide without tissue); no grid written")
         for name, reason in sorted(summary.failed.items()):
             typer.secho(f"  refused {name}: {reason}", fg=typer.colors.YELLOW, err=True)
+        if summary.failed:
+            raise typer.Exit(1)
+
+    @app.command("export-features")
+    def export_command(
+        run: Annotated[Path, typer.Argument(help="The run folder whose features/<encoder>/ is exported.")],
+        out: Annotated[Path, typer.Option("--out", help="Folder the CLAM or TRIDENT layout is written to.")],
+        fmt: Annotated[ImportFormat, typer.Option("--format", help="The tool to write for.")],
+        encoder: Annotated[Optional[str], typer.Option(
+            "--encoder", help="Which encoder's features (default: the run's only one).")] = None,
+        cohort: Annotated[Optional[Path], typer.Option(
+            "--cohort", help="Cohort manifest CSV: the slides to export, and CLAM's case_id and label.")] = None,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Write a run's feature grids for CLAM (h5_files/, pt_files/, slides.csv) or TRIDENT
+        (features_<encoder>/)."""
+        from ..cohort import load_cohort
+        from ..features.exporters import export_features
+
+        co = load_cohort(cohort, require_path=False, check_files=False) if cohort is not None else None
+        summary = export_features(run, out, fmt.value, encoder=encoder, cohort=co, progress=not quiet)
+        typer.echo(summary.line())
+        for note in summary.notes:
+            typer.echo(f"  note: {note}")
+        for name, reason in sorted(summary.failed.items()):
+            typer.secho(f"  failed {name}: {reason}", fg=typer.colors.YELLOW, err=True)
         if summary.failed:
             raise typer.Exit(1)
 

@@ -7,7 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import ExecutorOpt, ForceOpt, QuietOpt, RayAddressOpt
+from .common import Executor, ExecutorOpt, ForceOpt, QuietOpt, RayAddressOpt
+from .training import TaskKind
 
 
 def _finish(results) -> None:
@@ -24,13 +25,14 @@ def register(app: typer.Typer) -> None:
     @app.command("run")
     def run_command(
         pipeline: Annotated[Path, typer.Argument(help="Pipeline file (TOML); see pipelines/ for examples.")],
-        out: Annotated[Optional[Path], typer.Option("--out", help="Run folder; overrides [run] out.")] = None,
+        out: Annotated[Optional[Path], typer.Option("--out", help="Run folder: the command reads its inputs from it and writes its outputs below it "
+            "(overrides [run] out).")] = None,
         slides_dir: Annotated[Optional[Path], typer.Option(
             "--slides-dir", help="Folder searched for slides whose manifest row has no path; overrides "
             "[cohort] slides_dir.")] = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
-        executor: ExecutorOpt = "local",
+        executor: ExecutorOpt = Executor.local,
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Run segment → tile → extract → train (every model, every fold) → evaluate → report from one
@@ -39,31 +41,28 @@ def register(app: typer.Typer) -> None:
 
         overrides = {"cohort": {"slides_dir": str(slides_dir.expanduser().resolve())}} if slides_dir else None
         config = load_pipeline(pipeline, out=out, overrides=overrides)
-        _finish([run_pipeline(config, force=force, progress=not quiet, executor=executor,
+        _finish([run_pipeline(config, force=force, progress=not quiet, executor=executor.value,
                               ray_address=ray_address)])
 
     @app.command("demo")
     def demo_command(
-        out: Annotated[Path, typer.Option("--out", help="Run folder of the demo.")] = Path("runs/demo"),
+        out: Annotated[Path, typer.Option("--out", help="Run folder: the command reads its inputs from it and writes its outputs below it.")] = Path("runs/demo"),
         quick: Annotated[bool, typer.Option(
             "--quick", help="A smaller demo (fewer slides, folds, epochs and models), as run by the tests.")] = False,
         slides: Annotated[Optional[int], typer.Option("--slides", min=4, help="Number of demo slides.")] = None,
         epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Training epochs.")] = None,
         folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds.")] = None,
-        task: Annotated[Optional[str], typer.Option(
-            "--task", help="Only this task: classification or survival (default: both).")] = None,
+        task: Annotated[Optional[TaskKind], typer.Option(
+            "--task", help="Only this task (default: both).", show_default=False)] = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
-        executor: ExecutorOpt = "local",
+        executor: ExecutorOpt = Executor.local,
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Build the built-in demo cohort (mosaic slides of real tissue whose label depends on the 2D
         arrangement) and run the whole pipeline on it: a classification and a survival task, offline, on CPU."""
         from ..demo.run import DEMO_TASKS, run_demo
-        from ..errors import ConfigError
 
-        if task is not None and task not in DEMO_TASKS:
-            raise ConfigError(f"--task must be one of {', '.join(DEMO_TASKS)}, got {task!r}")
-        tasks = (task,) if task else DEMO_TASKS
+        tasks = (task.value,) if task else DEMO_TASKS
         _finish(run_demo(out, quick=quick, tasks=tasks, slides=slides, epochs=epochs, folds=folds,
-                         force=force, progress=not quiet, executor=executor, ray_address=ray_address))
+                         force=force, progress=not quiet, executor=executor.value, ray_address=ray_address))

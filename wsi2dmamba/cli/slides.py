@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ..errors import ConfigError
-from .common import (CohortOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, ShardOpt, SlidesDirOpt,
-                     WorkersOpt, cohort_from_args, parse_shard, report_summary)
+from .common import (CohortOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, ShardOpt,
+                     SlidesDirOpt, WorkersOpt, cohort_from_args, parse_shard, process_count, report_summary)
 
 SlidesArg = Annotated[Optional[list[Path]], typer.Argument(
     help="Slide files (or DICOM folders) to process instead of a --cohort manifest; the slide id is the "
@@ -20,7 +21,17 @@ SlideMppOpt = Annotated[Optional[float], typer.Option(
 
 # Segmentation options: None means "the SegmentConfig default", so defaults live in one place.
 SegMppOpt = Annotated[Optional[float], typer.Option("--seg-mpp", help="µm/px of the image segmented [8].")]
-ThresholdOpt = Annotated[Optional[str], typer.Option("--threshold", help="'fixed' or 'otsu' [fixed].")]
+
+
+class Threshold(str, Enum):
+    """How the saturation threshold is chosen."""
+
+    fixed = "fixed"
+    otsu = "otsu"
+
+
+ThresholdOpt = Annotated[Optional[Threshold], typer.Option("--threshold", help="A fixed saturation threshold or "
+                                                           "Otsu's [fixed].", show_default=False)]
 SatOpt = Annotated[Optional[int], typer.Option("--saturation-threshold", help="HSV saturation (0-255) above "
                                                "which a pixel is tissue [20].")]
 MinValueOpt = Annotated[Optional[int], typer.Option("--min-value", help="Darker pixels (HSV value 0-255) are "
@@ -60,11 +71,11 @@ def segment(
     out: OutOpt,
     slides: SlidesArg = None,
     cohort: CohortOpt = None,
-    workers: WorkersOpt = 1,
+    workers: WorkersOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
-    executor: ExecutorOpt = "local",
+    executor: ExecutorOpt = Executor.local,
     ray_address: RayAddressOpt = None,
     slides_dir: SlidesDirOpt = None,
     slide_mpp: SlideMppOpt = None,
@@ -82,13 +93,14 @@ def segment(
     """Find the tissue on every slide: RUN/segment/<slide_id>.geojson (QuPath), _mask.png, _overlay.png."""
     from ..tissue import segment_cohort
 
-    config = _segment_config(seg_mpp=seg_mpp, threshold=threshold, saturation_threshold=saturation_threshold,
+    config = _segment_config(seg_mpp=seg_mpp, threshold=threshold.value if threshold else None,
+                             saturation_threshold=saturation_threshold,
                              min_value=min_value, median_um=median_um, close_um=close_um,
                              min_tissue_area_um2=min_tissue_area, min_hole_area_um2=min_hole_area,
                              remove_pen=remove_pen, pen_colors=pen_colors)
     c = cohort_from_args(cohort, slides, slides_dir=slides_dir, mpp=slide_mpp)
-    summary = segment_cohort(c, out, config, workers=workers, progress=not quiet, force=force,
-                             shard=parse_shard(shard), executor=executor, ray_address=ray_address)
+    summary = segment_cohort(c, out, config, workers=process_count(workers), progress=not quiet, force=force,
+                             shard=parse_shard(shard), executor=executor.value, ray_address=ray_address)
     report_summary(summary)
 
 
@@ -96,11 +108,11 @@ def tile(
     out: OutOpt,
     slides: SlidesArg = None,
     cohort: CohortOpt = None,
-    workers: WorkersOpt = 1,
+    workers: WorkersOpt = None,
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
-    executor: ExecutorOpt = "local",
+    executor: ExecutorOpt = Executor.local,
     ray_address: RayAddressOpt = None,
     slides_dir: SlidesDirOpt = None,
     slide_mpp: SlideMppOpt = None,
@@ -130,8 +142,8 @@ def tile(
     values["segment_missing"] = segment_missing
     config = _validated(TileConfig, values)
     c = cohort_from_args(cohort, slides, slides_dir=slides_dir, mpp=slide_mpp)
-    summary = tile_cohort(c, out, config, workers=workers, progress=not quiet, force=force,
-                          shard=parse_shard(shard), executor=executor, ray_address=ray_address)
+    summary = tile_cohort(c, out, config, workers=process_count(workers), progress=not quiet, force=force,
+                          shard=parse_shard(shard), executor=executor.value, ray_address=ray_address)
     report_summary(summary)
 
 

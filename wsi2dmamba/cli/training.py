@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import json
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ..errors import ConfigError
-from .common import CohortOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt
+from .common import CohortOpt, DeviceOpt, Executor, ForceOpt, OutOpt, QuietOpt, RayAddressOpt
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
@@ -40,6 +41,55 @@ def _train_config(**values: Any):
         raise ConfigError(f"Invalid training options: {problems}") from None
 
 
+class TaskKind(str, Enum):
+    """What a model predicts."""
+
+    classification = "classification"
+    survival = "survival"
+
+
+class SelectOn(str, Enum):
+    """Validation quantities that can pick the best checkpoint."""
+
+    loss = "loss"
+    auc = "auc"
+    balanced_accuracy = "balanced_accuracy"
+    accuracy = "accuracy"
+    f1 = "f1"
+    c_index = "c_index"
+
+
+class TrainPrecision(str, Enum):
+    """Numbers a model trains with."""
+
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Level(str, Enum):
+    """Patient- or slide-level metrics."""
+
+    patient = "patient"
+    slide = "slide"
+
+
+class Checkpoint(str, Enum):
+    """Which weights of a fold."""
+
+    best = "best"
+    last = "last"
+
+
+class Scale(str, Enum):
+    """How heatmap colours are scaled."""
+
+    rank = "rank"
+    percentile = "percentile"
+    linear = "linear"
+
+
 def register(app: typer.Typer) -> None:
     @app.command("train")
     def train_command(
@@ -48,7 +98,7 @@ def register(app: typer.Typer) -> None:
         features: Annotated[Optional[Path], typer.Option(
             "--features", help="Folder of feature grids (RUN/features/<encoder>).")] = None,
         model: Annotated[str, typer.Option("--model", help="Model name (see `wsi2dmamba models`).")] = "2dmambamil",
-        task: Annotated[str, typer.Option("--task", help="classification or survival.")] = "classification",
+        task: Annotated[TaskKind, typer.Option("--task", help="What the model predicts.")] = TaskKind.classification,
         folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds.")] = 5,
         epochs: Annotated[int, typer.Option("--epochs")] = 20,
         lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-4,
@@ -60,19 +110,23 @@ def register(app: typer.Typer) -> None:
         class_weighting: Annotated[bool, typer.Option("--class-weighting",
                                                       help="Inverse-frequency class weights.")] = False,
         clip_grad: Annotated[Optional[float], typer.Option(
-            "--clip-grad", help="Max gradient norm (0 = off). Default: 1.0 for classification, off for survival.")] = None,
-        select_on: Annotated[str, typer.Option("--select-on", help="Validation quantity choosing the 'best' "
-                                               "checkpoint: loss, auc, balanced_accuracy, accuracy, f1, "
-                                               "c_index.")] = "loss",
+            "--clip-grad", help="Max gradient norm (0 = off). Default: 1.0 for classification, off for "
+            "survival.")] = None,
+        select_on: Annotated[SelectOn, typer.Option("--select-on", help="Validation quantity choosing the "
+                                                    "'best' checkpoint (c_index: survival only; auc, "
+                                                    "balanced_accuracy, accuracy, f1: classification only).")
+                             ] = SelectOn.loss,
         val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each fold's non-test "
                                                     "patients used for validation.")] = 0.2,
         n_bins: Annotated[int, typer.Option("--n-bins", help="Survival time bins.")] = 4,
         alpha: Annotated[float, typer.Option("--alpha", help="Survival NLL uncensored-only weight.")] = 0.0,
         seed: Annotated[int, typer.Option("--seed")] = 0,
-        restarts: Annotated[int, typer.Option("--restarts", help="Trainings per fold (seeds seed … seed+K−1); "
+        restarts: Annotated[int, typer.Option("--restarts", min=1, help="Trainings per fold (seeds seed … seed+K−1); "
                                               "the validation partition alone picks one.")] = 1,
-        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, …")] = "auto",
-        precision: Annotated[str, typer.Option("--precision", help="auto, fp32, bf16, fp16 (GPU).")] = "auto",
+        device: DeviceOpt = "auto",
+        precision: Annotated[TrainPrecision, typer.Option(
+            "--precision", help="Autocast precision on a GPU (auto: bf16 where supported, else fp16); CPU "
+            "trains in fp32.")] = TrainPrecision.auto,
         preset: Annotated[Optional[str], typer.Option("--preset", help="Named model preset, e.g. paper.")] = None,
         name: Annotated[Optional[str], typer.Option("--name", help="Folder name of this model in the run "
                                                     "(default: model[-preset]).")] = None,
@@ -81,9 +135,11 @@ def register(app: typer.Typer) -> None:
         fold: Annotated[Optional[list[int]], typer.Option("--fold", help="Train only this fold (repeatable).")] = None,
         set_: Annotated[Optional[list[str]], typer.Option("--set", help="Model option key=value (repeatable), "
                                                           "e.g. --set hidden=256.")] = None,
-        force: ForceOpt = False,
+        force: Annotated[bool, typer.Option("--force", help="Retrain folds that are already done.")] = False,
         quiet: QuietOpt = False,
-        executor: ExecutorOpt = "local",
+        executor: Annotated[Executor, typer.Option(
+            "--executor", help="Where the folds train: local processes (one per GPU), or Ray tasks.")
+                            ] = Executor.local,
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Train a model with patient-level k-fold cross-validation; resumes unfinished folds.
@@ -97,18 +153,17 @@ def register(app: typer.Typer) -> None:
         if cohort is None or features is None:
             raise ConfigError("train needs --cohort M.csv and --features RUN/features/<encoder>.")
         clip = {} if clip_grad is None else {"clip_grad": clip_grad if clip_grad > 0 else None}
-        config = _train_config(task=task, folds=folds, epochs=epochs, lr=lr, weight_decay=weight_decay,
+        config = _train_config(task=task.value, folds=folds, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                warmup_epochs=warmup_epochs, batch_size=batch_size, accum_steps=accum_steps,
-                               class_weighting=class_weighting, select_on=select_on, val_fraction=val_fraction,
-                               n_bins=n_bins, alpha=alpha, seed=seed, restarts=restarts, device=device,
-                               precision=precision, **clip)
+                               class_weighting=class_weighting, select_on=select_on.value, val_fraction=val_fraction,
+                               n_bins=n_bins, alpha=alpha, seed=seed, restarts=restarts, device=device, precision=precision.value, **clip)
         c = load_cohort(cohort, require_path=False, check_files=False)
         res = train_cohort(c, features, out, model, config, _overrides(set_), preset=preset, name=name,
                            splits=splits, folds_to_run=fold, force=force, progress=not quiet,
-                           executor=executor, ray_address=ray_address)
+                           executor=executor.value, ray_address=ray_address)
         for w in res.warnings:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
-        if preset == "paper":
+        if preset == "paper" or model.endswith(":paper"):
             from ..training import paper_recipe_differences
 
             typer.secho("note: the paper preset is the published architecture; its training here differs from "
@@ -127,17 +182,15 @@ def register(app: typer.Typer) -> None:
     def evaluate_command(
         out: OutOpt = Path("runs/run"),
         n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the 95% CIs.")] = 1000,
-        level: Annotated[str, typer.Option("--level", help="Printed level: patient or slide.")] = "patient",
+        level: Annotated[Level, typer.Option("--level", help="Level of the printed metrics.")] = Level.patient,
         seed: Annotated[int, typer.Option("--seed")] = 0,
     ) -> None:
         """Metrics of every model in the run, per fold and overall, with bootstrap CIs (RUN/eval/metrics.json)."""
         from ..evaluation import evaluate_run, format_summary
 
-        if level not in ("patient", "slide"):
-            raise ConfigError(f"--level must be patient or slide, got {level!r}")
         metrics = evaluate_run(out, n_boot=n_boot, seed=seed)
-        typer.echo(f"Test metrics ({level} level; mean ± std over folds, pooled [95% CI]; failed folds):")
-        typer.echo(format_summary(metrics, level))
+        typer.echo(f"Test metrics ({level.value} level; mean ± std over folds, pooled [95% CI]; failed folds):")
+        typer.echo(format_summary(metrics, level.value))
         typer.echo(f"Written {Path(out) / 'eval' / 'metrics.json'}")
 
     @app.command("report")
@@ -156,22 +209,60 @@ def register(app: typer.Typer) -> None:
     def heatmap_command(
         out: OutOpt = Path("runs/run"),
         model: Annotated[str, typer.Option("--model", help="Model folder name in RUN/train.")] = "2dmambamil",
-        slide: Annotated[str, typer.Option("--slide", help="Slide id.")] = "",
+        slide: Annotated[Optional[list[str]], typer.Option(
+            "--slide", help="Slide id (repeatable).")] = None,
+        all_slides: Annotated[bool, typer.Option(
+            "--all", help="Every test slide of every fold, each drawn by the fold that tested it.")] = False,
         fold: Annotated[Optional[int], typer.Option("--fold", help="Fold (default: where the slide is "
                                                     "in the test partition).")] = None,
-        checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last.")] = "best",
+        checkpoint: Annotated[Checkpoint, typer.Option("--checkpoint", help="Which weights of the fold.")
+                              ] = Checkpoint.best,
         slide_path: Annotated[Optional[Path], typer.Option("--slide-path", help="Slide file (default: the "
                                                            "path recorded in the feature grid).")] = None,
-        size: Annotated[int, typer.Option("--size", help="Longer side of the PNG in pixels.")] = 2048,
-        device: Annotated[str, typer.Option("--device")] = "cpu",
+        size: Annotated[int, typer.Option("--size", min=16, help="Longer side of the PNG in pixels.")] = 2048,
+        scale: Annotated[Scale, typer.Option(
+            "--scale", help="Colours: rank of each tile among the slide's, linear between the 1st and 99th "
+            "percentiles, or linear between min and max.")] = Scale.rank,
+        blur: Annotated[float, typer.Option(
+            "--blur", min=0.0, help="Gaussian blur, sigma in tile strides (0: none).")] = 0.0,
+        top_k: Annotated[int, typer.Option(
+            "--top-k", min=0, help="Highest and lowest attended tiles in the montage (0: none).")] = 8,
+        colorbar: Annotated[bool, typer.Option(
+            "--colorbar/--no-colorbar", help="Also write <slide>_figure.png with a colour bar.")] = True,
+        per_class: Annotated[Optional[bool], typer.Option(
+            "--per-class/--no-per-class", help="One map per class (default: for more than two classes).",
+            show_default=False)] = None,
+        device: DeviceOpt = "auto",
+        force: ForceOpt = False,
+        quiet: QuietOpt = False,
     ) -> None:
-        """Attention of a trained model over a slide: PNG overlay and QuPath GeoJSON tiles."""
+        """Attention of a trained model over slides: PNG overlay, figure with colour bar, top/bottom tile
+        montage, per-class maps and QuPath GeoJSON tiles (RUN/heatmaps/<model>/)."""
         from ..evaluation import heatmap
+        from ..evaluation.heatmap_batch import heatmap_cohort
+        from ..evaluation.heatmap_figures import HeatmapStyle
 
+        style = HeatmapStyle(scale=scale.value, blur=blur, top_k=top_k, colorbar=colorbar)
+        if all_slides or (slide and len(slide) > 1):
+            if fold is not None or slide_path is not None:
+                raise ConfigError("--fold and --slide-path apply to one --slide, not to a batch.")
+            res = heatmap_cohort(out, model, None if all_slides and not slide else slide,
+                                 checkpoint=checkpoint.value, thumbnail_px=size, device=device, style=style,
+                                 per_class=per_class, force=force, progress=not quiet)
+            for sid, notes in sorted(res.notes.items()):
+                for n in notes:
+                    typer.secho(f"note: {sid}: {n}", fg=typer.colors.YELLOW, err=True)
+            typer.echo(res.line())
+            for sid, reason in sorted(res.failed.items()):
+                typer.secho(f"  failed {sid}: {reason}", fg=typer.colors.YELLOW, err=True)
+            if res.failed:
+                raise typer.Exit(1)
+            return
         if not slide:
-            raise ConfigError("heatmap needs --slide SLIDE_ID")
-        res = heatmap(out, model, slide, fold=fold, checkpoint=checkpoint, slide_path=slide_path,
-                      thumbnail_px=size, device=device)
+            raise ConfigError("heatmap needs --slide SLIDE_ID (repeatable) or --all")
+        res = heatmap(out, model, slide[0], fold=fold, checkpoint=checkpoint.value, slide_path=slide_path,
+                      thumbnail_px=size, device=device, style=style, per_class=per_class)
         for n in res.notes:
             typer.secho(f"note: {n}", fg=typer.colors.YELLOW, err=True)
-        typer.echo(f"fold {res.fold} ({res.partition} partition): {res.png} and {res.geojson}")
+        typer.echo(f"fold {res.fold} ({res.partition} partition): {res.png} and {res.geojson} "
+                   f"(+{len(res.files) - 2} more in {res.png.parent})")

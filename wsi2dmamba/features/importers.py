@@ -9,27 +9,40 @@ lattice. Import puts every tile on one lattice for the whole slide:
 * the origin is the smallest x and y of the tiles, so the grid is cropped to the tiles' bounding box;
 * each tile goes to the cell nearest its corner. CLAM starts a separate grid at every tissue region,
   so its tiles can sit off the lattice by up to half a stride; how far is recorded
-  (``import_max_offset_level0``). Two tiles in one cell are refused by default, with their count.
+  (``import_max_offset_level0``), reported, and refused beyond ``max_offset`` of a stride. Two tiles in
+  one cell are refused by default, with their count.
+* CLAM does not store its step: patches made with overlap (CLAM's ``--step_size`` below the patch
+  size) need ``step`` (pixels at the patch level), or their stride is taken for a patch size.
 
 The resolution: TRIDENT stores magnifications (µm/px = 10 / magnification); CLAM stores none, so
-``mpp`` (µm per level-0 pixel) must be given. What was assumed is recorded in the file.
+``mpp`` (µm per level-0 pixel) must be given, for all slides or per slide (a cohort's ``mpp`` column).
+What was assumed is recorded in the file.
+
+The slide is named by the ``slide_id`` attribute of ``coords`` when the file carries one (files made by
+TRIDENT from wsi2dmamba's tiles do), else by the file's stem.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import ConfigError, GridFileError
+from ..errors import ConfigError, GridFileError, WsiError
 from ..fileio import params_hash
 from ..grid import FeatureGrid, write_feature_grid
 
 FORMATS = ("clam", "trident")
+#: Largest distance of a tile's corner from its lattice cell, as a fraction of the stride, imported
+#: without being told to.
+MAX_OFFSET = 0.1
+
+
+class EmptyFeatureFile(GridFileError):
+    """A feature file without tiles (TRIDENT writes ``features`` of shape (0,) for a slide without tissue)."""
 
 
 @dataclass(frozen=True)
@@ -136,32 +149,54 @@ class Geometry:
     assumed: tuple[str, ...]
 
 
-def _geometry(fmt: str, attrs: dict, path: Path, mpp: float | None) -> Geometry:
-    assumed: list[str] = []
+def _geometry(fmt: str, attrs: dict, path: Path, mpp: float | None, step: float | None = None) -> Geometry:
     if fmt == "trident":
-        ps = _num(attrs, "patch_size")
-        ps0 = _num(attrs, "patch_size_level0")
-        mag0 = _num(attrs, "level0_magnification")
-        magt = _num(attrs, "target_magnification")
-        if ps is None or (ps0 is None and not (mag0 and magt)):
-            raise GridFileError(f"{path}: the coords dataset lacks TRIDENT's attributes (patch_size with "
-                                "patch_size_level0 or the magnifications); import it with --format clam.")
-        if ps0 is None:
-            ps0 = ps * mag0 / magt
-        overlap = _num(attrs, "overlap") or 0.0
-        stride = ps0 * (ps - overlap) / ps
-        if mpp is not None:
-            mpp0 = float(mpp)
-        elif mag0:
-            mpp0 = 10.0 / mag0
-        else:
-            raise ConfigError(f"{path} records no level-0 magnification; pass --mpp (µm per level-0 pixel).")
-        w, h = _num(attrs, "level0_width"), _num(attrs, "level0_height")
-        level0 = (int(w), int(h)) if w and h else None
-        return Geometry(int(round(ps)), float(ps0), float(stride), mpp0, 0, 1.0, level0, tuple(assumed))
-    # CLAM: attributes only when the patch file is given; never a resolution.
+        return _trident_geometry(attrs, path, mpp, step)
+    return _clam_geometry(attrs, path, mpp, step)
+
+
+def _trident_patch(attrs: dict, path: Path) -> tuple[float, float, float | None]:
+    """(patch size in pixels, its size in level-0 pixels, level-0 magnification) of TRIDENT's attributes."""
+    ps = _num(attrs, "patch_size")
+    ps0 = _num(attrs, "patch_size_level0")
+    mag0 = _num(attrs, "level0_magnification")
+    magt = _num(attrs, "target_magnification")
+    if ps is None or (ps0 is None and not (mag0 and magt)):
+        raise GridFileError(f"{path}: the coords dataset lacks TRIDENT's attributes (patch_size with "
+                            "patch_size_level0 or the magnifications); import it with --format clam.")
+    return ps, ps0 if ps0 is not None else ps * mag0 / magt, mag0
+
+
+def _level0_size(attrs: dict) -> tuple[int, int] | None:
+    w, h = _num(attrs, "level0_width"), _num(attrs, "level0_height")
+    return (int(w), int(h)) if w and h else None
+
+
+def _trident_geometry(attrs: dict, path: Path, mpp: float | None, step: float | None) -> Geometry:
+    ps, ps0, mag0 = _trident_patch(attrs, path)
+    overlap = _num(attrs, "overlap") or 0.0
+    stride = ps0 * (step if step is not None else ps - overlap) / ps
+    if mpp is None and not mag0:
+        raise ConfigError(f"{path} records no level-0 magnification; pass --cohort with an mpp column, "
+                          "or --slide-mpp (µm per level-0 pixel).")
+    mpp0 = float(mpp) if mpp is not None else 10.0 / mag0
+    return Geometry(int(round(ps)), float(ps0), float(stride), mpp0, 0, 1.0, _level0_size(attrs), ())
+
+
+def _level0_from_level_dim(lvl_dim, ds: float) -> tuple[int, int] | None:
+    """Level-0 (width, height) from CLAM's ``level_dim`` of the patch level and its downsample."""
+    if lvl_dim is None:
+        return None
+    wd, hd = np.asarray(lvl_dim, dtype=np.float64).reshape(-1)[:2]
+    return int(round(wd * ds)), int(round(hd * ds))
+
+
+def _clam_geometry(attrs: dict, path: Path, mpp: float | None, step: float | None) -> Geometry:
+    """CLAM: attributes only when the patch file is given; never a resolution."""
+    assumed: list[str] = []
     if mpp is None:
-        raise ConfigError(f"CLAM files record no resolution; pass --mpp with the µm per level-0 pixel of the "
+        raise ConfigError(f"CLAM files record no resolution; pass --cohort (its mpp column or slide files) or "
+                          f"--slide-mpp with the µm per level-0 pixel of the "
                           f"slides ({path}).")
     ps = _num(attrs, "patch_size")
     level = _num(attrs, "patch_level")
@@ -169,18 +204,16 @@ def _geometry(fmt: str, attrs: dict, path: Path, mpp: float | None) -> Geometry:
     custom = _num(attrs, "custom_downsample") or 1.0
     if ps is None:
         assumed.append("patch size = stride at level 0 (no patch file attributes; pass --coords-dir)")
-        return Geometry(0, 0.0, None, float(mpp), 0, 1.0, None, tuple(assumed))
+        return Geometry(0, 0.0, float(step) if step else None, float(mpp), 0, 1.0, None, tuple(assumed))
     level = int(level or 0)
     ds = float(ds or 1.0)
     size0 = ps * ds * custom
-    assumed.append("step = patch size (CLAM's default; the step is not stored)")
-    lvl_dim = attrs.get("level_dim")
-    level0 = None
-    if lvl_dim is not None:
-        wd, hd = np.asarray(lvl_dim, dtype=np.float64).reshape(-1)[:2]
-        level0 = (int(round(wd * ds)), int(round(hd * ds)))
+    if step is None:
+        assumed.append("step = patch size (CLAM's default; the step is not stored; pass --step otherwise)")
+    stride0 = float(size0 if step is None else step * ds * custom)
+    level0 = _level0_from_level_dim(attrs.get("level_dim"), ds)
     tile_px = int(round(ps / custom)) if custom != 1.0 else int(round(ps))
-    return Geometry(tile_px, float(size0), float(size0), float(mpp), level if custom == 1.0 else 0,
+    return Geometry(tile_px, float(size0), stride0, float(mpp), level if custom == 1.0 else 0,
                     ds if custom == 1.0 else 1.0, level0, tuple(assumed))
 
 
@@ -205,6 +238,8 @@ def _read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict, dict]:
         if fd is None or cd is None:
             raise GridFileError(f"{path} has no 'features' and 'coords' datasets; it is not a CLAM or "
                                 "TRIDENT feature file.")
+        if fd.size == 0 or cd.size == 0:
+            raise EmptyFeatureFile(f"{path}: no tiles (features of shape {fd.shape}); the slide has no tissue.")
         check_layout(cd, path, "coords", (None, 2), "iuf")
         n = cd.shape[0]
         if n > MAX_GRID_CELLS:
@@ -238,50 +273,37 @@ def _read_coords_attrs(path: Path) -> dict[str, Any]:
 
 
 def _slide_id(fmt: str, path: Path, attrs: dict) -> str:
+    """The ``slide_id`` attribute of ``coords`` when present (the cohort's id), else the file's stem."""
+    given = attrs.get("slide_id")
+    if isinstance(given, str) and given.strip():
+        return given.strip()
     stem = path.stem
     if fmt == "trident" and stem.endswith("_patches"):
         stem = stem[: -len("_patches")]
     return stem
 
 
-def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trident"], *,
-                        mpp: float | None = None, coords_file: str | os.PathLike[str] | None = None,
-                        encoder: str | None = None, on_collision: str = "refuse") -> FeatureGrid:
-    """Read one CLAM or TRIDENT feature file as a feature grid.
-
-    Args:
-        path: the ``.h5`` with ``features`` (N, D) and ``coords`` (N, 2).
-        fmt: ``"clam"`` or ``"trident"``.
-        mpp: µm per level-0 pixel (required for CLAM; overrides TRIDENT's magnification).
-        coords_file: the matching patch (coords) file whose ``coords`` attributes give the patch size
-            and level (CLAM feature files have none).
-        encoder: encoder name to record (default: the file's ``encoder`` attribute, else ``<fmt>-import``).
-        on_collision: ``"refuse"`` (default) or ``"keep-first"`` when two tiles fall in one cell.
-
-    Raises:
-        GridFileError: unreadable, inconsistent or untrusted file (a link to another file, data stored
-            outside it, NaN or inf features), or tiles sharing a cell (with their count).
-        ConfigError: a needed resolution is missing.
-    """
-    path = Path(path)
-    if fmt not in FORMATS:
-        raise ConfigError(f"Unknown format {fmt!r}; use clam or trident.")
-    if on_collision not in ("refuse", "keep-first"):
-        raise ConfigError(f"--on-collision must be refuse or keep-first, not {on_collision!r}.")
-    feats, coords, attrs, feat_attrs = _read_feature_file(path)
-    if coords_file is not None:
-        attrs = {**_read_coords_attrs(Path(coords_file)), **attrs}
+def _check_finite(feats: np.ndarray, path: Path) -> None:
     if len(feats) and not np.all(np.isfinite(feats)):
         bad = int((~np.isfinite(feats)).any(axis=1).sum())
         raise GridFileError(f"{path}: {bad} of {len(feats)} tile(s) have NaN or inf features; re-extract this "
                             "slide's features (the file was not imported).")
-    geo = _geometry(fmt, attrs, path, mpp)
-    stride = infer_stride(coords, geo.stride_level0)
-    assumed = list(geo.assumed)
-    tile_px, size0 = geo.tile_px, geo.tile_size_level0
-    if tile_px == 0:  # CLAM without attributes: a tile is one stride wide, read at level 0
-        tile_px, size0 = int(round(stride)), float(stride)
-    lat = place_on_lattice(coords, stride)
+
+
+def _check_options(fmt: str, on_collision: str, step: float | None) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"Unknown format {fmt!r}; use clam or trident.")
+    if on_collision not in ("refuse", "keep-first"):
+        raise ConfigError(f"--on-collision must be refuse or keep-first, not {on_collision!r}.")
+    if step is not None and step <= 0:
+        raise ConfigError(f"--step must be > 0, got {step}.")
+
+
+def _kept_tiles(lat: Lattice, coords: np.ndarray, path: Path, slide_id: str, on_collision: str,
+                max_offset: float, assumed: list[str]) -> tuple[np.ndarray, float]:
+    """The tiles kept on the lattice (all, or the first of each cell) and their largest offset from their
+    cell in level-0 pixels; refuses collisions (unless told) and offsets beyond ``max_offset`` of a stride."""
+    stride = lat.stride
     keep = np.arange(len(coords))
     if lat.collisions:
         if on_collision == "refuse":
@@ -294,18 +316,72 @@ def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trid
         _, first = np.unique(flat, return_index=True)
         keep = np.sort(first)
         assumed.append(f"{lat.collisions} colliding tile(s) dropped (kept the first of each cell)")
+    offset = float(np.abs(coords[keep] - (np.asarray(lat.origin) + lat.index[keep][:, ::-1] * stride)).max()) \
+        if len(keep) else 0.0
+    if offset > max_offset * stride:
+        raise GridFileError(
+            f"{path}: slide {slide_id}: tiles sit up to {offset:g} level-0 px "
+            f"({offset / stride:.0%} of the stride {stride:g}) off one lattice, more than the "
+            f"{max_offset:.0%} accepted. The patches were made on several grids or with another step: pass "
+            "--step with the step they were made with, or --max-offset to move them onto the lattice.")
+    return keep, offset
+
+
+def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trident"], *,
+                        mpp: float | None = None, coords_file: str | os.PathLike[str] | None = None,
+                        encoder: str | None = None, on_collision: str = "refuse", step: float | None = None,
+                        max_offset: float = MAX_OFFSET, mpp_by_slide: dict[str, float] | None = None,
+                        ) -> FeatureGrid:
+    """Read one CLAM or TRIDENT feature file as a feature grid.
+
+    Args:
+        path: the ``.h5`` with ``features`` (N, D) and ``coords`` (N, 2).
+        fmt: ``"clam"`` or ``"trident"``.
+        mpp: µm per level-0 pixel (required for CLAM; overrides TRIDENT's magnification).
+        coords_file: the matching patch (coords) file whose ``coords`` attributes give the patch size
+            and level (CLAM feature files have none).
+        encoder: encoder name to record (default: the file's ``encoder`` attribute, else ``<fmt>-import``).
+        on_collision: ``"refuse"`` (default) or ``"keep-first"`` when two tiles fall in one cell.
+        step: CLAM's step between patches in pixels at the patch level (its ``--step_size``; default: the
+            patch size), or TRIDENT's (default: patch size − overlap); level-0 pixels without attributes.
+        max_offset: largest distance of a tile from its lattice cell, as a fraction of the stride,
+            accepted; tiles further off are refused with the slide and the offset.
+        mpp_by_slide: µm per level-0 pixel of each slide (e.g. a cohort's ``mpp`` column); wins over
+            ``mpp`` for the slides it holds.
+
+    Raises:
+        GridFileError: unreadable, inconsistent or untrusted file (a link to another file, data stored
+            outside it, NaN or inf features), tiles sharing a cell (with their count), or tiles off the
+            lattice by more than ``max_offset``. :class:`EmptyFeatureFile` for a file without tiles.
+        ConfigError: a needed resolution is missing.
+    """
+    path = Path(path)
+    _check_options(fmt, on_collision, step)
+    feats, coords, attrs, feat_attrs = _read_feature_file(path)
+    if coords_file is not None:
+        attrs = {**_read_coords_attrs(Path(coords_file)), **attrs}
+    _check_finite(feats, path)
+    slide_id = _slide_id(fmt, path, attrs)
+    mpp = float(mpp_by_slide[slide_id]) if mpp_by_slide and mpp_by_slide.get(slide_id) else mpp
+    geo = _geometry(fmt, attrs, path, mpp, step)
+    stride = infer_stride(coords, geo.stride_level0)
+    assumed = list(geo.assumed)
+    tile_px, size0 = geo.tile_px, geo.tile_size_level0
+    if tile_px == 0:  # CLAM without attributes: a tile is one stride wide, read at level 0
+        tile_px, size0 = int(round(stride)), float(stride)
+    lat = place_on_lattice(coords, stride)
+    keep, offset = _kept_tiles(lat, coords, path, slide_id, on_collision, max_offset, assumed)
     index = lat.index[keep]
     order = np.lexsort((index[:, 1], index[:, 0]))  # row-major order of cells
     sel = keep[order]
     index = index[order]
-    slide_id = _slide_id(fmt, path, feat_attrs or attrs)
     level0 = geo.level0_size or (int(coords[:, 0].max() + size0), int(coords[:, 1].max() + size0))
     mpp_target = geo.mpp_level0 * size0 / tile_px
     enc = encoder or str(feat_attrs.get("encoder") or "") or f"{fmt}-import"
     extra = {
         "imported_from": str(path.resolve()),
         "imported_format": fmt,
-        "import_max_offset_level0": float(lat.max_offset),
+        "import_max_offset_level0": offset,
         "import_collisions": int(lat.collisions),
         "import_assumptions": "; ".join(assumed) if assumed else "none",
         "tissue_fraction_known": False,
@@ -335,50 +411,95 @@ def find_feature_files(src: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
+def offset_note(grid: FeatureGrid) -> str | None:
+    """A warning when an imported grid's tiles were moved onto the lattice by more than rounding."""
+    off = float(grid.extra_attrs.get("import_max_offset_level0", 0.0))
+    if off <= 1.0:  # corners of a fractional stride rounded to whole pixels
+        return None
+    return (f"slide {grid.slide_id}: tiles moved up to {off:g} level-0 px ({off / grid.stride_level0:.1%} of the "
+            "stride) onto the lattice")
+
+
 @dataclass
 class ImportSummary:
-    """Outcome of an import: files written and files refused, with the reason."""
+    """Outcome of an import: files written, slides without tiles, files refused (with the reason), and
+    warnings (tiles moved onto the lattice)."""
 
     written: dict[str, Path]
     failed: dict[str, str]
     encoder: str
+    empty: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def line(self) -> str:
         return (f"import-features: {len(self.written)} file(s) written to features/{self.encoder}, "
-                f"{len(self.failed)} refused")
+                f"{len(self.empty)} slide(s) without tiles, {len(self.failed)} refused")
+
+
+def _coords_file(fp: Path, coords_dir: str | os.PathLike[str] | None) -> Path | None:
+    if coords_dir is None:
+        return None
+    for name in (f"{fp.stem}.h5", f"{fp.stem}_patches.h5"):
+        if (Path(coords_dir) / name).is_file():
+            return Path(coords_dir) / name
+    return None
+
+
+def cohort_mpps(cohort) -> dict[str, float]:
+    """µm per level-0 pixel of each slide of ``cohort``: the manifest's ``mpp`` column, else the slide
+    file's metadata where the file is at hand."""
+    from ..slide import open_slide
+
+    out: dict[str, float] = {}
+    for r in cohort.records:
+        if r.mpp:
+            out[r.slide_id] = float(r.mpp)
+        elif r.path is not None and Path(r.path).exists():
+            try:
+                with open_slide(r.path) as slide:
+                    out[r.slide_id] = float(slide.mpp)
+            except WsiError:
+                continue  # no µm/px in the file: --mpp, if given, applies
+    return out
 
 
 def import_features(src: str | os.PathLike[str], run_dir: str | os.PathLike[str],
                     fmt: Literal["clam", "trident"], *, mpp: float | None = None,
                     coords_dir: str | os.PathLike[str] | None = None, encoder: str | None = None,
-                    on_collision: str = "refuse") -> ImportSummary:
+                    on_collision: str = "refuse", step: float | None = None, max_offset: float = MAX_OFFSET,
+                    cohort=None, progress: bool = False) -> ImportSummary:
     """Import every CLAM/TRIDENT feature file of ``src`` into ``RUN/features/<encoder>/<slide_id>.h5``.
 
-    A file that cannot be imported is reported in ``failed`` and the others go on. ``coords_dir`` is the
-    folder of patch files (``<slide_id>.h5`` for CLAM, ``<slide_id>_patches.h5`` for TRIDENT).
+    A file that cannot be imported is reported in ``failed`` and the others go on; a file without tiles
+    (a slide without tissue) is listed in ``empty``. ``coords_dir`` is the folder of patch files
+    (``<slide_id>.h5`` for CLAM, ``<slide_id>_patches.h5`` for TRIDENT). With ``cohort``, each slide's
+    µm/px comes from the manifest's ``mpp`` column or the slide file (``mpp`` is the fallback). ``step``
+    and ``max_offset``: see :func:`import_feature_file`.
     """
+    from tqdm.auto import tqdm
+
     from .extract import feature_path
 
-    written: dict[str, Path] = {}
-    failed: dict[str, str] = {}
-    enc_used = encoder or ""
-    from ..errors import WsiError
-
-    for fp in find_feature_files(src):
-        cf = None
-        if coords_dir is not None:
-            for name in (f"{fp.stem}.h5", f"{fp.stem}_patches.h5"):
-                if (Path(coords_dir) / name).is_file():
-                    cf = Path(coords_dir) / name
-                    break
+    summary = ImportSummary({}, {}, encoder or "")
+    mpps = cohort_mpps(cohort) if cohort is not None else None
+    files = find_feature_files(src)
+    for fp in tqdm(files, desc="import-features", unit="file", disable=not progress, dynamic_ncols=True):
         try:
-            grid = import_feature_file(fp, fmt, mpp=mpp, coords_file=cf, encoder=encoder,
-                                       on_collision=on_collision)
-            out = feature_path(run_dir, enc_used or grid.encoder, grid.slide_id)
+            grid = import_feature_file(fp, fmt, mpp=mpp, coords_file=_coords_file(fp, coords_dir),
+                                       encoder=encoder, on_collision=on_collision, step=step,
+                                       max_offset=max_offset, mpp_by_slide=mpps)
+            out = feature_path(run_dir, summary.encoder or grid.encoder, grid.slide_id)
             write_feature_grid(out, grid)
-        except WsiError as exc:  # this file is refused, with its reason; the others go on
-            failed[fp.stem] = str(exc)
+        except EmptyFeatureFile:
+            summary.empty.append(fp.stem)
             continue
-        enc_used = enc_used or grid.encoder
-        written[grid.slide_id] = out
-    return ImportSummary(written, failed, enc_used or f"{fmt}-import")
+        except WsiError as exc:  # this file is refused, with its reason; the others go on
+            summary.failed[fp.stem] = str(exc)
+            continue
+        summary.encoder = summary.encoder or grid.encoder
+        summary.written[grid.slide_id] = out
+        note = offset_note(grid)
+        if note:
+            summary.warnings.append(note)
+    summary.encoder = summary.encoder or f"{fmt}-import"
+    return summary

@@ -206,6 +206,9 @@ def _coords_attrs(g: TileGrid) -> dict[str, Any]:
         "target_magnification": float(10.0 / g.mpp_effective),
         "overlap": int(g.tile_px - g.stride_px),
         "name": g.slide_id,
+        # The cohort's slide id: TRIDENT copies these attributes into the feature files it writes (which it
+        # names by the slide file's stem), so import-features can name the slide as the cohort does.
+        "slide_id": g.slide_id,
         "savetodir": "",
         "save_path": "",
         "level0_width": int(g.level0_size[0]),
@@ -221,6 +224,10 @@ def _coords_attrs(g: TileGrid) -> dict[str, Any]:
             "downsampled_level_dim": np.array([lw, lh], dtype=np.int64),
             "level_dim": np.array([lw, lh], dtype=np.int64),
         })
+    else:
+        attrs["readers"] = ("TRIDENT and wsi2dmamba. Not CLAM's Whole_Slide_Bag_FP: the tiles are resized from "
+                            "level 0, so there is no patch_level; `wsi2dmamba export-features --format clam` "
+                            "writes them as level-0 patches with target_patch_size.")
     return attrs
 
 

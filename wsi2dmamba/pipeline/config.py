@@ -112,7 +112,9 @@ class TrainSection(BaseModel):
 
     models: list[str] = Field(min_length=1, description="Models to train: registry names, or "
                                                          "'name:preset' for a named preset (e.g. '2dmambamil:paper').")
-    model_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    model_options: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-model configuration overrides, as [train.model_options.<model>] "
+                                          "tables (see below).")
 
 
 class PipelineConfig(BaseModel):

@@ -22,12 +22,13 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    task: Task = "classification"
+    task: Task = Field("classification", description="What the model predicts: classification (the manifest's "
+                       "label) or survival (its time and event).")
     folds: int = Field(5, ge=2, description="Number of cross-validation folds (each fold's test partition "
                                              "is one k-th of the patients).")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="Fraction of each fold's non-test patients "
                                                                   "held out for validation (stratified).")
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(20, ge=1, description="Passes over each fold's training slides.")
     lr: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(1e-5, ge=0.0, description="AdamW decoupled weight decay.")
     warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length in epochs (fractions allowed) "
@@ -44,7 +45,7 @@ class TrainConfig(BaseModel):
     select_on: str = Field("loss", description="Validation quantity that picks the 'best' checkpoint: loss "
                                                "(lower is better), or auc, balanced_accuracy, accuracy, f1 "
                                                "(classification), c_index (survival).")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the folds, the initial weights and the order of the slides.")
     restarts: int = Field(1, ge=1, description="Trainings per fold, with seeds seed, seed+1, …; the fold keeps "
                                                "the one whose chosen checkpoint scores best on validation "
                                                "(ties: the earlier restart). Test data play no part in the choice.")

@@ -1,0 +1,5 @@
+"""``python -m wsi2dmamba.cli``: the command line."""
+
+from . import main
+
+main()
