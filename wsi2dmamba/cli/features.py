@@ -27,6 +27,11 @@ def register(app: typer.Typer) -> None:
             "--workers", min=0, help="Tile-reading processes (default: every core but one, at most 16).")] = None,
         precision: Annotated[Optional[str], typer.Option(
             "--precision", help="fp32, fp16 or bf16 (default: the encoder's own on a GPU, fp32 on CPU).")] = None,
+        decode: Annotated[str, typer.Option(
+            "--decode", help="How tiles are decoded: auto (the slide's stored JPEG tiles decoded on the GPU "
+            "where the slide allows it, else OpenSlide), jpeg (stored JPEG tiles on the encoder's device; an "
+            "error for other slides) or openslide (reader processes). Does not change the features' "
+            "identity.")] = "auto",
         random_weights: Annotated[bool, typer.Option(
             "--random-weights", help="Keep the encoder's random initial weights (speed tests only).")] = False,
         force: ForceOpt = False,
@@ -42,11 +47,13 @@ def register(app: typer.Typer) -> None:
 
         if precision is not None and precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"--precision must be fp32, fp16 or bf16, not {precision!r}.")
+        if decode not in ("auto", "jpeg", "openslide"):
+            raise ConfigError(f"--decode must be auto, jpeg or openslide, not {decode!r}.")
         get_encoder(encoder, weights)  # an unknown encoder or weight path fails before any work
         co = cohort_from_args(cohort, slides)
         config = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, device=device,
                                batch_size=batch_size, workers=workers, precision=precision,
-                               pretrained=not random_weights)
+                               pretrained=not random_weights, decode=decode)
         summary = extract_cohort(co, out, config, progress=not quiet, force=force, shard=parse_shard(shard),
                                  executor=executor, ray_address=ray_address)
         n_tiles = sum(int(i.get("n_tiles", 0)) for i in summary.infos.values())

@@ -57,6 +57,10 @@ class ExtractConfig(BaseModel):
             main process (not hashed).
         max_run_tiles: at most this many neighbouring tiles are read with one region read (not hashed).
         max_blank_fraction: a slide fails when more than this fraction of its tiles cannot be read.
+        decode: how tiles are decoded (not hashed: both paths give the same tiles within JPEG decoder
+            differences): ``openslide`` in the reader processes; ``jpeg``: the slide's stored JPEG tiles
+            decoded in batches on the encoder's device (:mod:`.tile_decode`), an error for slides stored
+            otherwise; ``auto``: ``jpeg`` on a GPU for the slides that allow it, else ``openslide``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -71,6 +75,7 @@ class ExtractConfig(BaseModel):
     workers: int | None = Field(default=None, ge=0, exclude=True)
     max_run_tiles: int = Field(default=8, ge=1, exclude=True)
     max_blank_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+    decode: Literal["auto", "jpeg", "openslide"] = Field(default="auto", exclude=True)
 
 
 @dataclass
@@ -158,6 +163,36 @@ def check_tiles_match_slide(tiles: TileGrid, slide, source: str = "") -> None:
                               f"{slide.path} has {slide.level_count} level(s). Rerun `wsi2dmamba tile` for it.")
 
 
+def _tile_batches(plan: TileReadPlan, tiles: TileGrid, slide, encoder: LoadedEncoder, config: ExtractConfig):
+    """The tile batches of a slide and how they are decoded.
+
+    Returns:
+        ``(batches, record)``: an iterable of ``(images, indices, blank)`` and the attributes that record
+        the path taken: ``decode`` (``jpeg-tiles:<device type>`` or ``openslide``) and, when OpenSlide
+        reads a slide under ``auto``, ``decode_reason``.
+    """
+    from ..slide import open_slide
+    from .tile_decode import JpegTileBatches, UnsupportedTiles, choose_decode
+
+    opened = slide if not isinstance(slide, (str, os.PathLike)) else None
+    try:
+        with contextlib.nullcontext(opened) if opened is not None else open_slide(plan.slide_path, plan.mpp_level0) as s:
+            level, reason = choose_decode(config.decode, s, plan.level, encoder.device)
+    except UnsupportedTiles as exc:
+        raise SlideError(f"{plan.slide_path}: its tiles cannot be decoded from their stored JPEG bytes ({exc}); "
+                         "extract it with --decode auto or --decode openslide.") from exc
+    if level is not None:
+        return (JpegTileBatches(plan, level, config.batch_size, encoder.device),
+                {"decode": f"jpeg-tiles:{encoder.device.type}"})
+    workers = default_workers(tiles.n_tiles) if config.workers is None else config.workers
+    loader = make_loader(plan, batch_size=config.batch_size, workers=workers,
+                         pin_memory=encoder.device.type == "cuda")
+    record = {"decode": "openslide"}
+    if config.decode == "auto":
+        record["decode_reason"] = reason
+    return loader, record
+
+
 def feature_params_hash(tiles: TileGrid, encoder: LoadedEncoder) -> str:
     """Hash of everything that shaped a feature file: the tiles, the encoder, its weights and precision."""
     return params_hash({"tiles": tiles.params_hash, "encoder": encoder.name,
@@ -190,19 +225,18 @@ def extract_features(tiles: TileGrid, slide, encoder: LoadedEncoder, config: Ext
     config = config or ExtractConfig(encoder=encoder.name)
     slide_path, mpp = _slide_identity(slide)
     plan = TileReadPlan.from_tiles(tiles, slide_path, mpp, config.max_run_tiles)
-    workers = default_workers(tiles.n_tiles) if config.workers is None else config.workers
-    on_gpu = encoder.device.type == "cuda"
-    loader = make_loader(plan, batch_size=config.batch_size, workers=workers, pin_memory=on_gpu)
+    batches, decode = _tile_batches(plan, tiles, slide, encoder, config)
     n = tiles.n_tiles
     feats = torch.empty((n, encoder.spec.feature_dim), dtype=torch.float32, device=encoder.device)
     blank = torch.zeros(n, dtype=torch.bool)
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=tiles.slide_id, unit="tile", unit_scale=False, leave=False,
                disable=not progress or n == 0, dynamic_ncols=True)
+    on_gpu = encoder.device.type == "cuda"
     cudnn = torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=True) \
         if on_gpu else contextlib.nullcontext()
     with cudnn:
-        for images, idx, bad in loader:
+        for images, idx, bad in batches:
             images = images.to(encoder.device, non_blocking=True)
             feats[idx.to(encoder.device, non_blocking=True)] = encoder.encode(images)
             blank[idx] = bad
@@ -223,6 +257,7 @@ def extract_features(tiles: TileGrid, slide, encoder: LoadedEncoder, config: Ext
         "random_weights": not bool(encoder.weights_sha256),
         "extract_seconds": round(seconds, 3),
         "extract_device": str(encoder.device),
+        **decode,
     }
     return FeatureGrid.from_tiles(tiles, out, encoder=encoder.name, weights_sha256=encoder.weights_sha256,
                                   blank=blank_np, params_hash=feature_params_hash(tiles, encoder),
@@ -269,7 +304,8 @@ def extract_slide(record: SlideRecord, config: ExtractConfig, run_dir: Path, *, 
     seconds = float(grid.extra_attrs.get("extract_seconds", 0.0)) or 1e-9
     return {"n_tiles": grid.n_tiles, "n_blank": int(grid.blank.sum()), "grid_shape": list(grid.shape),
             "feature_dim": grid.feature_dim, "tiles_per_s": round(grid.n_tiles / seconds, 1),
-            "precision": encoder.precision, "device": str(encoder.device)}
+            "precision": encoder.precision, "device": str(encoder.device),
+            "decode": grid.extra_attrs.get("decode", "openslide")}
 
 
 def _recorded_tiles_hash(path: Path) -> str | None:
