@@ -113,6 +113,17 @@ def make_targets(cohort: Cohort, task: str, classes: Sequence[str] | None = None
     return Targets(task, {r.slide_id: lookup[r.label] for r in cohort}, {}, {}, {})  # type: ignore[index]
 
 
+def to_device(x, device: torch.device):
+    """A tensor or :class:`GridBatch` on ``device``, copied without making the host wait for the GPU.
+
+    A copy from pageable memory waits for the GPU's queued work, so the host copy is pinned first; on the
+    CPU the input is returned as it is.
+    """
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def iter_batches(slide_ids: Sequence[str], grids: Mapping[str, FeatureGrid], batch_size: int,
                  ) -> Iterator[tuple[list[str], GridBatch]]:
     """Consecutive batches of ``batch_size`` slides, in the given order."""
