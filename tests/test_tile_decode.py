@@ -14,9 +14,19 @@ import pytest
 import torch
 
 from wsi2dmamba.features.loader import TileBatches, TileReadPlan
-from wsi2dmamba.features.tile_decode import JpegTileBatches, area_matrix, choose_decode, decode_streams
+from wsi2dmamba.features.tile_decode import (
+    JpegTileBatches,
+    area_matrix,
+    choose_decode,
+    decode_streams,
+)
 from wsi2dmamba.slide import open_slide
-from wsi2dmamba.slide.jpeg_tiles import UnsupportedTiles, decode_schedule, jpeg_tile_level, region_windows
+from wsi2dmamba.slide.jpeg_tiles import (
+    UnsupportedTiles,
+    decode_schedule,
+    jpeg_tile_level,
+    region_windows,
+)
 
 ENCODER = "efficientnet-lite0"
 

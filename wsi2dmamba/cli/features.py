@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
             "where the slide allows it, else OpenSlide), jpeg (stored JPEG tiles on the encoder's device; an "
             "error for other slides) or openslide (reader processes). Does not change the features' "
             "identity.")] = "auto",
+        gpus: Annotated[Optional[str], typer.Option(
+            "--gpus", help="GPUs to use: all, or indices such as 0,1. With several, one process per GPU (each "
+            "with its own reader processes) takes the slides from one queue, largest first.")] = None,
         random_weights: Annotated[bool, typer.Option(
             "--random-weights", help="Keep the encoder's random initial weights (speed tests only).")] = False,
         force: ForceOpt = False,
@@ -43,19 +46,20 @@ def register(app: typer.Typer) -> None:
         """Encode the tiles of every slide: RUN/tiles/<slide_id>.h5 → RUN/features/<encoder>/<slide_id>.h5."""
         from ..errors import ConfigError
         from ..features import ExtractConfig, extract_cohort, get_encoder
-        from ..features.extract import blank_tile_count, encoder_dirname
+        from ..features.extract import blank_tile_count, encoder_dirname, resolve_gpus
 
         if precision is not None and precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"--precision must be fp32, fp16 or bf16, not {precision!r}.")
         if decode not in ("auto", "jpeg", "openslide"):
             raise ConfigError(f"--decode must be auto, jpeg or openslide, not {decode!r}.")
         get_encoder(encoder, weights)  # an unknown encoder or weight path fails before any work
+        gpu_list = resolve_gpus(gpus)
         co = cohort_from_args(cohort, slides)
         config = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, device=device,
                                batch_size=batch_size, workers=workers, precision=precision,
                                pretrained=not random_weights, decode=decode)
         summary = extract_cohort(co, out, config, progress=not quiet, force=force, shard=parse_shard(shard),
-                                 executor=executor, ray_address=ray_address)
+                                 executor=executor, ray_address=ray_address, gpus=gpu_list)
         n_tiles = sum(int(i.get("n_tiles", 0)) for i in summary.infos.values())
         if summary.done:
             typer.echo(f"{n_tiles} tiles encoded into {out / 'features' / encoder_dirname(encoder)}; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,37 @@ def load_feature_grids(cohort: Cohort, features_dir: str | os.PathLike[str], sli
         raise StageInputError(f"slide(s) {', '.join(empty[:20])} have no tissue tile in their feature grid; "
                               "remove them from the cohort or re-tile them with a lower tissue threshold.")
     return grids
+
+
+@functools.lru_cache(maxsize=2)
+def _grid_store(folder: str) -> dict[str, tuple[tuple[int, int], FeatureGrid]]:
+    """This process's grids read from ``folder``: slide id → ((size, mtime_ns) of the file, grid)."""
+    return {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)
+    return st.st_size, st.st_mtime_ns
+
+
+def worker_feature_grids(cohort: Cohort, features_dir: str | os.PathLike[str],
+                         slide_ids: Sequence[str]) -> dict[str, FeatureGrid]:
+    """:func:`load_feature_grids`, keeping the grids in this process for its next calls.
+
+    A worker that trains several folds (or restarts) reads each slide's file once; a file rewritten since
+    (another size or modification time) is read again.
+    """
+    folder = Path(features_dir).expanduser()
+    store = _grid_store(str(folder.resolve()))
+    stamps = {sid: _stamp(folder / f"{sid}.h5") for sid in slide_ids}
+    stale = [sid for sid in slide_ids if sid not in store or store[sid][0] != stamps[sid]]
+    if stale:
+        fresh = load_feature_grids(cohort, folder, stale)
+        store.update({sid: (stamps[sid], g) for sid, g in fresh.items()})
+    return {sid: store[sid][1] for sid in slide_ids}
 
 
 @dataclass(frozen=True)

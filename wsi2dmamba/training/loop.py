@@ -38,7 +38,8 @@ from ..fileio import file_sha256, params_hash, remove_stale_temporaries, write_j
 from ..grid import FeatureGrid
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from .config import TrainConfig
-from .data import Targets, class_names, iter_batches, load_feature_grids, make_targets, to_device
+from .data import (Targets, class_names, iter_batches, load_feature_grids, make_targets, to_device,
+                   worker_feature_grids)
 from .losses import class_weights, hazards_to_survival, nll_survival_loss, survival_bin_edges
 from .splits import FoldSplit, load_splits, make_splits, resolve_splits, write_splits
 
@@ -563,8 +564,8 @@ def _fold_executor(executor: str, config: TrainConfig, n_folds: int, ray_address
 
 def _train_fold_task(split: FoldSplit, cohort: Cohort, features_dir: str, fold_dir: Path, model_name: str,
                      config: TrainConfig, fold_kwargs: dict[str, Any]) -> FoldResult:
-    """One fold in a worker process: load its grids, train it there (on the worker's GPU, if any)."""
-    grids = load_feature_grids(cohort, features_dir, sorted(split.partition_of()), progress=False)
+    """One fold in a worker process: its grids (read once per worker), trained there (on its GPU, if any)."""
+    grids = worker_feature_grids(cohort, features_dir, sorted(split.partition_of()))
     return train_fold(split, cohort, grids, fold_dir, model_name, config, progress=False, **fold_kwargs)
 
 
