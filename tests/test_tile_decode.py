@@ -153,7 +153,6 @@ def test_slides_not_stored_as_jpeg_tiles_fall_back_to_openslide_with_the_reason(
     expected = {
         slides / "aperio_svs" / "tcga-cr-7395-01a-01-ts1.svs": "compression 33005",
         slides / "hamamatsu_ndpi" / "test3-DAPI-2-(387).ndpi": "OpenSlide only",
-        slides / "dicom_wsi_other" / "test_dicom.dcm": "OpenSlide only",
     }
     for path, reason in expected.items():
         with open_slide(path, mpp_override=0.5) as s:
@@ -202,3 +201,30 @@ def test_extract_decode_option_records_the_path_and_keeps_the_features_identity(
     res = runner.invoke(app, ["extract", "--cohort", str(tmp_path / "cohort.csv"), "--out", str(tmp_path / "a"),
                               "--encoder", ENCODER, "--device", "cpu", "--decode", "auto", "--quiet"])
     assert res.exit_code == 0 and "1 skipped" in res.output, res.output
+
+
+@pytest.mark.parametrize("name,level,exact", [("dicom_wsi/cmu-1-small-region", 0, False),
+                                              ("dicom_wsi/cmu-1-small-region", 1, False),
+                                              ("dicom_wsi_other/test_dicom.dcm", 0, True)])
+def test_dicom_wsi_frames_match_openslide(shared_data, name, level, exact):
+    """DICOM WSI levels are read from their JPEG frames: the CMU series' frames are JFIF (YCbCr) under a
+    header that says RGB, which the OpenSlide path corrects after the fact (±1 rounding); its level 1 has
+    a downsample of 2.0003, so OpenSlide shifts regions by sub-pixel amounts (rounding-level means)."""
+    from wsi2dmamba.slide.dicom_frames import read_dicom_header
+
+    with open_slide(shared_data / "slides" / name, mpp_override=0.5) as s:
+        stored, why = choose_decode("jpeg", s, level, "cpu")
+        assert stored is not None and why == ""
+        w, h = s.level_dimensions[level]
+        ds = s.level_downsamples[level]
+        coords = (lattice(w, h, 300) * ds).astype(np.int64)[:16]
+        plan = TileReadPlan(str(s.path), s.mpp, coords, level, ds, 256, 256)
+    got, blank = jpeg_tiles(plan, stored)
+    diff = np.abs(got.astype(int) - openslide_tiles(plan))
+    assert not blank.any() and (got < 250).mean() > 0.2  # tissue, not white
+    if exact:
+        np.testing.assert_array_equal(diff, 0)
+    else:
+        assert diff.mean() < 0.5 and np.percentile(diff, 99.9) <= 16
+    with pytest.raises(UnsupportedTiles, match="not a DICOM"):
+        read_dicom_header(shared_data / "slides" / "aperio_svs" / "CMU-1-Small-Region.svs")

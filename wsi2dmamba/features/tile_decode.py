@@ -1,7 +1,8 @@
 """Tiles of a slide decoded straight from its stored JPEG tiles, in batches, on the encoder's device.
 
 The CPU's JPEG decoding is what limits extraction through OpenSlide. For slides whose levels are grids
-of JPEG tiles (Aperio SVS, generic tiled TIFF; see :mod:`wsi2dmamba.slide.jpeg_tiles`), a reader thread
+of JPEG tiles (Aperio SVS, generic tiled TIFF: :mod:`wsi2dmamba.slide.jpeg_tiles`; DICOM WSI frames:
+:mod:`wsi2dmamba.slide.dicom_frames`), a reader thread
 reads the compressed bytes of the stored tiles a batch needs, ``torchvision.io.decode_jpeg`` decodes
 them together on the device (nvJPEG on a GPU, libjpeg-turbo on the CPU), and the lattice's tiles are cut
 from the decoded tiles there. Each stored tile is decoded once per slide, however the lattice falls on
@@ -261,6 +262,16 @@ def _decoder_disagrees(level: JpegTileLevel, device) -> str:
     return ""
 
 
+def _stored_tiles(slide, read_level: int) -> JpegTileLevel:
+    """The stored JPEG tiles of a level of an opened slide (TIFF tiles, or DICOM frames)."""
+    size = slide.level_dimensions[read_level]
+    if slide.vendor == "dicom":
+        from ..slide.dicom_frames import dicom_tile_level
+
+        return dicom_tile_level(os.fspath(slide.path), size)
+    return jpeg_tile_level(os.fspath(slide.path), slide.vendor, size)
+
+
 def choose_decode(mode: str, slide, read_level: int, device) -> tuple[JpegTileLevel | None, str]:
     """Which path reads a slide's tiles.
 
@@ -286,7 +297,7 @@ def choose_decode(mode: str, slide, read_level: int, device) -> tuple[JpegTileLe
     try:
         if slide.backend != "openslide":
             raise UnsupportedTiles("it is a plain image, held whole in memory")
-        level = jpeg_tile_level(os.fspath(slide.path), slide.vendor, slide.level_dimensions[read_level])
+        level = _stored_tiles(slide, read_level)
         reason = _decoder_disagrees(level, device)
         if reason:
             raise UnsupportedTiles(reason)

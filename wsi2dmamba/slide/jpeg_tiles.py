@@ -4,8 +4,9 @@ Aperio SVS and generic tiled TIFF files store each level as a grid of JPEG tiles
 the page's shared JPEG tables (quantisation and Huffman tables) make a complete JPEG stream that any
 decoder reads, nvJPEG on a GPU included. :func:`jpeg_tile_level` finds that grid for one level of a
 slide opened with OpenSlide (matched by its pixel size), or says why the level cannot be read this way
-(JPEG 2000, NDPI's restart-marker strips, DICOM, planar or 16-bit data, other vendors' TIFF variants):
-the caller then reads that slide with OpenSlide.
+(JPEG 2000, NDPI's restart-marker strips, planar or 16-bit data, other vendors' TIFF variants): the
+caller then reads that slide with OpenSlide. DICOM WSI frames are described the same way by
+:mod:`.dicom_frames`.
 
 The geometry helpers are pure: which stored tiles a region needs (:func:`stored_tiles_of_region`), and
 for a sequence of regions in batches, which tiles each batch decodes first and which it may forget
