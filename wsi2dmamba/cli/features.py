@@ -28,10 +28,10 @@ def register(app: typer.Typer) -> None:
         precision: Annotated[Optional[str], typer.Option(
             "--precision", help="fp32, fp16 or bf16 (default: the encoder's own on a GPU, fp32 on CPU).")] = None,
         decode: Annotated[str, typer.Option(
-            "--decode", help="How tiles are decoded: auto (the slide's stored JPEG tiles decoded on the GPU "
-            "where the slide allows it, else OpenSlide), jpeg (stored JPEG tiles on the encoder's device; an "
-            "error for other slides) or openslide (reader processes). Does not change the features' "
-            "identity.")] = "auto",
+            "--decode", help="How tiles are decoded: openslide (reader processes), auto (the slide's stored "
+            "JPEG tiles decoded on the GPU where the slide allows it, else OpenSlide) or jpeg (stored JPEG "
+            "tiles on the encoder's device; an error for other slides). Does not change the features' "
+            "identity.")] = "openslide",
         gpus: Annotated[Optional[str], typer.Option(
             "--gpus", help="GPUs to use: all, or indices such as 0,1. With several, one process per GPU (each "
             "with its own reader processes) takes the slides from one queue, largest first.")] = None,
