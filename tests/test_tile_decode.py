@@ -79,6 +79,16 @@ def test_resized_tiles_are_within_rounding_of_openslide_and_cv2(cmu_slide):
     assert diff.max() <= 1 and diff.mean() < 0.05
 
 
+def test_a_lattice_on_the_stored_tiles_grid_is_the_decoded_tiles(demo_tiff):
+    """256-px tiles on the demo slide's 256-px stored tiles (the last column and row reach past the edge)."""
+    with open_slide(demo_tiff) as s:
+        level = jpeg_tile_level(s.path, s.vendor, s.level_dimensions[0])
+        plan = TileReadPlan(str(s.path), s.mpp, lattice(*s.dimensions, 256), 0, 1.0, 256, 256)
+    got, blank = jpeg_tiles(plan, level, batch_size=4)
+    np.testing.assert_array_equal(got, openslide_tiles(plan))
+    assert not blank.any() and (got == 255).all(axis=-1).any()  # white past the slide's edge
+
+
 def test_sub_pixel_corners_on_a_coarser_level_follow_openslides_shift(demo_tiff):
     """Level 1 of the demo slide (2× downsample): odd level-0 corners fall half a pixel apart."""
     coords = np.array([[0, 0], [1, 1], [3, 0], [101, 257], [511, 301], [333, 333], [700, 500]], np.int64)

@@ -217,10 +217,26 @@ class JpegTileBatches:
         if x1 > x0 and y1 > y0:
             out[k, y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
 
+    def _aligned(self, idx: np.ndarray, cache: dict, bad: set[int]) -> list[int] | None:
+        """The decoded stored tile that is exactly each window of the batch, or None unless all of them are."""
+        lv, w = self.level, self.window
+        if (lv.tile_width, lv.tile_height) != (w, w) or self.resampled:
+            return None
+        o = self.origins[idx]
+        if (o % w).any() or (o < 0).any() or (o[:, 0] + w > lv.width).any() or (o[:, 1] + w > lv.height).any():
+            return None
+        same = (o[:, 1] // w * lv.tiles_across + o[:, 0] // w).tolist()
+        ok = not bad.intersection(same) and all(cache.get(t) is not None for t in same)
+        return same if ok else None
+
     def _assemble(self, idx: np.ndarray, cache: dict, bad: set[int]):
         """Cut the batch's windows from the decoded tiles (white outside the level), resample them."""
         import torch
 
+        same = self._aligned(idx, cache, bad)
+        if same is not None:
+            # A lattice on the stored tiles' grid: the batch is the decoded tiles themselves.
+            return torch.stack([cache[t] for t in same]), torch.zeros(len(idx), dtype=torch.bool)
         out = torch.full((len(idx), self.window, self.window, 3), BLANK_VALUE, dtype=torch.uint8, device=self.device)
         blank = torch.zeros(len(idx), dtype=torch.bool)
         for k, i in enumerate(idx.tolist()):
