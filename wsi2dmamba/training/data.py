@@ -153,6 +153,10 @@ def to_device(x, device: torch.device):
     """
     if device.type != "cuda":
         return x.to(device)
+    if isinstance(x, GridBatch):
+        p = x.pin_memory()
+        return GridBatch(*(t.to(device, non_blocking=True) for t in (p.features, p.tissue, p.valid, p.sizes)),
+                         list(p.slide_ids))
     return x.pin_memory().to(device, non_blocking=True)
 
 
