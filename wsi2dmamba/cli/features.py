@@ -21,6 +21,12 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class Decode(str, Enum):
+    openslide = "openslide"
+    auto = "auto"
+    jpeg = "jpeg"
+
+
 class ImportFormat(str, Enum):
     """Feature file layouts read and written."""
 
@@ -52,6 +58,14 @@ def register(app: typer.Typer) -> None:
             "--precision", help="Numbers the encoder computes with (default: the encoder's own on a GPU, fp32 "
             "on CPU).", show_default=False)] = None,
         slide_mpp: SlideMppOpt = None,
+        decode: Annotated[Decode, typer.Option(
+            "--decode", help="How tiles are decoded: openslide (reader processes), auto (the slide's stored "
+            "JPEG tiles decoded on the GPU where the slide allows it, else OpenSlide) or jpeg (stored JPEG "
+            "tiles on the encoder's device; an error for other slides). Does not change the features' "
+            "identity.")] = Decode.openslide,
+        gpus: Annotated[Optional[str], typer.Option(
+            "--gpus", help="GPUs to use: all, or indices such as 0,1. With several, one process per GPU (each "
+            "with its own reader processes) takes the slides from one queue, largest first.")] = None,
         random_weights: Annotated[bool, typer.Option(
             "--random-weights", help="Keep the encoder's random initial weights (speed tests only).")] = False,
         force: ForceOpt = False,
@@ -62,16 +76,17 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Encode the tiles of every slide: RUN/tiles/<slide_id>.h5 → RUN/features/<encoder>/<slide_id>.h5."""
         from ..features import ExtractConfig, extract_cohort, get_encoder
-        from ..features.extract import blank_tile_count, encoder_dirname
+        from ..features.extract import blank_tile_count, encoder_dirname, resolve_gpus
 
         get_encoder(encoder, weights)  # an unknown encoder or weight path fails before any work
+        gpu_list = resolve_gpus(gpus)
         co = cohort_from_args(cohort, slides, mpp=slide_mpp)
         config = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, device=device,
                                batch_size=batch_size, workers=workers,
                                precision=precision.value if precision else None,
-                               pretrained=not random_weights)
+                               pretrained=not random_weights, decode=decode.value)
         summary = extract_cohort(co, out, config, progress=not quiet, force=force, shard=parse_shard(shard),
-                                 executor=executor.value, ray_address=ray_address)
+                                 executor=executor.value, ray_address=ray_address, gpus=gpu_list)
         n_tiles = sum(int(i.get("n_tiles", 0)) for i in summary.infos.values())
         if summary.done:
             typer.echo(f"{n_tiles} tiles encoded into {out / 'features' / encoder_dirname(encoder)}; "

@@ -42,10 +42,13 @@ class TaskResources:
         gpus: GPUs per task; 0 = CPU only. Where no GPU is visible (this machine for the local
             executor, the cluster for Ray) the task is run anyway, without one: it then picks its own
             device (e.g. falls back to the CPU or raises a clear error).
+        devices: the GPUs (``CUDA_VISIBLE_DEVICES`` entries) the local executor spreads GPU tasks over;
+            None = every visible GPU. Ray ignores it: it assigns its cluster's GPUs itself.
     """
 
     cpus: float = 1.0
     gpus: float = 0.0
+    devices: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.cpus <= 0 or self.gpus < 0:
@@ -135,6 +138,8 @@ class LocalExecutor:
                  gpus: Sequence[str] | None = None):
         self.resources = resources or TaskResources()
         # Only GPU tasks look for GPUs: counting them imports torch, seconds a CPU stage need not spend.
+        if gpus is None and self.resources.devices is not None:
+            gpus = self.resources.devices
         self.gpus = list(gpus) if gpus is not None else (visible_gpus() if self.resources.gpus > 0 else [])
         self.workers = max(1, int(workers))
         self.pinned = self.resources.gpus > 0 and len(self.gpus) > 1

@@ -19,6 +19,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -57,6 +58,10 @@ class ExtractConfig(BaseModel):
             main process (not hashed).
         max_run_tiles: at most this many neighbouring tiles are read with one region read (not hashed).
         max_blank_fraction: a slide fails when more than this fraction of its tiles cannot be read.
+        decode: how tiles are decoded (not hashed: both paths give the same tiles within JPEG decoder
+            differences): ``openslide`` in the reader processes (the default); ``jpeg``: the slide's stored JPEG tiles
+            decoded in batches on the encoder's device (:mod:`.tile_decode`), an error for slides stored
+            otherwise; ``auto``: ``jpeg`` on a GPU for the slides that allow it, else ``openslide``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -71,6 +76,7 @@ class ExtractConfig(BaseModel):
     workers: int | None = Field(default=None, ge=0, exclude=True)
     max_run_tiles: int = Field(default=8, ge=1, exclude=True)
     max_blank_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
+    decode: Literal["auto", "jpeg", "openslide"] = Field(default="openslide", exclude=True)
 
 
 @dataclass
@@ -158,6 +164,36 @@ def check_tiles_match_slide(tiles: TileGrid, slide, source: str = "") -> None:
                               f"{slide.path} has {slide.level_count} level(s). Rerun `wsi2dmamba tile` for it.")
 
 
+def _tile_batches(plan: TileReadPlan, tiles: TileGrid, slide, encoder: LoadedEncoder, config: ExtractConfig):
+    """The tile batches of a slide and how they are decoded.
+
+    Returns:
+        ``(batches, record)``: an iterable of ``(images, indices, blank)`` and the attributes that record
+        the path taken: ``decode`` (``jpeg-tiles:<device type>`` or ``openslide``) and, when OpenSlide
+        reads a slide under ``auto``, ``decode_reason``.
+    """
+    from ..slide import open_slide
+    from .tile_decode import JpegTileBatches, UnsupportedTiles, choose_decode
+
+    opened = slide if not isinstance(slide, (str, os.PathLike)) else None
+    try:
+        with contextlib.nullcontext(opened) if opened is not None else open_slide(plan.slide_path, plan.mpp_level0) as s:
+            level, reason = choose_decode(config.decode, s, plan.level, encoder.device)
+    except UnsupportedTiles as exc:
+        raise SlideError(f"{plan.slide_path}: its tiles cannot be decoded from their stored JPEG bytes ({exc}); "
+                         "extract it with --decode auto or --decode openslide.") from exc
+    if level is not None:
+        return (JpegTileBatches(plan, level, config.batch_size, encoder.device),
+                {"decode": f"jpeg-tiles:{encoder.device.type}"})
+    workers = default_workers(tiles.n_tiles) if config.workers is None else config.workers
+    loader = make_loader(plan, batch_size=config.batch_size, workers=workers,
+                         pin_memory=encoder.device.type == "cuda")
+    record = {"decode": "openslide"}
+    if config.decode == "auto":
+        record["decode_reason"] = reason
+    return loader, record
+
+
 def feature_params_hash(tiles: TileGrid, encoder: LoadedEncoder) -> str:
     """Hash of everything that shaped a feature file: the tiles, the encoder, its weights and precision."""
     return params_hash({"tiles": tiles.params_hash, "encoder": encoder.name,
@@ -190,19 +226,18 @@ def extract_features(tiles: TileGrid, slide, encoder: LoadedEncoder, config: Ext
     config = config or ExtractConfig(encoder=encoder.name)
     slide_path, mpp = _slide_identity(slide)
     plan = TileReadPlan.from_tiles(tiles, slide_path, mpp, config.max_run_tiles)
-    workers = default_workers(tiles.n_tiles) if config.workers is None else config.workers
-    on_gpu = encoder.device.type == "cuda"
-    loader = make_loader(plan, batch_size=config.batch_size, workers=workers, pin_memory=on_gpu)
+    batches, decode = _tile_batches(plan, tiles, slide, encoder, config)
     n = tiles.n_tiles
     feats = torch.empty((n, encoder.spec.feature_dim), dtype=torch.float32, device=encoder.device)
     blank = torch.zeros(n, dtype=torch.bool)
     t0 = time.perf_counter()
     bar = tqdm(total=n, desc=tiles.slide_id, unit="tile", unit_scale=False, leave=False,
                disable=not progress or n == 0, dynamic_ncols=True)
+    on_gpu = encoder.device.type == "cuda"
     cudnn = torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False, allow_tf32=True) \
         if on_gpu else contextlib.nullcontext()
     with cudnn:
-        for images, idx, bad in loader:
+        for images, idx, bad in batches:
             images = images.to(encoder.device, non_blocking=True)
             feats[idx.to(encoder.device, non_blocking=True)] = encoder.encode(images)
             blank[idx] = bad
@@ -223,6 +258,7 @@ def extract_features(tiles: TileGrid, slide, encoder: LoadedEncoder, config: Ext
         "random_weights": not bool(encoder.weights_sha256),
         "extract_seconds": round(seconds, 3),
         "extract_device": str(encoder.device),
+        **decode,
     }
     return FeatureGrid.from_tiles(tiles, out, encoder=encoder.name, weights_sha256=encoder.weights_sha256,
                                   blank=blank_np, params_hash=feature_params_hash(tiles, encoder),
@@ -269,7 +305,8 @@ def extract_slide(record: SlideRecord, config: ExtractConfig, run_dir: Path, *, 
     seconds = float(grid.extra_attrs.get("extract_seconds", 0.0)) or 1e-9
     return {"n_tiles": grid.n_tiles, "n_blank": int(grid.blank.sum()), "grid_shape": list(grid.shape),
             "feature_dim": grid.feature_dim, "tiles_per_s": round(grid.n_tiles / seconds, 1),
-            "precision": encoder.precision, "device": str(encoder.device)}
+            "precision": encoder.precision, "device": str(encoder.device),
+            "decode": grid.extra_attrs.get("decode", "openslide")}
 
 
 def _recorded_tiles_hash(path: Path) -> str | None:
@@ -311,7 +348,7 @@ def drop_stale_features(cohort: Cohort, run_dir: str | os.PathLike[str], encoder
 def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: ExtractConfig, *,
                    progress: bool = True, force: bool = False, shard: tuple[int, int] | None = None,
                    encoder: LoadedEncoder | None = None, executor: str = "local",
-                   ray_address: str | None = None) -> StageSummary:
+                   ray_address: str | None = None, gpus: Sequence[str] | None = None) -> StageSummary:
     """Extract features for every slide of ``cohort`` whose tiles file exists, resuming where it stopped.
 
     Slides are done one after another in this process (one model on the device); tile reading runs in
@@ -328,25 +365,24 @@ def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: Extr
         executor: ``"local"`` (this process) or ``"ray"``: each slide a Ray task with one GPU (when the
             cluster has GPUs); each Ray worker loads the encoder once and keeps it for its next slides.
         ray_address: the Ray cluster for ``executor="ray"`` (None: start a local one).
+        gpus: the GPUs to use (``CUDA_VISIBLE_DEVICES`` entries, see :func:`resolve_gpus`). With several,
+            one worker process per GPU, each with its own encoder and reader pool, takes the slides
+            from one queue, largest first; this process alone shows the progress and writes states and
+            the ledger. One GPU index runs here on that GPU.
 
     Returns:
         The stage summary; ``infos[slide_id]`` holds tile counts, blank tiles and tiles/s.
     """
+    config, spread = _gpu_settings(config, gpus, executor)
     if encoder is None:
-        encoder = load_encoder(config.encoder, weights=config.weights, device=config.device,
-                               precision=config.precision, pretrained=config.pretrained)
+        encoder = _stage_encoder(config, spread)
     # What shapes the features goes into the hashed configuration.
     config = config.model_copy(update={"encoder": encoder.name, "precision": encoder.precision,
                                        "weights_sha256": encoder.weights_sha256,
                                        "pretrained": bool(encoder.weights_sha256)})
     drop_stale_features(cohort, run_dir, encoder.name)
-    if executor == "ray":
-        # The model is not shipped: each worker loads it (same weights, same precision as recorded here).
-        device = "cuda" if str(config.device).startswith("cuda") else config.device
-        load = {"encoder": config.encoder, "weights": config.weights, "device": device,
-                "precision": encoder.precision, "pretrained": config.pretrained}
-        fn = functools.partial(_extract_slide_in_worker, load=tuple(sorted(load.items())))
-        resources = TaskResources.for_device(device)
+    if executor == "ray" or spread:
+        fn, resources, cohort, config = _worker_tasks(cohort, run_dir, config, encoder, gpus if spread else None)
     else:
         fn = functools.partial(extract_slide, encoder=encoder, progress=progress)
         resources = None
@@ -354,6 +390,86 @@ def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: Extr
     return run_stage(STAGE, cohort, run_dir, config, fn, outputs, workers=1, progress=progress, force=force,
                      stage_dir=f"features/{encoder_dirname(encoder.name)}", shard=shard, executor=executor,
                      ray_address=ray_address, resources=resources)
+
+
+def _gpu_settings(config: ExtractConfig, gpus: Sequence[str] | None, executor: str) -> tuple[ExtractConfig, bool]:
+    """The settings for ``gpus`` and whether slides are spread over several GPUs' workers."""
+    if gpus is not None and executor == "ray":
+        raise ConfigError("--gpus is for the local executor; with --executor ray, Ray gives each slide one GPU "
+                          "of its cluster.")
+    if gpus is not None and len(gpus) == 1 and config.device in ("auto", "cuda"):
+        config = config.model_copy(update={"device": f"cuda:{gpus[0]}"})
+    return config, gpus is not None and len(gpus) > 1
+
+
+def _stage_encoder(config: ExtractConfig, spread: bool) -> LoadedEncoder:
+    """The stage's encoder; spread over GPUs, the model runs in the workers and is built here on the CPU only
+    for its identity (weights and GPU precision)."""
+    if not spread:
+        return load_encoder(config.encoder, weights=config.weights, device=config.device,
+                            precision=config.precision, pretrained=config.pretrained)
+    precision = config.precision or (_gpu_precision(config) if config.device != "cpu" else None)
+    return load_encoder(config.encoder, weights=config.weights, device="cpu", precision=precision,
+                        pretrained=config.pretrained)
+
+
+def _worker_tasks(cohort: Cohort, run_dir, config: ExtractConfig, encoder: LoadedEncoder,
+                  gpus: Sequence[str] | None):
+    """Work function, task resources, slide order and settings for slides done by worker processes (one
+    per GPU of ``gpus``, or Ray's): ``(fn, resources, cohort, config)``."""
+    # The model is not shipped: each worker loads it (same weights, same precision as recorded here).
+    device = "cuda" if str(config.device).startswith("cuda") else config.device
+    load = {"encoder": config.encoder, "weights": config.weights, "device": device,
+            "precision": encoder.precision, "pretrained": config.pretrained}
+    fn = functools.partial(_extract_slide_in_worker, load=tuple(sorted(load.items())))
+    resources = TaskResources.for_device(device)
+    if gpus:
+        resources = TaskResources(cpus=1, gpus=1, devices=tuple(gpus))
+        if config.workers is None:  # the host's cores shared between the GPUs' reader pools
+            config = config.model_copy(update={"workers": max(1, (os.cpu_count() or 2) // len(gpus) - 1)})
+    return fn, resources, largest_first(cohort, run_dir), config
+
+
+def _gpu_precision(config: ExtractConfig) -> str:
+    """The precision the encoder runs at on a GPU when none is asked for: its own."""
+    return get_encoder(config.encoder, config.weights).precision
+
+
+def resolve_gpus(spec: str | None) -> list[str] | None:
+    """``--gpus``: ``all`` → every visible GPU; ``0,1,…`` → those (``CUDA_VISIBLE_DEVICES`` entries).
+
+    Raises:
+        ConfigError: an empty list, a repeated GPU, or ``all`` on a machine without GPUs.
+    """
+    if spec is None:
+        return None
+    from ..cohort.executors import visible_gpus
+
+    gpus = visible_gpus() if spec.strip() == "all" else [g.strip() for g in spec.split(",") if g.strip()]
+    if not gpus:
+        raise ConfigError(f"--gpus {spec}: no GPU is visible to this process." if spec.strip() == "all" else
+                          f"--gpus {spec!r}: give 'all' or GPU indices such as 0,1.")
+    if len(set(gpus)) != len(gpus):
+        raise ConfigError(f"--gpus {spec}: a GPU is named twice.")
+    if len(gpus) == 1 and not gpus[0].isdigit():
+        raise ConfigError(f"--gpus {spec}: give one GPU by its index (or several, by index or UUID).")
+    return gpus
+
+
+def _tile_count(path: Path) -> int:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["coords"].shape[0])
+    except (OSError, KeyError):
+        return 0
+
+
+def largest_first(cohort: Cohort, run_dir: str | os.PathLike[str]) -> Cohort:
+    """The cohort ordered by tiles per slide, most first (the queue's order: no long slide is left for last)."""
+    counts = {r.slide_id: _tile_count(tiles_path(run_dir, r.slide_id)) for r in cohort}
+    return replace(cohort, records=tuple(sorted(cohort, key=lambda r: -counts[r.slide_id])))
 
 
 @functools.lru_cache(maxsize=2)
@@ -364,8 +480,11 @@ def _worker_encoder(load: tuple) -> LoadedEncoder:
 
 
 def _extract_slide_in_worker(record: SlideRecord, config: ExtractConfig, run_dir: Path, *, load: tuple) -> dict:
-    """Work function of a Ray task: :func:`extract_slide` with the worker's own copy of the encoder."""
-    return extract_slide(record, config, run_dir, encoder=_worker_encoder(load), progress=False)
+    """Work function of a worker (one per GPU, or a Ray task): :func:`extract_slide` with the worker's own
+    copy of the encoder, loaded on its first slide. The info says which process and GPU did the slide."""
+    info = extract_slide(record, config, run_dir, encoder=_worker_encoder(load), progress=False)
+    return {**info, "worker_pid": os.getpid(), "worker_gpu": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+            "worker_encoder_loads": _worker_encoder.cache_info().misses}
 
 
 def blank_tile_count(summary: StageSummary) -> int:
@@ -384,7 +503,9 @@ __all__ = [
     "extract_features",
     "extract_slide",
     "feature_path",
+    "largest_first",
     "load_encoder",
     "resolve_device",
+    "resolve_gpus",
     "tiles_path",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,6 +63,37 @@ def load_feature_grids(cohort: Cohort, features_dir: str | os.PathLike[str], sli
     return grids
 
 
+@functools.lru_cache(maxsize=2)
+def _grid_store(folder: str) -> dict[str, tuple[tuple[int, int], FeatureGrid]]:
+    """This process's grids read from ``folder``: slide id → ((size, mtime_ns) of the file, grid)."""
+    return {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        st = path.stat()
+    except OSError:
+        return (-1, -1)
+    return st.st_size, st.st_mtime_ns
+
+
+def worker_feature_grids(cohort: Cohort, features_dir: str | os.PathLike[str],
+                         slide_ids: Sequence[str]) -> dict[str, FeatureGrid]:
+    """:func:`load_feature_grids`, keeping the grids in this process for its next calls.
+
+    A worker that trains several folds (or restarts) reads each slide's file once; a file rewritten since
+    (another size or modification time) is read again.
+    """
+    folder = Path(features_dir).expanduser()
+    store = _grid_store(str(folder.resolve()))
+    stamps = {sid: _stamp(folder / f"{sid}.h5") for sid in slide_ids}
+    stale = [sid for sid in slide_ids if sid not in store or store[sid][0] != stamps[sid]]
+    if stale:
+        fresh = load_feature_grids(cohort, folder, stale)
+        store.update({sid: (stamps[sid], g) for sid, g in fresh.items()})
+    return {sid: store[sid][1] for sid in slide_ids}
+
+
 @dataclass(frozen=True)
 class Targets:
     """What a model is trained to predict, per slide.
@@ -111,6 +143,21 @@ def make_targets(cohort: Cohort, task: str, classes: Sequence[str] | None = None
     if unknown:
         raise ConfigError(f"labels {unknown} are not among the model's classes {classes}")
     return Targets(task, {r.slide_id: lookup[r.label] for r in cohort}, {}, {}, {})  # type: ignore[index]
+
+
+def to_device(x, device: torch.device):
+    """A tensor or :class:`GridBatch` on ``device``, copied without making the host wait for the GPU.
+
+    A copy from pageable memory waits for the GPU's queued work, so the host copy is pinned first; on the
+    CPU the input is returned as it is.
+    """
+    if device.type != "cuda":
+        return x.to(device)
+    if isinstance(x, GridBatch):
+        p = x.pin_memory()
+        return GridBatch(*(t.to(device, non_blocking=True) for t in (p.features, p.tissue, p.valid, p.sizes)),
+                         list(p.slide_ids))
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def iter_batches(slide_ids: Sequence[str], grids: Mapping[str, FeatureGrid], batch_size: int,

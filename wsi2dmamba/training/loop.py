@@ -50,7 +50,8 @@ from ..fileio import (
 from ..grid import FeatureGrid
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from .config import TrainConfig
-from .data import Targets, class_names, iter_batches, load_feature_grids, make_targets
+from .data import (Targets, class_names, iter_batches, load_feature_grids, make_targets, to_device,
+                   worker_feature_grids)
 from .losses import class_weights, hazards_to_survival, nll_survival_loss, survival_bin_edges
 from .splits import FoldSplit, load_splits, make_splits, resolve_splits, write_splits
 
@@ -134,6 +135,33 @@ def _is_better(value: float, best: float | None, lower_is_better: bool) -> bool:
     return value < best if lower_is_better else value > best
 
 
+def check_finite_epoch(losses: torch.Tensor, norms: list, batches: list, first_step: int, accum_steps: int,
+                       where: str) -> None:
+    """Raise :class:`TrainingError` naming the first batch whose loss, or gradient norm, was not finite.
+
+    Args:
+        losses: (n_batches,) the epoch's batch losses, on the CPU.
+        norms: (batch position, gradient norm tensor) of each clipped optimiser step.
+        batches: the epoch's (slide ids, batch) pairs.
+        first_step: the optimiser step the epoch started at.
+        accum_steps: forward passes per optimiser step.
+    """
+    bad = torch.nonzero(~torch.isfinite(losses)).flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise TrainingError(f"{where}: the training loss became {float(losses[i])} on slide(s) "
+                            f"{', '.join(batches[i][0])} (optimiser step {first_step + i // accum_steps}). Nothing "
+                            "was written for this epoch; lower --lr, use --precision fp32, or check these slides' "
+                            "features.")
+    if norms:
+        values = torch.stack([n for _, n in norms]).float().cpu()
+        bad = torch.nonzero(~torch.isfinite(values)).flatten()
+        if len(bad):
+            i = norms[int(bad[0])][0]
+            raise TrainingError(f"{where}: the gradient norm became {float(values[int(bad[0])])} on slide(s) "
+                                f"{', '.join(batches[i][0])}; lower --lr or use --precision fp32.")
+
+
 # ------------------------------------------------------------------------------------------ one fold
 
 class _FoldTrainer:
@@ -155,7 +183,7 @@ class _FoldTrainer:
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
 
     def loss(self, out, ids: Sequence[str], reduction: str = "mean") -> torch.Tensor:
-        t = {k: v.to(self.device) for k, v in self.targets.tensors(ids).items()}
+        t = {k: to_device(v, self.device) for k, v in self.targets.tensors(ids).items()}
         logits = out.logits.float()
         if self.config.task == "survival":
             loss = nll_survival_loss(logits, t["bins"], t["event"], alpha=self.config.alpha, reduction=reduction)
@@ -166,10 +194,10 @@ class _FoldTrainer:
         return loss
 
     def forward(self, ids: Sequence[str], batch, training: bool):
-        batch = batch.to(self.device)
+        batch = to_device(batch, self.device)
         with self._autocast():
             if training and self.config.task == "classification":
-                return self.model(batch, self.targets.tensors(ids)["label"].to(self.device))
+                return self.model(batch, to_device(self.targets.tensors(ids)["label"], self.device))
             return self.model(batch)
 
     def train_epoch(self, order: Sequence[str], step: int, total_steps: int, warmup_steps: int,
@@ -179,17 +207,13 @@ class _FoldTrainer:
         self.model.train()
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
-        losses = []
+        losses, norms = [], []  # kept on the device and checked once, after the epoch: no host sync per step
         batches = list(iter_batches(order, self.grids, cfg.batch_size))
+        first_step = step
         for i, (ids, batch) in enumerate(batches):
             out = self.forward(ids, batch, training=True)
             loss = self.loss(out, ids)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingError(f"{where}: the training loss became {value} on slide(s) {', '.join(ids)} "
-                                    f"(optimiser step {step}). Nothing was written for this epoch; lower --lr, "
-                                    "use --precision fp32, or check these slides' features.")
-            losses.append(value)
+            losses.append(loss.detach())
             scaled = loss / cfg.accum_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if (i + 1) % cfg.accum_steps == 0 or i + 1 == len(batches):
@@ -199,9 +223,8 @@ class _FoldTrainer:
                     self.scaler.unscale_(opt)
                 if cfg.clip_grad is not None:
                     norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
-                    if not torch.isfinite(norm) and self.scaler is None:
-                        raise TrainingError(f"{where}: the gradient norm became {float(norm)} on slide(s) "
-                                            f"{', '.join(ids)}; lower --lr or use --precision fp32.")
+                    if self.scaler is None:  # the scaler skips the steps whose gradients overflowed
+                        norms.append((i, norm.detach()))
                 if self.scaler:
                     self.scaler.step(opt)
                     self.scaler.update()
@@ -209,7 +232,9 @@ class _FoldTrainer:
                     opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-        return float(np.mean(losses)), step
+        values = torch.stack(losses).double().cpu() if losses else torch.zeros(0, dtype=torch.float64)
+        check_finite_epoch(values, norms, batches, first_step, cfg.accum_steps, where)
+        return float(values.mean()), step
 
     @torch.no_grad()
     def predict(self, slide_ids: Sequence[str]) -> tuple[dict[str, np.ndarray], float]:
@@ -709,8 +734,8 @@ def _fold_executor(executor: str, config: TrainConfig, n_folds: int, ray_address
 
 def _train_fold_task(split: FoldSplit, cohort: Cohort, features_dir: str, fold_dir: Path, model_name: str,
                      config: TrainConfig, fold_kwargs: dict[str, Any]) -> FoldResult:
-    """One fold in a worker process: load its grids, train it there (on the worker's GPU, if any)."""
-    grids = load_feature_grids(cohort, features_dir, sorted(split.partition_of()), progress=False)
+    """One fold in a worker process: its grids (read once per worker), trained there (on its GPU, if any)."""
+    grids = worker_feature_grids(cohort, features_dir, sorted(split.partition_of()))
     return train_fold(split, cohort, grids, fold_dir, model_name, config, progress=False, **fold_kwargs)
 
 

@@ -1,0 +1,62 @@
+"""Stored JPEG tiles decoded by nvJPEG on a GPU against the OpenSlide path: pixels within JPEG decoder
+differences (Aperio's RGB-coded tiles included), and features of the same encoder with cosine ≥ 0.999."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wsi2dmamba.features import ExtractConfig, extract_features, load_encoder
+from wsi2dmamba.features.loader import TileBatches, TileReadPlan
+from wsi2dmamba.features.tile_decode import JpegTileBatches, choose_decode
+from wsi2dmamba.grid import TileGrid
+from wsi2dmamba.slide import open_slide
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+def _lattice(slide, step: int, side: int, start: int = 0) -> np.ndarray:
+    w, h = slide.dimensions
+    xs, ys = np.arange(start, w - side // 2, step), np.arange(start, h - side // 2, step)
+    return np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2).astype(np.int64)
+
+
+@pytest.mark.parametrize("side,tile_px,start", [(256, 256, 0), (256, 256, 100), (448, 224, 37)])
+def test_nvjpeg_tiles_match_openslide(cmu_slide, side, tile_px, start):
+    with open_slide(cmu_slide) as s:
+        level, why = choose_decode("auto", s, 0, "cuda")
+        assert level is not None, why  # nvJPEG reads the RGB-coded tiles as libjpeg-turbo does
+        plan = TileReadPlan(str(s.path), s.mpp, _lattice(s, side, side, start), 0, 1.0, side, tile_px)
+    ref, _ = TileBatches(plan, len(plan.coords)).read_batch(np.arange(len(plan.coords)))
+    got = torch.cat([im for im, _, _ in JpegTileBatches(plan, level, 16, "cuda")]).cpu().numpy()
+    diff = np.abs(got.astype(int) - ref)
+    print(f"side {side} → {tile_px}, start {start}: {len(ref)} tiles, max |Δ| {diff.max()}, mean |Δ| {diff.mean():.3f}")
+    assert diff.mean() < 1.0 and np.percentile(diff, 99.9) <= 16
+
+
+def test_features_of_the_two_decode_paths_agree(cmu_slide):
+    torch.manual_seed(0)
+    enc = load_encoder("resnet50-trunc", device="cuda", pretrained=False)
+    with open_slide(cmu_slide) as s:
+        coords = _lattice(s, 224, 224)
+        w, h = s.dimensions
+        index = np.stack([coords[:, 1] // 224, coords[:, 0] // 224], axis=1)
+        tiles = TileGrid(slide_id="cmu", coords=coords, index=index, shape=tuple(index.max(axis=0) + 1),
+                         tissue_fraction=np.ones(len(coords)), origin_level0=(0.0, 0.0), stride_level0=224.0,
+                         tile_size_level0=224.0, tile_px=224, stride_px=224, mpp_requested=s.mpp,
+                         mpp_effective=s.mpp, mpp_level0=s.mpp, read_level=0, read_downsample=1.0,
+                         level0_size=(w, h))
+        grids = {d: extract_features(tiles, s, enc, ExtractConfig(encoder=enc.name, decode=d, workers=0, batch_size=32),
+                                     progress=False) for d in ("jpeg", "openslide")}
+    a, b = grids["jpeg"].features, grids["openslide"].features
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    print(f"{len(a)} tiles: cosine min {cos.min():.5f}, mean {cos.mean():.5f}")
+    assert grids["jpeg"].extra_attrs["decode"] == "jpeg-tiles:cuda"
+    assert cos.min() >= 0.999
