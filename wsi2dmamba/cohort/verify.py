@@ -645,3 +645,17 @@ def _check_ledger(run: Path, states: list[SlideState], report: VerifyReport) -> 
         report._add("warning", "ledger.csv", f"out of date with the state files ({len(expected - rows)} state(s) "
                     f"not in it, {len(rows - expected)} row(s) without a state); it is rebuilt by the next "
                     "stage run (the state files are the record)")
+
+
+def fold_problems(fold_dir: str | os.PathLike[str]) -> list[str]:
+    """Why the files of a finished training fold do not belong together, one line each (empty: they do).
+
+    The checks of ``verify`` for one fold ``RUN/train/<name>/fold_<k>``: every file has the sha256 that
+    ``done.json`` records, and configuration, checkpoints, log and predictions agree with each other and
+    with the run's splits (a fold mixed from two jobs or configurations fails them).
+    """
+    fold = Path(fold_dir).resolve()
+    run = fold.parent.parent.parent
+    report = VerifyReport(run)
+    _check_fold(run, fold, report, content=True)
+    return [f"{f.path}: {f.message}" for f in report.errors]

@@ -46,9 +46,24 @@ def complete_folds(model_dir: Path) -> list[Path]:
 
 
 def read_fold(fold_dir: Path) -> tuple[dict[str, Any], Any]:
-    """(config.json, predictions DataFrame) of a complete fold."""
+    """(config.json, predictions DataFrame) of a complete fold.
+
+    Raises:
+        StageInputError: the fold's files do not belong together (from different jobs or configurations, or
+            changed since training wrote them); the message names the fold and each file.
+    """
     import pandas as pd
 
+    from ..cohort.verify import fold_problems
+
+    problems = fold_problems(fold_dir)
+    if problems:
+        k = fold_dir.name[len("fold_"):]
+        raise StageInputError(
+            f"{fold_dir.parent.name} fold {k} ({fold_dir}) is not one training run's output, so its metrics would "
+            "mix runs: " + "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + f". Retrain it (wsi2dmamba train … --name {fold_dir.parent.name} --fold {k} --force), or move the "
+            "folder away to evaluate the other folds.")
     config = json.loads((fold_dir / "config.json").read_text())
     preds = pd.read_csv(fold_dir / "predictions.csv", dtype={"slide_id": str, "patient_id": str, "label": str})
     return config, preds

@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from ..cohort import Cohort
 from ..errors import ConfigError, TrainingError, WsiError
@@ -286,16 +286,49 @@ def train_fold(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], 
         progress: show a progress bar.
 
     Raises:
-        TrainingError: the loss or the gradients became NaN or inf (nothing is written for that epoch).
+        TrainingError: the loss or the gradients became NaN or inf (nothing is written for that epoch), or
+            another process trains this fold now (``fold_dir/.lock`` is held).
         ConfigError: the fold exists with another configuration and ``force`` is False.
     """
+    fold_dir = Path(fold_dir)
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    with fold_lock(fold_dir, split.fold):
+        # Inside the lock: the temporaries of a job training this fold right now are never removed.
+        remove_stale_temporaries(fold_dir)
+        return _train_fold_locked(split, cohort, grids, fold_dir, model_name, config,
+                                  model_overrides=model_overrides, preset=preset, classes=classes,
+                                  features_dir=features_dir, force=force, callbacks=callbacks, progress=progress)
+
+
+@contextmanager
+def fold_lock(fold_dir: Path, fold: int) -> Iterator[None]:
+    """Hold ``fold_dir/.lock`` while this process trains the fold (one job per fold, as one run per stage).
+
+    Raises:
+        TrainingError: another process trains the same fold of the same model in this run.
+    """
+    lock = FileLock(str(fold_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise TrainingError(f"Another process is training {fold_dir.parent.name} fold {fold} in {fold_dir} (lock "
+                            f"file {fold_dir / '.lock'}). Wait for it to finish, train other folds (--fold), or "
+                            "use another --out or --name.") from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train_fold_locked(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], fold_dir: Path,
+                       model_name: str, config: TrainConfig, *, model_overrides: dict[str, Any] | None,
+                       preset: str | None, classes: Sequence[str] | None, features_dir: str, force: bool,
+                       callbacks: Sequence[EpochCallback], progress: bool) -> FoldResult:
+    """:func:`train_fold` once the fold's lock is held."""
     from tqdm.auto import tqdm
 
     from ..models import create
 
-    fold_dir = Path(fold_dir)
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(fold_dir)
     where = f"{fold_dir.parent.name} fold {split.fold}"
     task = config.task
     overrides = dict(model_overrides or {})
