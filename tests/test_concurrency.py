@@ -7,6 +7,7 @@ with SIGKILL, as a scheduler or a user would.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -142,3 +143,76 @@ def test_evaluate_refuses_a_fold_mixed_from_two_runs(two_runs, tmp_path, mixed, 
     counts("faults")
     with pytest.raises(StageInputError, match=rf"abmil fold 0 .*not one training run's output.*{mixed}"):
         evaluate_run(run, n_boot=20, write=False)
+
+
+# ------------------------------------------------------------------------------------------- orphaned workers
+
+SLIDE = Path(__file__).parent / "data" / "CMU-1-Small-Region.svs"
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # ended meanwhile
+            continue
+        if int(text.rsplit(")", 1)[1].split()[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_workers_die_with_their_killed_parent(tmp_path, counts):
+    """SIGKILL of the main process alone (not its group) of ``segment --workers 2``: its workers end
+    within seconds and write nothing more, so no output appears without the lock that the dead parent
+    held; a rerun then finishes the stage."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    ids = [f"s{i}" for i in range(8)]
+    for sid in ids:
+        os.symlink(SLIDE, folder / f"{sid}.svs")
+    manifest = folder / "cohort.csv"
+    manifest.write_text("slide_id,path\n" + "".join(f"{s},{s}.svs\n" for s in ids))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "wsi2dmamba", "segment", "--cohort", str(manifest), "--out", str(run), "--quiet"]
+    main = subprocess.Popen([*cmd, "--workers", "2"], env=ONE_THREAD, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[int] = []
+        while time.monotonic() < deadline and main.poll() is None and len(workers) < 2:
+            workers = [p for p in children(main.pid)
+                       if "wsi2dmamba" not in Path(f"/proc/{p}/cmdline").read_text(errors="replace")
+                       and "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+            time.sleep(0.05)
+        assert len(workers) == 2 and main.poll() is None, "the stage never started two workers"
+        time.sleep(random.Random(SEED).uniform(0.5, 2.0))  # the workers are in the middle of slides
+        os.kill(main.pid, signal.SIGKILL)
+        main.wait()
+        killed_at = time.time_ns()
+        counts("faults")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(p) for p in workers):
+            time.sleep(0.05)
+        assert not any(alive(p) for p in workers), "workers still run after their parent was killed"
+        time.sleep(1.0)
+        late = [p for p in run.rglob("*") if p.is_file() and p.stat().st_mtime_ns > killed_at + 200_000_000]
+        assert not late, f"written after the parent died: {late}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(main.pid, signal.SIGKILL)
+    res = subprocess.run(cmd, env=ONE_THREAD, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    report = verify_run(run)
+    counts("files", report.files_checked)
+    assert report.ok, [f.line() for f in report.errors]
