@@ -26,10 +26,12 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import ConfigError, GridFileError
-from ..fileio import params_hash
+from ..fileio import ensure_writable, params_hash
 from ..grid import FeatureGrid, write_feature_grid
+from ..slide.mpp import mpp_problem
 
 FORMATS = ("clam", "trident")
+_MAX_COORD = 1 << 31  # level-0 pixels: far beyond any slide (the largest scans are about 2·10^5 px wide)
 
 
 @dataclass(frozen=True)
@@ -112,14 +114,41 @@ def _attrs(ds) -> dict[str, Any]:
 
 
 def _num(attrs: dict, key: str) -> float | None:
+    """The attribute as a finite number, or None when it is absent, empty or not one number."""
     v = attrs.get(key)
-    if v is None or isinstance(v, str):
-        try:
-            return float(v) if v not in (None, "None", "") else None
-        except ValueError:
-            return None
-    arr = np.asarray(v, dtype=np.float64).reshape(-1)
-    return float(arr[0]) if arr.size else None
+    try:
+        if v is None or isinstance(v, str):
+            x = float(v) if v not in (None, "None", "") else None
+        else:
+            arr = np.asarray(v).reshape(-1)
+            x = float(arr[0]) if arr.size and arr.dtype.kind in "fiub" else None  # CLAM: (x, y) downsample
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _pair(attrs: dict, key: str, path: Path) -> tuple[float, float]:
+    """The attribute as two positive finite numbers (e.g. CLAM's ``level_dim``)."""
+    v = attrs.get(key)
+    try:
+        arr = np.asarray(v).reshape(-1)
+        ok = arr.size == 2 and arr.dtype.kind in "fiu" and bool(np.all(np.isfinite(arr))) and bool(np.all(arr > 0))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise GridFileError(f"{path}: attribute {key!r} must be two positive numbers (width, height), got {v!r}; "
+                            f"{_NOT_IMPORTABLE}")
+    return float(arr[0]), float(arr[1])
+
+
+def _text_attr(attrs: dict, key: str) -> str:
+    """A text attribute ('' when absent or not text)."""
+    v = attrs.get(key)
+    if isinstance(v, np.ndarray) and v.size == 1:
+        v = v.reshape(-1)[0]
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    return v.strip() if isinstance(v, str) else ""
 
 
 @dataclass(frozen=True)
@@ -174,10 +203,9 @@ def _geometry(fmt: str, attrs: dict, path: Path, mpp: float | None) -> Geometry:
     ds = float(ds or 1.0)
     size0 = ps * ds * custom
     assumed.append("step = patch size (CLAM's default; the step is not stored)")
-    lvl_dim = attrs.get("level_dim")
     level0 = None
-    if lvl_dim is not None:
-        wd, hd = np.asarray(lvl_dim, dtype=np.float64).reshape(-1)[:2]
+    if attrs.get("level_dim") is not None:
+        wd, hd = _pair(attrs, "level_dim", path)
         level0 = (int(round(wd * ds)), int(round(hd * ds)))
     tile_px = int(round(ps / custom)) if custom != 1.0 else int(round(ps))
     return Geometry(tile_px, float(size0), float(size0), float(mpp), level if custom == 1.0 else 0,
@@ -268,6 +296,8 @@ def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trid
         raise ConfigError(f"Unknown format {fmt!r}; use clam or trident.")
     if on_collision not in ("refuse", "keep-first"):
         raise ConfigError(f"--on-collision must be refuse or keep-first, not {on_collision!r}.")
+    if mpp is not None and mpp_problem(mpp):
+        raise ConfigError(f"--mpp (µm per level-0 pixel): {mpp_problem(mpp)}.")
     feats, coords, attrs, feat_attrs = _read_feature_file(path)
     if coords_file is not None:
         attrs = {**_read_coords_attrs(Path(coords_file)), **attrs}
@@ -275,13 +305,51 @@ def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trid
         bad = int((~np.isfinite(feats)).any(axis=1).sum())
         raise GridFileError(f"{path}: {bad} of {len(feats)} tile(s) have NaN or inf features; re-extract this "
                             "slide's features (the file was not imported).")
+    if coords.size and (not np.all(np.isfinite(coords)) or coords.min() < 0 or coords.max() >= _MAX_COORD):
+        raise GridFileError(f"{path}: tile coordinates must be finite level-0 pixels from 0 to {_MAX_COORD - 1}; "
+                            f"{_NOT_IMPORTABLE}")
+    try:
+        return _to_grid(path, fmt, feats, coords, attrs, feat_attrs, mpp, encoder, on_collision)
+    except (ValueError, TypeError, OverflowError, ZeroDivisionError, IndexError, FloatingPointError) as exc:
+        # A combination of attributes and coordinates no check above foresaw: still this file's fault.
+        raise GridFileError(f"{path}: its attributes and coordinates do not describe a tile lattice "
+                            f"({type(exc).__name__}: {exc}); {_NOT_IMPORTABLE}") from exc
+
+
+def _check_geometry(geo: Geometry, path: Path) -> None:
+    """The tile size, stride and resolution an import derived are plausible (else the file is damaged)."""
+    problems = []
+    if not 0 <= geo.tile_px <= 65536:
+        problems.append(f"patch size {geo.tile_px} px")
+    if not (math.isfinite(geo.tile_size_level0) and 0 <= geo.tile_size_level0 < _MAX_COORD):
+        problems.append(f"patch size {geo.tile_size_level0} level-0 px")
+    if geo.stride_level0 is not None and not (math.isfinite(geo.stride_level0) and 0 < geo.stride_level0 < _MAX_COORD):
+        problems.append(f"step {geo.stride_level0} level-0 px")
+    if mpp_problem(geo.mpp_level0):
+        problems.append(f"resolution: {mpp_problem(geo.mpp_level0)}")
+    if not (math.isfinite(geo.read_downsample) and 0 < geo.read_downsample < 1e6) or not 0 <= geo.read_level < 64:
+        problems.append(f"level {geo.read_level} / downsample {geo.read_downsample}")
+    if problems:
+        raise GridFileError(f"{path}: implausible {'; '.join(problems)} (from its attributes, or --mpp); "
+                            f"{_NOT_IMPORTABLE}")
+
+
+def _to_grid(path: Path, fmt: str, feats: np.ndarray, coords: np.ndarray, attrs: dict, feat_attrs: dict,
+             mpp: float | None, encoder: str | None, on_collision: str) -> FeatureGrid:
+    """The feature grid of a file's features and level-0 corners (see :func:`import_feature_file`)."""
+    from ..grid.files import MAX_GRID_CELLS
+
     geo = _geometry(fmt, attrs, path, mpp)
+    _check_geometry(geo, path)
     stride = infer_stride(coords, geo.stride_level0)
     assumed = list(geo.assumed)
     tile_px, size0 = geo.tile_px, geo.tile_size_level0
     if tile_px == 0:  # CLAM without attributes: a tile is one stride wide, read at level 0
         tile_px, size0 = int(round(stride)), float(stride)
     lat = place_on_lattice(coords, stride)
+    if lat.shape[0] * lat.shape[1] > MAX_GRID_CELLS:
+        raise GridFileError(f"{path}: its tiles span {lat.shape[0]}×{lat.shape[1]} cells of stride {stride:g} level-0 "
+                            f"px, more than the {MAX_GRID_CELLS} a slide's grid may hold; {_NOT_IMPORTABLE}")
     keep = np.arange(len(coords))
     if lat.collisions:
         if on_collision == "refuse":
@@ -301,7 +369,7 @@ def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trid
     slide_id = _slide_id(fmt, path, feat_attrs or attrs)
     level0 = geo.level0_size or (int(coords[:, 0].max() + size0), int(coords[:, 1].max() + size0))
     mpp_target = geo.mpp_level0 * size0 / tile_px
-    enc = encoder or str(feat_attrs.get("encoder") or "") or f"{fmt}-import"
+    enc = encoder or _text_attr(feat_attrs, "encoder") or f"{fmt}-import"
     extra = {
         "imported_from": str(path.resolve()),
         "imported_format": fmt,
@@ -364,7 +432,9 @@ def import_features(src: str | os.PathLike[str], run_dir: str | os.PathLike[str]
     enc_used = encoder or ""
     from ..errors import WsiError
 
-    for fp in find_feature_files(src):
+    files = find_feature_files(src)
+    ensure_writable(Path(run_dir) / "features")
+    for fp in files:
         cf = None
         if coords_dir is not None:
             for name in (f"{fp.stem}.h5", f"{fp.stem}_patches.h5"):

@@ -34,7 +34,7 @@ from filelock import FileLock, Timeout
 from ..cohort import Cohort
 from ..errors import ConfigError, TrainingError, WsiError
 from ..devices import resolve_device
-from ..fileio import file_sha256, params_hash, remove_stale_temporaries, write_json_atomic, write_text_atomic
+from ..fileio import ensure_writable, file_sha256, params_hash, remove_stale_temporaries, write_json_atomic, write_text_atomic
 from ..grid import FeatureGrid
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from .config import TrainConfig
@@ -264,6 +264,24 @@ def _prediction_rows(fold: int, checkpoint: str, epoch: int, partition: str, ids
     return rows
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when the file is missing, damaged or holds something else."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _done_record_ok(info: dict[str, Any]) -> bool:
+    """``done.json`` holds what a finished fold records (else it was edited or damaged)."""
+    number = (int, float)
+    return (isinstance(info.get("best_epoch"), int) and isinstance(info.get("epochs"), int)
+            and isinstance(info.get("best_value"), number) and not isinstance(info.get("best_epoch"), bool))
+
+
 def train_fold(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], fold_dir: str | os.PathLike[str],
                model_name: str, config: TrainConfig, *, model_overrides: dict[str, Any] | None = None,
                preset: str | None = None, classes: Sequence[str] | None = None, features_dir: str = "",
@@ -357,9 +375,10 @@ def _train_fold_locked(split: FoldSplit, cohort: Cohort, grids: dict[str, Featur
     done_path = fold_dir / "done.json"
     resume_path = fold_dir / "resume.safetensors"
     if done_path.is_file() or resume_path.is_file():
-        import json
-
-        prior = json.loads((fold_dir / "config.json").read_text()) if (fold_dir / "config.json").is_file() else {}
+        prior = _json_object(fold_dir / "config.json")
+        info = _json_object(done_path)
+        if done_path.is_file() and not _done_record_ok(info):  # edited or damaged: the fold is redone
+            done_path.unlink()
         if prior.get("config_hash") != config_hash:
             if not force:
                 raise ConfigError(f"{fold_dir} holds a fold trained with another configuration; pass --force to "
@@ -368,7 +387,6 @@ def _train_fold_locked(split: FoldSplit, cohort: Cohort, grids: dict[str, Featur
             resume_path.unlink(missing_ok=True)
         elif done_path.is_file() and not force:
             resume_path.unlink(missing_ok=True)  # a stop between writing done.json and removing it
-            info = json.loads(done_path.read_text())
             return FoldResult(split.fold, fold_dir, int(info["best_epoch"]), float(info["best_value"]),
                               int(info["epochs"]), skipped=True)
         elif force:
@@ -457,6 +475,22 @@ def _train_fold_locked(split: FoldSplit, cohort: Cohort, grids: dict[str, Featur
 
 # ---------------------------------------------------------------------------------------- a cohort
 
+def _check_before_training(cohort: Cohort, run_dir: Path, config: TrainConfig, executor: str) -> list[str] | None:
+    """Refuse what would fail or mislead only later: an output folder that cannot be written, an unusable
+    device, a classification cohort of one class. Returns the class names (None for survival)."""
+    ensure_writable(run_dir / "train")
+    if executor == "local":  # on a Ray cluster the devices are those of its nodes
+        resolve_device(config.device)
+    classes = class_names(cohort) if config.task == "classification" else None
+    if classes is not None and len(classes) < 2:
+        where = cohort.source or "the cohort"
+        raise ConfigError(f"{where}: the 'label' column holds {len(classes)} class ({', '.join(map(repr, classes))})"
+                          "; a classifier needs slides of at least two classes (its AUC, balanced accuracy and F1 "
+                          "would be undefined or trivially 1). Add the other classes' slides, or use --task survival "
+                          "with time and event columns.")
+    return classes
+
+
 def run_splits(cohort: Cohort, run_dir: Path, config: TrainConfig, splits: str | os.PathLike[str] | None,
                ) -> tuple[list[FoldSplit], list[str]]:
     """The run's splits: given (``--splits``), already in the run, or made now; written to ``RUN/train/splits``.
@@ -523,12 +557,12 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
     name = name or (model_name if preset in (None, "default") else f"{model_name}-{preset}")
     if not name or any(c in name for c in "/\\\0") or name in (".", "..", "splits"):
         raise ConfigError(f"--name {name!r} cannot be used as a folder name")
+    classes = _check_before_training(cohort, run_dir, config, executor)
     resolved, warnings = run_splits(cohort, run_dir, config, splits)
     folds = list(range(len(resolved))) if folds_to_run is None else sorted(set(folds_to_run))
     bad = [k for k in folds if not 0 <= k < len(resolved)]
     if bad:
         raise ConfigError(f"--fold {bad} out of range: the splits have folds 0…{len(resolved) - 1}")
-    classes = class_names(cohort) if config.task == "classification" else None
     model_dir = run_dir / "train" / name
     results = TrainResults(name, run_dir, model_dir, warnings=warnings)
     fold_kwargs = dict(model_overrides=model_overrides, preset=preset, classes=classes,
