@@ -182,9 +182,9 @@ def check_options(config: PipelineConfig, executor: str = "local") -> None:
         raise ConfigError(f"Unknown executor {executor!r}; use one of: {', '.join(EXECUTORS)}.")
     ext = config.option("extract")
     checks = [
-        ("extract", "encoder", lambda: get_encoder(ext.encoder, ext.weights)),
-        ("extract", "weights", lambda: get_encoder(ext.encoder, ext.weights).weights_path() if ext.pretrained
-         else None),
+        ("extract", "encoder", lambda: get_encoder(ext.encoder)),
+        ("extract", "weights", lambda: get_encoder(ext.encoder, ext.weights).weights_path()
+         if ext.pretrained or ext.weights else None),
     ]
     if executor == "local":  # on a Ray cluster the devices are those of its nodes
         checks += [("extract", "device", lambda: resolve_device(ext.device)),
