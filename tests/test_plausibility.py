@@ -174,3 +174,18 @@ def test_run_checks_every_stage_option_before_any_work(tmp_path, table, key, val
     with pytest.raises(error, match=rf"p\.toml: \[{table}\] {key}: .*Nothing was run"):
         run_pipeline(load_pipeline(tmp_path / "p.toml", out=tmp_path / "run"), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("model,preset,overrides,match", [
+    ("no-such-model", None, {}, "no-such-model"), ("abmil", "no-such-preset", {}, "no preset"),
+    ("abmil", None, {"hidden": "big"}, "hidden"),
+])
+def test_train_checks_the_model_before_writing_anything(tmp_path, model, preset, overrides, match, counts):
+    from wsi2dmamba.training import TrainConfig, train_cohort
+
+    manifest, features = make_training_cohort(tmp_path / "c", n_patients=6, seed=1)
+    counts("inputs")
+    with pytest.raises(ConfigError, match=match):
+        train_cohort(load_cohort(manifest, require_path=False), features, tmp_path / "run", model,
+                     TrainConfig(folds=2, epochs=1, device="cpu"), overrides, preset=preset, progress=False)
+    assert not (tmp_path / "run" / "train" / "splits").exists()

@@ -491,6 +491,17 @@ def _check_before_training(cohort: Cohort, run_dir: Path, config: TrainConfig, e
     return classes
 
 
+def _check_model(model_name: str, preset: str | None, overrides: dict[str, Any] | None, config: TrainConfig,
+                 classes: list[str] | None) -> None:
+    """Build the model once on the meta device (no memory), so that an unknown model or preset, or a bad
+    option, is refused before the run's splits are written."""
+    from ..models import create
+
+    with torch.device("meta"):
+        create(model_name, in_dim=8, n_classes=len(classes) if classes else None, task=config.task,
+               n_bins=config.n_bins, preset=preset, **dict(overrides or {}))
+
+
 def run_splits(cohort: Cohort, run_dir: Path, config: TrainConfig, splits: str | os.PathLike[str] | None,
                ) -> tuple[list[FoldSplit], list[str]]:
     """The run's splits: given (``--splits``), already in the run, or made now; written to ``RUN/train/splits``.
@@ -558,6 +569,7 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
     if not name or any(c in name for c in "/\\\0") or name in (".", "..", "splits"):
         raise ConfigError(f"--name {name!r} cannot be used as a folder name")
     classes = _check_before_training(cohort, run_dir, config, executor)
+    _check_model(model_name, preset, model_overrides, config, classes)
     resolved, warnings = run_splits(cohort, run_dir, config, splits)
     folds = list(range(len(resolved))) if folds_to_run is None else sorted(set(folds_to_run))
     bad = [k for k in folds if not 0 <= k < len(resolved)]
