@@ -32,8 +32,10 @@ def mpp_problem(value: object) -> str | None:
         v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return f"{value!r} is not a number"
-    if not math.isfinite(v) or v <= 0:
-        return f"{value!r} is not a positive finite number"
+    if not math.isfinite(v):
+        return f"{value!r} is not a finite number"
+    if v <= 0:
+        return f"{value!r} is not a positive number"
     if not MIN_PLAUSIBLE_MPP <= v <= MAX_PLAUSIBLE_MPP:
         return (f"{v:g} µm/px is outside the plausible range {MIN_PLAUSIBLE_MPP:g}–{MAX_PLAUSIBLE_MPP:g} µm/px "
                 "(0.25 ≈ 40×, 0.5 ≈ 20×)")
