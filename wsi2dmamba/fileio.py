@@ -127,7 +127,8 @@ def ensure_writable(folder: str | os.PathLike[str]) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=_TMP_PREFIX + "probe-", dir=folder)
         os.close(fd)
-        os.unlink(probe)
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile as a stale temporary of this folder
+            os.unlink(probe)
     except OSError as exc:
         if exc.filename is None:
             exc.filename = str(folder)

@@ -235,7 +235,8 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
     dupes = sorted({c for c in header if header.count(c) > 1})
     if dupes:
         raise ManifestError(f"{path}: column(s) {', '.join(repr(c) for c in dupes)} appear more than once in the "
-                            "header (line 1); keep one of each (which one holds the right values is ambiguous).")
+                            f"header (line {table[0][0]}); keep one of each (which one holds the right values is "
+                            "ambiguous).")
     rows = []
     for line, cells in table[1:]:
         while len(cells) > len(header) and not cells[-1].strip():  # trailing separators of spreadsheets
