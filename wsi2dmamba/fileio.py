@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import WsiError
+from .errors import ConfigError, WsiError
 
 _TMP_PREFIX = ".tmp-"
 
@@ -59,6 +59,84 @@ def _environment_error(exc: OSError, final: Path, space_only: bool = False) -> W
                     "already finished are kept (a rerun resumes).")
 
 
+def _library_errno(exc: BaseException) -> int | None:
+    """The errno inside a library's own error type (safetensors says "… (os error 28)"), else None."""
+    import re
+
+    if isinstance(exc, OSError) or not isinstance(exc, Exception):
+        return None
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    return int(found.group(1)) if found else None
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """A clear one-paragraph message for an error of the environment (read-only or full disk, permission,
+    a name too long, a missing folder), naming the file and what to do; None for other errors."""
+    name = exc.filename if exc.filename is not None else "a file"
+    fixes = {
+        errno.EROFS: f"the file system of {name} is mounted read-only; choose an output folder (--out) on a "
+                     "writable disk",
+        errno.EACCES: f"permission denied for {name}; make it (or its folder) writable for this user, or "
+                      "choose another folder",
+        errno.EPERM: f"operation not permitted on {name}; check its owner and permissions, or choose another "
+                     "folder",
+        errno.ENOSPC: f"no space left on the device holding {name}; free space and rerun (finished work is "
+                      "kept and skipped)",
+        errno.EDQUOT: f"disk quota exceeded while writing {name}; free space or raise the quota and rerun",
+        errno.EFBIG: f"{name} is larger than the file system or `ulimit -f` allows",
+        errno.ENAMETOOLONG: f"the name {name} is longer than the file system allows; use shorter slide ids or "
+                            "a shorter output path",
+        errno.ENOTDIR: f"a part of {name} is a file, not a folder; choose another path",
+        errno.EISDIR: f"{name} is a folder where a file was expected; choose another path",
+    }
+    fix = fixes.get(exc.errno) if exc.errno is not None else None
+    return f"{fix[0].upper()}{fix[1:]} ({exc.strerror})." if fix else None
+
+
+def user_path(text: str | os.PathLike[str], what: str) -> Path:
+    """A path a user typed (``~`` and ``~user`` expanded), checked to be a possible file name.
+
+    Args:
+        text: the path as given.
+        what: where it was given, for the message (e.g. ``"--cohort"`` or ``"pipeline.toml: [cohort] manifest"``).
+
+    Raises:
+        ConfigError: the path holds a NUL character, or names the home folder of an unknown user.
+    """
+    raw = os.fspath(text)
+    if "\0" in raw:
+        raise ConfigError(f"{what}: the path {raw!r} contains a NUL character, which no file name can hold; "
+                          "fix the path.")
+    try:
+        return Path(raw).expanduser()
+    except RuntimeError:  # "~nosuchuser/...": no home folder known for that user
+        user = raw[1:].split("/", 1)[0].split(os.sep, 1)[0]
+        raise ConfigError(f"{what}: the path {raw!r} starts with ~{user}, but no user {user!r} is known here; "
+                          "write the folder out in full.") from None
+
+
+def ensure_writable(folder: str | os.PathLike[str]) -> Path:
+    """Create ``folder`` if needed and check that a file can be written in it, before any work starts.
+
+    Raises:
+        WsiError: the folder cannot be created or written (read-only file system, permissions, a file in
+            the way, a full disk), naming the folder and what to do.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=_TMP_PREFIX + "probe-", dir=folder)
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):  # removed meanwhile as a stale temporary of this folder
+            os.unlink(probe)
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(folder)
+        message = os_error_message(exc) or f"{folder} cannot be written ({exc})."
+        raise WsiError(f"Output folder {folder} is not usable: {message} Nothing was run.") from exc
+    return folder
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it to ``final`` when the block ends without error.
@@ -94,8 +172,12 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         if err is not None:
             raise err from exc
         raise
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        code = _library_errno(exc)
+        err = _environment_error(OSError(code, os.strerror(code)), final, space_only=True) if code else None
+        if err is not None:
+            raise err from exc
         raise
 
 

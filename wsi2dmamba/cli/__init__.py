@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from ..errors import WsiError
+from ..fileio import os_error_message
 
 app = typer.Typer(
     name="wsi2dmamba",
@@ -72,4 +73,10 @@ def main() -> None:
             app()
         except WsiError as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
+        except OSError as exc:  # the environment (disk, permissions), not the input or a bug
+            message = os_error_message(exc)
+            if message is None:
+                raise
+            typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
             sys.exit(2)

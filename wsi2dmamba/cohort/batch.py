@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, WsiError
-from ..fileio import params_hash, remove_stale_temporaries
+from ..fileio import ensure_writable, os_error_message, params_hash, remove_stale_temporaries
 from .executors import EXECUTORS, TaskResources, make_executor
 from .ledger import SlideState, hash_outputs, read_state, source_fingerprint, write_ledger, write_state
 from .manifest import Cohort, SlideRecord
@@ -87,6 +87,12 @@ def _run_one(fn: WorkFn, record: SlideRecord, config: Any, run_dir: Path) -> tup
         return "done", info, "", ""
     except WsiError as exc:
         return "failed", {}, str(exc), ""
+    except OSError as exc:
+        message = os_error_message(exc)
+        if message is None:
+            return ("failed", {}, f"unexpected error ({type(exc).__name__}: {exc}); see the state file's traceback",
+                    traceback.format_exc())
+        return "failed", {}, f"slide {record.slide_id!r}: {message}", ""
     except MemoryError:
         return "failed", {}, f"out of memory while processing slide {record.slide_id!r}", traceback.format_exc()
     except Exception as exc:  # a bug or an unexpected library error: record it, keep the batch going
@@ -138,8 +144,7 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
     whole = cohort
     if shard is not None:
         cohort = select_shard(cohort, shard)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / sdir).mkdir(parents=True, exist_ok=True)
+    ensure_writable(run_dir / sdir)
     phash = config_hash(stage, config)
     # States are kept per output folder (e.g. "features/<encoder>"), and so are ledger rows.
     summary = StageSummary(stage)

@@ -5,7 +5,8 @@ stage or one fold of a cross-validation. An executor runs many tasks and yields 
 for each as it completes, so the calling process alone writes states, ledgers and reports, whichever
 executor ran the work:
 
-- :class:`LocalExecutor`: in this process (one worker), or a pool of spawned worker processes. Tasks
+- :class:`LocalExecutor`: in this process (one worker), or a pool of spawned worker processes that die
+  with the process that started them (a killed stage leaves no worker writing outputs). Tasks
   that need a GPU get one worker per visible GPU, each worker pinned to its GPU with
   ``CUDA_VISIBLE_DEVICES`` before any CUDA library loads, so folds (or extraction tasks) spread across
   the GPUs of one host.
@@ -19,9 +20,14 @@ In both cases a task should use the device ``"cuda"`` (the first visible GPU), n
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import ctypes
 import logging
 import multiprocessing as mp
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
@@ -115,11 +121,44 @@ def visible_gpus() -> list[str]:
 
 
 def _pin_gpu(slots: Any, threads: int) -> None:
-    """Worker initialiser: take one GPU from the shared queue and make it the only visible one, and give
-    the worker its share of the CPU cores (unless the user set thread counts), as Ray does for its tasks."""
+    """Take one GPU from the shared queue and make it the only visible one, and give the worker its share
+    of the CPU cores (unless the user set thread counts), as Ray does for its tasks."""
     os.environ["CUDA_VISIBLE_DEVICES"] = slots.get()
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(threads))
+
+
+_PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal this process gets when its parent dies
+_PARENT_POLL_S = 1.0
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """End this worker as soon as ``parent_pid`` (the process that runs the stage and holds its lock) dies.
+
+    Without it a worker whose parent was killed would finish its task and write outputs that no lock
+    protects and no state records. On Linux the kernel sends SIGKILL at the parent's death
+    (``PR_SET_PDEATHSIG``); elsewhere, and for a parent that died before that call, a daemon thread
+    watches the parent id every second.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_worker(parent_pid: int, slots: Any = None, threads: int = 1) -> None:
+    """Worker initialiser: die with the parent; pin a GPU when ``slots`` holds the pool's GPUs."""
+    _die_with_parent(parent_pid)
+    if slots is not None:
+        _pin_gpu(slots, threads)
 
 
 class LocalExecutor:
@@ -166,15 +205,15 @@ class LocalExecutor:
                     yield TaskOutcome(key, None, exc, time.perf_counter() - t0)
             return
         ctx = mp.get_context("spawn")
-        init: dict[str, Any] = {}
+        initargs: tuple = (os.getpid(),)
         if self.pinned:
             slots = ctx.Queue()
             for g in self.gpus:
                 slots.put(g)
-            threads = max(1, (os.cpu_count() or 1) // len(self.gpus))
-            init = {"initializer": _pin_gpu, "initargs": (slots, threads)}
+            initargs = (os.getpid(), slots, max(1, (os.cpu_count() or 1) // len(self.gpus)))
         n = min(self.workers, len(tasks))
-        with cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx, **init) as pool:
+        with cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx, initializer=_init_worker,
+                                    initargs=initargs) as pool:
             futures = {pool.submit(_timed_call, fn, args): key for key, args in tasks}
             for fut in cf.as_completed(futures):
                 key = futures[fut]

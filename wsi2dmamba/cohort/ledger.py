@@ -43,6 +43,33 @@ class SlideState:
     traceback: str = ""
 
 
+_STATE_TYPES = {"stage": str, "slide_id": str, "status": str, "params_hash": str, "reason": str,
+                 "seconds": (int, float), "finished_at": str, "outputs": dict, "source": dict, "info": dict,
+                 "traceback": str}
+
+
+def parse_state(data: Any) -> SlideState:
+    """A state from the JSON of a state file, every field of its type (a hand-edited file may hold anything).
+
+    Raises:
+        ValueError: not an object, an unknown or missing field, or a field of the wrong type (named).
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"not a JSON object but {type(data).__name__}")
+    unknown = sorted(set(data) - set(_STATE_TYPES))
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(map(repr, unknown))}")
+    for key, kind in _STATE_TYPES.items():
+        if key in data and (not isinstance(data[key], kind) or isinstance(data[key], bool)):
+            raise ValueError(f"field {key!r} is {type(data[key]).__name__}, not {getattr(kind, '__name__', 'number')}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in data.get("outputs", {}).items()):
+        raise ValueError("field 'outputs' must map file names to sha256 strings")
+    try:
+        return SlideState(**data)
+    except TypeError as exc:  # a required field is missing
+        raise ValueError(str(exc)) from None
+
+
 def state_path(run_dir: Path, stage: str, slide_id: str) -> Path:
     return Path(run_dir) / stage / ".state" / f"{slide_id}.json"
 
@@ -51,9 +78,8 @@ def read_state(run_dir: Path, stage: str, slide_id: str) -> SlideState | None:
     """The recorded state, or None if there is none (or it cannot be read: treated as not done)."""
     p = state_path(run_dir, stage, slide_id)
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-        return SlideState(**data)
-    except (OSError, ValueError, TypeError):
+        return parse_state(json.loads(p.read_text(encoding="utf-8")))
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return None
 
 
@@ -89,8 +115,8 @@ def collect_states(run_dir: Path) -> list[SlideState]:
     states = []
     for p in sorted(Path(run_dir).glob("*/.state/*.json")) + sorted(Path(run_dir).glob("*/*/.state/*.json")):
         try:
-            states.append(SlideState(**json.loads(p.read_text(encoding="utf-8"))))
-        except (OSError, ValueError, TypeError):
+            states.append(parse_state(json.loads(p.read_text(encoding="utf-8"))))
+        except (OSError, ValueError, RecursionError):
             continue
     states.sort(key=lambda s: (s.stage, s.slide_id))
     return states

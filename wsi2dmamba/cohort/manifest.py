@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ManifestError
+from ..fileio import user_path
+from ..slide.mpp import mpp_problem
 
 KNOWN_COLUMNS = ("slide_id", "path", "patient_id", "label", "time", "event", "mpp")
 
@@ -84,9 +86,14 @@ class Cohort:
         records = []
         seen: set[str] = set()
         problems = []
+        if mpp is not None and mpp_problem(mpp):
+            problems.append(f"--slide-mpp: {mpp_problem(mpp)}")
         for p in paths:
             path = Path(p).expanduser().resolve()
             sid = _slide_id_from_path(path)
+            bad_id = slide_id_problem(sid)
+            if bad_id:
+                problems.append(f"{path}: {bad_id}; rename the file or use a manifest")
             if sid in seen:
                 problems.append(f"two slides would both be named {sid!r}; rename one or use a manifest")
             seen.add(sid)
@@ -120,42 +127,27 @@ def load_cohort(path: str | os.PathLike[str], *, require_path: bool = True, chec
     Raises:
         ManifestError: listing every problem found (file, row number as in a spreadsheet, column, fix).
     """
-    import pandas as pd
-
-    path = Path(path).expanduser()
+    path = user_path(path, "cohort manifest")
     if not path.is_file():
         raise ManifestError(f"Cohort manifest not found: {path}")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except Exception as exc:  # pandas raises many types for malformed CSV
-        raise ManifestError(f"Cannot parse cohort manifest {path} as CSV: {exc}") from exc
-    df.columns = [str(c).strip() for c in df.columns]
-    problems: list[str] = []
-    if "slide_id" not in df.columns:
-        raise ManifestError(f"{path}: no 'slide_id' column (columns found: {', '.join(df.columns) or 'none'}). "
+    header, rows = _read_table(path)
+    if "slide_id" not in header:
+        raise ManifestError(f"{path}: no 'slide_id' column (columns found: {', '.join(header) or 'none'}). "
                             "A manifest needs at least 'slide_id' and 'path'.")
-    if require_path and "path" not in df.columns and slides_dir is None:
+    if require_path and "path" not in header and slides_dir is None:
         raise ManifestError(f"{path}: no 'path' column; add one with each slide's file "
                             "(relative to the manifest) or pass --slides-dir.")
-    dupes = [c for c in set(df.columns) if list(df.columns).count(c) > 1]
-    if dupes:
-        raise ManifestError(f"{path}: column(s) appear twice: {', '.join(sorted(dupes))}")
-    if len(df) == 0:
-        raise ManifestError(f"{path}: the manifest has no rows.")
-
+    problems: list[str] = []
     base = path.resolve().parent
     index = _index_slides_dir(slides_dir) if slides_dir is not None else {}
     records: list[SlideRecord] = []
     seen: dict[str, int] = {}
-    for i, row in enumerate(df.to_dict("records")):
-        line = i + 2  # header is line 1
+    for line, row in rows:
         where = f"{path}, line {line}"
         sid = row["slide_id"].strip()
-        if not sid:
-            problems.append(f"{where}: empty slide_id")
-            continue
-        if any(c in sid for c in "/\\\0") or sid in (".", ".."):
-            problems.append(f"{where}: slide_id {sid!r} cannot be used as a file name (no '/', '\\')")
+        bad_id = slide_id_problem(sid)
+        if bad_id:
+            problems.append(f"{where}: {bad_id}")
             continue
         if sid in seen:
             problems.append(f"{where}: duplicate slide_id {sid!r} (first on line {seen[sid]})")
@@ -175,6 +167,10 @@ def load_cohort(path: str | os.PathLike[str], *, require_path: bool = True, chec
         time = _parse_float(row, "time", where, problems, positive=True)
         event = _parse_event(row, where, problems)
         mpp = _parse_float(row, "mpp", where, problems, positive=True)
+        if mpp is not None and mpp_problem(mpp):
+            problems.append(f"{where}: column 'mpp' (µm per level-0 pixel): {mpp_problem(mpp)}; fix the cell or "
+                            "leave it empty to use the slide's metadata")
+            mpp = None
         patient = row.get("patient_id", "").strip() or sid
         extra = {k: str(v) for k, v in row.items() if k not in KNOWN_COLUMNS}
         records.append(SlideRecord(sid, slide_path, patient, label, time, event, mpp, extra))
@@ -184,6 +180,76 @@ def load_cohort(path: str | os.PathLike[str], *, require_path: bool = True, chec
         raise ManifestError(f"Cohort manifest {path} has {len(problems)} problem(s):\n  - "
                             + "\n  - ".join(shown) + more)
     return Cohort(tuple(records), source=path.resolve())
+
+
+#: Longest slide id, in UTF-8 bytes: output names add a suffix (``.tissue.geojson``) and temporaries a
+#: prefix and a random part (``.tmp-<id>-k3j9x0_q.h5``), and file systems allow 255 bytes per name.
+MAX_SLIDE_ID_BYTES = 200
+_TMP_PREFIX = ".tmp-"  # temporaries of the atomic writers (see fileio): deleted when a stage starts
+
+
+def slide_id_problem(sid: str) -> str | None:
+    """Why ``sid`` cannot be a slide id (it names every output file of the slide), or None when it can."""
+    import unicodedata
+
+    if not sid:
+        return "empty slide_id"
+    if any(c in sid for c in "/\\") or sid in (".", ".."):
+        return f"slide_id {sid!r} cannot be used as a file name (no '/', '\\', '.' or '..')"
+    odd = sorted({c for c in sid if unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp")})
+    if odd:
+        return (f"slide_id {sid!r} holds control or invisible character(s) "
+                f"{', '.join(f'U+{ord(c):04X}' for c in odd)}; use printable characters only")
+    if sid.startswith(_TMP_PREFIX):
+        return (f"slide_id {sid!r} starts with {_TMP_PREFIX!r}, the prefix of temporary files (its outputs would "
+                "be deleted as left-overs of a killed run); rename it")
+    n = len(sid.encode("utf-8", "surrogatepass"))
+    if n > MAX_SLIDE_ID_BYTES:
+        return (f"slide_id {sid[:40]!r}… is {n} bytes long; at most {MAX_SLIDE_ID_BYTES} bytes (UTF-8) fit in the "
+                "names of its output files; shorten it (keep the long name in another column)")
+    return None
+
+
+def _read_table(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """(column names, [(line number, {column: cell})]) of a CSV manifest; blank lines are skipped.
+
+    Raises:
+        ManifestError: not UTF-8 text, not CSV, a column named twice, a row with another number of cells
+            than the header, or no row.
+    """
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh, skipinitialspace=True)
+            table = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path} is not UTF-8 text ({exc}); save it as CSV UTF-8.") from exc
+    except (csv.Error, OSError) as exc:
+        raise ManifestError(f"Cannot parse cohort manifest {path} as CSV: {exc}") from exc
+    if not table:
+        raise ManifestError(f"{path}: the manifest is empty; it needs a header line (slide_id,path,…) and rows.")
+    header = [c.strip() for c in table[0][1]]
+    while header and not header[-1]:  # trailing separators of spreadsheets
+        header.pop()
+    dupes = sorted({c for c in header if header.count(c) > 1})
+    if dupes:
+        raise ManifestError(f"{path}: column(s) {', '.join(repr(c) for c in dupes)} appear more than once in the "
+                            f"header (line {table[0][0]}); keep one of each (which one holds the right values is "
+                            "ambiguous).")
+    rows = []
+    for line, cells in table[1:]:
+        while len(cells) > len(header) and not cells[-1].strip():  # trailing separators of spreadsheets
+            cells = cells[:-1]
+        if len(cells) != len(header):
+            raise ManifestError(
+                f"{path}, line {line}: {len(cells)} cell(s), but the header has {len(header)} column(s) "
+                f"({', '.join(header)}); every row needs one cell per column (leave a cell empty rather than "
+                "leave it out, and quote cells holding a comma).")
+        rows.append((line, dict(zip(header, cells))))
+    if not rows:
+        raise ManifestError(f"{path}: the manifest has no rows.")
+    return header, rows
 
 
 def _resolve_path(text: str, base: Path, found: Path | None) -> Path | None:

@@ -35,7 +35,7 @@ from typing import Any
 
 from ..errors import GridFileError, WsiError
 from ..fileio import file_sha256
-from .ledger import SlideState
+from .ledger import SlideState, parse_state
 
 _TMP_PREFIX = ".tmp-"
 _STATE_DIR = ".state"
@@ -168,9 +168,35 @@ def find_state_files(run: Path) -> list[Path]:
     """Every ``<stage_dir>/.state/*.json`` below ``run`` (stage folders may be nested, e.g.
     ``features/<encoder>``), sorted."""
     found = []
-    for d in sorted(run.rglob(_STATE_DIR)):
-        if d.is_dir():
-            found.extend(p for p in sorted(d.glob("*.json")) if not p.name.startswith(_TMP_PREFIX))
+    for d in _state_dirs(run, _MAX_STAGE_DEPTH):
+        found.extend(p for p in sorted(d.glob("*.json")) if not p.name.startswith(_TMP_PREFIX))
+    return found
+
+
+# Stage folders lie at most this deep below the run (``features/<encoder>``); a deeper search would walk a
+# whole disk when ``verify`` is given a folder that is not a run, such as ``/``.
+_MAX_STAGE_DEPTH = 3
+
+
+def _state_dirs(folder: Path, depth: int) -> list[Path]:
+    """``.state`` folders at most ``depth`` levels below ``folder``, sorted; links and unreadable folders
+    are not followed."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:  # unreadable, or gone meanwhile (e.g. below /proc)
+        return []
+    found = []
+    for e in entries:
+        try:
+            is_dir = e.is_dir(follow_symlinks=False)
+        except OSError:
+            continue
+        if not is_dir:
+            continue
+        if e.name == _STATE_DIR:
+            found.append(Path(e.path))
+        elif depth > 1 and not e.name.startswith("."):
+            found.extend(_state_dirs(Path(e.path), depth - 1))
     return found
 
 
@@ -181,11 +207,8 @@ def _rel(run: Path, p: Path) -> str:
 def _load_state(run: Path, sf: Path, report: VerifyReport) -> SlideState | None:
     rel = _rel(run, sf)
     try:
-        data = json.loads(sf.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise TypeError("not a JSON object")
-        st = SlideState(**data)
-    except (OSError, ValueError, TypeError) as exc:
+        st = parse_state(json.loads(sf.read_text(encoding="utf-8")))
+    except (OSError, ValueError, RecursionError) as exc:
         report._add("error", rel, f"state file cannot be read ({exc}); rerun the stage with --force for this "
                     "slide, or delete the file so the slide is processed again")
         return None
@@ -645,3 +668,17 @@ def _check_ledger(run: Path, states: list[SlideState], report: VerifyReport) -> 
         report._add("warning", "ledger.csv", f"out of date with the state files ({len(expected - rows)} state(s) "
                     f"not in it, {len(rows - expected)} row(s) without a state); it is rebuilt by the next "
                     "stage run (the state files are the record)")
+
+
+def fold_problems(fold_dir: str | os.PathLike[str]) -> list[str]:
+    """Why the files of a finished training fold do not belong together, one line each (empty: they do).
+
+    The checks of ``verify`` for one fold ``RUN/train/<name>/fold_<k>``: every file has the sha256 that
+    ``done.json`` records, and configuration, checkpoints, log and predictions agree with each other and
+    with the run's splits (a fold mixed from two jobs or configurations fails them).
+    """
+    fold = Path(fold_dir).resolve()
+    run = fold.parent.parent.parent
+    report = VerifyReport(run)
+    _check_fold(run, fold, report, content=True)
+    return [f"{f.path}: {f.message}" for f in report.errors]

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import StageInputError
-from ..fileio import write_json_atomic, write_text_atomic
+from ..fileio import ensure_writable, write_json_atomic, write_text_atomic
 from .bootstrap import bootstrap_counts, percentile_interval, weighted_c_index, weighted_classification
 from .metrics import CLASSIFICATION_METRICS, SURVIVAL_METRICS, classification_metrics, survival_metrics
 
@@ -54,9 +54,24 @@ def complete_folds(model_dir: Path) -> list[Path]:
 
 
 def read_fold(fold_dir: Path) -> tuple[dict[str, Any], Any]:
-    """(config.json, predictions DataFrame) of a complete fold."""
+    """(config.json, predictions DataFrame) of a complete fold.
+
+    Raises:
+        StageInputError: the fold's files do not belong together (from different jobs or configurations, or
+            changed since training wrote them); the message names the fold and each file.
+    """
     import pandas as pd
 
+    from ..cohort.verify import fold_problems
+
+    problems = fold_problems(fold_dir)
+    if problems:
+        k = fold_dir.name[len("fold_"):]
+        raise StageInputError(
+            f"{fold_dir.parent.name} fold {k} ({fold_dir}) is not one training run's output, so its metrics would "
+            "mix runs: " + "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            + f". Retrain it (wsi2dmamba train … --name {fold_dir.parent.name} --fold {k} --force), or move the "
+            "folder away to evaluate the other folds.")
     config = json.loads((fold_dir / "config.json").read_text())
     preds = pd.read_csv(fold_dir / "predictions.csv", dtype={"slide_id": str, "patient_id": str, "label": str})
     return config, preds
@@ -277,6 +292,8 @@ def evaluate_run(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
     dirs = model_dirs(run_dir)
     if not dirs:
         raise StageInputError(f"No trained model in {run_dir / 'train'}; run `wsi2dmamba train --out {run_dir}` first.")
+    if write:
+        ensure_writable(run_dir / "eval")
     out = {"run": str(run_dir.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "n_boot": n_boot,
            "models": {d.name: evaluate_model(d, n_boot, seed) for d in dirs}}
     if write:
@@ -316,6 +333,7 @@ def summary_table(metrics: dict[str, Any], level: str = "patient") -> list[dict[
                 row[f"{n}_pooled"] = res["pooled"].get(n)
                 ci = res["pooled"].get("ci", {}).get(n)
                 row[f"{n}_ci_low"], row[f"{n}_ci_high"] = (ci if ci else (None, None))
+            row["notes"] = list(res["pooled"].get("notes") or [])
             rows.append(row)
     return rows
 
@@ -330,6 +348,8 @@ def format_summary(metrics: dict[str, Any], level: str = "patient") -> str:
             mean, std, pooled = row[f"{n}_mean"], row[f"{n}_std"], row[f"{n}_pooled"]
             lo, hi = row[f"{n}_ci_low"], row[f"{n}_ci_high"]
             if mean is None:
+                why = [note.split(": ", 1)[-1] for note in row.get("notes", []) if note.lower().startswith(n)]
+                parts.append(f"{n} undefined" + (f" ({why[0]})" if why else " (not computable on these folds)"))
                 continue
             text = f"{n} {mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
             if pooled is not None and lo is not None:

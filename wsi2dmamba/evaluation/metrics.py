@@ -71,8 +71,8 @@ def classification_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
             "accuracy": float(accuracy_score(y, pred)),
             "f1": float(f1_score(y, pred, average="macro")),
         }
+        out["confusion"] = confusion_matrix(y, pred, labels=list(range(k))).tolist()
     out["n"] = int(y.size)
-    out["confusion"] = confusion_matrix(y, pred, labels=list(range(k))).tolist()
     out["notes"] = notes
     return out
 

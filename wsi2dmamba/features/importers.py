@@ -24,6 +24,7 @@ TRIDENT from wsi2dmamba's tiles do), else by the file's stem.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +33,15 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import ConfigError, GridFileError, WsiError
-from ..fileio import params_hash
+from ..fileio import ensure_writable, params_hash
 from ..grid import FeatureGrid, write_feature_grid
+from ..slide.mpp import mpp_problem
 
 FORMATS = ("clam", "trident")
 #: Largest distance of a tile's corner from its lattice cell, as a fraction of the stride, imported
 #: without being told to.
 MAX_OFFSET = 0.1
+_MAX_COORD = 1 << 31  # level-0 pixels: far beyond any slide (the largest scans are about 2·10^5 px wide)
 
 
 class EmptyFeatureFile(GridFileError):
@@ -125,14 +128,41 @@ def _attrs(ds) -> dict[str, Any]:
 
 
 def _num(attrs: dict, key: str) -> float | None:
+    """The attribute as a finite number, or None when it is absent, empty or not one number."""
     v = attrs.get(key)
-    if v is None or isinstance(v, str):
-        try:
-            return float(v) if v not in (None, "None", "") else None
-        except ValueError:
-            return None
-    arr = np.asarray(v, dtype=np.float64).reshape(-1)
-    return float(arr[0]) if arr.size else None
+    try:
+        if v is None or isinstance(v, str):
+            x = float(v) if v not in (None, "None", "") else None
+        else:
+            arr = np.asarray(v).reshape(-1)
+            x = float(arr[0]) if arr.size and arr.dtype.kind in "fiub" else None  # CLAM: (x, y) downsample
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _pair(attrs: dict, key: str, path: Path) -> tuple[float, float]:
+    """The attribute as two positive finite numbers (e.g. CLAM's ``level_dim``)."""
+    v = attrs.get(key)
+    try:
+        arr = np.asarray(v).reshape(-1)
+        ok = arr.size == 2 and arr.dtype.kind in "fiu" and bool(np.all(np.isfinite(arr))) and bool(np.all(arr > 0))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise GridFileError(f"{path}: attribute {key!r} must be two positive numbers (width, height), got {v!r}; "
+                            f"{_NOT_IMPORTABLE}")
+    return float(arr[0]), float(arr[1])
+
+
+def _text_attr(attrs: dict, key: str) -> str:
+    """A text attribute ('' when absent or not text)."""
+    v = attrs.get(key)
+    if isinstance(v, np.ndarray) and v.size == 1:
+        v = v.reshape(-1)[0]
+    if isinstance(v, bytes):
+        v = v.decode("utf-8", "replace")
+    return v.strip() if isinstance(v, str) else ""
 
 
 @dataclass(frozen=True)
@@ -183,11 +213,11 @@ def _trident_geometry(attrs: dict, path: Path, mpp: float | None, step: float | 
     return Geometry(int(round(ps)), float(ps0), float(stride), mpp0, 0, 1.0, _level0_size(attrs), ())
 
 
-def _level0_from_level_dim(lvl_dim, ds: float) -> tuple[int, int] | None:
+def _level0_from_level_dim(attrs: dict, ds: float, path: Path) -> tuple[int, int] | None:
     """Level-0 (width, height) from CLAM's ``level_dim`` of the patch level and its downsample."""
-    if lvl_dim is None:
+    if attrs.get("level_dim") is None:
         return None
-    wd, hd = np.asarray(lvl_dim, dtype=np.float64).reshape(-1)[:2]
+    wd, hd = _pair(attrs, "level_dim", path)
     return int(round(wd * ds)), int(round(hd * ds))
 
 
@@ -211,7 +241,7 @@ def _clam_geometry(attrs: dict, path: Path, mpp: float | None, step: float | Non
     if step is None:
         assumed.append("step = patch size (CLAM's default; the step is not stored; pass --step otherwise)")
     stride0 = float(size0 if step is None else step * ds * custom)
-    level0 = _level0_from_level_dim(attrs.get("level_dim"), ds)
+    level0 = _level0_from_level_dim(attrs, ds, path)
     tile_px = int(round(ps / custom)) if custom != 1.0 else int(round(ps))
     return Geometry(tile_px, float(size0), stride0, float(mpp), level if custom == 1.0 else 0,
                     ds if custom == 1.0 else 1.0, level0, tuple(assumed))
@@ -290,13 +320,39 @@ def _check_finite(feats: np.ndarray, path: Path) -> None:
                             "slide's features (the file was not imported).")
 
 
-def _check_options(fmt: str, on_collision: str, step: float | None) -> None:
+def _check_options(fmt: str, on_collision: str, step: float | None, mpp: float | None) -> None:
     if fmt not in FORMATS:
         raise ConfigError(f"Unknown format {fmt!r}; use clam or trident.")
     if on_collision not in ("refuse", "keep-first"):
         raise ConfigError(f"--on-collision must be refuse or keep-first, not {on_collision!r}.")
-    if step is not None and step <= 0:
-        raise ConfigError(f"--step must be > 0, got {step}.")
+    if step is not None and not (math.isfinite(step) and step > 0):
+        raise ConfigError(f"--step must be a finite number > 0, got {step}.")
+    if mpp is not None and mpp_problem(mpp):
+        raise ConfigError(f"--mpp (µm per level-0 pixel): {mpp_problem(mpp)}.")
+
+
+def _check_coords(coords: np.ndarray, path: Path) -> None:
+    if coords.size and (not np.all(np.isfinite(coords)) or coords.min() < 0 or coords.max() >= _MAX_COORD):
+        raise GridFileError(f"{path}: tile coordinates must be finite level-0 pixels from 0 to {_MAX_COORD - 1}; "
+                            f"{_NOT_IMPORTABLE}")
+
+
+def _check_geometry(geo: Geometry, path: Path) -> None:
+    """The tile size, stride and resolution an import derived are plausible (else the file is damaged)."""
+    problems = []
+    if not 0 <= geo.tile_px <= 65536:
+        problems.append(f"patch size {geo.tile_px} px")
+    if not (math.isfinite(geo.tile_size_level0) and 0 <= geo.tile_size_level0 < _MAX_COORD):
+        problems.append(f"patch size {geo.tile_size_level0} level-0 px")
+    if geo.stride_level0 is not None and not (math.isfinite(geo.stride_level0) and 0 < geo.stride_level0 < _MAX_COORD):
+        problems.append(f"step {geo.stride_level0} level-0 px")
+    if mpp_problem(geo.mpp_level0):
+        problems.append(f"resolution: {mpp_problem(geo.mpp_level0)}")
+    if not (math.isfinite(geo.read_downsample) and 0 < geo.read_downsample < 1e6) or not 0 <= geo.read_level < 64:
+        problems.append(f"level {geo.read_level} / downsample {geo.read_downsample}")
+    if problems:
+        raise GridFileError(f"{path}: implausible {'; '.join(problems)} (from its attributes, or --mpp); "
+                            f"{_NOT_IMPORTABLE}")
 
 
 def _kept_tiles(lat: Lattice, coords: np.ndarray, path: Path, slide_id: str, on_collision: str,
@@ -356,20 +412,40 @@ def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trid
         ConfigError: a needed resolution is missing.
     """
     path = Path(path)
-    _check_options(fmt, on_collision, step)
+    _check_options(fmt, on_collision, step, mpp)
     feats, coords, attrs, feat_attrs = _read_feature_file(path)
     if coords_file is not None:
         attrs = {**_read_coords_attrs(Path(coords_file)), **attrs}
     _check_finite(feats, path)
+    _check_coords(coords, path)
     slide_id = _slide_id(fmt, path, attrs)
     mpp = float(mpp_by_slide[slide_id]) if mpp_by_slide and mpp_by_slide.get(slide_id) else mpp
+    try:
+        return _to_grid(path, fmt, feats, coords, attrs, feat_attrs, slide_id, mpp, encoder, on_collision, step,
+                        max_offset)
+    except (ValueError, TypeError, OverflowError, ZeroDivisionError, IndexError, FloatingPointError) as exc:
+        # A combination of attributes and coordinates no check above foresaw: still this file's fault.
+        raise GridFileError(f"{path}: its attributes and coordinates do not describe a tile lattice "
+                            f"({type(exc).__name__}: {exc}); {_NOT_IMPORTABLE}") from exc
+
+
+def _to_grid(path: Path, fmt: str, feats: np.ndarray, coords: np.ndarray, attrs: dict, feat_attrs: dict,
+             slide_id: str, mpp: float | None, encoder: str | None, on_collision: str, step: float | None,
+             max_offset: float) -> FeatureGrid:
+    """The feature grid of a file's features and level-0 corners (see :func:`import_feature_file`)."""
+    from ..grid.files import MAX_GRID_CELLS
+
     geo = _geometry(fmt, attrs, path, mpp, step)
+    _check_geometry(geo, path)
     stride = infer_stride(coords, geo.stride_level0)
     assumed = list(geo.assumed)
     tile_px, size0 = geo.tile_px, geo.tile_size_level0
     if tile_px == 0:  # CLAM without attributes: a tile is one stride wide, read at level 0
         tile_px, size0 = int(round(stride)), float(stride)
     lat = place_on_lattice(coords, stride)
+    if lat.shape[0] * lat.shape[1] > MAX_GRID_CELLS:
+        raise GridFileError(f"{path}: its tiles span {lat.shape[0]}×{lat.shape[1]} cells of stride {stride:g} level-0 "
+                            f"px, more than the {MAX_GRID_CELLS} a slide's grid may hold; {_NOT_IMPORTABLE}")
     keep, offset = _kept_tiles(lat, coords, path, slide_id, on_collision, max_offset, assumed)
     index = lat.index[keep]
     order = np.lexsort((index[:, 1], index[:, 0]))  # row-major order of cells
@@ -377,7 +453,7 @@ def import_feature_file(path: str | os.PathLike[str], fmt: Literal["clam", "trid
     index = index[order]
     level0 = geo.level0_size or (int(coords[:, 0].max() + size0), int(coords[:, 1].max() + size0))
     mpp_target = geo.mpp_level0 * size0 / tile_px
-    enc = encoder or str(feat_attrs.get("encoder") or "") or f"{fmt}-import"
+    enc = encoder or _text_attr(feat_attrs, "encoder") or f"{fmt}-import"
     extra = {
         "imported_from": str(path.resolve()),
         "imported_format": fmt,
@@ -483,6 +559,7 @@ def import_features(src: str | os.PathLike[str], run_dir: str | os.PathLike[str]
     summary = ImportSummary({}, {}, encoder or "")
     mpps = cohort_mpps(cohort) if cohort is not None else None
     files = find_feature_files(src)
+    ensure_writable(Path(run_dir) / "features")
     for fp in tqdm(files, desc="import-features", unit="file", disable=not progress, dynamic_ncols=True):
         try:
             grid = import_feature_file(fp, fmt, mpp=mpp, coords_file=_coords_file(fp, coords_dir),

@@ -41,6 +41,7 @@ from typing import Any, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
+from ..fileio import user_path
 
 STAGES = ("segment", "tile", "extract", "train", "evaluate")
 
@@ -157,7 +158,7 @@ def load_pipeline(path: str | os.PathLike[str], *, out: str | os.PathLike[str] |
         ConfigError: the file is missing or not TOML, or a table or key is unknown or invalid; the message
             names the file and the key.
     """
-    path = Path(path).expanduser()
+    path = user_path(path, "pipeline file")
     if not path.is_file():
         raise ConfigError(f"Pipeline file not found: {path}")
     try:
@@ -192,15 +193,15 @@ def pipeline_from_dict(data: dict[str, Any], source: Path, *, out: str | os.Path
     cohort = demo = None
     if "cohort" in data:
         cohort = _validate(CohortSection, data["cohort"], source, "cohort")
-        cohort = cohort.model_copy(update={k: _resolve(getattr(cohort, k), base)
+        cohort = cohort.model_copy(update={k: _resolve(getattr(cohort, k), base, f"{source}: [cohort] {k}")
                                            for k in ("manifest", "slides_dir", "splits_dir")})
     else:
         demo = _validate(DemoSection, data["demo"], source, "demo")
     run = _validate(RunSection, data.get("run", {}), source, "run")
     if out is not None:
-        run = run.model_copy(update={"out": Path(out).expanduser().resolve()})
+        run = run.model_copy(update={"out": _resolve(Path(out), Path.cwd(), "--out")})
     elif run.out is not None:
-        run = run.model_copy(update={"out": _resolve(run.out, base)})
+        run = run.model_copy(update={"out": _resolve(run.out, base, f"{source}: [run] out")})
     if run.train_dir is not None and (not run.train_dir or any(c in run.train_dir for c in "/\\\0")
                                       or run.train_dir in (".", "..")):
         raise ConfigError(f"{source}: [run] train_dir must be a plain folder name, got {run.train_dir!r}")
@@ -306,8 +307,12 @@ def format_validation_error(exc: ValidationError, source: Path, table: str,
     return f"{source}: invalid pipeline file:\n  - " + "\n  - ".join(lines)
 
 
-def _resolve(p: Path | None, base: Path) -> Path | None:
+def _resolve(p: Path | None, base: Path, what: str) -> Path | None:
+    """``p`` (``~`` and ``$VARS`` expanded) made absolute against ``base``; ConfigError naming ``what``."""
     if p is None:
         return None
-    p = Path(os.path.expandvars(str(p))).expanduser()
-    return (p if p.is_absolute() else base / p).resolve()
+    p = user_path(os.path.expandvars(str(p)), what)
+    try:
+        return (p if p.is_absolute() else base / p).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise ConfigError(f"{what}: the path {str(p)!r} cannot be resolved ({exc}); fix it.") from None

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..cohort import Cohort, StageSummary, load_cohort
 from ..errors import StageInputError
-from ..fileio import write_json_atomic
+from ..fileio import ensure_writable, write_json_atomic
 from .config import PipelineConfig
 
 STEP_NAMES = ("cohort", "segment", "tile", "extract", "train", "evaluate", "report")
@@ -101,8 +101,8 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
     """
     from tqdm.auto import tqdm
 
-    run_dir = config.out
-    run_dir.mkdir(parents=True, exist_ok=True)
+    check_options(config, executor)
+    run_dir = ensure_writable(config.out)
     train_dir = run_dir / config.run.train_dir if config.run.train_dir else run_dir
     result = PipelineResult(config, run_dir, train_dir)
     n_steps = 6 + len(config.models)  # cohort, segment, tile, extract, each model, evaluate + report
@@ -164,6 +164,37 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
         "stages": {k: {"done": len(s.done), "skipped": len(s.skipped), "failed": s.failed}
                    for k, s in result.stages.items()}})
     return result
+
+
+def check_options(config: PipelineConfig, executor: str = "local") -> None:
+    """Check what the stages' configuration classes cannot check alone, before any stage runs: the
+    encoder exists and its weight file is found, each device is usable here, the executor is known.
+
+    Raises:
+        ConfigError: naming the pipeline file, the table and the key (a WeightsError for the weights).
+    """
+    from ..cohort.executors import EXECUTORS
+    from ..devices import resolve_device
+    from ..errors import ConfigError, WeightsError, WsiError
+    from ..features.encoders import get_encoder
+
+    if executor not in EXECUTORS:
+        raise ConfigError(f"Unknown executor {executor!r}; use one of: {', '.join(EXECUTORS)}.")
+    ext = config.option("extract")
+    checks = [
+        ("extract", "encoder", lambda: get_encoder(ext.encoder)),
+        ("extract", "weights", lambda: get_encoder(ext.encoder, ext.weights).weights_path()
+         if ext.pretrained or ext.weights else None),
+    ]
+    if executor == "local":  # on a Ray cluster the devices are those of its nodes
+        checks += [("extract", "device", lambda: resolve_device(ext.device)),
+                   ("train", "device", lambda: resolve_device(config.option("train").device))]
+    for table, key, check in checks:
+        try:
+            check()
+        except WsiError as exc:
+            cls = WeightsError if isinstance(exc, WeightsError) else ConfigError
+            raise cls(f"{config.source}: [{table}] {key}: {exc} Nothing was run.") from None
 
 
 # ------------------------------------------------------------------------------------------------ steps

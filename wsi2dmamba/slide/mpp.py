@@ -16,8 +16,30 @@ from ..errors import SlideError
 # µm per resolution unit of the TIFF ResolutionUnit tag (2 = inch, 3 = centimetre).
 _UM_PER_UNIT = {"inch": 25400.0, "centimeter": 10000.0, "centimetre": 10000.0, "2": 25400.0, "3": 10000.0}
 
-# A resolution coarser than this is not a microscope scan (72 or 96 dpi are screen defaults).
+# The µm per pixel a slide (or a tile, or a segmentation image) can plausibly have. Finer than 0.01 µm/px
+# is beyond any light microscope (about 0.1 µm/px at 100×, diffraction-limited near 0.2 µm); coarser than
+# 100 µm/px is not a microscope scan (72 or 96 dpi, the screen defaults, are 353 and 265 µm/px).
+MIN_PLAUSIBLE_MPP = 0.01
 MAX_PLAUSIBLE_MPP = 100.0
+
+
+def mpp_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a resolution in µm per pixel, or None when it is plausible.
+
+    Accepted: a finite number in [``MIN_PLAUSIBLE_MPP``, ``MAX_PLAUSIBLE_MPP``] (0.01–100 µm/px).
+    """
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return f"{value!r} is not a number"
+    if not math.isfinite(v):
+        return f"{value!r} is not a finite number"
+    if v <= 0:
+        return f"{value!r} is not a positive number"
+    if not MIN_PLAUSIBLE_MPP <= v <= MAX_PLAUSIBLE_MPP:
+        return (f"{v:g} µm/px is outside the plausible range {MIN_PLAUSIBLE_MPP:g}–{MAX_PLAUSIBLE_MPP:g} µm/px "
+                "(0.25 ≈ 40×, 0.5 ≈ 20×)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -69,11 +91,16 @@ def resolve_mpp(override: float | None, found: Resolution | None, *, path: str,
                 objective_power: str | None = None) -> Resolution:
     """The resolution to use, or a :class:`SlideError` that says how to supply one."""
     if override is not None:
-        value = _positive(override)
-        if value is None:
-            raise SlideError(f"{path}: the given mpp {override!r} is not a positive number.")
-        return Resolution(value, "override")
+        problem = mpp_problem(override)
+        if problem:
+            raise SlideError(f"{path}: the given mpp (µm per level-0 pixel): {problem}. Fix the manifest's 'mpp' "
+                             "cell or --slide-mpp.")
+        return Resolution(float(override), "override")
     if found is not None:
+        problem = mpp_problem(found.mpp)
+        if problem:
+            raise SlideError(f"{path}: the resolution in the slide's {found.source} is implausible: {problem}. "
+                             "Give the right one in the cohort manifest's 'mpp' column (µm per level-0 pixel).")
         return found
     hint = ""
     power = _positive(objective_power)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..slide.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
 from ..tissue.config import SegmentConfig
 
 
@@ -20,7 +21,8 @@ class TileConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tile_px: int = Field(256, ge=8, le=8192, description="Tile side in pixels at the target resolution.")
-    mpp: float = Field(0.5, gt=0, description="Target resolution, µm per pixel (0.5 ≈ 20×, 0.25 ≈ 40×).")
+    mpp: float = Field(0.5, ge=MIN_PLAUSIBLE_MPP, le=MAX_PLAUSIBLE_MPP,
+                      description="Target resolution, µm per pixel (0.5 ≈ 20×, 0.25 ≈ 40×).")
     overlap: int = Field(0, ge=0, description="Overlap of neighbouring tiles in target pixels (stride = "
                          "tile_px - overlap).")
     min_tissue: float = Field(0.25, ge=0.0, le=1.0, description="Keep tiles whose tissue fraction is at "

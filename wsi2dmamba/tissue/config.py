@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..slide.mpp import MAX_PLAUSIBLE_MPP, MIN_PLAUSIBLE_MPP
+
 PenColor = Literal["red", "green", "blue"]
 
 
@@ -20,7 +22,8 @@ class SegmentConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    seg_mpp: float = Field(8.0, gt=0, description="µm per pixel of the image segmented (8 ≈ 32× at 0.25 µm/px).")
+    seg_mpp: float = Field(8.0, ge=MIN_PLAUSIBLE_MPP, le=MAX_PLAUSIBLE_MPP,
+                           description="µm per pixel of the image segmented (8 ≈ 32× at 0.25 µm/px).")
     threshold: Literal["fixed", "otsu"] = Field(
         "fixed", description="'fixed': saturation > saturation_threshold. 'otsu': Otsu's threshold of the "
         "slide's saturation histogram, never below saturation_threshold (for slides with tinted glass).")

@@ -265,8 +265,7 @@ def load_training_state(path: str | os.PathLike[str], model: torch.nn.Module, op
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {})[_STATE_KEY])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if not isinstance(header, dict) or not {"loop", "param_groups", "optim_scalars", "model_config"} <= set(header):
-            raise ValueError("its header lacks the training state")
+        _check_training_header(header)
     except Exception as exc:  # damaged or foreign file
         raise WeightsError(f"Cannot read the resume state {path} ({exc}); delete it to restart this fold.") from exc
     if header["model_config"] != model.config_dict():
@@ -279,12 +278,39 @@ def load_training_state(path: str | os.PathLike[str], model: torch.nn.Module, op
                            "it to restart this fold.") from exc
     device = next(model.parameters()).device
     opt_state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, name = k.split(".", 2)
-            opt_state.setdefault(int(idx), {})[name] = v if name == "step" else v.to(device)
-    for idx, values in header["optim_scalars"].items():
-        opt_state.setdefault(int(idx), {}).update(values)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": header["param_groups"]})
+    try:
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, name = k.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = v if name == "step" else v.to(device)
+        for idx, values in header["optim_scalars"].items():
+            opt_state.setdefault(int(idx), {}).update(values)
+        optimizer.load_state_dict({"state": opt_state, "param_groups": header["param_groups"]})
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise WeightsError(f"The optimiser state in the resume state {path} does not fit the model ({exc}); delete "
+                           "it to restart this fold.") from exc
     rng = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+    if not isinstance(rng.get("torch"), torch.Tensor) or rng["torch"].dtype != torch.uint8:
+        raise WeightsError(f"The resume state {path} holds no random generator state; delete it to restart this fold.")
     return header["loop"], rng
+
+
+def _check_training_header(header: Any) -> None:
+    """ValueError naming what is wrong when a resume state's header is not what :func:`save_training_state`
+    writes (a hand-edited header must not reach the training loop)."""
+    if not isinstance(header, dict) or not {"loop", "param_groups", "optim_scalars", "model_config"} <= set(header):
+        raise ValueError("its header lacks the training state")
+    loop = header["loop"]
+    counters = ("epoch", "step", "best_epoch")
+    if not isinstance(loop, dict) or not all(type(loop.get(k)) is int and loop[k] >= 0 for k in counters):
+        raise ValueError(f"its loop state must hold the counters {', '.join(counters)} as integers ≥ 0")
+    if loop.get("best_value") is not None and type(loop["best_value"]) not in (int, float):
+        raise ValueError("its best value is not a number")
+    if not isinstance(loop.get("log"), list) or not all(isinstance(r, dict) for r in loop["log"]) \
+            or len(loop["log"]) != loop["epoch"]:
+        raise ValueError("its log is not one row per finished epoch")
+    if not isinstance(header["param_groups"], list) or not all(isinstance(g, dict) for g in header["param_groups"]):
+        raise ValueError("its optimiser parameter groups are not a list of objects")
+    scalars = header["optim_scalars"]
+    if not isinstance(scalars, dict) or not all(k.isdigit() and isinstance(v, dict) for k, v in scalars.items()):
+        raise ValueError("its optimiser scalars are not an object per parameter index")

@@ -25,8 +25,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,13 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from ..cohort import Cohort
 from ..errors import ConfigError, TrainingError, WsiError
 from ..devices import resolve_device
 from ..fileio import (
     atomic_path,
+    ensure_writable,
     file_sha256,
     params_hash,
     remove_stale_temporaries,
@@ -318,6 +319,24 @@ def _prediction_rows(fold: int, checkpoint: str, epoch: int, partition: str, ids
     return rows
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when the file is missing, damaged or holds something else."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _done_record_ok(info: dict[str, Any]) -> bool:
+    """``done.json`` holds what a finished fold records (else it was edited or damaged)."""
+    number = (int, float)
+    return (isinstance(info.get("best_epoch"), int) and isinstance(info.get("epochs"), int)
+            and isinstance(info.get("best_value"), number) and not isinstance(info.get("best_epoch"), bool))
+
+
 def train_fold(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], fold_dir: str | os.PathLike[str],
                model_name: str, config: TrainConfig, *, model_overrides: dict[str, Any] | None = None,
                preset: str | None = None, classes: Sequence[str] | None = None, features_dir: str = "",
@@ -344,14 +363,39 @@ def train_fold(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], 
         progress: show a progress bar.
 
     Raises:
-        TrainingError: the loss or the gradients became NaN or inf (nothing is written for that epoch).
+        TrainingError: the loss or the gradients became NaN or inf (nothing is written for that epoch), or
+            another process trains this fold now (``fold_dir/.lock`` is held).
         ConfigError: the fold exists with another configuration and ``force`` is False.
     """
+    fold_dir = Path(fold_dir)
+    fold_dir.mkdir(parents=True, exist_ok=True)
     kwargs = {"model_overrides": model_overrides, "preset": preset, "classes": classes,
               "features_dir": features_dir, "force": force, "callbacks": callbacks, "progress": progress}
-    if config.restarts == 1:
-        return _train_once(split, cohort, grids, fold_dir, model_name, config, **kwargs)
-    return _train_restarts(split, cohort, grids, Path(fold_dir), model_name, config, **kwargs)
+    with fold_lock(fold_dir, split.fold):
+        # Inside the lock: the temporaries of a job training this fold right now are never removed.
+        if config.restarts == 1:
+            return _train_once(split, cohort, grids, fold_dir, model_name, config, **kwargs)
+        return _train_restarts(split, cohort, grids, fold_dir, model_name, config, **kwargs)
+
+
+@contextmanager
+def fold_lock(fold_dir: Path, fold: int) -> Iterator[None]:
+    """Hold ``fold_dir/.lock`` while this process trains the fold (one job per fold, as one run per stage).
+
+    Raises:
+        TrainingError: another process trains the same fold of the same model in this run.
+    """
+    lock = FileLock(str(fold_dir / ".lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout as exc:
+        raise TrainingError(f"Another process is training {fold_dir.parent.name} fold {fold} in {fold_dir} (lock "
+                            f"file {fold_dir / '.lock'}). Wait for it to finish, train other folds (--fold), or "
+                            "use another --out or --name.") from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], fold_dir: str | os.PathLike[str],
@@ -396,9 +440,10 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
     done_path = fold_dir / "done.json"
     resume_path = fold_dir / "resume.safetensors"
     if done_path.is_file() or resume_path.is_file():
-        import json
-
-        prior = json.loads((fold_dir / "config.json").read_text()) if (fold_dir / "config.json").is_file() else {}
+        prior = _json_object(fold_dir / "config.json")
+        info = _json_object(done_path)
+        if done_path.is_file() and not _done_record_ok(info):  # edited or damaged: the fold is redone
+            done_path.unlink()
         if prior.get("config_hash") != config_hash:
             if not force:
                 raise ConfigError(f"{fold_dir} holds a fold trained with another configuration; pass --force to "
@@ -407,7 +452,6 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
             resume_path.unlink(missing_ok=True)
         elif done_path.is_file() and not force:
             resume_path.unlink(missing_ok=True)  # a stop between writing done.json and removing it
-            info = json.loads(done_path.read_text())
             return FoldResult(split.fold, fold_dir, int(info["best_epoch"]), float(info["best_value"]),
                               int(info["epochs"]), skipped=True)
         elif force:
@@ -605,6 +649,33 @@ def _write_chosen_restart(fold_dir: Path, config: TrainConfig, config_hash: str,
 
 # ---------------------------------------------------------------------------------------- a cohort
 
+def _check_before_training(cohort: Cohort, run_dir: Path, config: TrainConfig, executor: str) -> list[str] | None:
+    """Refuse what would fail or mislead only later: an output folder that cannot be written, an unusable
+    device, a classification cohort of one class. Returns the class names (None for survival)."""
+    ensure_writable(run_dir / "train")
+    if executor == "local":  # on a Ray cluster the devices are those of its nodes
+        resolve_device(config.device)
+    classes = class_names(cohort) if config.task == "classification" else None
+    if classes is not None and len(classes) < 2:
+        where = cohort.source or "the cohort"
+        raise ConfigError(f"{where}: the 'label' column holds {len(classes)} class ({', '.join(map(repr, classes))})"
+                          "; a classifier needs slides of at least two classes (its AUC, balanced accuracy and F1 "
+                          "would be undefined or trivially 1). Add the other classes' slides, or use --task survival "
+                          "with time and event columns.")
+    return classes
+
+
+def _check_model(model_name: str, preset: str | None, overrides: dict[str, Any] | None, config: TrainConfig,
+                 classes: list[str] | None) -> None:
+    """Build the model once on the meta device (no memory), so that an unknown model or preset, or a bad
+    option, is refused before the run's splits are written."""
+    from ..models import create
+
+    with torch.device("meta"):
+        create(model_name, in_dim=8, n_classes=len(classes) if classes else None, task=config.task,
+               n_bins=config.n_bins, preset=preset, **dict(overrides or {}))
+
+
 def run_splits(cohort: Cohort, run_dir: Path, config: TrainConfig, splits: str | os.PathLike[str] | None,
                ) -> tuple[list[FoldSplit], list[str]]:
     """The run's splits: given (``--splits``), already in the run, or made now; written to ``RUN/train/splits``.
@@ -672,12 +743,13 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
     name = name or folder
     if not name or any(c in name for c in "/\\\0") or name in (".", "..", "splits"):
         raise ConfigError(f"--name {name!r} cannot be used as a folder name")
+    classes = _check_before_training(cohort, run_dir, config, executor)
+    _check_model(model_name, preset, model_overrides, config, classes)
     resolved, warnings = run_splits(cohort, run_dir, config, splits)
     folds = list(range(len(resolved))) if folds_to_run is None else sorted(set(folds_to_run))
     bad = [k for k in folds if not 0 <= k < len(resolved)]
     if bad:
         raise ConfigError(f"--fold {bad} out of range: the splits have folds 0…{len(resolved) - 1}")
-    classes = class_names(cohort) if config.task == "classification" else None
     model_dir = run_dir / "train" / name
     results = TrainResults(name, run_dir, model_dir, warnings=warnings)
     fold_kwargs = dict(model_overrides=model_overrides, preset=preset, classes=classes,
