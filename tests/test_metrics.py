@@ -85,10 +85,11 @@ def test_survival_metrics_equal_scikit_survival(veterans):
     surv = np.cumprod(1 - 1 / (1 + np.exp(-(risk[test, None] / 40 + np.arange(n_bins) * 0.1))), axis=1)
     m = survival_metrics(t[test], e[test], risk[test], surv=surv, bin_ends=ends, train_time=t[train],
                          train_event=e[train])
-    both = np.r_[train, test]  # censoring distribution of training and evaluated patients together
-    y_tr, y_te = Surv.from_arrays(e[both], t[both]), Surv.from_arrays(e[test], t[test])
-    assert m["c_index"] == pytest.approx(concordance_index_censored(e[test], t[test], risk[test])[0])
     tau = t[train][e[train]].max()
+    # The censoring distribution of the training patients alone; evaluated follow-up cut at τ.
+    y_tr = Surv.from_arrays(e[train], t[train])
+    y_te = Surv.from_arrays(e[test] & (t[test] <= tau), np.minimum(t[test], tau))
+    assert m["c_index"] == pytest.approx(concordance_index_censored(e[test], t[test], risk[test])[0])
     assert m["c_index_ipcw"] == pytest.approx(concordance_index_ipcw(y_tr, y_te, risk[test], tau=tau)[0])
     tt, ee = t[test], e[test]
     ev = tt[ee & (tt > tt.min()) & (tt < min(tt.max(), tau))]
@@ -98,6 +99,33 @@ def test_survival_metrics_equal_scikit_survival(veterans):
     est = survival_function_at(surv, ends, grid)
     assert m["ibs"] == pytest.approx(integrated_brier_score(y_tr, y_te, est, grid))
     assert 0.5 < m["c_index"] < 1 and 0 < m["ibs"] < 0.5 and m["events"] == int(e[test].sum())
+
+
+def test_censoring_is_estimated_from_training_patients_only(veterans):
+    t, e, risk, train, test = veterans
+    t, e = t.copy(), e.copy()
+    # Evaluated patients censored far more often than training ones: an estimate that mixed them in
+    # would weight the events very differently.
+    e[test[::2]] = False
+    m = survival_metrics(t[test], e[test], risk[test], train_time=t[train], train_event=e[train])
+    tau = t[train][e[train]].max()
+    y_tr = Surv.from_arrays(e[train], t[train])
+    y_te = Surv.from_arrays(e[test] & (t[test] <= tau), np.minimum(t[test], tau))
+    assert m["c_index_ipcw"] == pytest.approx(concordance_index_ipcw(y_tr, y_te, risk[test], tau=tau)[0])
+    both = np.r_[train, test]
+    mixed = concordance_index_ipcw(Surv.from_arrays(e[both], t[both]), Surv.from_arrays(e[test], t[test]),
+                                   risk[test], tau=tau)[0]
+    assert abs(m["c_index_ipcw"] - mixed) > 1e-4
+    # Only the training patients' censoring matters: censoring more of them changes the weights …
+    e2 = e.copy()
+    e2[train[::3]] = False
+    m2 = survival_metrics(t[test], e[test], risk[test], train_time=t[train], train_event=e2[train])
+    assert m2["c_index_ipcw"] != pytest.approx(m["c_index_ipcw"], abs=1e-6)
+    # … and evaluated follow-up past the training follow-up is accepted (cut at τ, not refused).
+    far = t[test].copy()
+    far[0] = t[train].max() * 3
+    m3 = survival_metrics(far, e[test], risk[test], train_time=t[train], train_event=e[train])
+    assert math.isfinite(m3["c_index_ipcw"]) and math.isfinite(m3["td_auc"])
 
 
 def test_survival_metrics_without_events_or_training_data():
@@ -161,3 +189,16 @@ def test_percentile_interval():
     lo, hi = percentile_interval(v)
     assert lo == pytest.approx(0.025, abs=1e-3) and hi == pytest.approx(0.975, abs=1e-3)
     assert all(math.isnan(x) for x in percentile_interval(np.array([0.5, np.nan])))
+
+
+def test_calibration_bins_and_error():
+    from wsi2dmamba.evaluation.plots import calibration_bins, expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 20000)
+    y = rng.uniform(0, 1, p.size) < p                     # calibrated by construction
+    pred, obs, n = calibration_bins(y, p)
+    assert n.sum() == p.size and len(n) == 10 and np.all(np.diff(pred) > 0)
+    assert np.abs(obs - pred).max() < 0.03 and expected_calibration_error(y, p) < 0.02
+    assert expected_calibration_error(np.ones(50), np.full(50, 0.2)) == pytest.approx(0.8)
+    assert len(calibration_bins(np.ones(12), np.linspace(0, 1, 12))[0]) == 2  # at least 5 patients a bin

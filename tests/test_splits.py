@@ -81,7 +81,10 @@ def test_written_splits_are_clam_files_and_load_back(tmp_path):
     df = pd.read_csv(tmp_path / "splits" / "splits_0.csv")
     assert list(df.columns) == ["Unnamed: 0", "train", "val", "test"]  # CLAM's ",train,val,test"
     desc = pd.read_csv(tmp_path / "splits" / "splits_0_descriptor.csv", index_col=0)
-    assert int(desc.loc["tumour"].sum()) == sum(r.label == "tumour" for r in cohort)
+    assert int(desc.loc["tumour", ["train", "val", "test"]].sum()) == sum(r.label == "tumour" for r in cohort)
+    patients = {r.patient_id for r in cohort if r.label == "tumour"}
+    assert int(desc.loc["tumour", ["train_patients", "val_patients", "test_patients"]].sum()) == len(patients)
+    assert len(patients) < sum(r.label == "tumour" for r in cohort)  # the cohort has patients with several slides
     back, warnings = resolve_splits(load_splits(tmp_path / "splits"), cohort)
     assert back == splits and warnings == []
 

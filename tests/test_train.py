@@ -171,10 +171,18 @@ def test_survival_bins_are_fitted_on_the_training_partition(tmp_path_factory):
         fold = run / "train" / "abmil" / f"fold_{k}"
         cfg = json.loads((fold / "config.json").read_text())
         train = cfg["split"]["train"]
-        t = np.array([cohort[s].time for s in train])
-        e = np.array([cohort[s].event for s in train])
+        # One time per training patient, however many slides it has (the cohort has 1–2 per patient).
+        first = {}
+        for s in train:
+            first.setdefault(cohort[s].patient_id, cohort[s])
+        assert len(first) < len(train)
+        t = np.array([r.time for r in first.values()])
+        e = np.array([r.event for r in first.values()])
         assert cfg["bin_edges"] == pytest.approx(survival_bin_edges(t, e, 4).tolist())
         assert cfg["train_survival"]["time"] == pytest.approx(t.tolist())
+        assert cfg["train_survival"]["patient_id"] == list(first)
+        per_slide = np.array([cohort[s].time for s in train]), np.array([cohort[s].event for s in train])
+        assert cfg["bin_edges"] != pytest.approx(survival_bin_edges(*per_slide, 4).tolist())
         preds = pd.read_csv(fold / "predictions.csv")
         surv = preds[[f"surv_{j}" for j in range(4)]].to_numpy()
         assert np.all(np.diff(surv, axis=1) <= 1e-7) and np.allclose(preds["risk"], -surv.sum(axis=1), atol=1e-5)
@@ -240,3 +248,123 @@ def test_mixed_precision_training_on_gpu(small, tmp_path, precision):
     with torch.no_grad():
         probs = torch.softmax(model(GridBatch.from_grids(grids)).logits, dim=1).numpy()
     assert np.abs(probs - last[["prob_0", "prob_1"]].to_numpy()).max() < 0.02
+
+
+def _fold_record(fold: Path) -> tuple[int, list[tuple[int, float, int]]]:
+    done = json.loads((fold / "done.json").read_text())
+    return done["chosen_restart"], [(r["restart"], r["best_value"], r["best_epoch"]) for r in done["restarts"]]
+
+
+def test_restarts_are_chosen_on_validation_only_and_resume_per_restart(small, tmp_path):
+    folder, cohort, feats = small
+    config = TrainConfig(folds=2, epochs=3, lr=5e-3, batch_size=2, seed=3, restarts=3, device="cpu")
+    res = train_cohort(cohort, feats, tmp_path / "a", "abmil", config, TINY["abmil"], folds_to_run=[0],
+                       progress=False)
+    fold_a = tmp_path / "a" / "train" / "abmil" / "fold_0"
+    chosen, records = _fold_record(fold_a)
+    assert [r[0] for r in records] == [0, 1, 2] and len({r[1] for r in records}) == 3  # three different seeds
+    assert chosen == int(np.argmin([r[1] for r in records])) == res.folds[0].chosen_restart  # lowest val loss
+    src = fold_a / f"restart_{chosen}"
+    assert (fold_a / "predictions.csv").read_bytes() == (src / "predictions.csv").read_bytes()
+    assert (fold_a / "best.safetensors").read_bytes() == (src / "best.safetensors").read_bytes()
+    table = pd.read_csv(fold_a / "restarts.csv")
+    assert table["chosen"].tolist() == [r == chosen for r in range(3)] and "val_auc" in table
+    assert json.loads((fold_a / "config.json").read_text())["train"]["restarts"] == 3
+    from wsi2dmamba.cohort.verify import verify_run
+
+    report = verify_run(tmp_path / "a", sources=False)
+    assert report.ok and report.folds_checked == 1, report.findings  # the fold reads as one ordinary fold
+    from wsi2dmamba.evaluation import evaluate_run, write_report
+
+    metrics = evaluate_run(tmp_path / "a", n_boot=20)
+    assert metrics["models"]["abmil"]["restarts"]["0"]["chosen"] == chosen
+    page = write_report(tmp_path / "a", metrics=metrics).read_text()
+    assert f"<td class=\"name\">{chosen + 1} of 3 (loss: " in page  # the per-fold table names the choice
+
+    # Permuted test targets (the labels of fold 0's test patients flipped), same splits: the same choice.
+    test_ids = set(pd.read_csv(tmp_path / "a" / "train" / "splits" / "splits_0.csv")["test"].dropna())
+    manifest = pd.read_csv(cohort.source, dtype=str)
+    flip = manifest["slide_id"].isin(test_ids)
+    manifest.loc[flip, "label"] = manifest.loc[flip, "label"].map({"low": "high", "high": "low"})
+    manifest.to_csv(folder / "permuted.csv", index=False)
+    permuted = load_cohort(folder / "permuted.csv", require_path=False)
+    train_cohort(permuted, feats, tmp_path / "p", "abmil", config, TINY["abmil"], folds_to_run=[0],
+                 splits=tmp_path / "a" / "train" / "splits", progress=False)
+    fold_p = tmp_path / "p" / "train" / "abmil" / "fold_0"
+    assert _fold_record(fold_p) == (chosen, records)
+    pa, pp = pd.read_csv(fold_a / "predictions.csv"), pd.read_csv(fold_p / "predictions.csv")
+    test = pa["partition"] == "test"
+    assert (pa.loc[test, "target"] != pp.loc[test, "target"]).all()   # the test targets did change …
+    assert np.array_equal(pa["prob_1"], pp["prob_1"])                 # … and nothing trained on them
+
+    # A stop inside restart 2 (the second) resumes that restart alone and ends as the uninterrupted run.
+    def stop(row):
+        if row["fold_dir"].endswith("restart_1") and row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_cohort(cohort, feats, tmp_path / "b", "abmil", config, TINY["abmil"], folds_to_run=[0],
+                     callbacks=[stop], progress=False)
+    fold_b = tmp_path / "b" / "train" / "abmil" / "fold_0"
+    assert (fold_b / "restart_0" / "done.json").is_file() and (fold_b / "restart_1" / "resume.safetensors").is_file()
+    assert not (fold_b / "done.json").exists()
+    seen = []
+    train_cohort(cohort, feats, tmp_path / "b", "abmil", config, TINY["abmil"], folds_to_run=[0],
+                 callbacks=[lambda row: seen.append((Path(row["fold_dir"]).name, row["epoch"]))], progress=False)
+    assert seen == [("restart_1", 3), ("restart_2", 1), ("restart_2", 2), ("restart_2", 3)]
+    assert _fold_record(fold_b) == (chosen, records)
+    pd.testing.assert_frame_equal(pd.read_csv(fold_a / "predictions.csv"), pd.read_csv(fold_b / "predictions.csv"))
+    again = train_cohort(cohort, feats, tmp_path / "b", "abmil", config, TINY["abmil"], folds_to_run=[0],
+                         progress=False)
+    assert again.folds[0].skipped and again.folds[0].chosen_restart == chosen
+
+
+def test_restarts_in_a_pipeline_file(tmp_path):
+    from wsi2dmamba.pipeline import load_pipeline
+
+    (tmp_path / "cohort.csv").write_text("slide_id,path,label\ns1,s1.svs,a\n")
+    (tmp_path / "p.toml").write_text('[cohort]\nmanifest = "cohort.csv"\n[train]\nmodels = ["abmil"]\nrestarts = 4\n')
+    assert load_pipeline(tmp_path / "p.toml").option("train").restarts == 4
+
+
+def test_paper_recipe_differences_are_named():
+    from wsi2dmamba.training import paper_recipe_differences
+
+    cls = paper_recipe_differences(TrainConfig(task="classification", select_on="auc").model_dump(mode="json"))
+    assert any("clipped at 1.0 (published: no clipping)" in d for d in cls)
+    assert any("earlier epoch (published: the later)" in d for d in cls)
+    assert any("per optimiser step (published: per epoch)" in d for d in cls)
+    assert not any("learning rate" in d and "published: 0.0001" in d for d in cls)
+    surv = paper_recipe_differences(TrainConfig(task="survival", select_on="c_index").model_dump(mode="json"))
+    assert any("published for survival: constant learning rate" in d for d in surv)
+    assert not any("clipped" in d for d in surv)  # survival clips nothing by default, as published
+    off = TrainConfig(task="classification", clip_grad=0)  # how a pipeline file turns clipping off
+    assert off.clip_grad is None and not any("clipped" in d for d in paper_recipe_differences(off.model_dump()))
+    other = paper_recipe_differences(TrainConfig(task="survival", lr=1e-3, select_on="loss", restarts=3,
+                                                 clip_grad=2.0).model_dump(mode="json"))
+    for text in ("learning rate 0.001", "clipped at 2.0", "validation loss (published: c_index)", "3 restarts"):
+        assert any(text in d for d in other), text
+
+
+def test_choose_restart_prefers_the_better_validation_value_then_the_earlier_restart():
+    from wsi2dmamba.training.loop import choose_restart
+
+    assert choose_restart([0.7, 0.5, 0.6], lower_is_better=True) == 1
+    assert choose_restart([0.7, 0.9, 0.9], lower_is_better=False) == 1          # a tie goes to the earlier
+    assert choose_restart([float("nan"), 0.6, 0.8], lower_is_better=False) == 2  # NaN never wins
+    assert choose_restart([0.5, 0.5], lower_is_better=True) == 0
+
+
+def test_cli_train_with_restarts(small, tmp_path):
+    from typer.testing import CliRunner
+
+    from wsi2dmamba.cli import app
+
+    _, cohort, feats = small
+    args = ["train", "--cohort", str(cohort.source), "--features", str(feats), "--out", str(tmp_path),
+            "--model", "meanpool", "--folds", "2", "--fold", "1", "--epochs", "1", "--restarts", "2",
+            "--set", "hidden=8", "--quiet"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"meanpool fold 1: trained 1 epochs; restart [12] of 2 chosen on validation \(", result.output)
+    assert (tmp_path / "train" / "meanpool" / "fold_1" / "restart_1" / "done.json").is_file()

@@ -69,6 +69,8 @@ def register(app: typer.Typer) -> None:
         n_bins: Annotated[int, typer.Option("--n-bins", help="Survival time bins.")] = 4,
         alpha: Annotated[float, typer.Option("--alpha", help="Survival NLL uncensored-only weight.")] = 0.0,
         seed: Annotated[int, typer.Option("--seed")] = 0,
+        restarts: Annotated[int, typer.Option("--restarts", help="Trainings per fold (seeds seed … seed+K−1); "
+                                              "the validation partition alone picks one.")] = 1,
         device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, …")] = "auto",
         precision: Annotated[str, typer.Option("--precision", help="auto, fp32, bf16, fp16 (GPU).")] = "auto",
         preset: Annotated[Optional[str], typer.Option("--preset", help="Named model preset, e.g. paper.")] = None,
@@ -98,16 +100,26 @@ def register(app: typer.Typer) -> None:
         config = _train_config(task=task, folds=folds, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                warmup_epochs=warmup_epochs, batch_size=batch_size, accum_steps=accum_steps,
                                class_weighting=class_weighting, select_on=select_on, val_fraction=val_fraction,
-                               n_bins=n_bins, alpha=alpha, seed=seed, device=device, precision=precision, **clip)
+                               n_bins=n_bins, alpha=alpha, seed=seed, restarts=restarts, device=device,
+                               precision=precision, **clip)
         c = load_cohort(cohort, require_path=False, check_files=False)
         res = train_cohort(c, features, out, model, config, _overrides(set_), preset=preset, name=name,
                            splits=splits, folds_to_run=fold, force=force, progress=not quiet,
                            executor=executor, ray_address=ray_address)
         for w in res.warnings:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
+        if preset == "paper":
+            from ..training import paper_recipe_differences
+
+            typer.secho("note: the paper preset is the published architecture; its training here differs from "
+                        "the published recipe in: " + "; ".join(paper_recipe_differences(config.model_dump(
+                            mode="json"))), fg=typer.colors.YELLOW, err=True)
         for f in res.folds:
             state = "already done" if f.skipped else f"trained {f.epochs} epochs"
-            typer.echo(f"{res.name} fold {f.fold}: {state}; best epoch {f.best_epoch} "
+            chosen = "" if f.chosen_restart is None else (
+                f"restart {f.chosen_restart + 1} of {len(f.restarts)} chosen on validation ("
+                + ", ".join(f"{r['best_value']:.4f}" for r in f.restarts) + "); ")
+            typer.echo(f"{res.name} fold {f.fold}: {state}; {chosen}best epoch {f.best_epoch} "
                        f"({config.select_on} {f.best_value:.4f})")
         typer.echo(f"Results in {res.model_dir}. Next: wsi2dmamba evaluate --out {out}")
 
@@ -124,7 +136,7 @@ def register(app: typer.Typer) -> None:
         if level not in ("patient", "slide"):
             raise ConfigError(f"--level must be patient or slide, got {level!r}")
         metrics = evaluate_run(out, n_boot=n_boot, seed=seed)
-        typer.echo(f"Test metrics ({level} level; mean ± std over folds, pooled [95% CI]):")
+        typer.echo(f"Test metrics ({level} level; mean ± std over folds, pooled [95% CI]; failed folds):")
         typer.echo(format_summary(metrics, level))
         typer.echo(f"Written {Path(out) / 'eval' / 'metrics.json'}")
 

@@ -9,6 +9,11 @@ metrics are computed
 
 ``pooled`` concatenates the test predictions of all folds (every patient once); its 95 % interval is a
 patient-level bootstrap. Each fold's interval is a bootstrap of that fold's test partition.
+
+A fold **failed** when its checkpoint is at chance on its own validation partition: patient-level AUC
+(classification) or Harrell's C-index (survival) ≤ :data:`FAILED_FOLD_THRESHOLD`. Only validation decides
+it, so counting failures looks at no test result. Splits without a test partition (published survival
+splits) are summarised on validation instead, labelled so.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from .metrics import CLASSIFICATION_METRICS, SURVIVAL_METRICS, classification_me
 
 LEVELS = ("slide", "patient")
 CHECKPOINTS = ("best", "last")
+#: A fold whose validation AUC / C-index (patient level) is at most this is counted as failed.
+FAILED_FOLD_THRESHOLD = 0.55
+FAILED_FOLD_METRIC = {"classification": "auc", "survival": "c_index"}
 
 
 def model_dirs(run_dir: str | os.PathLike[str]) -> list[Path]:
@@ -77,19 +85,29 @@ def _surv_matrix(df: Any) -> np.ndarray:
     return df[cols].to_numpy(np.float64)
 
 
-def _point_metrics(df: Any, task: str, fold_cfgs: dict[int, dict[str, Any]], pooled: bool) -> dict[str, Any]:
+def _point_metrics(df: Any, task: str, fold_cfgs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     if task == "classification":
         return classification_metrics(df["target"].to_numpy(), _prob_matrix(df))
     folds = df["fold"].to_numpy()
     ends = np.stack([np.asarray(fold_cfgs[int(f)]["bin_ends"], np.float64) for f in folds]) if len(df) else None
-    if pooled:
-        # Every patient is in the pooled test set once: its own censoring distribution is the cohort's.
-        train_t, train_e = df["time"].to_numpy(), df["event"].to_numpy()
-    else:
-        ts = fold_cfgs[int(folds[0])]["train_survival"]
-        train_t, train_e = np.asarray(ts["time"]), np.asarray(ts["event"])
+    train_t, train_e = training_survival([fold_cfgs[int(k)] for k in np.unique(folds)])
     return survival_metrics(df["time"].to_numpy(), df["event"].to_numpy(), df["risk"].to_numpy(),
                             surv=_surv_matrix(df), bin_ends=ends, train_time=train_t, train_event=train_e)
+
+
+def training_survival(fold_cfgs: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """(time, event) of the training patients of the given folds, each patient once: the data of the
+    censoring estimate. For one fold, its training partition; pooled over folds, every patient that some
+    fold trained on (runs that recorded no patient ids give each fold's list as it is)."""
+    time: dict[Any, float] = {}
+    event: dict[Any, int] = {}
+    for i, cfg in enumerate(fold_cfgs):
+        ts = cfg["train_survival"]
+        ids = ts.get("patient_id") or [(i, j) for j in range(len(ts["time"]))]
+        for pid, t, e in zip(ids, ts["time"], ts["event"]):
+            time.setdefault(pid, float(t))
+            event.setdefault(pid, int(e))
+    return np.fromiter(time.values(), np.float64, len(time)), np.fromiter(event.values(), np.int64, len(event))
 
 
 def _intervals(df: Any, task: str, n_boot: int, seed: int) -> dict[str, list[float]]:
@@ -117,6 +135,28 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _partition_entry(sub: Any, task: str, configs: dict[int, dict[str, Any]], with_ci: bool, n_boot: int,
+                     seed: int) -> dict[str, Any]:
+    """``folds`` (per-fold metrics, with CIs when ``with_ci``), ``mean`` and ``std`` over folds, and ``pooled``."""
+    names = SURVIVAL_METRICS if task == "survival" else CLASSIFICATION_METRICS
+    per_fold = []
+    for k, g in sub.groupby("fold", sort=True):
+        m = _point_metrics(g, task, configs)
+        if with_ci:
+            m["ci"] = _intervals(g, task, n_boot, seed + int(k))
+        per_fold.append({"fold": int(k), "epoch": int(g["epoch"].iloc[0]), **m})
+    values = {n: np.array([f[n] for f in per_fold], np.float64) for n in names}
+    pooled = _point_metrics(sub, task, configs)
+    if with_ci:
+        pooled["ci"] = _intervals(sub, task, n_boot, seed)
+    return {
+        "folds": per_fold,
+        "mean": {n: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for n, v in values.items()},
+        "std": {n: float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else math.nan for n, v in values.items()},
+        "pooled": pooled,
+    }
+
+
 def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Metrics of one model folder (see the module docstring for what is computed).
 
@@ -140,8 +180,8 @@ def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: 
     first = configs[min(configs)]
     task = first["task"]
     slides = pd.concat(frames, ignore_index=True)
-    names = SURVIVAL_METRICS if task == "survival" else CLASSIFICATION_METRICS
     results: dict[str, Any] = {}
+    has_test = bool((slides["partition"] == "test").any())
     for level in LEVELS:
         table = slides if level == "slide" else aggregate_patients(slides, task)
         results[level] = {}
@@ -149,32 +189,55 @@ def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: 
             results[level][ckpt] = {}
             for part in ("test", "val"):
                 sub = table[(table["checkpoint"] == ckpt) & (table["partition"] == part)]
-                if sub.empty:
-                    continue
-                per_fold = []
-                for k, g in sub.groupby("fold", sort=True):
-                    m = _point_metrics(g, task, configs, pooled=False)
-                    if part == "test":
-                        m["ci"] = _intervals(g, task, n_boot, seed + int(k))
-                    per_fold.append({"fold": int(k), "epoch": int(g["epoch"].iloc[0]), **m})
-                values = {n: np.array([f[n] for f in per_fold], np.float64) for n in names}
-                entry = {
-                    "folds": per_fold,
-                    "mean": {n: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for n, v in values.items()},
-                    "std": {n: float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else math.nan
-                            for n, v in values.items()},
-                }
-                pooled = _point_metrics(sub, task, configs, pooled=True)
-                if part == "test":
-                    pooled["ci"] = _intervals(sub, task, n_boot, seed)
-                entry["pooled"] = pooled
-                results[level][ckpt][part] = entry
+                if not sub.empty:
+                    # Intervals for the partition the run is summarised on: test, or validation without one.
+                    with_ci = part == "test" or not has_test
+                    results[level][ckpt][part] = _partition_entry(sub, task, configs, with_ci, n_boot, seed)
     return _clean({
         "name": model_dir.name, "task": task, "model": first["model"].get("model", first.get("model_name")),
         "preset": first.get("preset"), "classes": first.get("classes"), "select_on": first["train"]["select_on"],
         "folds": sorted(configs), "incomplete_folds": sorted(set(all_folds) - set(configs)),
-        "n_parameters": first.get("n_parameters"), "results": results,
+        "n_parameters": first.get("n_parameters"), "train": first["train"], "results": results,
+        "failed_folds": {ckpt: failed_folds(results, task, ckpt) for ckpt in CHECKPOINTS},
+        "notes": _cohort_notes(slides),
+        "restarts": read_restarts(folds),
     })
+
+
+def _cohort_notes(slides: Any) -> list[str]:
+    """Warnings about what the figures mean for this cohort."""
+    from ..training.splits import SLIDE_LEVEL_PATIENTS, slide_level_patients
+
+    pairs = dict(zip(slides["slide_id"].astype(str), slides["patient_id"].astype(str)))
+    return [SLIDE_LEVEL_PATIENTS] if slide_level_patients(pairs) else []
+
+
+def failed_folds(results: dict[str, Any], task: str, checkpoint: str = "best") -> dict[str, Any]:
+    """The folds at chance on their validation partition (see the module docstring).
+
+    Returns:
+        ``{"metric", "threshold", "level", "partition", "folds" (failed), "undefined" (metric not defined,
+        e.g. one class in validation), "of" (folds with a validation partition)}``.
+    """
+    metric = FAILED_FOLD_METRIC[task]
+    val = results.get("patient", {}).get(checkpoint, {}).get("val")
+    per_fold = val["folds"] if val else []
+    values = {int(f["fold"]): f.get(metric) for f in per_fold}
+    defined = {k: float(v) for k, v in values.items() if v is not None and math.isfinite(float(v))}
+    return {"metric": metric, "threshold": FAILED_FOLD_THRESHOLD, "level": "patient", "partition": "val",
+            "folds": sorted(k for k, v in defined.items() if v <= FAILED_FOLD_THRESHOLD),
+            "undefined": sorted(set(values) - set(defined)), "of": len(values)}
+
+
+def read_restarts(folds: list[Path]) -> dict[str, Any]:
+    """fold → ``{"chosen", "restarts"}`` (each restart's seed, chosen epoch and validation figures) for the
+    folds trained with ``--restarts``; empty when none was."""
+    out = {}
+    for d in folds:
+        done = json.loads((d / "done.json").read_text())
+        if "restarts" in done:
+            out[d.name.split("_")[1]] = {"chosen": done["chosen_restart"], "restarts": done["restarts"]}
+    return out
 
 
 def clam_summary_rows(metrics: dict[str, Any], checkpoint: str = "best") -> list[dict[str, Any]]:
@@ -224,17 +287,29 @@ def evaluate_run(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
     return out
 
 
+def summary_partition(model_metrics: dict[str, Any], level: str, checkpoint: str) -> str | None:
+    """The partition a model's results are summarised on: ``test``, or ``val`` for splits without a test
+    partition (optimistic for the checkpoint chosen on it); None when there is neither."""
+    res = model_metrics["results"][level][checkpoint]
+    return "test" if "test" in res else ("val" if "val" in res else None)
+
+
 def summary_table(metrics: dict[str, Any], level: str = "patient") -> list[dict[str, Any]]:
-    """One row per (model, checkpoint): test metrics as mean ± std over folds and pooled [95 % CI]."""
+    """One row per (model, checkpoint): test metrics (validation metrics where the splits have no test
+    partition; ``partition`` says which) as mean ± std over folds and pooled [95 % CI], and the number of
+    failed folds (``failed``, of ``folds``)."""
     rows = []
     for name, m in metrics["models"].items():
         names = SURVIVAL_METRICS if m["task"] == "survival" else CLASSIFICATION_METRICS
         for ckpt in CHECKPOINTS:
-            res = m["results"][level][ckpt].get("test")
-            if res is None:
+            part = summary_partition(m, level, ckpt)
+            if part is None:
                 continue
-            row: dict[str, Any] = {"model": name, "task": m["task"], "checkpoint": ckpt,
-                                   "folds": len(res["folds"]), "level": level}
+            res = m["results"][level][ckpt][part]
+            failed = m.get("failed_folds", {}).get(ckpt, {})
+            row: dict[str, Any] = {"model": name, "task": m["task"], "checkpoint": ckpt, "partition": part,
+                                   "folds": len(res["folds"]), "level": level,
+                                   "failed": len(failed.get("folds", [])), "failed_of": failed.get("of")}
             for n in names:
                 row[f"{n}_mean"] = res["mean"].get(n)
                 row[f"{n}_std"] = res["std"].get(n)
@@ -260,5 +335,10 @@ def format_summary(metrics: dict[str, Any], level: str = "patient") -> str:
             if pooled is not None and lo is not None:
                 text += f" (pooled {pooled:.3f} [{lo:.3f}, {hi:.3f}])"
             parts.append(text)
-        lines.append(f"{row['model']:<20} {row['checkpoint']:<5} {row['folds']} folds  " + "; ".join(parts))
+        where = "" if row["partition"] == "test" else "VALIDATION (no test partition)  "
+        lines.append(f"{row['model']:<20} {row['checkpoint']:<5} {row['folds']} folds, {row['failed']} failed  "
+                     + where + "; ".join(parts))
+    lines.append(f"A fold failed when its patient-level validation AUC / C-index ≤ {FAILED_FOLD_THRESHOLD}.")
+    for name, m in metrics["models"].items():
+        lines += [f"warning ({name}): {note}" for note in m.get("notes", [])]
     return "\n".join(lines)

@@ -116,9 +116,10 @@ def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray, *, s
         risk: (N,) predicted risk.
         surv: (N, K) discrete survival ``S_k`` (for the integrated Brier score).
         bin_ends: (K,) end time of each interval (for the integrated Brier score).
-        train_time, train_event: the training partition. With the evaluated patients it gives the
-            censoring distribution of the IPCW C-index, the time-dependent AUC and the Brier score, and
-            its last event time truncates them.
+        train_time, train_event: the training partition, one entry per patient. It alone gives the
+            censoring distribution of the IPCW C-index, the time-dependent AUC and the Brier score (as
+            scikit-survival intends), and its last event time τ truncates them: an evaluated patient
+            followed past τ counts as censored at τ, which changes none of the three at times before τ.
 
     Returns:
         c_index (Harrell's, ``concordance_index_censored``), c_index_ipcw (Uno's, truncated at the
@@ -151,12 +152,18 @@ def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray, *, s
         notes.append("IPCW C-index, time-dependent AUC and Brier score need the training partition")
         out["notes"] = notes
         return out
-    # The censoring distribution is estimated on the training and evaluated patients together, so that
-    # every evaluated time lies inside its support (scikit-survival refuses times past the last one).
-    y_train = _surv_array(np.r_[np.asarray(train_time, np.float64), time],
-                          np.r_[np.asarray(train_event).astype(bool), event])
-    y_test = _surv_array(time, event)
-    t_max = float(np.max(np.asarray(train_time, np.float64)[np.asarray(train_event).astype(bool)], initial=0.0))
+    train_time = np.asarray(train_time, np.float64)
+    train_event = np.asarray(train_event).astype(bool)
+    if not train_event.any():
+        notes.append("IPCW C-index, time-dependent AUC and Brier score need an event in the training partition")
+        out["notes"] = notes
+        return out
+    # The censoring distribution comes from the training patients only. Their last event time τ bounds
+    # where it is positive, so evaluated follow-up past τ is cut there (scikit-survival refuses times past
+    # the training follow-up); every evaluation time below lies before τ.
+    t_max = float(train_time[train_event].max())
+    y_train = _surv_array(train_time, train_event)
+    y_test = _surv_array(np.minimum(time, t_max), event & (time <= t_max))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

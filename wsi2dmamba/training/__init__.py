@@ -11,7 +11,7 @@ files (:func:`load_splits`); checkpoints are safetensors with a JSON configurati
 """
 
 from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, paper_recipe_differences
 from .data import class_names, load_feature_grids
 from .loop import FoldResult, TrainResults, train_cohort, train_fold
 from .losses import class_weights, hazards_to_survival, nll_survival_loss, survival_bin_edges, time_to_bin
@@ -33,6 +33,7 @@ __all__ = [
     "load_splits",
     "make_splits",
     "nll_survival_loss",
+    "paper_recipe_differences",
     "read_checkpoint_config",
     "resolve_splits",
     "save_checkpoint",

@@ -11,6 +11,11 @@ Layout under the run folder::
     RUN/train/<name>/fold_<k>/done.json           written last: the fold is complete (+ sha256 of its files)
     RUN/train/<name>/fold_<k>/resume.safetensors  while a fold runs: state to continue it after a stop
 
+With ``--restarts K`` (K > 1) each fold is trained K times with seeds ``seed … seed + K − 1``, each restart in
+``fold_<k>/restart_<r>/`` with the files above; the fold's own files are copies of the restart whose chosen
+checkpoint scores best on validation, and ``fold_<k>/restarts.csv`` and ``done.json`` record every restart's
+validation figures and which one was chosen.
+
 A complete fold with the same configuration is skipped; an unfinished one continues from its last
 finished epoch and ends exactly as an uninterrupted run would.
 """
@@ -34,7 +39,14 @@ from filelock import FileLock
 from ..cohort import Cohort
 from ..errors import ConfigError, TrainingError, WsiError
 from ..devices import resolve_device
-from ..fileio import file_sha256, params_hash, remove_stale_temporaries, write_json_atomic, write_text_atomic
+from ..fileio import (
+    atomic_path,
+    file_sha256,
+    params_hash,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_text_atomic,
+)
 from ..grid import FeatureGrid
 from .checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from .config import TrainConfig
@@ -59,6 +71,8 @@ class FoldResult:
     best_value: float
     epochs: int
     skipped: bool = False
+    chosen_restart: int | None = None
+    restarts: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -243,6 +257,21 @@ def _selection_value(config: TrainConfig, outputs: dict[str, np.ndarray], loss: 
     return float(value), metrics
 
 
+def patient_survival(cohort: Cohort, slide_ids: Sequence[str]) -> dict[str, list[Any]]:
+    """One (time, event) per patient of ``slide_ids``, each patient once (from its first slide), so that
+    a patient with several slides weighs as much as one with a single slide in the survival bins and the
+    censoring estimate.
+
+    Returns:
+        ``{"patient_id": [...], "time": [...], "event": [...]}`` in order of first appearance.
+    """
+    first: dict[str, Any] = {}
+    for sid in slide_ids:
+        first.setdefault(cohort[sid].patient_id, cohort[sid])
+    return {"patient_id": list(first), "time": [float(r.time) for r in first.values()],
+            "event": [int(r.event) for r in first.values()]}
+
+
 def _prediction_rows(fold: int, checkpoint: str, epoch: int, partition: str, ids: Sequence[str],
                      outputs: dict[str, np.ndarray], cohort: Cohort, targets: Targets, classes: Sequence[str] | None,
                      ) -> list[dict[str, Any]]:
@@ -270,6 +299,10 @@ def train_fold(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], 
                force: bool = False, callbacks: Sequence[EpochCallback] = (), progress: bool = True) -> FoldResult:
     """Train one fold and write its folder (see the module docstring).
 
+    With ``config.restarts`` = K > 1 the fold is trained K times, with seeds ``seed … seed + K − 1``, each in
+    ``fold_dir/restart_<r>/`` (each resumes by itself); the restart whose chosen checkpoint scores best on
+    the validation partition becomes the fold's result (see :func:`choose_restart`).
+
     Args:
         split: the fold's slide ids per partition.
         cohort: labels, survival times and patients of the slides.
@@ -289,6 +322,20 @@ def train_fold(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], 
         TrainingError: the loss or the gradients became NaN or inf (nothing is written for that epoch).
         ConfigError: the fold exists with another configuration and ``force`` is False.
     """
+    kwargs = {"model_overrides": model_overrides, "preset": preset, "classes": classes,
+              "features_dir": features_dir, "force": force, "callbacks": callbacks, "progress": progress}
+    if config.restarts == 1:
+        return _train_once(split, cohort, grids, fold_dir, model_name, config, **kwargs)
+    return _train_restarts(split, cohort, grids, Path(fold_dir), model_name, config, **kwargs)
+
+
+def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], fold_dir: str | os.PathLike[str],
+                model_name: str, config: TrainConfig, *, model_overrides: dict[str, Any] | None = None,
+                preset: str | None = None, classes: Sequence[str] | None = None, features_dir: str = "",
+                force: bool = False, callbacks: Sequence[EpochCallback] = (), progress: bool = True,
+                label: str | None = None) -> FoldResult:
+    """Train one fold once (one seed) and write its folder; arguments as :func:`train_fold`, plus ``label``,
+    the fold's name in messages and progress bars."""
     from tqdm.auto import tqdm
 
     from ..models import create
@@ -296,18 +343,17 @@ def train_fold(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], 
     fold_dir = Path(fold_dir)
     fold_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(fold_dir)
-    where = f"{fold_dir.parent.name} fold {split.fold}"
+    where = label or f"{fold_dir.parent.name} fold {split.fold}"
     task = config.task
     overrides = dict(model_overrides or {})
 
     bin_edges = bin_ends = None
     train_surv = None
     if task == "survival":
-        t = np.array([cohort[s].time for s in split.train], np.float64)
-        e = np.array([cohort[s].event for s in split.train], np.int64)
-        bin_edges = survival_bin_edges(t, e, config.n_bins)  # fitted on the training partition only
+        train_surv = patient_survival(cohort, split.train)
+        t, e = np.array(train_surv["time"], np.float64), np.array(train_surv["event"], np.int64)
+        bin_edges = survival_bin_edges(t, e, config.n_bins)  # fitted on the training patients only
         bin_ends = np.append(bin_edges, t.max())
-        train_surv = {"time": t.tolist(), "event": e.tolist()}
         classes = None
     else:
         classes = list(classes) if classes is not None else class_names(cohort)
@@ -315,7 +361,8 @@ def train_fold(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], 
 
     in_dim = next(iter(grids.values())).feature_dim
     identity = {
-        "train": config.model_dump(mode="json"), "model_name": model_name, "preset": preset,
+        # restarts is left out: one restart's result depends on its seed only, as a plain run's does.
+        "train": config.model_dump(mode="json", exclude={"restarts"}), "model_name": model_name, "preset": preset,
         "model_overrides": overrides, "classes": classes, "in_dim": in_dim,
         "split": {"train": list(split.train), "val": list(split.val), "test": list(split.test)},
         "features": Path(features_dir).name if features_dir else "",
@@ -420,6 +467,115 @@ def train_fold(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], 
                                   "outputs": outputs})
     resume_path.unlink(missing_ok=True)
     return FoldResult(split.fold, fold_dir, loop["best_epoch"], best_value, last_epoch)
+
+
+# -------------------------------------------------------------------------------------- restarts
+
+def restart_config(config: TrainConfig, restart: int) -> TrainConfig:
+    """The configuration of restart ``restart`` of a fold: seed ``config.seed + restart``, one training."""
+    return config.model_copy(update={"seed": config.seed + restart, "restarts": 1})
+
+
+def choose_restart(values: Sequence[float], lower_is_better: bool) -> int:
+    """Index of the best validation value; ties and NaNs go to the earlier restart.
+
+    Args:
+        values: (K,) each restart's validation value of ``select_on`` at its chosen epoch.
+        lower_is_better: True for a loss.
+    """
+    best: float | None = None
+    chosen = 0
+    for r, value in enumerate(values):
+        if _is_better(float(value), best, lower_is_better):
+            best, chosen = float(value), r
+    return chosen
+
+
+def _restart_record(restart: int, seed: int, restart_dir: Path) -> dict[str, Any]:
+    """What a finished restart scored on validation: its chosen epoch, the value of ``select_on`` there,
+    and every validation metric of that epoch's log row."""
+    import json
+
+    import pandas as pd
+
+    done = json.loads((restart_dir / "done.json").read_text())
+    log = pd.read_csv(restart_dir / "log.csv")
+    row = log[log["epoch"] == int(done["best_epoch"])]
+    val = {c: float(row[c].iloc[0]) for c in log.columns if c.startswith("val_") and len(row)}
+    return {"restart": restart, "seed": seed, "best_epoch": int(done["best_epoch"]),
+            "best_value": float(done["best_value"]), "config_hash": done["config_hash"], **val}
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    import shutil
+
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _prior_restarts(fold_dir: Path, force: bool) -> dict[str, Any] | None:
+    """The ``done.json`` of a fold already chosen among restarts (None if there is none); a fold trained
+    once, without restarts, is refused unless ``force``."""
+    import json
+
+    done_path = fold_dir / "done.json"
+    prior = json.loads(done_path.read_text()) if done_path.is_file() else None
+    if prior is not None and "restarts" not in prior and not force:
+        raise ConfigError(f"{fold_dir} holds a fold trained once, without --restarts; pass --force to retrain "
+                          "it, or train into another --out or --name.")
+    return prior
+
+
+def _train_restarts(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid], fold_dir: Path,
+                    model_name: str, config: TrainConfig, *, force: bool = False, **kwargs: Any) -> FoldResult:
+    """Train ``config.restarts`` restarts of one fold and give the fold the files of the one that validation
+    picks (copied into ``fold_dir``, so that every reader of a fold sees one ordinary fold).
+
+    ``fold_dir/done.json`` records every restart's validation figures (``restarts``) and the choice
+    (``chosen_restart``); ``fold_dir/restarts.csv`` lists the same figures for people.
+    """
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(fold_dir)
+    prior = _prior_restarts(fold_dir, force)
+    where = f"{fold_dir.parent.name} fold {split.fold}"
+    results, records = [], []
+    for r in range(config.restarts):
+        cfg = restart_config(config, r)
+        results.append(_train_once(split, cohort, grids, fold_dir / f"restart_{r}", model_name, cfg, force=force,
+                                   label=f"{where} restart {r + 1}/{config.restarts}", **kwargs))
+        records.append(_restart_record(r, cfg.seed, fold_dir / f"restart_{r}"))
+    chosen = choose_restart([rec["best_value"] for rec in records], config.selection_lower_is_better)
+    config_hash = params_hash({"select_on": config.select_on, "restarts": [rec["config_hash"] for rec in records]})
+    if prior is not None and prior.get("config_hash") == config_hash and all(res.skipped for res in results):
+        return FoldResult(split.fold, fold_dir, int(prior["best_epoch"]), float(prior["best_value"]),
+                          int(prior["epochs"]), skipped=True, chosen_restart=chosen, restarts=records)
+    best = results[chosen]
+    _write_chosen_restart(fold_dir, config, config_hash, chosen, records, best)
+    return FoldResult(split.fold, fold_dir, best.best_epoch, best.best_value, best.epochs, chosen_restart=chosen,
+                      restarts=records)
+
+
+def _write_chosen_restart(fold_dir: Path, config: TrainConfig, config_hash: str, chosen: int,
+                          records: list[dict[str, Any]], best: FoldResult) -> None:
+    """Give ``fold_dir`` the files of restart ``chosen``; ``done.json`` last."""
+    import json
+
+    done_path = fold_dir / "done.json"
+    done_path.unlink(missing_ok=True)  # the fold is unfinished until its files are those of the chosen restart
+    src = fold_dir / f"restart_{chosen}"
+    for name in FOLD_OUTPUTS:
+        if name != "config.json":
+            _copy_atomic(src / name, fold_dir / name)
+    fold_config = json.loads((src / "config.json").read_text())
+    fold_config.update({"train": config.model_dump(mode="json"), "config_hash": config_hash,
+                        "chosen_restart": chosen, "restart_seed": records[chosen]["seed"]})
+    write_json_atomic(fold_dir / "config.json", fold_config)
+    write_text_atomic(fold_dir / "restarts.csv", _csv_text([{**rec, "chosen": rec["restart"] == chosen}
+                                                            for rec in records]))
+    write_json_atomic(done_path, {
+        "best_epoch": best.best_epoch, "best_value": best.best_value, "select_on": config.select_on,
+        "epochs": best.epochs, "config_hash": config_hash, "chosen_restart": chosen, "restarts": records,
+        "outputs": {n: file_sha256(fold_dir / n) for n in FOLD_OUTPUTS}})
 
 
 # ---------------------------------------------------------------------------------------- a cohort

@@ -57,6 +57,20 @@ class Leak:
         return f"fold {self.fold}: patient {self.patient_id} is in {' and '.join(self.partitions)}"
 
 
+#: Said wherever a cohort's patients are its slides (training warnings, evaluation notes, the report).
+SLIDE_LEVEL_PATIENTS = (
+    "every slide of the cohort is its own patient (patient_id equals slide_id, or the manifest has no "
+    "patient_id column), so the patient-level splits, metrics and confidence intervals are slide-level: where "
+    "a patient has several slides, they can sit in two partitions and the intervals are too narrow. Put the "
+    "real patient ids in the manifest's patient_id column (BRACS: the patient ID column of the .xlsx on "
+    "https://www.bracs.icar.cnr.it/details/).")
+
+
+def slide_level_patients(patient_of: Mapping[str, str]) -> bool:
+    """True when every slide id (key) maps to itself as its patient: no patient ids were given."""
+    return len(patient_of) > 1 and all(s == p for s, p in patient_of.items())
+
+
 class SplitLeakError(ConfigError):
     """A patient is in two partitions of one fold."""
 
@@ -162,7 +176,9 @@ def write_splits(splits: Sequence[FoldSplit], folder: str | os.PathLike[str], co
                  task: str = "classification") -> list[Path]:
     """Write ``splits_<k>.csv`` (CLAM layout) and, given the cohort, ``splits_<k>_descriptor.csv``.
 
-    The descriptor counts slides per stratum (label, or event/censored) and partition.
+    The descriptor counts slides (columns ``train, val, test``, as CLAM's) and patients
+    (``train_patients, val_patients, test_patients``) per stratum (label, or event/censored) and partition;
+    a patient whose slides fall in two strata counts in both.
     """
     import pandas as pd
 
@@ -179,11 +195,16 @@ def write_splits(splits: Sequence[FoldSplit], folder: str | os.PathLike[str], co
             key: Callable = ((lambda r: "event" if r.event else "censored") if task == "survival"
                              else (lambda r: r.label))
             by_id = {r.slide_id: r for r in cohort}
-            rows = defaultdict(lambda: dict.fromkeys(PARTITIONS, 0))
+            rows = defaultdict(lambda: dict.fromkeys((*PARTITIONS, *(f"{p}_patients" for p in PARTITIONS)), 0))
             for p in PARTITIONS:
+                seen: set[tuple[str, str]] = set()
                 for sid in s.partition(p):
                     if sid in by_id:
-                        rows[key(by_id[sid])][p] += 1
+                        stratum = key(by_id[sid])
+                        rows[stratum][p] += 1
+                        if (stratum, by_id[sid].patient_id) not in seen:
+                            seen.add((stratum, by_id[sid].patient_id))
+                            rows[stratum][f"{p}_patients"] += 1
             desc = pd.DataFrame.from_dict(rows, orient="index").sort_index()
             with atomic_path(folder / f"splits_{s.fold}_descriptor.csv") as tmp:
                 desc.to_csv(tmp)
@@ -305,6 +326,8 @@ def resolve_splits(splits: Sequence[FoldSplit], cohort: Cohort) -> tuple[list[Fo
         raise SplitLeakError(f"The splits put a patient in two partitions, which leaks information between "
                              f"training and evaluation: {shown}{more}. Fix the split files (every slide of "
                              f"a patient in one partition) or let wsi2dmamba make the splits.")
+    if slide_level_patients(patient_of):
+        warnings.append(SLIDE_LEVEL_PATIENTS)
     for fs in resolved:
         for p in ("train", "val"):
             if not fs.partition(p):
