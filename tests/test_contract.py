@@ -253,3 +253,19 @@ def test_a_fold_whose_hash_counted_runtime_options_is_kept(tmp_path, grids, capl
     caplog.clear()
     assert train(run, grids, "cpu", {}).folds[0].skipped  # and from now on without a word
     assert not caplog.records
+
+
+# --------------------------------------------------------------------------------------------- docs
+
+def test_the_docs_list_every_identity_and_runtime_field():
+    from wsi2dmamba.identity import fields_table, runtime_fields
+    from wsi2dmamba.models.registry import list_models
+    from wsi2dmamba.tissue import SegmentConfig
+
+    models = list(dict.fromkeys(config_class(m) for m in list_models()))
+    expected = fields_table([SegmentConfig, TileConfig, ExtractConfig, TrainConfig, *models])
+    text = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    found = text.split("<!-- config-fields:start -->\n", 1)[1].split("<!-- config-fields:end -->", 1)[0]
+    assert found == expected, f"docs/reliability.md's table of options is out of date; it should read:\n{expected}"
+    assert runtime_fields(TileConfig) == ("segment_missing",) and runtime_fields(TrainConfig) == ("device",)
+    assert set(RUNTIME_SSM) == set(runtime_fields(config_class(MODEL)))
