@@ -71,7 +71,8 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option("--seed")] = 0,
         restarts: Annotated[int, typer.Option("--restarts", help="Trainings per fold (seeds seed … seed+K−1); "
                                               "the validation partition alone picks one.")] = 1,
-        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, …")] = "auto",
+        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1, … (not part of a fold's "
+                                            "identity: a fold resumes on any device).")] = "auto",
         precision: Annotated[str, typer.Option("--precision", help="auto, fp32, bf16, fp16 (GPU).")] = "auto",
         preset: Annotated[Optional[str], typer.Option("--preset", help="Named model preset, e.g. paper.")] = None,
         name: Annotated[Optional[str], typer.Option("--name", help="Folder name of this model in the run "
