@@ -25,6 +25,7 @@ from typer.testing import CliRunner
 from wsi2dmamba.cli import app
 from wsi2dmamba.cohort import load_cohort
 from wsi2dmamba.cohort.ledger import read_state
+from wsi2dmamba.cohort.verify import verify_run
 from wsi2dmamba.evaluation import evaluate_run
 from wsi2dmamba.features import ExtractConfig, extract_cohort, feature_path, load_encoder
 from wsi2dmamba.fileio import file_sha256
@@ -160,6 +161,7 @@ def test_slide_stages_keep_the_contract(tmp_path, two_slides, encoder):
             assert not summary.done and not summary.failed and sorted(summary.skipped) == ["a", "b"], stage
             assert snapshot(run / STAGE_DIRS[stage]) == before[stage], stage
         assert_written_files_are_on_disk(run, STAGE_DIRS[stage], ["a", "b"])
+    assert not verify_run(run).errors
 
 
 def test_tiles_of_a_run_that_hashed_segment_missing_are_kept(tmp_path, cmu_slide, encoder, caplog):
@@ -180,6 +182,7 @@ def test_tiles_of_a_run_that_hashed_segment_missing_are_kept(tmp_path, cmu_slide
     assert extract_cohort(cohort, run, extract, progress=False, encoder=encoder).skipped == ["a"]
     assert snapshot(run / f"features/{ENCODER}") == before[f"features/{ENCODER}"]
     assert_written_files_are_on_disk(run, "tiles", ["a"])
+    assert not verify_run(run).errors
 
 
 # ------------------------------------------------------------------------------- train, evaluate
@@ -250,6 +253,7 @@ def test_a_fold_whose_hash_counted_runtime_options_is_kept(tmp_path, grids, capl
     assert json.loads((fold / "done.json").read_text())["config_hash"] == now["config_hash"]
     assert snapshot(fold)["best.safetensors"] == weights
     assert_fold_files_are_on_disk(fold)
+    assert not verify_run(run).errors
     caplog.clear()
     assert train(run, grids, "cpu", {}).folds[0].skipped  # and from now on without a word
     assert not caplog.records
