@@ -125,7 +125,8 @@ def tile(
     mpp_tolerance: Annotated[Optional[float], typer.Option("--mpp-tolerance", help="Relative difference within "
                                                            "which a pyramid level is used as is [0.02].")] = None,
     segment_missing: Annotated[bool, typer.Option("--segment-missing", help="Segment slides that have no "
-                                                  "contours in RUN/segment instead of failing them.")] = False,
+                                                  "contours in RUN/segment instead of failing them; slides "
+                                                  "already tiled are left as they are.")] = False,
 ) -> None:
     """Tile every slide on one lattice at an exact µm/px: RUN/tiles/<slide_id>.h5 (+ _grid.png).
 

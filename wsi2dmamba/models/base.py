@@ -84,7 +84,10 @@ class MILModel(nn.Module):
         self.config = config
 
     def config_dict(self) -> dict[str, Any]:
-        """JSON-able configuration, including the model's registry name under ``"model"``."""
+        """JSON-able configuration, including the model's registry name under ``"model"``.
+
+        Runtime fields (see :mod:`wsi2dmamba.identity`) are left out: a rebuilt model takes their defaults.
+        """
         return {"model": self.name, **self.config.model_dump(mode="json")}
 
     def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:  # pragma: no cover

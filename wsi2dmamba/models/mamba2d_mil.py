@@ -56,9 +56,10 @@ class GridSSMConfig(MILConfig):
     attn_dim: int = Field(default=128, gt=0)
     pool_padding: bool = False
     pad_token_init: Literal["uniform", "zeros"] = "uniform"
-    checkpoint_blocks: Literal["auto", "on", "off"] = "auto"
-    channel_groups: int | None = Field(default=None, gt=0)
-    scan_backend: Literal["auto", "torch", "cupy"] = "auto"
+    # Runtime fields (not hashed, not in config_dict): they change memory and speed, not the model.
+    checkpoint_blocks: Literal["auto", "on", "off"] = Field(default="auto", exclude=True)
+    channel_groups: int | None = Field(default=None, gt=0, exclude=True)
+    scan_backend: Literal["auto", "torch", "cupy"] = Field(default="auto", exclude=True)
 
     @field_validator("corners", check_fields=False)
     @classmethod

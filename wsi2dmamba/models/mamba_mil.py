@@ -50,7 +50,7 @@ class MambaMILConfig(MILConfig):
     bidirectional: bool = False
     reorder_rate: int | None = Field(default=10, ge=2)
     attn_dim: int = Field(default=128, gt=0)
-    scan_backend: str = "auto"
+    scan_backend: str = Field(default="auto", exclude=True)  # runtime: not hashed, not in config_dict
 
 
 def reorder_index(lengths: torch.Tensor, length: int, rate: int) -> torch.Tensor:

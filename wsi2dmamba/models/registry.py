@@ -129,6 +129,11 @@ def model_info(name: str) -> dict[str, Any]:
     }
 
 
+def config_class(name: str) -> type[MILConfig]:
+    """The configuration class of the registered model ``name`` (a registry name, without preset)."""
+    return _entry(name).cls.config_class
+
+
 def build_config(name: str, values: dict[str, Any]) -> MILConfig:
     """Validate ``values`` against the model's config class; bad values raise :class:`ConfigError`."""
     cfg_cls = _entry(name).cls.config_class

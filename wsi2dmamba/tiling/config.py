@@ -15,7 +15,8 @@ class TileConfig(BaseModel):
     that fine and shrunk; when a level is within ``mpp_tolerance`` of ``mpp`` it is read there as is
     (the effective mpp, stored in the file, is then that level's). ``segment`` holds the segmentation
     parameters the tissue contours must have been made with; they are part of the parameter hash, so
-    that new contours invalidate old tiles.
+    that new contours invalidate old tiles. ``segment_missing`` is a runtime field (see
+    :mod:`wsi2dmamba.identity`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -30,8 +31,9 @@ class TileConfig(BaseModel):
     mpp_tolerance: float = Field(0.02, ge=0.0, le=0.2, description="Relative mpp difference within which a "
                                  "pyramid level is read without resizing.")
     segment: SegmentConfig = Field(default_factory=SegmentConfig, description="Segmentation parameters.")
-    segment_missing: bool = Field(False, description="Segment slides that have no contours in the run "
-                                  "folder instead of failing them.")
+    segment_missing: bool = Field(False, exclude=True, description="Segment slides that have no contours in "
+                                  "the run folder instead of failing them (runtime: not hashed, so rescuing "
+                                  "a few slides leaves the others' tiles alone).")
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> TileConfig:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 from ..cohort import Cohort, SlideRecord, StageSummary, config_hash, read_state, run_stage
+from ..cohort.ledger import write_state
+from ..cohort.shards import select_shard
 from ..errors import SlideError, StageInputError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, params_hash
 from ..grid import write_tile_grid
 from ..tissue.config import SegmentConfig
 from ..tissue.geojson import read_geojson
@@ -20,6 +24,8 @@ from .tiler import Tiler
 
 STAGE = "tile"
 FOLDER = "tiles"
+
+log = logging.getLogger(__name__)
 
 
 def tile_paths(run_dir: str | Path, slide_id: str) -> dict[str, Path]:
@@ -105,6 +111,32 @@ def tile_cohort(cohort: Cohort, run_dir: str | Path, config: TileConfig | None =
     run_dir = Path(run_dir)
     if config is None:
         config = TileConfig(segment=read_segment_config(run_dir) or SegmentConfig())
+    mine = select_shard(cohort, shard) if shard is not None else cohort
     return run_stage(STAGE, cohort, run_dir, config, tile_slide, tile_outputs, workers=workers,
                      progress=progress, force=force, stage_dir=FOLDER, shard=shard, executor=executor,
-                     ray_address=ray_address)
+                     ray_address=ray_address, on_locked=lambda: adopt_hashes_with_segment_missing(mine, run_dir,
+                                                                                                  config))
+
+
+def adopt_hashes_with_segment_missing(cohort: Cohort, run_dir: Path, config: TileConfig) -> list[str]:
+    """Give today's parameter hash to the finished slides whose recorded hash counted ``segment_missing``.
+
+    ``segment_missing`` is a runtime field, so it is not hashed; states recorded when it was hashed (with
+    either value) are the same tiles and keep them. The tiles files keep the hash they were written with,
+    which their feature files were made from, so no slide is tiled or extracted again. Returns the slide ids
+    whose state was rewritten (one line says how many).
+    """
+    data = config.model_dump(mode="json")
+    counted = {params_hash({"stage": STAGE, "config": {**data, "segment_missing": v}}) for v in (False, True)}
+    today = config_hash(STAGE, config)
+    adopted = []
+    for rec in cohort:
+        st = read_state(run_dir, FOLDER, rec.slide_id)
+        if st is not None and st.status == "done" and st.params_hash in counted:
+            write_state(run_dir, dataclasses.replace(st, params_hash=today))
+            adopted.append(rec.slide_id)
+    if adopted:
+        log.warning("tile: %d finished slide(s) were recorded with a parameter hash that counted "
+                    "--segment-missing; their tiles are kept and their states now carry hash %s",
+                    len(adopted), today)
+    return adopted

@@ -125,6 +125,16 @@ def _params_of_finished(run_dir: Path, states: list[SlideState]) -> SegmentConfi
     return None
 
 
+def _record_config(path: Path, data: dict) -> None:
+    """Write the stage's parameters unless ``path`` already holds them (a rerun changes no file)."""
+    try:
+        if json.loads(path.read_text(encoding="utf-8")) == data:
+            return
+    except (OSError, ValueError):
+        pass
+    write_json_atomic(path, data)
+
+
 def segment_cohort(cohort: Cohort, run_dir: str | Path, config: SegmentConfig | None = None, *,
                    workers: int = 1, progress: bool = True, force: bool = False,
                    shard: tuple[int, int] | None = None, executor: str = "local",
@@ -136,7 +146,7 @@ def segment_cohort(cohort: Cohort, run_dir: str | Path, config: SegmentConfig | 
     """
     config = config or SegmentConfig()
     run_dir = Path(run_dir)
-    record = partial(write_json_atomic, run_dir / STAGE / CONFIG_FILE, config.model_dump(mode="json"))
+    record = partial(_record_config, run_dir / STAGE / CONFIG_FILE, config.model_dump(mode="json"))
     return run_stage(STAGE, cohort, run_dir, config, segment_slide, segment_outputs, workers=workers,
                      progress=progress, force=force, shard=shard, executor=executor, ray_address=ray_address,
                      on_locked=record)

@@ -49,7 +49,8 @@ class TrainConfig(BaseModel):
     restarts: int = Field(1, ge=1, description="Trainings per fold, with seeds seed, seed+1, …; the fold keeps "
                                                "the one whose chosen checkpoint scores best on validation "
                                                "(ties: the earlier restart). Test data play no part in the choice.")
-    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1', …")
+    device: str = Field("auto", exclude=True, description="'auto' (CUDA when available), 'cpu', 'cuda', "
+                        "'cuda:1', … (runtime: not hashed, so a fold resumes on another device).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Autocast precision on GPU; 'auto' = bf16 where supported, else fp16. CPU is fp32.")
     n_bins: int = Field(4, ge=2, description="Survival: number of discrete time bins (= hazards).")

@@ -53,6 +53,7 @@ from .checkpoint import load_checkpoint, load_training_state, save_checkpoint, s
 from .config import TrainConfig
 from .data import (Targets, class_names, iter_batches, load_feature_grids, make_targets, to_device,
                    worker_feature_grids)
+from .fold_identity import adopt_runtime_only_change, model_identity
 from .losses import class_weights, hazards_to_survival, nll_survival_loss, survival_bin_edges
 from .splits import FoldSplit, load_splits, make_splits, resolve_splits, write_splits
 
@@ -432,7 +433,7 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
     identity = {
         # restarts is left out: one restart's result depends on its seed only, as a plain run's does.
         "train": config.model_dump(mode="json", exclude={"restarts"}), "model_name": model_name, "preset": preset,
-        "model_overrides": overrides, "classes": classes, "in_dim": in_dim,
+        "model_overrides": model_identity(model_name, overrides), "classes": classes, "in_dim": in_dim,
         "split": {"train": list(split.train), "val": list(split.val), "test": list(split.test)},
         "features": Path(features_dir).name if features_dir else "",
     }
@@ -444,7 +445,8 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
         info = _json_object(done_path)
         if done_path.is_file() and not _done_record_ok(info):  # edited or damaged: the fold is redone
             done_path.unlink()
-        if prior.get("config_hash") != config_hash:
+        if prior.get("config_hash") != config_hash and not adopt_runtime_only_change(fold_dir, prior, identity,
+                                                                                     config_hash):
             if not force:
                 raise ConfigError(f"{fold_dir} holds a fold trained with another configuration; pass --force to "
                                   "retrain it, or train into another --out or --name.")

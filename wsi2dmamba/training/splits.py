@@ -22,7 +22,7 @@ import numpy as np
 
 from ..cohort import Cohort
 from ..errors import ConfigError
-from ..fileio import atomic_path
+from ..fileio import write_text_atomic
 
 PARTITIONS = ("train", "val", "test")
 _SPLIT_FILE = re.compile(r"^splits_(\d+)\.csv$")
@@ -188,8 +188,7 @@ def write_splits(splits: Sequence[FoldSplit], folder: str | os.PathLike[str], co
         cols = {p: pd.Series(list(s.partition(p)), dtype=object) for p in PARTITIONS}
         df = pd.DataFrame(cols)
         path = folder / f"splits_{s.fold}.csv"
-        with atomic_path(path) as tmp:
-            df.to_csv(tmp)
+        _write_if_changed(path, df.to_csv())
         written.append(path)
         if cohort is not None:
             key: Callable = ((lambda r: "event" if r.event else "censored") if task == "survival"
@@ -206,9 +205,18 @@ def write_splits(splits: Sequence[FoldSplit], folder: str | os.PathLike[str], co
                             seen.add((stratum, by_id[sid].patient_id))
                             rows[stratum][f"{p}_patients"] += 1
             desc = pd.DataFrame.from_dict(rows, orient="index").sort_index()
-            with atomic_path(folder / f"splits_{s.fold}_descriptor.csv") as tmp:
-                desc.to_csv(tmp)
+            _write_if_changed(folder / f"splits_{s.fold}_descriptor.csv", desc.to_csv())
     return written
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` atomically unless ``path`` already holds it (a rerun changes no file)."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_text_atomic(path, text)
 
 
 def _read_split_csv(path: Path, fold: int) -> FoldSplit:
