@@ -106,7 +106,7 @@ class ScanTuning:
             empty at some widths).
         tile_channels, tile_states: the tiled forward's block (``TileLayout``); wider ones spill registers.
         tiled_backward: the 2DMamba backward on tiles: None / True wherever its block fits (it beat the
-            row sweep at every measured shape, with less memory), False never (the row sweep).
+            row sweep or matched it at every measured shape, with less memory), False never (the row sweep).
         tile_backward_states: states per warp of the tiled backward (None: 2 where N is even, else 1;
             2 beat 4, and 1 does not fit the shared memory at N = 16).
         tile_backward_channels: channels per block of the tiled backward (None: 2 where they fit and the
