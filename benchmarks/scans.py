@@ -6,6 +6,9 @@ Time, two figures: "ms", the median of calls each waited for (host launch cost i
 the mean of the same calls queued back to back (the GPU's time per call once the host runs ahead, as
 inside a model).
 
+Layout: the default ``ScanTuning`` (what a model runs); the options below force others, and the
+script prints the tuning it ran.
+
 Memory, two figures per call, both from ``torch.cuda.max_memory_allocated`` during one call, above
 what was allocated before it (the inputs and the output gradient):
 - "MiB": everything the call allocated, including its results (the output; in forward+backward also
@@ -22,11 +25,12 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from wsi2dmamba.ops import cupy_scans, mamba2d_scan, selective_scan_2d
+from wsi2dmamba.ops import ScanTuning, cupy_scans, mamba2d_scan, selective_scan_2d
 
 SHAPES = [(1, 256, 64, 64), (1, 256, 128, 128), (1, 256, 196, 196), (1, 256, 256, 256), (1, 256, 391, 391),
           (16, 192, 56, 56)]
 N_STATE = 16
+FORCE = {"rule": None, "always": True, "never": False}
 
 
 def make_inputs(kind, batch, E, H, W, dtype):
@@ -49,9 +53,10 @@ def make_inputs(kind, batch, E, H, W, dtype):
                 D=torch.ones(E, device="cuda"))
 
 
-def measure(kind, backend, x, dout, backward, reps):
+def measure(kind, backend, x, dout, backward, reps, tuning=None):
     """Median ms of ``reps`` calls each waited for, mean ms of ``reps`` calls queued back to back, peak MiB
-    above the inputs, and that peak less the results' bytes."""
+    above the inputs, and that peak less the results' bytes; the kernels laid out by ``tuning`` (None: the
+    defaults)."""
     fn = selective_scan_2d if kind == "2dmamba" else mamba2d_scan
     leaves = {k: v.requires_grad_(backward) for k, v in x.items()}
 
@@ -59,10 +64,10 @@ def measure(kind, backend, x, dout, backward, reps):
         if backward:
             for v in leaves.values():
                 v.grad = None
-            fn(**leaves, backend=backend).backward(dout)
+            fn(**leaves, backend=backend, tuning=tuning).backward(dout)
         else:
             with torch.no_grad():
-                fn(**leaves, backend=backend)
+                fn(**leaves, backend=backend, tuning=tuning)
 
     call()
     torch.cuda.synchronize()
@@ -119,7 +124,7 @@ def roofline_ms(batch, E, H, W, bandwidth, elem=4):
     return cells * (4 * E + 2 * N_STATE) * elem / bandwidth * 1e3
 
 
-def profile(args, shapes):
+def profile(args, shapes, tuning):
     """One forward (no gradients) and one forward+backward per (dtype, kind, shape), for a profiler."""
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
@@ -134,10 +139,19 @@ def profile(args, shapes):
                     if start:
                         torch.cuda.cudart().cudaProfilerStart()
                     with torch.no_grad():
-                        fn(**leaves, backend="cupy")
-                    fn(**leaves, backend="cupy").backward(dout)
+                        fn(**leaves, backend="cupy", tuning=tuning)
+                    fn(**leaves, backend="cupy", tuning=tuning).backward(dout)
                 torch.cuda.synchronize()
                 torch.cuda.cudart().cudaProfilerStop()
+
+
+def tuning_from(args) -> ScanTuning:
+    """The kernels' layout the command line asks for (the defaults where it names none)."""
+    return ScanTuning(states_per_thread=args.states_per_thread, bwd_states_per_thread=args.bwd_states_per_thread,
+                      bwd_smem_budget=args.smem_budget_kib * 1024, tiled_forward=FORCE[args.tiled_forward],
+                      tiled_backward=FORCE[args.tiled_backward], tile_backward_states=args.tile_backward_states,
+                      tile_backward_channels=args.tile_backward_channels,
+                      extra_options=tuple(f"-D{d}" for d in args.define))
 
 
 def main():
@@ -151,34 +165,28 @@ def main():
     p.add_argument("--smem-budget-kib", type=int, default=cupy_scans.BWD_SMEM_BUDGET // 1024)
     p.add_argument("--tiled-forward", choices=["rule", "always", "never"], default="rule",
                    help="2DMamba forward on 32 x 32 tiles: by the width rule (rows wider than "
-                        f"{cupy_scans.TILED_FORWARD_ABOVE} columns), always, or never (the row sweep)")
+                        f"{ScanTuning().tiled_forward_above} columns), always, or never (the row sweep)")
     p.add_argument("--tiled-backward", choices=["rule", "always", "never"], default="rule",
                    help="2DMamba backward on tiles (scan2d_tile_bwd): by its rule, always, or never (the row sweep)")
     p.add_argument("--tile-backward-states", type=int, default=None, help="states per thread of the tiled backward")
     p.add_argument("--tile-backward-channels", type=int, default=None,
                    help="channels per block of the tiled backward (default: 2 where they fit)")
     p.add_argument("--kinds", default="2dmamba,mamba2d")
-    p.add_argument("--define", action="append", default=[], help="extra kernel macro NAME[=VALUE] (experiments)")
+    p.add_argument("--define", action="append", default=[],
+                   help="extra kernel macro NAME[=VALUE], for variants that compute the same scan (e.g. PF_ROWS=4, "
+                        "EARLY_C=0, NO_PREFETCH)")
     p.add_argument("--profile", action="store_true",
                    help="no timing: after a warm-up, one forward and one forward+backward per shape between "
                         "cudaProfilerStart/Stop (for ncu --profile-from-start off)")
     args = p.parse_args()
-    cupy_scans.EXTRA_OPTIONS = tuple(f"-D{d}" for d in args.define)
-    cupy_scans.TILED_FORWARD = {"rule": None, "always": True, "never": False}[args.tiled_forward]
-    cupy_scans.TILED_BACKWARD = {"rule": None, "always": True, "never": False}[args.tiled_backward]
-    cupy_scans.TILE_BACKWARD_STATES = args.tile_backward_states
-    cupy_scans.TILE_BACKWARD_CHANNELS = args.tile_backward_channels
-    if args.states_per_thread is not None:
-        cupy_scans.STATES_PER_THREAD = args.states_per_thread
-    cupy_scans.BWD_SMEM_BUDGET = args.smem_budget_kib * 1024
-    if args.bwd_states_per_thread is not None:
-        cupy_scans.BWD_STATES_PER_THREAD = args.bwd_states_per_thread
+    tuning = tuning_from(args)
     shapes_all = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     if args.profile:
-        profile(args, shapes_all)
+        profile(args, shapes_all, tuning)
         return
     bw = copy_bandwidth()
     print(f"device: {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e12:.2f} TB/s, N = {N_STATE}")
+    print(f"kernels: {tuning}")
     print("scan     dtype    shape (batch,E,H,W)   backend  fwd ms  fwd+bwd ms  queued fwd  queued f+b  fwd MiB  "
           "fwd+bwd MiB  fwd+bwd work MiB  roofline fwd ms")
     for dtype_name in args.dtypes.split(","):
@@ -192,8 +200,8 @@ def main():
                 for backend in backends:
                     try:
                         reps = args.reps if backend == "cupy" else max(3, args.reps // 5)
-                        f_ms, f_q, f_mib, _ = measure(kind, backend, x, dout, False, reps)
-                        b_ms, b_q, b_mib, b_work = measure(kind, backend, x, dout, True, reps)
+                        f_ms, f_q, f_mib, _ = measure(kind, backend, x, dout, False, reps, tuning)
+                        b_ms, b_q, b_mib, b_work = measure(kind, backend, x, dout, True, reps, tuning)
                         row = (f"{f_ms:7.3f}  {b_ms:9.3f}  {f_q:9.3f}  {b_q:9.3f}  {f_mib:8.1f}  {b_mib:10.1f}  "
                                f"{b_work:15.1f}")
                     except torch.cuda.OutOfMemoryError:

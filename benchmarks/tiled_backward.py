@@ -15,7 +15,7 @@ import argparse
 import torch
 from scans import make_inputs, measure
 
-from wsi2dmamba.ops import cupy_scans
+from wsi2dmamba.ops import ScanTuning
 
 
 def main():
@@ -27,17 +27,16 @@ def main():
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}; queued ms per forward+backward")
     print("dtype     shape (batch,E,H,W)   rows    tiles   rows    tiles")
+    tunings = {tiled: ScanTuning(tiled_backward=tiled) for tiled in (False, True)}
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for text in args.shapes:
             b, E, H, W = (int(v) for v in text.split("x"))
             x = make_inputs("2dmamba", b, E, H, W, dtype)
             dout = torch.randn(b, E, H, W, device="cuda", dtype=dtype)
-            times = []
-            for tiled in (False, True, False, True):
-                cupy_scans.TILED_BACKWARD = tiled
-                times.append(measure("2dmamba", "cupy", x, dout, True, args.reps)[1])  # the queued ms
-            cupy_scans.TILED_BACKWARD = None
+            # the queued ms, rows and tiles alternating
+            times = [measure("2dmamba", "cupy", x, dout, True, args.reps, tunings[tiled])[1]
+                     for tiled in (False, True, False, True)]
             print(f"{dtype_name:9s} {str((b, E, H, W)):21s} " + " ".join(f"{t:7.3f}" for t in times), flush=True)
 
 

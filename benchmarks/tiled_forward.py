@@ -3,7 +3,7 @@
 For each width W, a square grid (E = 256; below 112 columns a batch of grids with E = 192 and about the
 cells of 16 x 56 x 56) runs the forward without gradients on both kernels; the script prints their
 queued milliseconds and the ratio, after checking the tiled forward with gradients against the float64
-reference on a small grid of that width. ``cupy_scans.TILED_FORWARD_ABOVE`` is set from this sweep.
+reference on a small grid of that width. ``ScanTuning.tiled_forward_above`` is set from this sweep.
 
     PYTHONPATH=. python3 benchmarks/tiled_forward.py
 """
@@ -16,7 +16,7 @@ import torch
 from scan_layouts import max_rel_error
 from scans import make_inputs, measure
 
-from wsi2dmamba.ops import cupy_scans
+from wsi2dmamba.ops import ScanTuning
 
 WIDTHS = [32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 196, 224, 240, 256, 288, 320, 391, 448, 512]
 
@@ -33,21 +33,16 @@ def main():
     p.add_argument("--widths", default=",".join(map(str, WIDTHS)))
     args = p.parse_args()
     print(f"device: {torch.cuda.get_device_name()}, N = 16, fp32, queued ms of {args.reps} forwards")
-    try:
-        for width in map(int, args.widths.split(",")):
-            shape = shape_for(width)
-            cupy_scans.TILED_FORWARD = True
-            err = max_rel_error("2dmamba", width)
-            x = make_inputs("2dmamba", *shape, torch.float32)
-            dout = torch.randn(shape, device="cuda")
-            ms = {}
-            for tiled in (False, True):
-                cupy_scans.TILED_FORWARD = tiled
-                ms[tiled] = measure("2dmamba", "cupy", x, dout, False, args.reps)[1]
-            print(f"{shape}: row sweep {ms[False]:.3f}  tiles {ms[True]:.3f}  tiles/row sweep {ms[True] / ms[False]:.2f}"
-                  f"  (tiles with gradients, max rel. error {err:.1e})", flush=True)
-    finally:
-        cupy_scans.TILED_FORWARD = None
+    tunings = {tiled: ScanTuning(tiled_forward=tiled) for tiled in (False, True)}
+    for width in map(int, args.widths.split(",")):
+        shape = shape_for(width)
+        err = max_rel_error("2dmamba", width, tunings[True])
+        x = make_inputs("2dmamba", *shape, torch.float32)
+        dout = torch.randn(shape, device="cuda")
+        ms = {tiled: measure("2dmamba", "cupy", x, dout, False, args.reps, tuning)[1]
+              for tiled, tuning in tunings.items()}
+        print(f"{shape}: row sweep {ms[False]:.3f}  tiles {ms[True]:.3f}  tiles/row sweep {ms[True] / ms[False]:.2f}"
+              f"  (tiles with gradients, max rel. error {err:.1e})", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
-"""Every CUDA source in kernels/ compiles to PTX with nvcc, for each mode and input dtype the loader uses."""
+"""Every CUDA source in kernels/ compiles to PTX with nvcc, for each mode and input dtype the loader uses,
+and the launch layouts a ``ScanTuning`` selects."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,11 +12,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from wsi2dmamba.ops import cupy_scans
-from wsi2dmamba.ops.cupy_scans import KERNEL_FILE, launch_config
+from wsi2dmamba.errors import ConfigError
+from wsi2dmamba.ops import ScanTuning, cupy_scans
+from wsi2dmamba.ops.cupy_scans import DEFAULT_TUNING, KERNEL_FILE, launch_config, plan_kernels, plan_scan
 
 KERNELS = sorted((Path(__file__).resolve().parent.parent / "kernels").glob("*.cu"))
 NVCC = shutil.which("nvcc")
+LAYOUT_TABLE = Path(__file__).resolve().parent / "data" / "scan_launch_layouts.json"
+
+
+def _nvcc_ptx(macros: dict[str, int], out: Path, extra: tuple[str, ...] = (), arch: str = "sm_90") -> str:
+    """PTX of ``scan2d.cu`` compiled with ``-Dname=value`` macros and extra options, as the loader compiles it."""
+    options = [f"-D{k}={v}" for k, v in macros.items()]
+    proc = subprocess.run([NVCC, "--ptx", f"-arch={arch}", "-std=c++17", *options, *extra, str(KERNEL_FILE),
+                           "-o", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return out.read_text()
 
 
 def test_kernel_sources_ship_inside_the_package():
@@ -87,21 +101,21 @@ def test_tiled_forward_compiles_for_each_layout(tmp_path, in_kind, n_state, chan
     assert ".entry scan2d_tile_fwd" in out.read_text()
 
 
-def test_tiled_forward_takes_rows_wider_than_the_rule(monkeypatch):
-    """The tiled 2DMamba forward runs rows wider than TILED_FORWARD_ABOVE columns, with a block that fits
-    the shared memory up to the widest rows the backward holds, and never runs the narrower rows."""
-    assert cupy_scans.TILED_FORWARD is None
-    above = cupy_scans.TILED_FORWARD_ABOVE
+def test_tiled_forward_takes_rows_wider_than_the_rule():
+    """The tiled 2DMamba forward runs rows wider than ``tiled_forward_above`` columns, with a block that
+    fits the shared memory up to the widest rows the backward holds, and never runs the narrower rows."""
+    assert DEFAULT_TUNING.tiled_forward is None
+    above = DEFAULT_TUNING.tiled_forward_above
     assert cupy_scans.tile_layout(16, above) is None
     for W in (above + 1, 391, 896):
         layout = cupy_scans.tile_layout(16, W)
         assert layout is not None and layout.threads == 512
         assert layout.smem(W) <= cupy_scans.SMEM_LIMIT
-    monkeypatch.setattr(cupy_scans, "TILED_FORWARD", True)
-    assert cupy_scans.tile_layout(16, 1) is not None
-    assert cupy_scans.tile_layout(64, 300) is None  # more than 32 warps: the row sweep runs it
-    monkeypatch.setattr(cupy_scans, "TILED_FORWARD", False)
-    assert cupy_scans.tile_layout(16, 391) is None
+    always = ScanTuning(tiled_forward=True)
+    assert cupy_scans.tile_layout(16, 1, always) is not None
+    assert cupy_scans.tile_layout(64, 300, always) is None  # more than 32 warps: the row sweep runs it
+    assert cupy_scans.tile_layout(16, 391, ScanTuning(tiled_forward=False)) is None
+    assert cupy_scans.tile_layout(16, 200, ScanTuning(tiled_forward_above=128)) is not None
 
 
 @pytest.mark.parametrize("mode,widest", [(0, 8192), (1, 640)])
@@ -112,10 +126,10 @@ def test_default_layouts_cover_every_width_up_to_the_documented_limit(mode, wide
     u = torch.empty(1, 1, 64, 1)
     widths = [*range(1, 1025), *range(widest - 64, widest + 2)] if widest > 1024 else range(1, widest + 2)
     for W in widths:
-        cfg = cupy_scans._config_or_none(u.expand(1, 1, 64, W), 16, mode, need_grad=True)
+        plan = cupy_scans._plan(u.expand(1, 1, 64, W), 16, mode, True, None)
         if W <= widest:
-            assert cfg is not None, W
-            fwd, bwd = cfg
+            assert plan is not None, W
+            fwd, bwd = plan.forward, plan.backward
             # rows beyond 1,024 columns may need more states per thread to keep the block at 1,024 threads
             rule = cupy_scans.forward_states_per_thread(mode, W)
             assert fwd.states_per_thread == rule if W <= 1024 else fwd.states_per_thread >= rule
@@ -125,7 +139,7 @@ def test_default_layouts_cover_every_width_up_to_the_documented_limit(mode, wide
                 assert bwd.states_per_thread == cupy_scans.backward_states_per_thread(mode, W)
             assert bwd.seg_rows >= 1
         else:
-            assert cfg is None, W
+            assert plan is None, W
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
@@ -141,11 +155,11 @@ def test_tiled_backward_compiles_for_each_layout(tmp_path, in_kind, n_state, sta
     assert ".entry scan2d_tile_bwd" in out.read_text()
 
 
-def test_tiled_backward_layout_rule(monkeypatch):
+def test_tiled_backward_layout_rule():
     """The tiled 2DMamba backward takes every state count whose block fits (two states per warp where N
     is even; two channels per block where they fit, else one), keeps a block of at most 1024 threads and the
     shared memory limit, and can be turned off."""
-    assert cupy_scans.TILED_BACKWARD is None and cupy_scans.TILE_BACKWARD_CHANNELS is None
+    assert DEFAULT_TUNING.tiled_backward is None and DEFAULT_TUNING.tile_backward_channels is None
     for n_state, states, channels in [(16, 2, 2), (32, 2, 1), (6, 2, 2), (5, 1, 2), (1, 1, 2)]:
         layout = cupy_scans.tile_backward_layout(n_state, 196)
         assert layout == cupy_scans.TileBackwardLayout(n_state, states, channels)
@@ -156,15 +170,90 @@ def test_tiled_backward_layout_rule(monkeypatch):
     # one channel per block where the grids would not fill the GPU with two
     assert cupy_scans.tile_backward_layout(16, 196, grids=64, sm_count=132) == cupy_scans.TileBackwardLayout(16, 2, 1)
     assert cupy_scans.tile_backward_layout(16, 196, grids=256, sm_count=132) == cupy_scans.TileBackwardLayout(16, 2, 2)
-    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_CHANNELS", 1)
-    assert cupy_scans.tile_backward_layout(16, 196) == cupy_scans.TileBackwardLayout(16, 2, 1)
-    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_CHANNELS", None)
+    one = ScanTuning(tile_backward_channels=1)
+    assert cupy_scans.tile_backward_layout(16, 196, tuning=one) == cupy_scans.TileBackwardLayout(16, 2, 1)
     assert cupy_scans.tile_backward_layout(64, 196) is None  # 412 KiB of shared memory: the row sweep runs it
-    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_STATES", 1)
-    assert cupy_scans.tile_backward_layout(16, 196) is None  # 283 KiB
-    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_STATES", 4)
-    assert cupy_scans.tile_backward_layout(16, 196) == cupy_scans.TileBackwardLayout(16, 4, 2)
-    monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", False)
-    assert cupy_scans.tile_backward_layout(16, 196) is None
-    u = torch.empty(1, 1, 64, 196)
-    assert isinstance(cupy_scans._config_or_none(u, 16, 0)[1], cupy_scans.LaunchConfig)
+    assert cupy_scans.tile_backward_layout(16, 196, tuning=ScanTuning(tile_backward_states=1)) is None  # 283 KiB
+    four = ScanTuning(tile_backward_states=4)
+    assert cupy_scans.tile_backward_layout(16, 196, tuning=four) == cupy_scans.TileBackwardLayout(16, 4, 2)
+    rows = ScanTuning(tiled_backward=False)
+    assert cupy_scans.tile_backward_layout(16, 196, tuning=rows) is None
+    assert isinstance(plan_scan(0, 16, (1, 1, 64, 196), True, tuning=rows).backward, cupy_scans.LaunchConfig)
+
+
+def _launch_of(plan, W: int) -> dict | None:
+    """A plan's layouts in the terms of ``tests/data/scan_launch_layouts.json``."""
+    if plan is None:
+        return None
+    fwd, bwd, tiles = plan.forward, plan.backward, plan.tiles
+    launch = {"forward": {**dataclasses.asdict(fwd), "block": list(fwd.block), "smem": fwd.fwd_smem(fwd.fwd_buffers())},
+              "backward": None, "tiled_forward": None}
+    if isinstance(bwd, cupy_scans.TileBackwardLayout) and plan.need_grad:
+        launch["backward"] = {"tiles": dataclasses.asdict(bwd), "smem": bwd.smem()}
+    elif plan.need_grad:
+        launch["backward"] = {"rows": dataclasses.asdict(bwd), "smem": bwd.bwd_smem(W)}
+    if tiles is not None:
+        launch["tiled_forward"] = {**dataclasses.asdict(tiles), "threads": tiles.threads, "smem": tiles.smem(W)}
+    return launch
+
+
+def test_tunings_select_the_recorded_launch_layouts():
+    """For a table of calls (both scans, widths on each side of every rule boundary and of the kernels'
+    limits, odd and large state counts, with and without gradients, grids below and above the GPU's
+    multiprocessors), the default tuning and six forced ones select the recorded layouts: thread blocks,
+    states and columns per thread, segment rows and shared memory of every launch. The table was recorded
+    from the launcher's rules before they took a ``ScanTuning``; a change to any rule shows here."""
+    table = json.loads(LAYOUT_TABLE.read_text())
+    assert len(table) == 128 and sum(not row["call"]["tuning"] for row in table) == 92
+    for row in table:
+        call = row["call"]
+        tuning = ScanTuning(**call["tuning"])
+        plan = plan_scan(call["mode"], call["n_state"], tuple(call["shape"]), call["need_grad"], call["sm_count"], tuning)
+        assert _launch_of(plan, call["shape"][3]) == row["launch"], call
+
+
+def test_the_model_path_runs_the_default_tuning():
+    """The public scans without ``tuning`` plan with ``DEFAULT_TUNING``, whose fields are the rules (None)."""
+    assert ScanTuning() == DEFAULT_TUNING and hash(ScanTuning()) == hash(DEFAULT_TUNING)
+    assert DEFAULT_TUNING.states_per_thread is None and DEFAULT_TUNING.bwd_states_per_thread is None
+    assert DEFAULT_TUNING.extra_options == ()
+    u = torch.empty(2, 6, 19, 391)
+    assert cupy_scans._plan(u, 16, 0, True, None) == plan_scan(0, 16, (2, 6, 19, 391), True, None, DEFAULT_TUNING)
+    forced = cupy_scans._plan(u, 16, 0, True, ScanTuning(tiled_backward=False))
+    assert isinstance(forced.backward, cupy_scans.LaunchConfig)
+
+
+def test_a_tuning_is_immutable_and_checked():
+    tuning = ScanTuning(extra_options=["-DPF_ROWS=4"])
+    assert tuning.extra_options == ("-DPF_ROWS=4",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        tuning.tiled_backward = False
+    for bad in ({"states_per_thread": 0}, {"tile_backward_channels": 2.0}, {"tiled_forward": 1},
+                {"tile_channels": None}, {"extra_options": "-DPF_ROWS=4"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            ScanTuning(**bad)
+
+
+# One tuning per case; each compiles the forward and backward of one call at 391 columns (rows of several
+# warps) as the loader would, extra options included: the default 2DMamba tiles, then row sweeps forced
+# off the rules for each scan.
+TUNED_CALLS = {
+    "2dmamba-default": (0, 0, ScanTuning()),
+    "2dmamba-row-sweeps": (0, 2, ScanTuning(tiled_forward=False, tiled_backward=False, states_per_thread=1,
+                                            bwd_states_per_thread=2, extra_options=("-DPF_ROWS=4",))),
+    "mamba2d-forced": (1, 1, ScanTuning(states_per_thread=1, bwd_states_per_thread=2, bwd_wide_cols_per_thread=8,
+                                        extra_options=("-DEARLY_C=0",))),
+}
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("case", list(TUNED_CALLS))
+def test_each_layout_a_tuning_selects_compiles(tmp_path, case):
+    mode, in_kind, tuning = TUNED_CALLS[case]
+    plan = plan_scan(mode, 16, (2, 6, 40, 391), True, 132, tuning)
+    assert plan is not None and plan.extra_options == tuning.extra_options
+    kernels = plan_kernels(mode, in_kind, plan)
+    assert [name for name, _ in kernels][1].endswith("bwd")
+    for i, (name, macros) in enumerate(kernels):
+        ptx = _nvcc_ptx(macros, tmp_path / f"{case}_{i}.ptx", tuning.extra_options)
+        assert f".entry {name}" in ptx

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsi2dmamba.ops import cupy_available, cupy_scans, mamba2d_scan, selective_scan_2d
+from wsi2dmamba.ops import ScanTuning, cupy_available, mamba2d_scan, selective_scan_2d
 
 pytestmark = [
     pytest.mark.gpu,
@@ -33,18 +33,18 @@ def _inputs(kind, batch, E, N, H, W, dtype, seed):
     return {k: v.to(dtype) if v.dim() == 4 else v.float() for k, v in x.items()}
 
 
-def _run(kind, x, backend, dout):
+def _run(kind, x, backend, dout, tuning=None):
     x = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
     fn = selective_scan_2d if kind == "2dmamba" else mamba2d_scan
-    y = fn(**x, backend=backend)
+    y = fn(**x, backend=backend, tuning=tuning)
     y.backward(dout)
     return y.detach(), {k: v.grad for k, v in x.items()}
 
 
-def _assert_matches_reference(kind, x, dout):
-    """Output and every gradient of the kernels against the float64 reference (fp32 tolerances); returns
-    the kernels' output."""
-    y, grads = _run(kind, x, "cupy", dout)
+def _assert_matches_reference(kind, x, dout, tuning=None):
+    """Output and every gradient of the kernels (laid out by ``tuning``) against the float64 reference
+    (fp32 tolerances); returns the kernels' output."""
+    y, grads = _run(kind, x, "cupy", dout, tuning)
     y_ref, grads_ref = _run(kind, {k: v.double() for k, v in x.items()}, "torch", dout.double())
     assert _rel(y, y_ref) <= 1e-5
     for name in grads_ref:
@@ -63,22 +63,22 @@ def _rel(got, want):
 KINDS = ["2dmamba", "2dmamba-rows", "mamba2d"]
 
 
-def _backward_of(monkeypatch, kind):
-    """The scan of a KINDS entry, with the row-sweep 2DMamba backward forced for "2dmamba-rows"."""
+def _backward_of(kind, **forced):
+    """The scan of a KINDS entry and its kernels' tuning (``forced`` fields set), with the row-sweep
+    2DMamba backward forced for "2dmamba-rows"."""
     if kind == "2dmamba-rows":
-        monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", False)
-        return "2dmamba"
-    return kind
+        return "2dmamba", ScanTuning(tiled_backward=False, **forced)
+    return kind, ScanTuning(**forced)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch,H,W", SHAPES)
 @pytest.mark.parametrize("N", [16, 5])
-def test_fp32_kernels_match_reference(monkeypatch, kind, batch, H, W, N):
-    kind = _backward_of(monkeypatch, kind)
+def test_fp32_kernels_match_reference(kind, batch, H, W, N):
+    kind, tuning = _backward_of(kind)
     x = _inputs(kind, batch, 6, N, H, W, torch.float32, seed=H * 1000 + W)
     dout = torch.randn(batch, 6, H, W, device="cuda")
-    assert _assert_matches_reference(kind, x, dout).dtype == torch.float32
+    assert _assert_matches_reference(kind, x, dout, tuning).dtype == torch.float32
 
 
 @pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
@@ -99,26 +99,25 @@ def test_forward_without_gradients_matches_reference(kind, batch, H, W, N):
 @pytest.mark.parametrize("batch,H,W", SHAPES + [(1, 40, 225), (2, 64, 64), (1, 3, 33)])
 @pytest.mark.parametrize("N,E", [(16, 6), (5, 3)])
 @pytest.mark.parametrize("tiled_backward", [True, False])
-def test_tiled_2dmamba_forward_matches_reference(monkeypatch, batch, H, W, N, E, tiled_backward):
+def test_tiled_2dmamba_forward_matches_reference(batch, H, W, N, E, tiled_backward):
     # the tiled forward on every shape class (it runs only rows wider than 224 columns by default), with and
     # without gradients: its checkpoint rows (and horizontal carries) feed either backward
-    monkeypatch.setattr(cupy_scans, "TILED_FORWARD", True)
-    monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", tiled_backward)
+    tuning = ScanTuning(tiled_forward=True, tiled_backward=tiled_backward)
     x = _inputs("2dmamba", batch, E, N, H, W, torch.float32, seed=H * 7 + W)
     x64 = {k: v.double() for k, v in x.items()}
     with torch.no_grad():
-        assert _rel(selective_scan_2d(**x, backend="cupy"), selective_scan_2d(**x64, backend="torch")) <= 1e-5
+        got = selective_scan_2d(**x, backend="cupy", tuning=tuning)
+        assert _rel(got, selective_scan_2d(**x64, backend="torch")) <= 1e-5
     dout = torch.randn(batch, E, H, W, device="cuda")
-    _assert_matches_reference("2dmamba", x, dout)
+    _assert_matches_reference("2dmamba", x, dout, tuning)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("W", [37, 260])
-def test_tiled_2dmamba_forward_half_inputs(monkeypatch, dtype, W):
-    monkeypatch.setattr(cupy_scans, "TILED_FORWARD", True)
+def test_tiled_2dmamba_forward_half_inputs(dtype, W):
     x = _inputs("2dmamba", 2, 8, 16, 23, W, dtype, seed=W)
     with torch.no_grad():
-        y = selective_scan_2d(**x, backend="cupy")
+        y = selective_scan_2d(**x, backend="cupy", tuning=ScanTuning(tiled_forward=True))
         y_ref = selective_scan_2d(**{k: v.double() for k, v in x.items()}, backend="torch")
     assert y.dtype == dtype
     assert _rel(y, y_ref) <= (1e-2 if dtype == torch.bfloat16 else 2e-3)
@@ -128,60 +127,66 @@ def test_tiled_2dmamba_forward_half_inputs(monkeypatch, dtype, W):
                                      (1, 64, 225), (1, 5, 391)])
 @pytest.mark.parametrize("N,states,channels", [(16, None, 2), (16, None, 1), (16, 4, 2), (5, None, 2), (6, None, 2),
                                               (32, None, None)])
-def test_tiled_2dmamba_backward_matches_reference(monkeypatch, batch, H, W, N, states, channels):
+def test_tiled_2dmamba_backward_matches_reference(batch, H, W, N, states, channels):
     # every tile boundary case (a single cell, one row, one column, partial tiles on both sides, exact
     # tiles, several bands and chunks) and each block layout: 2 states per warp (16-row tiles), 4 (8-row
     # tiles) and 1 for odd N (32-row tiles), over 1 to 16 warps; two channels per block (E = 5 leaves the
     # last block one) and one (the default for so few channels, and where two do not fit: N = 32)
-    monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", True)
-    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_STATES", states)
-    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_CHANNELS", channels)
+    tuning = ScanTuning(tiled_backward=True, tile_backward_states=states, tile_backward_channels=channels)
     x = _inputs("2dmamba", batch, 5, N, H, W, torch.float32, seed=H * 31 + W + N)
     dout = torch.randn(batch, 5, H, W, device="cuda")
-    _assert_matches_reference("2dmamba", x, dout)
+    _assert_matches_reference("2dmamba", x, dout, tuning)
 
 
 @pytest.mark.parametrize("channels", [1, 2])
-def test_tiled_2dmamba_backward_without_gate_or_skip(monkeypatch, channels):
+def test_tiled_2dmamba_backward_without_gate_or_skip(channels):
     # z, D and dt_bias are optional: the tiled backward's ungated path and absent parameters
-    monkeypatch.setattr(cupy_scans, "TILED_BACKWARD", True)
-    monkeypatch.setattr(cupy_scans, "TILE_BACKWARD_CHANNELS", channels)
+    tuning = ScanTuning(tiled_backward=True, tile_backward_channels=channels)
     x = _inputs("2dmamba", 2, 3, 16, 21, 45, torch.float32, seed=11)
     for key in ("z", "D", "dt_bias"):
         x.pop(key)
     dout = torch.randn(2, 3, 21, 45, device="cuda")
-    _assert_matches_reference("2dmamba", x, dout)
+    _assert_matches_reference("2dmamba", x, dout, tuning)
 
 
 @pytest.mark.parametrize("kind", ["2dmamba-rows", "mamba2d"])
 @pytest.mark.parametrize("fwd_states,bwd_states", [(4, 4), (1, 2), (2, 1)])
-def test_other_thread_layouts_match_reference(monkeypatch, kind, fwd_states, bwd_states):
-    kind = _backward_of(monkeypatch, kind)
-    monkeypatch.setattr(cupy_scans, "STATES_PER_THREAD", fwd_states)
-    monkeypatch.setattr(cupy_scans, "BWD_STATES_PER_THREAD", bwd_states)
+def test_other_thread_layouts_match_reference(kind, fwd_states, bwd_states):
+    kind, tuning = _backward_of(kind, states_per_thread=fwd_states, bwd_states_per_thread=bwd_states)
     x = _inputs(kind, 2, 6, 16, 19, 40, torch.float32, seed=fwd_states * 10 + bwd_states)
     dout = torch.randn(2, 6, 19, 40, device="cuda")
-    _assert_matches_reference(kind, x, dout)
+    _assert_matches_reference(kind, x, dout, tuning)
+
+
+@pytest.mark.parametrize("kind", ["2dmamba", "mamba2d"])
+@pytest.mark.parametrize("define", ["PF_ROWS=2", "EARLY_C=0", "NO_PREFETCH"])
+def test_kernel_variants_compute_the_same_scan(kind, define):
+    # the compile-time variants a tuning may select through extra_options: each compiles to its own module
+    # and gives the default kernels' results to float rounding
+    tuning = ScanTuning(extra_options=(f"-D{define}",))
+    x = _inputs(kind, 2, 6, 16, 19, 40, torch.float32, seed=17)
+    dout = torch.randn(2, 6, 19, 40, device="cuda")
+    _assert_matches_reference(kind, x, dout, tuning)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("W", [64, 65, 160, 161, 224, 225, 256])
-def test_every_width_rule_matches_reference(monkeypatch, kind, W):
+def test_every_width_rule_matches_reference(kind, W):
     """The default layouts change with the row width (cupy_scans.*_states_per_thread): each side of
     every boundary of those rules, with gradients, against the reference."""
-    kind = _backward_of(monkeypatch, kind)
+    kind, tuning = _backward_of(kind)
     x = _inputs(kind, 1, 3, 16, 9, W, torch.float32, seed=W)
     dout = torch.randn(1, 3, 9, W, device="cuda")
-    _assert_matches_reference(kind, x, dout)
+    _assert_matches_reference(kind, x, dout, tuning)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_kernels_match_reference(monkeypatch, kind, dtype):
-    kind = _backward_of(monkeypatch, kind)
+def test_half_kernels_match_reference(kind, dtype):
+    kind, tuning = _backward_of(kind)
     x = _inputs(kind, 2, 8, 16, 23, 37, dtype, seed=7)
     dout = torch.randn(2, 8, 23, 37, device="cuda").to(dtype)
-    y, grads = _run(kind, x, "cupy", dout)
+    y, grads = _run(kind, x, "cupy", dout, tuning)
     y_ref, grads_ref = _run(kind, {k: v.double() for k, v in x.items()}, "torch", dout.double())
     assert y.dtype == dtype
     tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
@@ -192,26 +197,26 @@ def test_half_kernels_match_reference(monkeypatch, kind, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradients_are_bitwise_deterministic(monkeypatch, kind):
-    kind = _backward_of(monkeypatch, kind)
+def test_gradients_are_bitwise_deterministic(kind):
+    kind, tuning = _backward_of(kind)
     x = _inputs(kind, 2, 32, 16, 41, 53, torch.float32, seed=3)
     dout = torch.randn(2, 32, 41, 53, device="cuda")
-    _, g1 = _run(kind, x, "cupy", dout)
-    _, g2 = _run(kind, x, "cupy", dout)
+    _, g1 = _run(kind, x, "cupy", dout, tuning)
+    _, g2 = _run(kind, x, "cupy", dout, tuning)
     for name in g1:
         assert torch.equal(g1[name], g2[name]), name
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_no_memory_growth_over_many_calls(monkeypatch, kind):
-    kind = _backward_of(monkeypatch, kind)
+def test_no_memory_growth_over_many_calls(kind):
+    kind, tuning = _backward_of(kind)
     x = _inputs(kind, 1, 16, 16, 20, 24, torch.float32, seed=5)
     dout = torch.randn(1, 16, 20, 24, device="cuda")
-    _run(kind, x, "cupy", dout)
+    _run(kind, x, "cupy", dout, tuning)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     for _ in range(1000):
-        _run(kind, x, "cupy", dout)
+        _run(kind, x, "cupy", dout, tuning)
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == before
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 
 from wsi2dmamba.errors import ConfigError
 from wsi2dmamba.ops.reference import mamba2d_scan_reference, selective_scan_2d_reference
+
+if TYPE_CHECKING:
+    from wsi2dmamba.ops.cupy_scans import ScanTuning
 
 BACKENDS = ("auto", "torch", "cupy")
 
@@ -68,7 +72,8 @@ def _check_common(u, A_list, BC_list, E_list=(), cell_list=()):
         raise ValueError(f"empty scan: batch={b}, E={e}, N={n}, H={h}, W={w}")
 
 
-def selective_scan_2d(u, dt, A, B, C, D=None, z=None, dt_bias=None, *, backend: str = "auto"):
+def selective_scan_2d(u, dt, A, B, C, D=None, z=None, dt_bias=None, *, backend: str = "auto",
+                      tuning: ScanTuning | None = None):
     """The 2DMamba 2D selective scan (``docs/scans.md`` §1).
 
     Per channel e and state n: ``g[i,j] = Abar*g[i,j-1] + dt*B*u`` along each row, then
@@ -80,6 +85,8 @@ def selective_scan_2d(u, dt, A, B, C, D=None, z=None, dt_bias=None, *, backend: 
         A: (E, N), negative. B, C: (batch, N, H, W). D, dt_bias: (E,) or None.
         backend: "torch" (reference), "cupy" (CUDA kernels) or "auto" (kernels on CUDA tensors when
             CuPy is installed, else the reference).
+        tuning: how the CUDA kernels are laid out (:class:`~wsi2dmamba.ops.cupy_scans.ScanTuning`; None:
+            the defaults). It never changes the result; the reference ignores it.
     Returns:
         (batch, E, H, W) in ``u``'s dtype; the state is kept in float32 (float64 for float64 inputs).
     """
@@ -87,11 +94,12 @@ def selective_scan_2d(u, dt, A, B, C, D=None, z=None, dt_bias=None, *, backend: 
     if _use_cupy(backend, u):
         from wsi2dmamba.ops.cupy_scans import selective_scan_2d_cupy
 
-        return selective_scan_2d_cupy(u, dt, A, B, C, D, z, dt_bias)
+        return selective_scan_2d_cupy(u, dt, A, B, C, D, z, dt_bias, tuning=tuning)
     return selective_scan_2d_reference(u, dt, A, B, C, D, z, dt_bias)
 
 
-def mamba2d_scan(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D=None, *, backend: str = "auto"):
+def mamba2d_scan(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D=None, *, backend: str = "auto",
+                 tuning: ScanTuning | None = None):
     """The Mamba2D (M2D-SSM) 2D scan (``docs/scans.md`` §2).
 
     ``h = ½(AbarL*h_left + dt_l*B_l*u + AbarT*h_up + dt_t*B_t*u)`` inside the grid, plain 1D scans on
@@ -100,7 +108,7 @@ def mamba2d_scan(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D=None, *, backend: str =
     Args:
         u, dt_t, dt_l: (batch, E, H, W); the steps are already positive (no softplus here).
         A_t, A_l: (E, N), negative. B_t, B_l, C: (batch, N, H, W). D: (E,) or None.
-        backend: as in :func:`selective_scan_2d`.
+        backend, tuning: as in :func:`selective_scan_2d`.
     Returns:
         (batch, E, H, W) in ``u``'s dtype.
     """
@@ -114,5 +122,5 @@ def mamba2d_scan(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D=None, *, backend: str =
     if _use_cupy(backend, u):
         from wsi2dmamba.ops.cupy_scans import mamba2d_scan_cupy
 
-        return mamba2d_scan_cupy(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D)
+        return mamba2d_scan_cupy(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D, tuning=tuning)
     return mamba2d_scan_reference(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D)

@@ -3,11 +3,15 @@
 The kernels (``kernels/scan2d.cu``, see its header) sweep the rows of each (batch, channel) grid in
 one thread block, keep the hidden states on chip and save one row of states every ``R`` rows for the
 backward, which recomputes the states of each segment of ``R`` rows. The 2DMamba forward of wide rows
-runs on 32 x 32 tiles instead (``scan2d_tile_fwd``; ``TILED_FORWARD_ABOVE``), writing the same
+runs on 32 x 32 tiles instead (``scan2d_tile_fwd``; ``ScanTuning.tiled_forward_above``), writing the same
 checkpoint rows. The 2DMamba backward runs on tiles of 16 x 32 cells (``scan2d_tile_bwd``), from the
 checkpoint rows and the horizontal states at every 32nd column, which both forwards save for it.
 Kernels get the tensors' device pointers and PyTorch's current stream directly (no copy, no DLPack view
 per call); compiled modules are cached per configuration.
+
+How the kernels are laid out is one immutable value, :class:`ScanTuning`, passed to each call
+(``DEFAULT_TUNING`` where none is given); :func:`plan_scan` turns it and a grid's shape into the
+launches of one call (:class:`ScanPlan`).
 """
 
 from __future__ import annotations
@@ -16,13 +20,16 @@ import ctypes
 import functools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
+from wsi2dmamba.errors import ConfigError
+
 KERNEL_FILE = Path(__file__).resolve().parent.parent / "kernels" / "scan2d.cu"
-IN_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+IN_KIND = MappingProxyType({torch.float32: 0, torch.bfloat16: 1, torch.float16: 2})
 # Shared memory of one backward block (scratch and recomputed rows): two blocks (each also reserving
 # 1 KiB for the system) still fit in the 228 KiB of an H100 SM.
 BWD_SMEM_BUDGET = 113 * 1024
@@ -30,27 +37,22 @@ SMEM_LIMIT = 227 * 1024
 # Fewest rows per backward segment before the budget above is exceeded (see launch_config).
 MIN_SEG_ROWS = 4
 FIXED_SCALE = 2.0**-32  # the kernels' int64 fixed point of dB and dC
-# States per thread of the forward and the backward: fewer means more warps per block to hide the
-# latency of each row step, but more per-cell work repeated by each warp; the backward also needs
-# shared memory for its recomputed rows. None: the per-width rules below; an int forces one layout
-# (tests and benchmarks).
-STATES_PER_THREAD: int | None = None
-BWD_STATES_PER_THREAD: int | None = None
+TILE = 32
 
 
 def forward_states_per_thread(mode: int, width: int) -> int:
     """States per thread of the forward (``mode`` 0: 2DMamba, 1: Mamba2D) for rows of ``width`` columns.
 
-    Fastest of 1, 2 and 4 in a sweep on an H100 (E = 256 at 64-256 columns, batch 16 x E = 192 at 56;
-    docs/benchmarks.md, "2D scans"): rows of at most 64 columns give each thread only 2 columns, so
-    4 states keep the per-thread work up; Mamba2D rows wider than 224 columns also prefer 4."""
+    The fastest of 1, 2 and 4 per width (``benchmarks/scan_layouts.py``; figures in docs/benchmarks.md,
+    "2D scans"): rows of at most 64 columns give each thread only 2 columns, so 4 states keep the
+    per-thread work up."""
     if width <= 64 or (mode == 1 and width > 224):
         return 4
     return 2
 
 
 def backward_states_per_thread(mode: int, width: int) -> int:
-    """States per thread of the backward, from the same sweep (rows wider than 256 columns: 4)."""
+    """States per thread of the row-sweep backward, the fastest of the same sweep (docs/benchmarks.md)."""
     if width > 256:
         return 4
     if mode == 0:
@@ -60,38 +62,93 @@ def backward_states_per_thread(mode: int, width: int) -> int:
     return 1 if 160 < width <= 224 else 2
 
 
-# Columns per thread of the backward on rows wider than 256 columns: 4 runs twice the warps of 8 per
-# block (16 instead of 8 at 391 columns, one block per SM) with the same segments; 2DMamba at 391 x 391,
-# E = 256 on an H100: forward+backward 23.9 -> 18.8 ms (docs/benchmarks.md, "2D scans").
-BWD_WIDE_COLS_PER_THREAD = 4
-# The 2DMamba forward on 32 x 32 tiles (scan2d_tile_fwd) for rows wider than TILED_FORWARD_ABOVE
-# columns: at 240-512 columns it took 0.56-0.76x the time of the row sweep on an H100; up to 224 columns
-# the row sweep was as fast or faster but at some multiples of 32 (tiles 1.33x at 196, whose last tile
-# is mostly empty; benchmarks/tiled_forward.py, docs/benchmarks.md). TILED_FORWARD: None follows the
-# width rule, True / False force either kernel. TILE_CHANNELS, TILE_STATES: the block layout (TileLayout;
-# 1 x 1 ran fastest, wider layouts spill registers).
-TILED_FORWARD: bool | None = None
-TILED_FORWARD_ABOVE = 224
-TILE_CHANNELS = 1
-TILE_STATES = 1
-TILE = 32
-# The 2DMamba backward on tiles of 32 / TILE_BACKWARD_STATES rows x 32 columns (scan2d_tile_bwd), from
-# checkpoint rows and horizontal carries the forward saves. It replaced the row-sweep backward wherever
-# its block fits (any row width at N <= 32): on an H100 at E = 256, forward+backward 196^2 3.12 -> 1.90 ms,
-# 391^2 14.6 -> 8.0 ms, batch 16 x 56^2 4.3 -> 1.8 ms, with less memory; 64^2 (launch-bound) unchanged
-# (docs/benchmarks.md, "2D scans"). TILED_BACKWARD: None = wherever it fits, True / False force it on or
-# off (False: the row sweep). TILE_BACKWARD_STATES: states per thread (one warp per group of them; 2 ran
-# faster than 4, 1 does not fit the shared memory at N = 16); None: 2 where N is even, else 1.
-TILED_BACKWARD: bool | None = None
-TILE_BACKWARD_STATES: int | None = None
-# Channels per block of the tiled backward: 2 share the loads of B and C and add their dB / dC terms before
-# the atomics, halving the L2 traffic per channel that bounds the kernel (on an H100 at E = 256,
-# forward+backward 196^2 1.91 -> 1.81 ms, 391^2 7.77 -> 7.11 ms; docs/benchmarks.md). None: 2 where the
-# block's shared memory holds them (N up to 16 at 2 states per warp) and the call has more (batch,
-# channel) grids than the GPU has multiprocessors (see tile_backward_layout), else 1.
-TILE_BACKWARD_CHANNELS: int | None = None
-# Extra NVRTC options (e.g. "-DPF_ROWS=4"), for benchmarking variants of the kernels.
-EXTRA_OPTIONS: tuple[str, ...] = ()
+def _is_count(value) -> bool:
+    return type(value) is int and value >= 1
+
+
+def _is_options(value) -> bool:
+    return isinstance(value, (tuple, list)) and all(isinstance(o, str) for o in value)
+
+
+def _tuning_field_problem(annotation: str, value) -> str | None:
+    """What a ``ScanTuning`` field of this annotation must be, where ``value`` is not that; else None."""
+    optional = annotation.endswith("| None")
+    if value is None and optional:
+        return None
+    if annotation.startswith("int"):
+        return None if _is_count(value) else "a positive int" + (" or None" if optional else "")
+    if annotation.startswith("bool"):
+        return None if type(value) is bool else "True, False or None"
+    return None if _is_options(value) else "a tuple of strings (compiler options)"
+
+
+@dataclass(frozen=True)
+class ScanTuning:
+    """How the CUDA kernels of the 2D scans are laid out and launched; never what they compute.
+
+    Every choice picks among layouts that compute the same scan (up to the float rounding of their sums).
+    ``None`` follows the rule measured fastest on an H100 (figures in docs/benchmarks.md, "2D scans");
+    a value forces one layout (tests, benchmarks). The defaults are what a model runs.
+
+    Attributes:
+        states_per_thread: states per thread of the row-sweep forward (None: ``forward_states_per_thread``).
+            Fewer means more warps per block to hide each row step's latency, but more per-cell work
+            repeated by each warp.
+        bwd_states_per_thread: the same for the row-sweep backward (None: ``backward_states_per_thread``),
+            which also needs shared memory for its recomputed rows.
+        bwd_wide_cols_per_thread: columns per thread of the row-sweep backward on rows wider than 256
+            columns; 4 runs twice the warps per block of 8 with the same segments.
+        bwd_smem_budget: bytes of shared memory of one row-sweep backward block, which sets its segment
+            length (``launch_config``).
+        tiled_forward: the 2DMamba forward on 32 x 32 tiles: None for rows wider than
+            ``tiled_forward_above`` columns, True / False always / never (the row sweep).
+        tiled_forward_above: the tiles are faster on wider rows only (narrower ones leave tiles mostly
+            empty at some widths).
+        tile_channels, tile_states: the tiled forward's block (``TileLayout``); wider ones spill registers.
+        tiled_backward: the 2DMamba backward on tiles: None / True wherever its block fits (it beat the
+            row sweep or matched it at every measured shape, with less memory), False never (the row sweep).
+        tile_backward_states: states per warp of the tiled backward (None: 2 where N is even, else 1;
+            2 beat 4, and 1 does not fit the shared memory at N = 16).
+        tile_backward_channels: channels per block of the tiled backward (None: 2 where they fit and the
+            call has more grids than the GPU has multiprocessors, else 1); two share the loads of B and C
+            and halve the L2 traffic of the dB / dC atomics.
+        extra_options: extra NVRTC options (e.g. ``("-DPF_ROWS=4",)``) compiling variants of the kernels.
+    """
+
+    states_per_thread: int | None = None
+    bwd_states_per_thread: int | None = None
+    bwd_wide_cols_per_thread: int = 4
+    bwd_smem_budget: int = BWD_SMEM_BUDGET
+    tiled_forward: bool | None = None
+    tiled_forward_above: int = 224
+    tile_channels: int = 1
+    tile_states: int = 1
+    tiled_backward: bool | None = None
+    tile_backward_states: int | None = None
+    tile_backward_channels: int | None = None
+    extra_options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            problem = _tuning_field_problem(f.type, getattr(self, f.name))
+            if problem:
+                raise ConfigError(f"ScanTuning.{f.name} must be {problem}, got {getattr(self, f.name)!r}")
+        object.__setattr__(self, "extra_options", tuple(self.extra_options))
+
+    def forward_states(self, mode: int, width: int) -> int:
+        """States per thread of the row-sweep forward for rows of ``width`` columns."""
+        return self.states_per_thread or forward_states_per_thread(mode, width)
+
+    def backward_states(self, mode: int, width: int) -> int:
+        """States per thread of the row-sweep backward for rows of ``width`` columns."""
+        return self.bwd_states_per_thread or backward_states_per_thread(mode, width)
+
+    def tiles_forward(self, width: int) -> bool:
+        """Whether the 2DMamba forward of rows of ``width`` columns runs on tiles (where its block fits)."""
+        return width > self.tiled_forward_above if self.tiled_forward is None else self.tiled_forward
+
+
+DEFAULT_TUNING = ScanTuning()
 
 
 @dataclass(frozen=True)
@@ -195,11 +252,12 @@ class TileLayout:
         return 4 * (self.channels * (self.n_state + 4) * pitch + self.channels * self.n_state * width)
 
 
-def tile_layout(n_state: int, width: int) -> TileLayout | None:
+def tile_layout(n_state: int, width: int, tuning: ScanTuning = DEFAULT_TUNING) -> TileLayout | None:
     """The tiled forward's layout for rows of ``width`` columns, or None where the row sweep runs."""
-    if TILED_FORWARD is False or (TILED_FORWARD is None and width <= TILED_FORWARD_ABOVE):
+    if not tuning.tiles_forward(width):
         return None
-    layout = TileLayout(n_state, TILE_CHANNELS, TILE_STATES if n_state % TILE_STATES == 0 else 1)
+    states = tuning.tile_states if n_state % tuning.tile_states == 0 else 1
+    layout = TileLayout(n_state, tuning.tile_channels, states)
     if layout.threads <= 1024 and layout.smem(width) <= SMEM_LIMIT:
         return layout
     return None
@@ -239,30 +297,75 @@ class TileBackwardLayout:
         return 4 * self.channels * slots * self.rows * (TILE + 1)
 
 
-def tile_backward_layout(n_state: int, width: int, grids: int | None = None,
-                         sm_count: int | None = None) -> TileBackwardLayout | None:
+def tile_backward_layout(n_state: int, width: int, grids: int | None = None, sm_count: int | None = None,
+                         tuning: ScanTuning = DEFAULT_TUNING) -> TileBackwardLayout | None:
     """The tiled 2DMamba backward's layout, or None where the row-sweep backward runs.
 
     ``grids``: the call's batch * E (batch, channel) grids; ``sm_count``: the GPU's multiprocessors. Two
     channels per block only where there are more grids than multiprocessors: with fewer, one channel per
-    block spreads them over twice as many (the channel groups of a model's lean blocks: a 2dmambamil step
-    at 391 x 391, two groups of 128 channels, ran 33.3 ms with one channel per block, 34.5 with two)."""
-    if TILED_BACKWARD is False:
+    block spreads them over twice as many (as a model's channel groups do; docs/benchmarks.md)."""
+    if tuning.tiled_backward is False:
         return None
-    states = TILE_BACKWARD_STATES or (2 if n_state % 2 == 0 else 1)
+    states = tuning.tile_backward_states or (2 if n_state % 2 == 0 else 1)
     if n_state % states or 32 % states:
         return None
-    if TILE_BACKWARD_CHANNELS:
-        candidates = (TILE_BACKWARD_CHANNELS,)
-    elif grids is not None and sm_count is not None and grids <= sm_count:
-        candidates = (1,)
-    else:
-        candidates = (2, 1)
-    for channels in candidates:
+    for channels in _tile_backward_channels(grids, sm_count, tuning):
         layout = TileBackwardLayout(n_state, states, channels)
         if layout.threads <= 1024 and layout.smem() <= SMEM_LIMIT:
             return layout
     return None
+
+
+def _tile_backward_channels(grids: int | None, sm_count: int | None, tuning: ScanTuning) -> tuple[int, ...]:
+    """Channels per block of the tiled backward to try, in order of preference."""
+    if tuning.tile_backward_channels:
+        return (tuning.tile_backward_channels,)
+    if grids is not None and sm_count is not None and grids <= sm_count:
+        return (1,)
+    return (2, 1)
+
+
+@dataclass(frozen=True)
+class ScanPlan:
+    """The launches of one scan call: the row-sweep ``forward`` (where ``tiles`` is None, else the tiled
+    2DMamba forward), the ``backward`` (the forward's layout without gradients), and the kernels' extra
+    compile options."""
+
+    forward: LaunchConfig
+    backward: LaunchConfig | TileBackwardLayout
+    tiles: TileLayout | None
+    need_grad: bool
+    extra_options: tuple[str, ...] = ()
+
+
+def _backward_layout(mode: int, n_state: int, shape: tuple[int, int, int, int], sm_count: int | None,
+                     tuning: ScanTuning) -> LaunchConfig | TileBackwardLayout | None:
+    """The 2DMamba backward on tiles where their block fits, else (and for Mamba2D, whose shared memory
+    limits the row width far more than the forward's) the row sweep."""
+    batch, E, H, W = shape
+    if mode == 0:
+        tiles = tile_backward_layout(n_state, W, batch * E, sm_count, tuning)
+        if tiles is not None:
+            return tiles
+    return launch_config(n_state, H, W, tuning.backward_states(mode, W), tuning.bwd_smem_budget, mode,
+                         wide_cols_per_thread=tuning.bwd_wide_cols_per_thread)
+
+
+def plan_scan(mode: int, n_state: int, shape: tuple[int, int, int, int], need_grad: bool,
+              sm_count: int | None = None, tuning: ScanTuning = DEFAULT_TUNING) -> ScanPlan | None:
+    """The launches of a scan (``mode`` 0: 2DMamba, 1: Mamba2D) of ``n_state`` states on grids of ``shape``
+    (batch, E, H, W), or None where the grid is beyond the kernels. ``sm_count``: the GPU's
+    multiprocessors (None: unknown), for the tiled backward's channels per block."""
+    W = shape[3]
+    fwd = launch_config(n_state, shape[2], W, tuning.forward_states(mode, W), tuning.bwd_smem_budget, mode,
+                        backward=False)
+    if fwd is None:
+        return None
+    bwd = _backward_layout(mode, n_state, shape, sm_count, tuning) if need_grad else fwd
+    if bwd is None:
+        return None
+    tiles = tile_layout(n_state, W, tuning) if mode == 0 else None
+    return ScanPlan(fwd, bwd, tiles, need_grad, tuning.extra_options)
 
 
 @functools.lru_cache(maxsize=None)
@@ -270,10 +373,37 @@ def _sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _kernels(mode: int, in_kind: int, cfg: LaunchConfig, device: int):
-    """(fwd, bwd) kernels for a layout; the segment length is a kernel argument, not a macro."""
-    return _compiled(mode, in_kind, cfg.n_state, cfg.states_per_thread, cfg.cols_per_thread, cfg.col_warps, device,
-                     EXTRA_OPTIONS, cfg.fwd_buffers())
+def row_sweep_macros(mode: int, in_kind: int, cfg: LaunchConfig) -> dict[str, int]:
+    """Compile-time macros of the row-sweep kernels (``scan2d_fwd``, ``scan2d_bwd``) of a layout; the
+    segment length is a kernel argument, not a macro."""
+    return {"MODE": mode, "IN_KIND": in_kind, "NS": cfg.n_state, "S": cfg.states_per_thread,
+            "K": cfg.cols_per_thread, "CW": cfg.col_warps, "NBUF": cfg.fwd_buffers()}
+
+
+def tile_forward_macros(in_kind: int, layout: TileLayout) -> dict[str, int]:
+    """Compile-time macros of the tiled 2DMamba forward (``scan2d_tile_fwd``; the row-sweep ones unused)."""
+    return {"MODE": 0, "IN_KIND": in_kind, "NS": layout.n_state, "S": 1, "K": 1, "CW": 1,
+            "TCH": layout.channels, "TS": layout.states}
+
+
+def tile_backward_macros(in_kind: int, layout: TileBackwardLayout) -> dict[str, int]:
+    """Compile-time macros of the tiled 2DMamba backward (``scan2d_tile_bwd``)."""
+    return {"MODE": 0, "IN_KIND": in_kind, "NS": layout.n_state, "S": 1, "K": 1, "CW": 1,
+            "BTS": layout.states, "BCH": layout.channels}
+
+
+def plan_kernels(mode: int, in_kind: int, plan: ScanPlan) -> tuple[tuple[str, dict[str, int]], ...]:
+    """(kernel name, macros) of the forward and, with gradients, the backward that a call on ``plan``
+    launches (``in_kind`` as in ``IN_KIND``); each compiles with ``plan.extra_options`` added."""
+    if plan.tiles is not None:
+        fwd = ("scan2d_tile_fwd", tile_forward_macros(in_kind, plan.tiles))
+    else:
+        fwd = ("scan2d_fwd", row_sweep_macros(mode, in_kind, plan.forward))
+    if not plan.need_grad:
+        return (fwd,)
+    if isinstance(plan.backward, TileBackwardLayout):
+        return fwd, ("scan2d_tile_bwd", tile_backward_macros(in_kind, plan.backward))
+    return fwd, ("scan2d_bwd", row_sweep_macros(mode, in_kind, plan.backward))
 
 
 def _functions(macros: dict[str, int], names: tuple[str, ...], device: int, extra: tuple[str, ...]):
@@ -287,25 +417,24 @@ def _functions(macros: dict[str, int], names: tuple[str, ...], device: int, extr
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(mode: int, in_kind: int, n_state: int, states: int, cols: int, col_warps: int, device: int,
-              extra: tuple[str, ...] = (), buffers: int = 2):
-    macros = dict(MODE=mode, IN_KIND=in_kind, NS=n_state, S=states, K=cols, CW=col_warps, NBUF=buffers)
-    return _functions(macros, ("scan2d_fwd", "scan2d_bwd"), device, extra)
+def _compiled(macros: tuple[tuple[str, int], ...], names: tuple[str, ...], device: int, extra: tuple[str, ...]):
+    """One compiled module per (macros, options, device), cached for the process."""
+    return _functions(dict(macros), names, device, extra)
 
 
-@functools.lru_cache(maxsize=None)
-def _tile_kernel(in_kind: int, layout: TileLayout, device: int, extra: tuple[str, ...] = ()):
-    """The tiled 2DMamba forward for an input dtype and block layout (the row-sweep macros are unused)."""
-    macros = dict(MODE=0, IN_KIND=in_kind, NS=layout.n_state, S=1, K=1, CW=1, TCH=layout.channels, TS=layout.states)
-    return _functions(macros, ("scan2d_tile_fwd",), device, extra)[0]
+def _kernels(mode: int, in_kind: int, cfg: LaunchConfig, device: int, extra: tuple[str, ...]):
+    """(fwd, bwd) row-sweep kernels for a layout."""
+    return _compiled(tuple(row_sweep_macros(mode, in_kind, cfg).items()), ("scan2d_fwd", "scan2d_bwd"), device, extra)
 
 
-@functools.lru_cache(maxsize=None)
-def _tile_backward_kernel(in_kind: int, layout: TileBackwardLayout, device: int, extra: tuple[str, ...] = ()):
+def _tile_kernel(in_kind: int, layout: TileLayout, device: int, extra: tuple[str, ...]):
+    """The tiled 2DMamba forward for an input dtype and block layout."""
+    return _compiled(tuple(tile_forward_macros(in_kind, layout).items()), ("scan2d_tile_fwd",), device, extra)[0]
+
+
+def _tile_backward_kernel(in_kind: int, layout: TileBackwardLayout, device: int, extra: tuple[str, ...]):
     """The tiled 2DMamba backward for an input dtype and block layout."""
-    macros = dict(MODE=0, IN_KIND=in_kind, NS=layout.n_state, S=1, K=1, CW=1, BTS=layout.states,
-                  BCH=layout.channels)
-    return _functions(macros, ("scan2d_tile_bwd",), device, extra)[0]
+    return _compiled(tuple(tile_backward_macros(in_kind, layout).items()), ("scan2d_tile_bwd",), device, extra)[0]
 
 
 class _Kernel:
@@ -361,9 +490,9 @@ class _Scan2d(torch.autograd.Function):
     """Forward and backward of either scan; ``mode`` 0 is 2DMamba, 1 is Mamba2D."""
 
     @staticmethod
-    def forward(ctx, mode, cfgs, u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias):
+    def forward(ctx, mode, plan, u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias):
         dtype = u.dtype
-        cfg_fwd, cfg, need_grad = cfgs
+        cfg_fwd, cfg, need_grad = plan.forward, plan.backward, plan.need_grad
         act = [_prep(t, dtype) for t in (u, dt1, dt2, z, B1, B2, C)]
         par = [_prep(t, torch.float32) for t in (A1, A2, D, dt_bias)]
         batch, E, H, W = u.shape
@@ -378,18 +507,18 @@ class _Scan2d(torch.autograd.Function):
         if need_grad and isinstance(cfg, TileBackwardLayout):
             gck = torch.empty((batch * E, math.ceil(W / TILE) - 1, cfg.n_state, H), device=dev, dtype=torch.float32)
         stream = _stream(dev)
-        tiles = tile_layout(cfg.n_state, W) if mode == 0 else None
+        tiles = plan.tiles
         if tiles is not None:
             u_, dt_, _, z_, B_, _, C_ = act
             A_, _, D_, bias_ = par
-            kernel = _tile_kernel(IN_KIND[dtype], tiles, dev.index, EXTRA_OPTIONS)
+            kernel = _tile_kernel(IN_KIND[dtype], tiles, dev.index, plan.extra_options)
             kernel((batch * math.ceil(E / tiles.channels),), (tiles.threads, 1, 1),
                    [u_, dt_, z_, B_, C_, A_, D_, bias_, out, ckpt, gck, H, W, E, seg_rows], tiles.smem(W), stream)
         else:
-            fwd = _kernels(mode, IN_KIND[dtype], cfg_fwd, dev.index)[0]
+            fwd = _kernels(mode, IN_KIND[dtype], cfg_fwd, dev.index, plan.extra_options)[0]
             fwd((batch * E,), cfg_fwd.block, [*act, *par, out, ckpt, gck, H, W, E, seg_rows],
                 cfg_fwd.fwd_smem(cfg_fwd.fwd_buffers()), stream)
-        ctx.mode, ctx.cfg = mode, cfg
+        ctx.mode, ctx.cfg, ctx.extra_options = mode, cfg, plan.extra_options
         ctx.in_dtypes = [None if t is None else t.dtype for t in (u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias)]
         ctx.save_for_backward(*act, *par, ckpt, gck)
         return out
@@ -417,12 +546,12 @@ class _Scan2d(torch.autograd.Function):
         if isinstance(cfg, TileBackwardLayout):
             # the adjoint's vertical carries between bands of tiles, one row of states per (batch, channel)
             gcar = torch.empty((batch * E, cfg.n_state, W), device=u.device, dtype=torch.float32)
-            bwd = _tile_backward_kernel(IN_KIND[dtype], cfg, u.device.index, EXTRA_OPTIONS)
+            bwd = _tile_backward_kernel(IN_KIND[dtype], cfg, u.device.index, ctx.extra_options)
             args = [u, dt1, z, B1, C, A1, D, dt_bias, grad_out, ckpt, gck, gcar,
                     du, ddt1, dz, dB1, dC, dA1, dD, dbias, H, W, E]
             bwd((cfg.blocks(batch, E),), (cfg.threads, 1, 1), args, cfg.smem(), _stream(u.device))
         else:
-            bwd = _kernels(mode, IN_KIND[dtype], cfg, u.device.index)[1]
+            bwd = _kernels(mode, IN_KIND[dtype], cfg, u.device.index, ctx.extra_options)[1]
             args = [u, dt1, dt2, z, B1, B2, C, A1, A2, D, dt_bias, grad_out, ckpt,
                     du, ddt1, ddt2, dz, dB1, dB2, dC, dA1, dA2, dD, dbias, H, W, E, min(cfg.seg_rows, H)]
             bwd((batch * E,), cfg.block, args, cfg.bwd_smem(W), _stream(u.device))
@@ -443,24 +572,9 @@ class _Scan2d(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def _config_or_none(u, n_state, mode, need_grad=True):
-    """(forward, backward) layouts, or None when the grid is beyond the kernels. Without gradients the
-    backward's layout is not needed. The backward is a ``TileBackwardLayout`` (2DMamba, any width) or a
-    ``LaunchConfig`` of the row sweep (Mamba2D, whose shared memory limits the row width far more than the
-    forward's)."""
-    _, _, H, W = u.shape
-    s_fwd = STATES_PER_THREAD or forward_states_per_thread(mode, W)
-    fwd = launch_config(n_state, H, W, s_fwd, BWD_SMEM_BUDGET, mode, backward=False)
-    if not need_grad:
-        return None if fwd is None else (fwd, fwd)
-    if mode == 0 and fwd is not None:
-        sms = _sm_count(u.device.index) if u.is_cuda else None
-        tiles = tile_backward_layout(n_state, W, u.shape[0] * u.shape[1], sms)
-        if tiles is not None:
-            return fwd, tiles
-    s_bwd = BWD_STATES_PER_THREAD or backward_states_per_thread(mode, W)
-    bwd = launch_config(n_state, H, W, s_bwd, BWD_SMEM_BUDGET, mode, wide_cols_per_thread=BWD_WIDE_COLS_PER_THREAD)
-    return None if fwd is None or bwd is None else (fwd, bwd)
+def _plan(u: torch.Tensor, n_state: int, mode: int, need_grad: bool, tuning: ScanTuning | None) -> ScanPlan | None:
+    sms = _sm_count(u.device.index) if u.is_cuda else None
+    return plan_scan(mode, n_state, tuple(u.shape), need_grad, sms, DEFAULT_TUNING if tuning is None else tuning)
 
 
 def _warn_reference(scan: str, u: torch.Tensor) -> None:
@@ -475,27 +589,25 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def selective_scan_2d_cupy(u, dt, A, B, C, D=None, z=None, dt_bias=None):
-    """The 2DMamba scan on the CUDA kernels (same contract as ``selective_scan_2d``)."""
-    need_grad = _needs_grad(u, dt, A, B, C, D, z, dt_bias)
-    cfg = _config_or_none(u, A.shape[1], 0, need_grad)
-    if cfg is None:
+def selective_scan_2d_cupy(u, dt, A, B, C, D=None, z=None, dt_bias=None, *, tuning: ScanTuning | None = None):
+    """The 2DMamba scan on the CUDA kernels (same contract as ``selective_scan_2d``), laid out by ``tuning``
+    (None: ``DEFAULT_TUNING``)."""
+    plan = _plan(u, A.shape[1], 0, _needs_grad(u, dt, A, B, C, D, z, dt_bias), tuning)
+    if plan is None:
         from wsi2dmamba.ops.reference import selective_scan_2d_reference
 
         _warn_reference("2DMamba", u)
         return selective_scan_2d_reference(u, dt, A, B, C, D, z, dt_bias)
-    cfgs = (*cfg, need_grad)
-    return _Scan2d.apply(0, cfgs, u, dt, None, z, B, None, C, A, None, D, dt_bias)
+    return _Scan2d.apply(0, plan, u, dt, None, z, B, None, C, A, None, D, dt_bias)
 
 
-def mamba2d_scan_cupy(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D=None):
-    """The Mamba2D scan on the CUDA kernels (same contract as ``mamba2d_scan``)."""
-    need_grad = _needs_grad(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D)
-    cfg = _config_or_none(u, A_t.shape[1], 1, need_grad)
-    if cfg is None:
+def mamba2d_scan_cupy(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D=None, *, tuning: ScanTuning | None = None):
+    """The Mamba2D scan on the CUDA kernels (same contract as ``mamba2d_scan``), laid out by ``tuning``
+    (None: ``DEFAULT_TUNING``)."""
+    plan = _plan(u, A_t.shape[1], 1, _needs_grad(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D), tuning)
+    if plan is None:
         from wsi2dmamba.ops.reference import mamba2d_scan_reference
 
         _warn_reference("Mamba2D", u)
         return mamba2d_scan_reference(u, dt_t, dt_l, A_t, A_l, B_t, B_l, C, D)
-    cfgs = (*cfg, need_grad)
-    return _Scan2d.apply(1, cfgs, u, dt_t, dt_l, None, B_t, B_l, C, A_t, A_l, D, None)
+    return _Scan2d.apply(1, plan, u, dt_t, dt_l, None, B_t, B_l, C, A_t, A_l, D, None)
