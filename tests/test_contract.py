@@ -80,7 +80,8 @@ def assert_written_files_are_on_disk(run: Path, stage_dir: str, ids: list[str]) 
 
 def assert_fold_files_are_on_disk(fold: Path) -> None:
     done = json.loads((fold / "done.json").read_text())
-    on_disk = {p.name for p in fold.iterdir() if p.is_file()} - {"done.json"}
+    # done.json lists the others; .lock is the job's lock on the fold, housekeeping like a run's ledger
+    on_disk = {p.name for p in fold.iterdir() if p.is_file()} - {"done.json", ".lock"}
     assert on_disk == set(done["outputs"])
     assert all(file_sha256(fold / name) == sha for name, sha in done["outputs"].items())
 
