@@ -287,16 +287,16 @@ def test_benchmarks_page_is_todays_figures_one_table_per_area():
     lines = text.splitlines()
     assert len(lines) < 300, f"docs/benchmarks.md has {len(lines)} lines; move history to docs/engineering-log.md"
     assert "engineering-log.md" in text
-    sections = re.split(r"^## ", text, flags=re.M)[1:]
+    sections = re.split(r"^## ", text, flags=re.MULTILINE)[1:]
     assert len(sections) >= 6
     for section in sections:
         title = section.splitlines()[0]
-        if not re.search(r"^\|.*\|\s*$", section, flags=re.M):
+        if not re.search(r"^\|.*\|\s*$", section, flags=re.MULTILINE):
             continue
-        commands = re.findall(r"^(?: {4}|```)\S.*$", section, flags=re.M)
+        commands = re.findall(r"^(?: {4}|```)\S.*$", section, flags=re.MULTILINE)
         assert commands, f"section {title!r} of docs/benchmarks.md names no command"
         assert "Machine:" in section, f"section {title!r} of docs/benchmarks.md names no machine"
         assert re.search(r"\b20\d\d-[01]\d-[0-3]\d\b", section), f"section {title!r} gives no date"
     # Other pages and code comments refer to these sections by name.
     for title in ("2D scans", "Feature extraction", "Scaling out", "Demo", "Models", "Slide stages"):
-        assert re.search(rf"^## {re.escape(title)}$", text, flags=re.M), title
+        assert re.search(rf"^## {re.escape(title)}$", text, flags=re.MULTILINE), title
