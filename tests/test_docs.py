@@ -277,3 +277,26 @@ def test_grid_format_page_names_every_dataset_and_attribute(tmp_path):
     names = [n for n in names if n != "grid"]
     undocumented = sorted(set(names) - documented)
     assert not undocumented, f"docs/grid-format.md does not describe: {undocumented}"
+
+
+def test_benchmarks_page_is_todays_figures_one_table_per_area():
+    """docs/benchmarks.md stays short (history goes to docs/engineering-log.md), and every area section
+    with a table says how to reproduce it: a command (an indented or fenced code line), the machine and
+    the date it was measured."""
+    text = (DOCS / "benchmarks.md").read_text()
+    lines = text.splitlines()
+    assert len(lines) < 300, f"docs/benchmarks.md has {len(lines)} lines; move history to docs/engineering-log.md"
+    assert "engineering-log.md" in text
+    sections = re.split(r"^## ", text, flags=re.MULTILINE)[1:]
+    assert len(sections) >= 6
+    for section in sections:
+        title = section.splitlines()[0]
+        if not re.search(r"^\|.*\|\s*$", section, flags=re.MULTILINE):
+            continue
+        commands = re.findall(r"^(?: {4}|```)\S.*$", section, flags=re.MULTILINE)
+        assert commands, f"section {title!r} of docs/benchmarks.md names no command"
+        assert "Machine:" in section, f"section {title!r} of docs/benchmarks.md names no machine"
+        assert re.search(r"\b20\d\d-[01]\d-[0-3]\d\b", section), f"section {title!r} gives no date"
+    # Other pages and code comments refer to these sections by name.
+    for title in ("2D scans", "Feature extraction", "Scaling out", "Demo", "Models", "Slide stages"):
+        assert re.search(rf"^## {re.escape(title)}$", text, flags=re.MULTILINE), title
