@@ -193,7 +193,12 @@ def heatmap(run_dir: str | os.PathLike[str], model: str, slide_id: str, *, fold:
     if partition in ("train", "none"):
         notes.append(f"slide {slide_id} was in the {partition} partition of fold {k}: the model "
                      + ("trained on it" if partition == "train" else "never saw it in any fold"))
-    grid = read_feature_grid(_features_file(run_dir, cfg, slide_id))
+    from ..cohort.ledger import recorded_sha256
+    from ..grid.guard import guard_grid_file
+
+    features_file = _features_file(run_dir, cfg, slide_id)
+    guard_grid_file(features_file, "features", recorded_sha256(features_file), writer="extract")
+    grid = read_feature_grid(features_file)
     net = load_checkpoint(model_dir / f"fold_{k}" / f"{checkpoint}.safetensors", device)
     att = attention_on_grid(net, grid, device)
 
