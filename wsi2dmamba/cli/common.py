@@ -3,25 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ..cohort import Cohort, StageSummary, load_cohort
 from ..errors import ConfigError
 
-CohortOpt = Annotated[Optional[Path], typer.Option("--cohort", help="Cohort manifest CSV (slide_id, path, …).")]
+CohortOpt = Annotated[Path | None, typer.Option("--cohort", help="Cohort manifest CSV (slide_id, path, …).")]
 OutOpt = Annotated[Path, typer.Option("--out", help="Run folder; every stage writes below it.")]
 WorkersOpt = Annotated[int, typer.Option("--workers", min=1, help="Worker processes.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo slides that are already done.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-ShardOpt = Annotated[Optional[str], typer.Option(
+ShardOpt = Annotated[str | None, typer.Option(
     "--shard", help="Process only shard i of N ('i/N', 0-based), e.g. for Slurm array jobs; "
     "combine with `wsi2dmamba merge`.")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", help="Where per-slide tasks run: local or ray.")]
-RayAddressOpt = Annotated[Optional[str], typer.Option(
+RayAddressOpt = Annotated[str | None, typer.Option(
     "--ray-address", help="Ray cluster to connect to (default: start a local one).")]
-SlidesDirOpt = Annotated[Optional[Path], typer.Option(
+SlidesDirOpt = Annotated[Path | None, typer.Option(
     "--slides-dir", help="Folder searched for slides whose manifest row has no path.")]
 
 
@@ -54,6 +54,8 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 def report_summary(summary: StageSummary) -> None:
     """Print a stage's summary; exit 1 when any slide failed (the batch itself went on)."""
     typer.echo(summary.line())
+    for sid, why in sorted(summary.redone.items()):
+        typer.secho(f"  warning: slide {sid}: {why}", fg=typer.colors.YELLOW, err=True)
     for sid, reason in sorted(summary.failed.items()):
         typer.secho(f"  failed {sid}: {reason}", fg=typer.colors.YELLOW, err=True)
     if summary.failed:
