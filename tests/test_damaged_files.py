@@ -36,7 +36,7 @@ LIMIT_S = "2"  # the child's time limit in these tests: a hang costs 2 s
 def _fixture(kind: str) -> bytes:
     """The damaged file of ``kind`` ("crash" or "hang"), built from the valid file and its recorded
     mutation, and identical to the kept copy."""
-    m = json.loads((DAMAGED / "mutations.json").read_text())[kind]
+    m = json.loads((DAMAGED / "mutations.json").read_text())["tiles"][kind]
     data = apply_mutation(VALID.read_bytes(), m["pairs"])
     assert data == (DAMAGED / f"{kind}_tiles.h5").read_bytes()
     return data

@@ -1,16 +1,19 @@
-"""Build the damaged grid-file fixtures from a valid tiles file, by a seeded search over byte mutations.
+"""Build the damaged HDF5 fixtures from valid files, by a seeded search over byte mutations.
 
-    python tests/data/damaged/make_damaged_grids.py [--trials 3000] [--seed 0]
+    python tests/data/damaged/make_damaged_grids.py [--layout tiles|clam] [--trials 20000] [--seed 0]
 
-1. ``valid_tiles.h5`` is written once (a 6 × 8 lattice of 40 tiles, by the project's own writer) and kept:
-   the mutations below are offsets into its bytes.
+1. A valid file of the layout is written once and kept (its bytes are what the mutations change):
+   ``valid_tiles.h5``, a wsi2dmamba tiles file of 40 tiles on a 6 × 8 lattice (the project's writer), or
+   ``valid_clam.h5``, a CLAM feature file of 40 tiles × 32 features (``features`` and ``coords``, chunked
+   as CLAM writes them).
 2. Each trial copies the valid file, overwrites 1 to 8 random bytes (seeded: trial t uses
-   ``random.Random(seed * 1_000_003 + t)``) and reads the copy with ``read_tile_grid`` in a child process
-   with a time limit. The child either returns (a clear error, or a successful read) or dies by a signal
-   (a crash inside the HDF5 library) or runs past the limit (a hang).
-3. The first crashing and the first hanging mutation are written to ``mutations.json``; the fixtures
-   ``crash_tiles.h5`` and ``hang_tiles.h5`` are the valid file with those bytes replaced
-   (:func:`apply_mutation`, also used by the tests).
+   ``random.Random(seed * 1_000_003 + t)``) and reads the copy in a child process with a time limit, with
+   the reader a stage uses (``read_tile_grid``, or the reader of ``import-features``). The child returns
+   (a clear error, or a successful read), dies by a signal (a crash inside the HDF5 library) or runs past
+   the limit (a hang). Trials run one after another in one child, replaced after each crash or hang.
+3. The first crashing and the first hanging mutation are recorded in ``mutations.json`` (per layout); the
+   fixtures ``crash_<layout>.h5`` and ``hang_<layout>.h5`` are the valid file with those bytes replaced
+   (:func:`apply_mutation`, also used by the tests to check that they are built from the valid file).
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ HERE = Path(__file__).resolve().parent
 VALID = HERE / "valid_tiles.h5"
 MUTATIONS = HERE / "mutations.json"
 TIME_LIMIT_S = 5.0
+LAYOUTS = ("tiles", "clam")
+
+# The child reads with the stage's reader; the environment variable stops the importer's reader from
+# checking its input in a child of its own (the search wants to see the crash itself).
+_READ = {
+    "tiles": "from wsi2dmamba.grid import read_tile_grid as read",
+    "clam": "from wsi2dmamba.features.importers import _read_feature_file as read",
+}
 
 _CHILD = """
 import sys
@@ -35,28 +46,44 @@ from pathlib import Path
 sys.path.insert(0, {here!r})
 from make_damaged_grids import apply_mutation, mutation
 from wsi2dmamba.errors import WsiError
-from wsi2dmamba.grid import read_tile_grid
+{reader}
 seed, first, last, probe = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
 data = Path({valid!r}).read_bytes()
 for t in range(first, last):
-    probe.write_bytes(apply_mutation(data, mutation(seed, t, len(data))))
+    if t >= 0:
+        probe.write_bytes(apply_mutation(data, mutation(seed, t, len(data))))
     print(t, flush=True)
     try:
-        read_tile_grid(probe)
+        read(probe)
     except WsiError:
         pass
 """
 
 
-def write_valid(path: Path) -> None:
-    import numpy as np
+def valid_path(layout: str) -> Path:
+    return HERE / f"valid_{layout}.h5"
 
-    from wsi2dmamba.grid import TileGrid, write_tile_grid
+
+def write_valid(path: Path, layout: str = "tiles") -> None:
+    import numpy as np
 
     rows, cols = np.nonzero(np.ones((6, 8), bool))
     keep = np.arange(rows.size) % 6 != 5  # 40 of 48 cells hold a tile
     rows, cols = rows[keep], cols[keep]
-    grid = TileGrid(slide_id="valid", coords=np.stack([cols * 512, rows * 512], 1), index=np.stack([rows, cols], 1),
+    coords = np.stack([cols * 512, rows * 512], 1).astype(np.int64)
+    if layout == "clam":
+        import h5py
+
+        feats = np.random.default_rng(0).standard_normal((rows.size, 32)).astype(np.float32)
+        with h5py.File(path, "w") as f:
+            f.create_dataset("features", data=feats, maxshape=(None, 32), chunks=(rows.size, 32))
+            d = f.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(rows.size, 2))
+            d.attrs["patch_size"] = 512
+            d.attrs["patch_level"] = 0
+        return
+    from wsi2dmamba.grid import TileGrid, write_tile_grid
+
+    grid = TileGrid(slide_id="valid", coords=coords, index=np.stack([rows, cols], 1),
                     shape=(6, 8), tissue_fraction=np.linspace(0.2, 1.0, rows.size), origin_level0=(0.0, 0.0),
                     stride_level0=512.0, tile_size_level0=512.0, tile_px=256, stride_px=256, mpp_requested=1.0,
                     mpp_effective=1.0, mpp_level0=0.5, read_level=0, read_downsample=1.0,
@@ -77,28 +104,30 @@ def apply_mutation(data: bytes, pairs: list[list[int]] | list[tuple[int, int]]) 
     return bytes(buf)
 
 
-def outcome(path: Path, time_limit: float = TIME_LIMIT_S) -> str:
-    """How ``read_tile_grid`` fares on one file in a child process: "crash" (killed by a signal), "hang"
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[2]), os.environ.get("PYTHONPATH", "")]),
+            "WSI2DMAMBA_HDF5_CHECKING": "1"}
+
+
+def outcome(path: Path, time_limit: float = TIME_LIMIT_S, layout: str = "tiles") -> str:
+    """How the stage's reader fares on one file in a child process: "crash" (killed by a signal), "hang"
     (past the limit) or "ok" (it returned or raised, whatever it said)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[2]), os.environ.get("PYTHONPATH", "")])}
-    code = ("import sys\nfrom wsi2dmamba.errors import WsiError\nfrom wsi2dmamba.grid import read_tile_grid\n"
-            "try:\n    read_tile_grid(sys.argv[1])\nexcept WsiError:\n    pass\n")
-    try:
-        proc = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True,
-                              timeout=time_limit, check=False)
+    code = _CHILD.format(here=str(HERE), valid=str(path), reader=_READ[layout])
+    try:  # trial -1 reads the file as it is
+        proc = subprocess.run([sys.executable, "-c", code, "0", "-1", "0", str(path)], env=_env(),
+                              capture_output=True, timeout=time_limit, check=False)
     except subprocess.TimeoutExpired:
         return "hang"
     return "crash" if proc.returncode < 0 else "ok"
 
 
-def _trials(seed: int, first: int, last: int, probe: Path) -> tuple[str, int]:
+def _trials(layout: str, seed: int, first: int, last: int, probe: Path) -> tuple[str, int]:
     """Run trials first..last-1 in one child; return ("end", last) or (outcome, trial) at the first crash
     or hang."""
     import selectors
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[2]), os.environ.get("PYTHONPATH", "")])}
-    code = _CHILD.format(here=str(HERE), valid=str(VALID))
-    proc = subprocess.Popen([sys.executable, "-c", code, str(seed), str(first), str(last), str(probe)], env=env,
+    code = _CHILD.format(here=str(HERE), valid=str(valid_path(layout)), reader=_READ[layout])
+    proc = subprocess.Popen([sys.executable, "-c", code, str(seed), str(first), str(last), str(probe)], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
@@ -118,35 +147,39 @@ def _trials(seed: int, first: int, last: int, probe: Path) -> tuple[str, int]:
             proc.wait()
 
 
-def search(seed: int, trials: int) -> dict:
-    if not VALID.exists():
-        write_valid(VALID)
-    data = VALID.read_bytes()
+def search(layout: str, seed: int, trials: int) -> dict:
+    valid = valid_path(layout)
+    if not valid.exists():
+        write_valid(valid, layout)
+    size = valid.stat().st_size
     found: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.h5"
         t = 0
         while t < trials and len(found) < 2:
-            result, at = _trials(seed, t, trials, probe)
+            result, at = _trials(layout, seed, t, trials, probe)
             if result == "end":
                 break
             if result not in found:
-                found[result] = {"seed": seed, "trial": at, "pairs": mutation(seed, at, len(data))}
-                print(f"trial {at}: {result} {found[result]['pairs']}", flush=True)
+                found[result] = {"seed": seed, "trial": at, "pairs": mutation(seed, at, size)}
+                print(f"{layout} trial {at}: {result} {found[result]['pairs']}", flush=True)
             t = at + 1
     return found
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=3000)
+    ap.add_argument("--layout", choices=LAYOUTS, default="tiles")
+    ap.add_argument("--trials", type=int, default=20000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    found = search(args.seed, args.trials)
-    MUTATIONS.write_text(json.dumps(found, indent=2) + "\n")
-    data = VALID.read_bytes()
+    found = search(args.layout, args.seed, args.trials)
+    recorded = json.loads(MUTATIONS.read_text()) if MUTATIONS.exists() else {}
+    recorded[args.layout] = found
+    MUTATIONS.write_text(json.dumps(recorded, indent=2) + "\n")
+    data = valid_path(args.layout).read_bytes()
     for kind, m in found.items():
-        (HERE / f"{kind}_tiles.h5").write_bytes(apply_mutation(data, m["pairs"]))
+        (HERE / f"{kind}_{args.layout}.h5").write_bytes(apply_mutation(data, m["pairs"]))
     print(f"found: {sorted(found)}")
 
 
