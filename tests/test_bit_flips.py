@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wsi2dmamba.cohort import load_cohort
+from wsi2dmamba.cohort import load_cohort, read_state
 from wsi2dmamba.cohort.ledger import (
     SlideState,
     hash_outputs,
@@ -112,3 +112,26 @@ def test_training_refuses_a_feature_file_changed_since_extraction(tmp_path, coun
         load_feature_grids(cohort, feats)
     assert f"{victim} changed since the extract stage wrote it" in str(ei.value)
     assert json.loads((feats / ".state" / f"{cohort.slide_ids[2]}.json").read_text())["status"] == "done"
+
+
+def test_hand_edited_contours_are_kept_while_a_changed_mask_is_redone(tmp_path, cmu_slide, counts):
+    """The GeoJSON of the segment stage is meant to be corrected by hand: a rerun keeps the edit. Its
+    mask, not meant to be edited, is made again when its bytes change."""
+    from wsi2dmamba.tissue import segment_cohort, segment_paths
+
+    manifest = tmp_path / "cohort.csv"
+    manifest.write_text(f"slide_id,path\ncmu,{cmu_slide}\n")
+    cohort, run = load_cohort(manifest), tmp_path / "run"
+    assert segment_cohort(cohort, run, progress=False).done == ["cmu"]
+    paths = segment_paths(run, "cmu")
+    edited = json.loads(paths["geojson"].read_text())
+    edited["features"] = edited["features"][:1]  # a person deleted all but one piece of tissue
+    paths["geojson"].write_text(json.dumps(edited))
+    again = segment_cohort(cohort, run, progress=False)
+    assert again.skipped == ["cmu"] and not again.redone
+    assert json.loads(paths["geojson"].read_text()) == edited
+    _flip(paths["mask"], random.Random(5))
+    counts("faults")
+    redone = segment_cohort(cohort, run, progress=False)
+    assert redone.done == ["cmu"] and str(paths["mask"]) in redone.redone["cmu"]
+    assert file_sha256(paths["mask"]) == read_state(run, "segment", "cmu").outputs["segment/cmu_mask.png"]

@@ -115,16 +115,18 @@ def changed_outputs(run_dir: Path, state: SlideState | None, outputs: Sequence[P
 
 
 def _plan(run_dir: Path, sdir: str, cohort: Cohort, phash: str, outputs: OutputsFn, force: bool,
-          summary: StageSummary) -> list[SlideRecord]:
+          summary: StageSummary, editable: tuple[str, ...] = ()) -> list[SlideRecord]:
     """The slides to run; the others are counted as skipped. A slide done before whose outputs changed on
-    disk since (a flipped bit, an edit) is run again and recorded in ``summary.redone``."""
+    disk since (a flipped bit, an edit) is run again and recorded in ``summary.redone``; outputs whose
+    name ends with one of ``editable`` may be changed by hand and are not compared."""
     todo = []
     for rec in cohort:
         outs = outputs(rec, run_dir)
         if force or not _done_before(run_dir, sdir, rec, phash, outs):
             todo.append(rec)
             continue
-        changed = changed_outputs(run_dir, read_state(run_dir, sdir, rec.slide_id), outs)
+        compared = [p for p in outs if not str(p).endswith(editable)] if editable else outs
+        changed = changed_outputs(run_dir, read_state(run_dir, sdir, rec.slide_id), compared)
         if changed:
             summary.redone[rec.slide_id] = (
                 f"{', '.join(map(str, changed))} changed since it was written (its sha256 differs from the "
@@ -162,7 +164,7 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
               stage_dir: str | None = None, shard: tuple[int, int] | None = None,
               executor: str = "local", ray_address: str | None = None,
               resources: TaskResources | None = None,
-              on_locked: Callable[[], None] | None = None) -> StageSummary:
+              on_locked: Callable[[], None] | None = None, editable: tuple[str, ...] = ()) -> StageSummary:
     """Run ``fn`` over every slide of ``cohort`` that is not already up to date.
 
     Args:
@@ -186,6 +188,9 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
             executor spreads slides over the visible GPUs and Ray schedules them on GPU workers.
         on_locked: called in this process once the stage's lock is held, before any slide is run (e.g. to
             record the stage's parameters: a run refused by the lock must not change them).
+        editable: name endings of outputs that people edit by hand (e.g. ``(".geojson",)``): a rerun keeps
+            such a file whatever its bytes. Every other output of a slide that is skipped must still have
+            the sha256 recorded when it was written; a slide with a changed output is done again.
 
     Whichever the executor, the work function runs in a worker and this process alone writes the
     states and the ledger, so results, ledger and resume are the same.
@@ -219,7 +224,7 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
             remove_stale_temporaries(run_dir / sdir)
             remove_stale_temporaries(run_dir / sdir / ".state")  # a state file cut off by a kill
         try:
-            todo = _plan(run_dir, sdir, cohort, phash, outputs, force, summary)
+            todo = _plan(run_dir, sdir, cohort, phash, outputs, force, summary, editable)
             bar = _progress(len(todo), stage, progress)
             by_id = {rec.slide_id: rec for rec in todo}
             tasks = [(rec.slide_id, (fn, rec, config, run_dir)) for rec in todo]

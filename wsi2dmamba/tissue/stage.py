@@ -139,4 +139,4 @@ def segment_cohort(cohort: Cohort, run_dir: str | Path, config: SegmentConfig | 
     record = partial(write_json_atomic, run_dir / STAGE / CONFIG_FILE, config.model_dump(mode="json"))
     return run_stage(STAGE, cohort, run_dir, config, segment_slide, segment_outputs, workers=workers,
                      progress=progress, force=force, shard=shard, executor=executor, ray_address=ray_address,
-                     on_locked=record)
+                     on_locked=record, editable=(".geojson",))  # contours are corrected by hand, e.g. in QuPath
