@@ -9,8 +9,9 @@ or send it into an endless loop. So before a stage reads a grid file in its own 
   a child process with a time limit. A child that dies by a signal or runs past the limit marks the file
   as damaged; the stage reports it like any other bad file, and the batch goes on.
 
-The child reads with the same readers (:func:`~.files.read_tile_grid`, :func:`~.files.read_feature_grid`)
-the stage then uses, so a file that passes was read once without harm.
+The child reads with the same reader the stage then uses (:func:`~.files.read_tile_grid`,
+:func:`~.files.read_feature_grid`, or the reader of ``import-features``), so a file that passes was read
+once without harm.
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ _LIMIT_BYTES_PER_S = 20e6
 #: Environment variable that sets the base time limit in seconds (e.g. for a very slow file system).
 TIME_LIMIT_ENV = "WSI2DMAMBA_HDF5_TIME_LIMIT_S"
 
-#: What a file is, which decides the reader the child uses: the project's tiles and feature grid files,
-#: and CLAM/TRIDENT feature and patch files (read as ``import-features`` reads them).
 #: Set in the child's environment: a reader that guards its own input (the importers) does not start a
 #: child of its own there.
 _IN_CHILD_ENV = "WSI2DMAMBA_HDF5_CHECKING"
 
+#: What a file is, which decides the reader the child uses: the project's tiles and feature grid files,
+#: and CLAM/TRIDENT feature and patch files (read as ``import-features`` reads them).
 KINDS = ("tiles", "features", "clam-features", "clam-patches")
 
 
@@ -53,7 +54,7 @@ def time_limit_s(path: Path, base: float | None = None) -> float:
             base = float(raw) if raw else DEFAULT_TIME_LIMIT_S
         except ValueError:
             base = DEFAULT_TIME_LIMIT_S
-        base = base if base > 0 else DEFAULT_TIME_LIMIT_S
+        base = base if 0 < base < 1e6 else DEFAULT_TIME_LIMIT_S
     try:
         size = path.stat().st_size
     except OSError:
@@ -175,6 +176,8 @@ def _death(rc: int) -> str:
             name = signal.Signals(-rc).name
         except ValueError:
             name = f"signal {-rc}"
+        if -rc == signal.SIGKILL:  # not a fault of the library: the kernel's out-of-memory killer, or a person
+            return "the process reading it was killed (SIGKILL: out of memory, or killed from outside)"
         return f"the HDF5 library crashed while reading it ({name})"
     return f"the process reading it exited with status {rc} (out of memory, or the HDF5 library aborted)"
 
