@@ -28,17 +28,17 @@ pytest_plugins = ["conftest_reliability"]
 ROOT = Path(__file__).resolve().parents[1]
 DAMAGED = ROOT / "tests" / "data" / "damaged"
 sys.path.insert(0, str(DAMAGED))
-from make_damaged_grids import VALID, apply_mutation, outcome
+from make_damaged_grids import VALID, apply_mutation, outcome, valid_path
 
 LIMIT_S = "2"  # the child's time limit in these tests: a hang costs 2 s
 
 
-def _fixture(kind: str) -> bytes:
-    """The damaged file of ``kind`` ("crash" or "hang"), built from the valid file and its recorded
-    mutation, and identical to the kept copy."""
-    m = json.loads((DAMAGED / "mutations.json").read_text())["tiles"][kind]
-    data = apply_mutation(VALID.read_bytes(), m["pairs"])
-    assert data == (DAMAGED / f"{kind}_tiles.h5").read_bytes()
+def _fixture(kind: str, layout: str = "tiles") -> bytes:
+    """The damaged file of ``kind`` ("crash" or "hang") and ``layout`` ("tiles" or "trident"), built from
+    the valid file and its recorded mutation, and identical to the kept copy."""
+    m = json.loads((DAMAGED / "mutations.json").read_text())[layout][kind]
+    data = apply_mutation(valid_path(layout).read_bytes(), m["pairs"])
+    assert data == (DAMAGED / f"{kind}_{layout}.h5").read_bytes()
     return data
 
 
@@ -48,14 +48,15 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
                           timeout=timeout, check=False)
 
 
-def test_fixtures_crash_and_hang_the_plain_reader(tmp_path, counts):
-    """The control: read in this package's reader without the guard, the files do crash and hang."""
+@pytest.mark.parametrize("layout", ["tiles", "trident"])
+def test_fixtures_crash_and_hang_the_plain_reader(tmp_path, layout, counts):
+    """The control: read by the stage's reader without the check, the files do crash and hang."""
     for kind in ("crash", "hang"):
         p = tmp_path / f"{kind}.h5"
-        p.write_bytes(_fixture(kind))
+        p.write_bytes(_fixture(kind, layout))
         counts("inputs")
-        assert outcome(p, time_limit=3.0) == kind
-    assert outcome(VALID, time_limit=10.0) == "ok"
+        assert outcome(p, time_limit=3.0, layout=layout) == kind
+    assert outcome(valid_path(layout), time_limit=10.0, layout=layout) == "ok"
 
 
 def test_probe_names_the_crash_and_the_hang_and_reads_the_others(tmp_path, counts):
@@ -152,6 +153,24 @@ def test_train_names_every_damaged_feature_file_without_crashing(tmp_path, count
     assert "Traceback" not in err and "2 feature grid file(s)" in err
     assert f"{ids[1]}.h5 is damaged: the HDF5 library crashed" in err
     assert f"{ids[3]}.h5 is damaged: reading it did not finish" in err
+
+
+def test_import_features_refuses_damaged_trident_files_and_goes_on(tmp_path, counts):
+    """The real `import-features` command on three TRIDENT files: one crashes HDF5, one hangs it, one is
+    good. The two are refused with their reasons, the third is imported."""
+    src = tmp_path / "trident"
+    src.mkdir()
+    (src / "a_crash.h5").write_bytes(_fixture("crash", "trident"))
+    (src / "b_hang.h5").write_bytes(_fixture("hang", "trident"))
+    (src / "c_good.h5").write_bytes(valid_path("trident").read_bytes())
+    counts("inputs", 2)
+    proc = _cli("import-features", str(src), "--out", str(tmp_path / "run"), "--format", "trident")
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    err = " ".join(proc.stderr.split())
+    assert "Traceback" not in err
+    assert f"refused a_crash: {src / 'a_crash.h5'} is damaged: the HDF5 library crashed" in err
+    assert f"refused b_hang: {src / 'b_hang.h5'} is damaged: reading it did not finish within 2 s" in err
+    assert (tmp_path / "run" / "features" / "conch_v15" / "c_good.h5").is_file()
 
 
 def test_probe_refuses_an_unknown_kind():

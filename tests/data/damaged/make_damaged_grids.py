@@ -1,11 +1,11 @@
 """Build the damaged HDF5 fixtures from valid files, by a seeded search over byte mutations.
 
-    python tests/data/damaged/make_damaged_grids.py [--layout tiles|clam] [--trials 20000] [--seed 0]
+    python tests/data/damaged/make_damaged_grids.py [--layout tiles|clam|trident] [--trials 20000] [--seed 0]
 
 1. A valid file of the layout is written once and kept (its bytes are what the mutations change):
    ``valid_tiles.h5``, a wsi2dmamba tiles file of 40 tiles on a 6 × 8 lattice (the project's writer), or
-   ``valid_clam.h5``, a CLAM feature file of 40 tiles × 32 features (``features`` and ``coords``, chunked
-   as CLAM writes them).
+   ``valid_clam.h5`` / ``valid_trident.h5``, a CLAM / TRIDENT feature file of 40 tiles × 32 features
+   (``features`` and ``coords``, chunked, with the attributes each tool writes).
 2. Each trial copies the valid file, overwrites 1 to 8 random bytes (seeded: trial t uses
    ``random.Random(seed * 1_000_003 + t)``) and reads the copy in a child process with a time limit, with
    the reader a stage uses (``read_tile_grid``, or the reader of ``import-features``). The child returns
@@ -31,13 +31,14 @@ HERE = Path(__file__).resolve().parent
 VALID = HERE / "valid_tiles.h5"
 MUTATIONS = HERE / "mutations.json"
 TIME_LIMIT_S = 5.0
-LAYOUTS = ("tiles", "clam")
+LAYOUTS = ("tiles", "clam", "trident")
 
 # The child reads with the stage's reader; the environment variable stops the importer's reader from
 # checking its input in a child of its own (the search wants to see the crash itself).
 _READ = {
     "tiles": "from wsi2dmamba.grid import read_tile_grid as read",
     "clam": "from wsi2dmamba.features.importers import _read_feature_file as read",
+    "trident": "from wsi2dmamba.features.importers import _read_feature_file as read",
 }
 
 _CHILD = """
@@ -71,15 +72,8 @@ def write_valid(path: Path, layout: str = "tiles") -> None:
     keep = np.arange(rows.size) % 6 != 5  # 40 of 48 cells hold a tile
     rows, cols = rows[keep], cols[keep]
     coords = np.stack([cols * 512, rows * 512], 1).astype(np.int64)
-    if layout == "clam":
-        import h5py
-
-        feats = np.random.default_rng(0).standard_normal((rows.size, 32)).astype(np.float32)
-        with h5py.File(path, "w") as f:
-            f.create_dataset("features", data=feats, maxshape=(None, 32), chunks=(rows.size, 32))
-            d = f.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(rows.size, 2))
-            d.attrs["patch_size"] = 512
-            d.attrs["patch_level"] = 0
+    if layout in ("clam", "trident"):
+        _write_foreign(path, layout, coords)
         return
     from wsi2dmamba.grid import TileGrid, write_tile_grid
 
@@ -89,6 +83,27 @@ def write_valid(path: Path, layout: str = "tiles") -> None:
                     mpp_effective=1.0, mpp_level0=0.5, read_level=0, read_downsample=1.0,
                     level0_size=(4096, 3072), slide_path="valid.svs", params_hash="0" * 16)
     write_tile_grid(path, grid)
+
+
+def _write_foreign(path: Path, layout: str, coords) -> None:
+    """A CLAM or TRIDENT feature file of 40 tiles × 32 features, with the attributes each tool writes."""
+    import h5py
+    import numpy as np
+
+    feats = np.random.default_rng(0).standard_normal((len(coords), 32)).astype(np.float32)
+    with h5py.File(path, "w") as f:
+        fd = f.create_dataset("features", data=feats, maxshape=(None, 32), chunks=(len(coords), 32))
+        d = f.create_dataset("coords", data=coords, maxshape=(None, 2), chunks=(len(coords), 2))
+        if layout == "clam":
+            d.attrs["patch_size"] = 512
+            d.attrs["patch_level"] = 0
+            return
+        for key, value in {"patch_size": 256, "patch_size_level0": 512, "level0_magnification": 40,
+                           "target_magnification": 20, "level0_width": 4096, "level0_height": 3072,
+                           "overlap": 0, "name": "valid", "savetodir": "patches"}.items():
+            d.attrs[key] = value
+        fd.attrs["name"] = "valid"
+        fd.attrs["encoder"] = "conch_v15"
 
 
 def mutation(seed: int, trial: int, size: int) -> list[tuple[int, int]]:
