@@ -2,7 +2,8 @@
 whose datasets or lattice cannot fit in the file, and plain images (strip TIFF, PNG) of gigapixels.
 
 Each file is opened in a child process whose address space is capped (``RLIMIT_AS``); the child reports
-the error it got and its peak resident memory, which must stay far below what the declared sizes need."""
+the error it got and its peak resident memory (``VmHWM``), which must stay far below what the declared
+sizes need."""
 
 from __future__ import annotations
 
@@ -44,8 +45,12 @@ except WsiError as exc:
     err = (type(exc).__name__, str(exc))
 except MemoryError as exc:
     err = ("MemoryError", str(exc))
-print(json.dumps({{"error": err[0], "message": err[1], "seconds": time.perf_counter() - t,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM is the peak of this process's own memory; ru_maxrss would also count the parent's (kept across exec).
+try:
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+except OSError:
+    hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"error": err[0], "message": err[1], "seconds": time.perf_counter() - t, "peak_mb": hwm / 1024}}))
 """
 
 
