@@ -4,6 +4,7 @@ and compatibility with the way CLAM and TRIDENT read feature files."""
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -110,6 +111,10 @@ def test_a_tiles_file_from_other_parameters_is_extracted_again(extracted, encode
     cfg = ExtractConfig(encoder=ENCODER, device="cpu", workers=0)
     old = read_tile_grid(tiles_path(run, "cmu"))
     write_tile_grid(tiles_path(run, "cmu"), with_params_hash(old, "0123456789abcdef"))
+    # Recorded as the tile stage records its outputs (a tiles file changed behind its back is refused).
+    state = json.loads((run / "tiles" / ".state" / "cmu.json").read_text())
+    state["outputs"] = {"tiles/cmu.h5": file_sha256(tiles_path(run, "cmu"))}
+    (run / "tiles" / ".state" / "cmu.json").write_text(json.dumps(state))
     summary = extract_cohort(cohort, run, cfg, progress=False, encoder=encoder)
     assert summary.done == ["cmu"] and not summary.skipped
     with h5py.File(feature_path(run, ENCODER, "cmu"), "r") as f:

@@ -12,7 +12,6 @@ from ..cohort import Cohort, StageSummary, load_cohort
 from ..errors import ConfigError
 
 
-
 class Executor(str, Enum):
     """Where a stage's tasks run."""
 
@@ -37,14 +36,14 @@ WorkersOpt = Annotated[Optional[int], typer.Option(
     "process only).", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo slides that are already done.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
-ShardOpt = Annotated[Optional[str], typer.Option(
+ShardOpt = Annotated[str | None, typer.Option(
     "--shard", help="Process only shard i of N ('i/N', 0-based), e.g. for Slurm array jobs; "
     "combine with `wsi2dmamba merge`.")]
 ExecutorOpt = Annotated[Executor, typer.Option("--executor", help="Where the per-slide tasks run: local "
                                              "processes, or Ray tasks.")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="Ray cluster to connect to (default: start a local one).")]
-SlidesDirOpt = Annotated[Optional[Path], typer.Option(
+SlidesDirOpt = Annotated[Path | None, typer.Option(
     "--slides-dir", help="Folder searched for slides whose manifest row has no path.")]
 
 
@@ -77,6 +76,8 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 def report_summary(summary: StageSummary) -> None:
     """Print a stage's summary; exit 1 when any slide failed (the batch itself went on)."""
     typer.echo(summary.line())
+    for sid, why in sorted(summary.redone.items()):
+        typer.secho(f"  warning: slide {sid}: {why}", fg=typer.colors.YELLOW, err=True)
     for sid, reason in sorted(summary.failed.items()):
         typer.secho(f"  failed {sid}: {reason}", fg=typer.colors.YELLOW, err=True)
     if summary.failed:

@@ -11,6 +11,7 @@ is run (see :mod:`.shards`).
 
 from __future__ import annotations
 
+import os
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -19,13 +20,28 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, WsiError
-from ..fileio import ensure_writable, os_error_message, params_hash, remove_stale_temporaries
+from ..fileio import ensure_writable, file_sha256, os_error_message, params_hash, remove_stale_temporaries
 from .executors import EXECUTORS, TaskResources, make_executor
-from .ledger import SlideState, hash_outputs, read_state, source_fingerprint, write_ledger, write_state
+from .ledger import (
+    SlideState,
+    hash_outputs,
+    read_state,
+    source_fingerprint,
+    write_ledger,
+    write_state,
+)
 from .manifest import Cohort, SlideRecord
-from .shards import new_record, select_shard, shard_of, stage_lock, write_record, write_shard_ledger
+from .shards import (
+    new_record,
+    select_shard,
+    shard_of,
+    stage_lock,
+    write_record,
+    write_shard_ledger,
+)
 
-__all__ = ["StageSummary", "TaskResources", "config_hash", "is_up_to_date", "run_stage", "shard_of"]
+__all__ = ["StageSummary", "TaskResources", "changed_outputs", "config_hash", "is_up_to_date", "run_stage",
+           "shard_of"]
 
 WorkFn = Callable[[SlideRecord, Any, Path], dict]
 OutputsFn = Callable[[SlideRecord, Path], Sequence[Path]]
@@ -33,7 +49,8 @@ OutputsFn = Callable[[SlideRecord, Path], Sequence[Path]]
 
 @dataclass
 class StageSummary:
-    """Counts of a stage run. ``failed`` maps slide id to reason."""
+    """Counts of a stage run. ``failed`` maps slide id to reason; ``redone`` maps a slide done before
+    whose outputs had changed on disk (and which was therefore run again) to a warning naming them."""
 
     stage: str
     done: list[str] = field(default_factory=list)
@@ -41,6 +58,7 @@ class StageSummary:
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     infos: dict[str, dict] = field(default_factory=dict)
+    redone: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -48,7 +66,9 @@ class StageSummary:
 
     def line(self) -> str:
         rate = len(self.done) / self.seconds if self.seconds > 0 else 0.0
-        return (f"{self.stage}: {len(self.done)} done, {len(self.skipped)} skipped (already done), "
+        redone = (f" ({len(self.redone)} of them done again because their outputs had changed on disk)"
+                  if self.redone else "")
+        return (f"{self.stage}: {len(self.done)} done{redone}, {len(self.skipped)} skipped (already done), "
                 f"{len(self.failed)} failed in {self.seconds:.1f} s ({rate:.2f} slides/s)")
 
 
@@ -60,7 +80,13 @@ def config_hash(stage: str, config: Any) -> str:
 
 def is_up_to_date(run_dir: Path, stage: str, record: SlideRecord, phash: str, outputs: Sequence[Path]) -> bool:
     """True when the slide's recorded state says done with the same parameters, the slide file is
-    unchanged and every output still exists."""
+    unchanged and every output still exists with the sha256 recorded when it was written."""
+    return _done_before(run_dir, stage, record, phash, outputs) and not changed_outputs(
+        run_dir, read_state(run_dir, stage, record.slide_id), outputs)
+
+
+def _done_before(run_dir: Path, stage: str, record: SlideRecord, phash: str, outputs: Sequence[Path]) -> bool:
+    """:func:`is_up_to_date` without comparing the outputs' bytes."""
     st = read_state(run_dir, stage, record.slide_id)
     if st is None or st.status != "done" or st.params_hash != phash:
         return False
@@ -70,6 +96,45 @@ def is_up_to_date(run_dir: Path, stage: str, record: SlideRecord, phash: str, ou
     if st.source.get("mpp") != record.mpp:  # the manifest's mpp override changed: tiles would differ
         return False
     return all(Path(p).exists() for p in outputs)
+
+
+def changed_outputs(run_dir: Path, state: SlideState | None, outputs: Sequence[Path]) -> list[Path]:
+    """The outputs whose sha256 differs from the one ``state`` recorded (or that it does not record)."""
+    recorded = state.outputs if state is not None and isinstance(state.outputs, dict) else {}
+    run = Path(run_dir).resolve()
+    changed = []
+    for p in map(Path, outputs):
+        sha = recorded.get(os.path.relpath(p.resolve(), run))
+        try:
+            same = sha is not None and file_sha256(p) == sha
+        except OSError:
+            same = False
+        if not same:
+            changed.append(p)
+    return changed
+
+
+def _plan(run_dir: Path, sdir: str, cohort: Cohort, phash: str, outputs: OutputsFn, force: bool,
+          summary: StageSummary, editable: tuple[str, ...] = ()) -> list[SlideRecord]:
+    """The slides to run; the others are counted as skipped. A slide done before whose outputs changed on
+    disk since (a flipped bit, an edit) is run again and recorded in ``summary.redone``; outputs whose
+    name ends with one of ``editable`` may be changed by hand and are not compared."""
+    todo = []
+    for rec in cohort:
+        outs = outputs(rec, run_dir)
+        if force or not _done_before(run_dir, sdir, rec, phash, outs):
+            todo.append(rec)
+            continue
+        compared = [p for p in outs if not str(p).endswith(editable)] if editable else outs
+        changed = changed_outputs(run_dir, read_state(run_dir, sdir, rec.slide_id), compared)
+        if changed:
+            summary.redone[rec.slide_id] = (
+                f"{', '.join(map(str, changed))} changed since it was written (its sha256 differs from the "
+                "recorded one): the file was damaged on disk or edited; the slide is processed again")
+            todo.append(rec)
+        else:
+            summary.skipped.append(rec.slide_id)
+    return todo
 
 
 def _run_one(fn: WorkFn, record: SlideRecord, config: Any, run_dir: Path) -> tuple[str, dict, str, str]:
@@ -105,7 +170,7 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
               stage_dir: str | None = None, shard: tuple[int, int] | None = None,
               executor: str = "local", ray_address: str | None = None,
               resources: TaskResources | None = None,
-              on_locked: Callable[[], None] | None = None) -> StageSummary:
+              on_locked: Callable[[], None] | None = None, editable: tuple[str, ...] = ()) -> StageSummary:
     """Run ``fn`` over every slide of ``cohort`` that is not already up to date.
 
     Args:
@@ -129,6 +194,9 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
             executor spreads slides over the visible GPUs and Ray schedules them on GPU workers.
         on_locked: called in this process once the stage's lock is held, before any slide is run (e.g. to
             record the stage's parameters: a run refused by the lock must not change them).
+        editable: name endings of outputs that people edit by hand (e.g. ``(".geojson",)``): a rerun keeps
+            such a file whatever its bytes. Every other output of a slide that is skipped must still have
+            the sha256 recorded when it was written; a slide with a changed output is done again.
 
     Whichever the executor, the work function runs in a worker and this process alone writes the
     states and the ledger, so results, ledger and resume are the same.
@@ -161,12 +229,7 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
             remove_stale_temporaries(run_dir / sdir)
             remove_stale_temporaries(run_dir / sdir / ".state")  # a state file cut off by a kill
         try:
-            todo = []
-            for rec in cohort:
-                if not force and is_up_to_date(run_dir, sdir, rec, phash, outputs(rec, run_dir)):
-                    summary.skipped.append(rec.slide_id)
-                else:
-                    todo.append(rec)
+            todo = _plan(run_dir, sdir, cohort, phash, outputs, force, summary, editable)
             bar = _progress(len(todo), stage, progress)
             by_id = {rec.slide_id: rec for rec in todo}
             tasks = [(rec.slide_id, (fn, rec, config, run_dir)) for rec in todo]

@@ -88,6 +88,23 @@ def write_state(run_dir: Path, state: SlideState) -> None:
     write_json_atomic(state_path(run_dir, state.stage, state.slide_id), asdict(state))
 
 
+def recorded_sha256(output: str | os.PathLike[str]) -> str | None:
+    """The sha256 recorded for ``output`` (e.g. ``RUN/tiles/<slide_id>.h5``) by the stage that wrote it,
+    from the state file beside it (``<folder>/.state/<stem>.json``); None when no finished state records it."""
+    output = Path(output)
+    try:
+        data = json.loads((output.parent / ".state" / f"{output.stem}.json").read_text(encoding="utf-8"))
+        st = SlideState(**data)
+    except (OSError, ValueError, TypeError):
+        return None
+    if st.status != "done" or not isinstance(st.outputs, dict) or not isinstance(st.stage, str):
+        return None
+    for rel, sha in st.outputs.items():
+        if isinstance(rel, str) and isinstance(sha, str) and Path(rel) == Path(st.stage) / output.name:
+            return sha
+    return None
+
+
 def hash_outputs(run_dir: Path, paths: list[Path]) -> dict[str, str]:
     """Map each output (relative to ``run_dir``) to its sha256."""
     run_dir = Path(run_dir).resolve()

@@ -352,6 +352,19 @@ def _check_features_match_tiles(run: Path, states: list[SlideState], report: Ver
 
     from ..grid import read_tile_grid
 
+    for st, rel, p, tiles in _feature_tile_pairs(run, states, report):
+        try:
+            a, b = read_tile_grid(tiles), read_tile_grid(p)
+        except GridFileError:
+            continue  # already reported by the content check
+        if a.shape != b.shape or not np.array_equal(a.index, b.index) or not np.array_equal(a.coords, b.coords):
+            report._add("error", rel, f"features of slide {st.slide_id!r} lie on another lattice than "
+                        f"{_rel(run, tiles)} ({b.shape} vs {a.shape} cells, {b.n_tiles} vs "
+                        f"{a.n_tiles} tiles): the slide was tiled again after extraction; rerun extract")
+
+
+def _tiles_files(run: Path, states: list[SlideState]) -> dict[str, Path]:
+    """slide id → its recorded tiles file."""
     tiles_of: dict[str, Path] = {}
     for st in states:
         if st.status != "done":
@@ -360,21 +373,29 @@ def _check_features_match_tiles(run: Path, states: list[SlideState], report: Ver
             p = _inside(run, rel)
             if p is not None and p.suffix == ".h5" and Path(rel).parts[:1] == ("tiles",):
                 tiles_of[st.slide_id] = p
+    return tiles_of
+
+
+def _feature_tile_pairs(run: Path, states: list[SlideState], report: VerifyReport):
+    """(state, relative path, feature grid file, tiles file) of every finished slide's feature grid whose
+    tiles file is recorded too; both files exist and neither was already reported as changed or invalid
+    (a damaged HDF5 file can crash the library: it is not opened again)."""
+    tiles_of = _tiles_files(run, states)
+    refused = {Path(f.path) for f in report.errors}
     for st in states:
         if st.status != "done" or Path(st.stage).parts[:1] != ("features",) or st.slide_id not in tiles_of:
             continue
+        tiles = tiles_of[st.slide_id]
         for rel in st.outputs:
             p = _inside(run, rel)
-            if p is None or p.suffix != ".h5" or not p.is_file() or not tiles_of[st.slide_id].is_file():
-                continue
-            try:
-                a, b = read_tile_grid(tiles_of[st.slide_id]), read_tile_grid(p)
-            except GridFileError:
-                continue  # already reported by the content check
-            if a.shape != b.shape or not np.array_equal(a.index, b.index) or not np.array_equal(a.coords, b.coords):
-                report._add("error", rel, f"features of slide {st.slide_id!r} lie on another lattice than "
-                            f"{_rel(run, tiles_of[st.slide_id])} ({b.shape} vs {a.shape} cells, {b.n_tiles} vs "
-                            f"{a.n_tiles} tiles): the slide was tiled again after extraction; rerun extract")
+            if _both_readable(run, rel, p, tiles, refused):
+                yield st, rel, p, tiles
+
+
+def _both_readable(run: Path, rel: str, p: Path | None, tiles: Path, refused: set[Path]) -> bool:
+    if p is None or p.suffix != ".h5" or not p.is_file() or not tiles.is_file():
+        return False
+    return not {Path(rel), Path(_rel(run, tiles))} & refused
 
 
 def _check_checkpoints(run: Path, report: VerifyReport) -> None:

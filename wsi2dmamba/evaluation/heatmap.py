@@ -307,7 +307,12 @@ def heatmap(run_dir: str | os.PathLike[str], model: str, slide_id: str, *, fold:
     run_dir = Path(run_dir)
     model_dir, k, partition, cfg = _model_and_fold(run_dir, model, slide_id, fold, checkpoint)
     notes = _partition_notes(slide_id, partition, k)
-    grid = read_feature_grid(_features_file(run_dir, cfg, slide_id))
+    from ..cohort.ledger import recorded_sha256
+    from ..grid.guard import guard_grid_file
+
+    features_file = _features_file(run_dir, cfg, slide_id)
+    guard_grid_file(features_file, "features", recorded_sha256(features_file), writer="extract")
+    grid = read_feature_grid(features_file)
     classes = [str(c) for c in cfg.get("classes") or []]
     params = heatmap_params(style, thumbnail_px, per_class)
     per_class = len(classes) > 2 if per_class is None else per_class

@@ -26,10 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..cohort import Cohort, SlideRecord, StageSummary, run_stage
 from ..cohort.executors import TaskResources
+from ..cohort.ledger import recorded_sha256
 from ..errors import ConfigError, SlideError, StageInputError
 from ..devices import resolve_device
 from ..fileio import params_hash
 from ..grid import FeatureGrid, TileGrid, read_tile_grid, write_feature_grid
+from ..grid.guard import guard_grid_file, guard_grid_files
 from .encoders import EncoderSpec, get_encoder
 from .loader import TileReadPlan, default_workers, make_loader
 from .weights import weights_sha256
@@ -296,6 +298,8 @@ def extract_slide(record: SlideRecord, config: ExtractConfig, run_dir: Path, *, 
     if record.path is None:
         raise StageInputError(f"Slide {record.slide_id!r} has no path in the manifest; extraction reads its "
                               "pixels, so give the slide file in the 'path' column.")
+    # Checked before HDF5 reads it here: a damaged file can crash or hang the library.
+    guard_grid_file(tp, "tiles", recorded_sha256(tp), writer="tile")
     tiles = read_tile_grid(tp)
     with open_slide(record.path, mpp_override=record.mpp) as slide:
         check_tiles_match_slide(tiles, slide, str(tp))
@@ -309,40 +313,42 @@ def extract_slide(record: SlideRecord, config: ExtractConfig, run_dir: Path, *, 
             "decode": grid.extra_attrs.get("decode", "openslide")}
 
 
-def _recorded_tiles_hash(path: Path) -> str | None:
+def _root_attr(path: Path, key: str) -> str | None:
+    """A root attribute of an HDF5 file already checked by :func:`_readable`, as text (None if unreadable)."""
     import h5py
 
     try:
         with h5py.File(path, "r") as f:
-            return str(f.attrs.get("tiles_params_hash", ""))
-    except OSError:
+            return str(f.attrs.get(key, ""))
+    except (OSError, RuntimeError, ValueError):
         return None
 
 
-def _tiles_hash(path: Path) -> str | None:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            return str(f.attrs.get("params_hash", ""))
-    except OSError:
-        return None
+def _readable(paths: list[Path], kind: str, writer: str) -> set[Path]:
+    """The files among ``paths`` that HDF5 may open in this process (see :mod:`wsi2dmamba.grid.guard`)."""
+    recorded = {p: sha for p in paths if (sha := recorded_sha256(p))}
+    return set(paths) - set(guard_grid_files(paths, kind, recorded, writer))
 
 
 def drop_stale_features(cohort: Cohort, run_dir: str | os.PathLike[str], encoder: str) -> list[str]:
-    """Delete feature files whose tiles file has since been made with other parameters (or removed), so
-    that the stage extracts those slides again. Returns the slide ids concerned."""
-    stale = []
-    for rec in cohort:
-        fp = feature_path(run_dir, encoder, rec.slide_id)
-        if not fp.is_file():
-            continue
-        tp = tiles_path(run_dir, rec.slide_id)
-        current = _tiles_hash(tp) if tp.is_file() else None
-        if current is None or _recorded_tiles_hash(fp) != current:
-            fp.unlink(missing_ok=True)
-            stale.append(rec.slide_id)
+    """Delete feature files whose tiles file has since been made with other parameters (or removed, or
+    damaged), and damaged feature files, so that the stage extracts those slides again. Returns the slide
+    ids concerned."""
+    made = {rec.slide_id: feature_path(run_dir, encoder, rec.slide_id) for rec in cohort}
+    made = {sid: fp for sid, fp in made.items() if fp.is_file()}
+    tiles = {sid: tiles_path(run_dir, sid) for sid in made}
+    ok = _readable(list(made.values()), "features", "extract")
+    ok |= _readable([tp for tp in tiles.values() if tp.is_file()], "tiles", "tile")
+    stale = [sid for sid, fp in made.items() if _is_stale(fp, tiles[sid], ok)]
+    for sid in stale:
+        made[sid].unlink(missing_ok=True)
     return stale
+
+
+def _is_stale(fp: Path, tp: Path, readable: set[Path]) -> bool:
+    """True when feature file ``fp`` was not made from tiles file ``tp`` as it is now (or either is damaged)."""
+    current = _root_attr(tp, "params_hash") if tp in readable else None
+    return current is None or fp not in readable or _root_attr(fp, "tiles_params_hash") != current
 
 
 def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: ExtractConfig, *,

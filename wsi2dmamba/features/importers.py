@@ -250,6 +250,12 @@ def _clam_geometry(attrs: dict, path: Path, mpp: float | None, step: float | Non
 _NOT_IMPORTABLE = "the file is damaged or not a CLAM or TRIDENT feature file."
 
 
+def _guard(path: Path, kind: str) -> None:
+    from ..grid.guard import guard_grid_file
+
+    guard_grid_file(path, kind, None, writer="import-features")
+
+
 def _read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict, dict]:
     """(features (N, D), coords (N, 2), coords attributes, features attributes) of a CLAM/TRIDENT file.
 
@@ -262,6 +268,7 @@ def _read_feature_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict, dict]:
 
     if not path.is_file():
         raise GridFileError(f"Feature file not found: {path}")
+    _guard(path, "clam-features")  # before HDF5 reads it here
     with reading_errors(path, _NOT_IMPORTABLE), h5py.File(path, "r") as f:
         fd = stored_dataset(f, "features", path, required=False)
         cd = stored_dataset(f, "coords", path, required=False)
@@ -293,6 +300,7 @@ def _read_coords_attrs(path: Path) -> dict[str, Any]:
 
     if not path.is_file():
         raise GridFileError(f"Patch file not found: {path}")
+    _guard(path, "clam-patches")
     with reading_errors(path, "the patch file is damaged or not a CLAM or TRIDENT patch file."), \
             h5py.File(path, "r") as f:
         cd = stored_dataset(f, "coords", path, required=False)

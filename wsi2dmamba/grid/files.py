@@ -19,6 +19,7 @@ Rows are in row-major (raster) order of their cells. Cell (r, c) has its top-lef
 from __future__ import annotations
 
 import io
+import math
 import os
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -322,6 +323,10 @@ def write_feature_grid(path: str | os.PathLike[str], grid: FeatureGrid) -> None:
 MAX_GRID_CELLS = 1 << 26
 #: Largest feature dimension a file may declare.
 MAX_FEATURE_DIM = 1 << 16
+#: How many times its stored size a dataset may expand to when read: deflate, the strongest compressor
+#: HDF5 files use, cannot exceed about 1,032 to 1. A dataset (or a lattice, whose mask is stored) that
+#: declares more than this many bytes per byte of file is forged: it is refused before any allocation.
+MAX_EXPANSION = 1100
 
 _REAL_KINDS = "fiub"
 
@@ -365,13 +370,29 @@ def _dataset(f, name: str, path: Path, required: bool = True):
 
 
 def _check_layout(ds, path: Path, name: str, shape: tuple, kinds: str = _REAL_KINDS) -> None:
-    """``shape`` may hold None for a free dimension."""
+    """Check dtype, shape (``shape`` may hold None for a free dimension) and declared size against the file."""
     if ds.dtype.kind not in kinds or ds.dtype.names is not None:
         raise GridFileError(f"{path}: dataset '{name}' has dtype {ds.dtype}, expected "
                             f"{'integers' if kinds == 'iu' else 'real numbers'}")
     if len(ds.shape) != len(shape) or any(e is not None and s != e for s, e in zip(ds.shape, shape)):
         want = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
         raise GridFileError(f"{path}: dataset '{name}' has shape {ds.shape}, expected {want}")
+    _check_declared_size(ds, path, name)
+
+
+def _check_declared_size(ds, path: Path, name: str) -> None:
+    """Refuse a dataset that declares more bytes than the file can hold: all of its bytes if it is stored
+    as is, :data:`MAX_EXPANSION` times them if it is compressed (a forged shape over unwritten chunks
+    would otherwise be allocated in full, and read as zeros)."""
+    declared = math.prod(ds.shape) * ds.dtype.itemsize
+    size = path.stat().st_size
+    filtered = ds.chunks is not None and ds.id.get_create_plist().get_nfilters() > 0
+    room = size * (MAX_EXPANSION if filtered else 1)
+    if declared > room:
+        raise GridFileError(f"{path}: dataset '{name}' declares {ds.shape} {ds.dtype} ({declared / 1e6:,.1f} MB), "
+                            f"more than a file of {size / 1e6:,.3f} MB can hold"
+                            f"{' compressed' if filtered else ''}; the file is damaged or forged. It was not "
+                            "read. Delete it and rerun the stage that made it.")
 
 
 def _attrs(obj, keys_types: dict[str, str], path: Path, where: str) -> dict[str, Any]:
@@ -446,6 +467,10 @@ def _read_common(f, path: Path) -> dict[str, Any]:
     if min(shape) < 0 or shape[0] * shape[1] > MAX_GRID_CELLS or n > shape[0] * shape[1]:
         raise GridFileError(f"{path}: grid shape {shape} cannot hold {n} tiles (at most {MAX_GRID_CELLS} cells, "
                             "one tile per cell); the file is damaged or forged.")
+    if shape[0] * shape[1] > MAX_EXPANSION * path.stat().st_size:
+        raise GridFileError(f"{path}: grid shape {shape} has more cells than a file of {path.stat().st_size:,} "
+                            "bytes can describe (its mask takes at least one byte per "
+                            f"{MAX_EXPANSION} cells); the file is damaged or forged.")
     g = _attrs(grp, {"stride_level0": "pos_float", "tile_size_level0": "pos_float"}, path, "grid/")
     mask = _dataset(f, "grid/mask", path, required=False)
     if mask is not None:

@@ -26,6 +26,10 @@ PLAIN_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 TIFF_SUFFIXES = (".tif", ".tiff")
 # A level read whole (segmentation, thumbnails) larger than this is refused: read a coarser level.
 MAX_LEVEL_READ_PIXELS = 400_000_000
+#: Largest plain image (PNG, JPEG, BMP, untiled TIFF) opened. Such an image is decoded whole into memory
+#: (3 bytes a pixel, and as much again while it is converted to RGB), so its size is checked from its
+#: header first: a small compressed file can declare gigapixels.
+MAX_PLAIN_IMAGE_PIXELS = 100_000_000
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -170,11 +174,23 @@ class _ArraySource:
         self.rgb = np.zeros((0, 0, 3), np.uint8)
 
 
+def _check_plain_size(path: Path, width: int, height: int, nbytes: int) -> None:
+    """Refuse a plain image whose header declares more than :data:`MAX_PLAIN_IMAGE_PIXELS` pixels (or
+    more than 8 bytes a pixel of them), before it is decoded."""
+    if width * height > MAX_PLAIN_IMAGE_PIXELS or nbytes > 8 * MAX_PLAIN_IMAGE_PIXELS:
+        raise SlideError(f"{path}: a plain (untiled) image of {width}×{height} pixels ({nbytes / 1e9:.1f} GB "
+                         f"decoded) is above the {MAX_PLAIN_IMAGE_PIXELS // 1_000_000} megapixels read whole into "
+                         "memory. It was not decoded. Convert it to a tiled pyramidal TIFF, which is read tile by "
+                         "tile (e.g. `vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg`).")
+
+
 def _load_pillow(path: Path) -> _ArraySource:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            w, h = im.size
+            _check_plain_size(path, w, h, w * h * max(len(im.getbands()), 1))
             dpi = im.info.get("dpi")
             im.load()
             has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
@@ -186,20 +202,30 @@ def _load_pillow(path: Path) -> _ArraySource:
     return _ArraySource(path, rgb, res)
 
 
-def _load_tifffile(path: Path) -> _ArraySource:
+def _read_tiff_page(path: Path) -> tuple[np.ndarray, object, float | None, float | None]:
+    """The first page of a plain TIFF: (pixels, resolution unit tag, x and y resolution), its size checked
+    before it is decoded."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tf:
             page = tf.pages[0]
+            size = (int(page.imagewidth), int(page.imagelength), int(page.nbytes))
             tags = page.tags
             unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else None
             xres = _rational(tags["XResolution"].value) if "XResolution" in tags else None
             yres = _rational(tags["YResolution"].value) if "YResolution" in tags else None
-            arr = page.asarray()
+            _check_plain_size(path, *size)
+            return page.asarray(), unit, xres, yres
+    except SlideError:
+        raise
     except Exception as exc:  # tifffile raises many types for damaged files
         raise SlideError(f"{path}: cannot be read as a TIFF image ({type(exc).__name__}: {exc}); "
                          "the file may be truncated or damaged.") from exc
+
+
+def _load_tifffile(path: Path) -> _ArraySource:
+    arr, unit, xres, yres = _read_tiff_page(path)
     if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[2] not in (3, 4):  # planar (C, H, W)
         arr = np.moveaxis(arr, 0, -1)
     try:

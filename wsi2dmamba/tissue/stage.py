@@ -149,4 +149,4 @@ def segment_cohort(cohort: Cohort, run_dir: str | Path, config: SegmentConfig | 
     record = partial(_record_config, run_dir / STAGE / CONFIG_FILE, config.model_dump(mode="json"))
     return run_stage(STAGE, cohort, run_dir, config, segment_slide, segment_outputs, workers=workers,
                      progress=progress, force=force, shard=shard, executor=executor, ray_address=ray_address,
-                     on_locked=record)
+                     on_locked=record, editable=(".geojson",))  # contours are corrected by hand, e.g. in QuPath

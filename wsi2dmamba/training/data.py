@@ -12,8 +12,10 @@ import numpy as np
 import torch
 
 from ..cohort import Cohort
+from ..cohort.ledger import recorded_sha256
 from ..errors import ConfigError, GridFileError, StageInputError
 from ..grid import FeatureGrid, read_feature_grid
+from ..grid.guard import guard_grid_files
 from ..models import GridBatch
 
 
@@ -32,7 +34,8 @@ def load_feature_grids(cohort: Cohort, features_dir: str | os.PathLike[str], sli
 
     Raises:
         StageInputError: some slides have no feature grid file (all of them are listed).
-        GridFileError: a file is damaged, or the feature dimensions differ between files.
+        GridFileError: a file is damaged (every damaged file is named), or the feature dimensions differ
+            between files.
     """
     folder = Path(features_dir).expanduser()
     if not folder.is_dir():
@@ -45,6 +48,7 @@ def load_feature_grids(cohort: Cohort, features_dir: str | os.PathLike[str], sli
         raise StageInputError(f"{len(missing)} slide(s) of the cohort have no feature grid in {folder}: {shown}. "
                               "Run `wsi2dmamba extract` for them (see RUN/ledger.csv for slides that failed "
                               "earlier stages) or remove them from the cohort.")
+    _refuse_damaged([folder / f"{sid}.h5" for sid in ids], folder)
     from tqdm.auto import tqdm
 
     grids = {}
@@ -92,6 +96,18 @@ def worker_feature_grids(cohort: Cohort, features_dir: str | os.PathLike[str],
         fresh = load_feature_grids(cohort, folder, stale)
         store.update({sid: (stamps[sid], g) for sid, g in fresh.items()})
     return {sid: store[sid][1] for sid in slide_ids}
+
+
+def _refuse_damaged(paths: list[Path], folder: Path) -> None:
+    """Raise GridFileError naming every file that HDF5 must not read in this process: changed since the
+    run wrote it (sha256), or crashing or hanging the reader in a child process (files from elsewhere)."""
+    recorded = {p: sha for p in paths if (sha := recorded_sha256(p))}
+    bad = guard_grid_files(paths, "features", recorded, writer="extract")
+    if bad:
+        raise GridFileError(f"{len(bad)} feature grid file(s) in {folder} cannot be used: "
+                            + " | ".join(bad[p] for p in paths if p in bad)
+                            + " Training needs every slide of the cohort: extract the named slides again, or "
+                            "remove them from the cohort.")
 
 
 @dataclass(frozen=True)
