@@ -8,7 +8,6 @@ never changes a slide's output.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
