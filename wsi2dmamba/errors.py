@@ -28,6 +28,10 @@ class GridFileError(WsiError):
     """An HDF5 tiles or feature grid file is missing, incomplete or inconsistent."""
 
 
+class EmptyFeatureFile(GridFileError):
+    """A feature file without tiles (TRIDENT writes ``features`` of shape (0,) for a slide without tissue)."""
+
+
 class StageInputError(WsiError):
     """A stage's input from an earlier stage is missing or was made with other parameters."""
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import ConfigError, GridFileError, WsiError
+from ..errors import ConfigError, EmptyFeatureFile, GridFileError, WsiError
 from ..fileio import ensure_writable, params_hash
 from ..grid import FeatureGrid, write_feature_grid
 from ..slide.mpp import mpp_problem
@@ -44,8 +44,6 @@ MAX_OFFSET = 0.1
 _MAX_COORD = 1 << 31  # level-0 pixels: far beyond any slide (the largest scans are about 2·10^5 px wide)
 
 
-class EmptyFeatureFile(GridFileError):
-    """A feature file without tiles (TRIDENT writes ``features`` of shape (0,) for a slide without tissue)."""
 
 
 @dataclass(frozen=True)
