@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
         for w in res.warnings:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
         if preset == "paper" or model.endswith(":paper"):
-            from ..training import paper_recipe_differences
+            from ..evaluation.recipe import paper_recipe_differences
 
             typer.secho("note: the paper preset is the published architecture; its training here differs from "
                         "the published recipe in: " + "; ".join(paper_recipe_differences(config.model_dump(
