@@ -11,7 +11,7 @@ files (:func:`load_splits`); checkpoints are safetensors with a JSON configurati
 """
 
 from ..evaluation.recipe import paper_recipe_differences
-from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+from ..models.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from .config import TrainConfig
 from .data import class_names, load_feature_grids
 from .loop import FoldResult, TrainResults, train_cohort, train_fold
