@@ -1,0 +1,127 @@
+"""The package's layers: no import cycle between sub-packages, and torch only where a model runs.
+
+Evaluation and the report read the files that training writes, so they import no torch; the command
+line's help lists every command without loading one.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "wsi2dmamba"
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """Top-level names under ``wsi2dmamba`` (sub-package or module) that the file at ``path`` imports."""
+    parts = path.relative_to(PACKAGE).parts
+    here = list(parts[:-1])  # the package the file lives in, below wsi2dmamba
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = here[:len(here) - (node.level - 1)] if node.level > 1 else here
+            if node.level - 1 > len(here):
+                continue
+            target = base + (node.module.split(".") if node.module else [])
+            found |= {target[0]} if target else {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("wsi2dmamba."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("wsi2dmamba.")}
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Sub-package (or top-level module) → the others it imports, at any depth of the function bodies."""
+    graph: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        if len(rel.parts) == 1 and rel.name == "__init__.py":
+            continue  # the package root holds only the version
+        owner = rel.parts[0] if len(rel.parts) > 1 else rel.stem
+        graph.setdefault(owner, set()).update(_imported_packages(path) - {owner, "__version__"})
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path ``[a, b, …, a]``, or None when it has none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_graph_sees_lazy_and_relative_imports():
+    graph = import_graph()
+    assert "models" in graph["training"] and "evaluation" in graph["training"]
+    assert "demo" in graph["pipeline"]  # imported inside a function
+    assert {"evaluation", "heatmaps", "pipeline"} <= graph["cli"]
+
+
+def test_no_import_cycle_between_sub_packages():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle between sub-packages: " + " → ".join(cycle or [])
+
+
+def test_evaluation_and_report_need_no_model_code():
+    graph = import_graph()
+    assert not graph["evaluation"] & {"training", "models", "heatmaps", "ops", "features", "pipeline"}
+
+
+def _torch_loaded(code: str) -> bool:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code + "\nprint('torch' in sys.modules)"], capture_output=True,
+                         text=True, env=env, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1] == "True"
+
+
+@pytest.mark.parametrize("module", ["wsi2dmamba.evaluation", "wsi2dmamba.evaluation.report",
+                                    "wsi2dmamba.evaluation.metrics", "wsi2dmamba.evaluation.evaluate",
+                                    "wsi2dmamba.cli"])
+def test_module_imports_no_torch(module):
+    assert not _torch_loaded(f"import sys\nimport {module}")
+
+
+def test_cli_help_imports_no_torch():
+    code = ("import sys, contextlib, io\n"
+            "sys.argv = ['wsi2dmamba', '--help']\n"
+            "from wsi2dmamba.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as shown:\n"
+            "    try:\n"
+            "        main()\n"
+            "    except SystemExit as exc:\n"
+            "        assert exc.code in (0, None), exc.code\n"
+            "assert 'heatmap' in shown.getvalue() and 'train' in shown.getvalue()")
+    assert not _torch_loaded(code)
+
+
+def test_the_torch_probe_sees_torch():
+    """Control: the same probe reports torch where a model is built."""
+    assert _torch_loaded("import sys\nimport wsi2dmamba.heatmaps")
