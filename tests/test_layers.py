@@ -18,18 +18,22 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "wsi2dmamba"
 
 
+def _relative_targets(node: ast.ImportFrom, here: list[str]) -> set[str]:
+    """Top-level names that a relative ``from .x import y`` in package ``here`` (below wsi2dmamba) names."""
+    if node.level - 1 > len(here):
+        return set()
+    base = here[:len(here) - (node.level - 1)]
+    target = base + (node.module.split(".") if node.module else [])
+    return {target[0]} if target else {alias.name for alias in node.names}
+
+
 def _imported_packages(path: Path) -> set[str]:
     """Top-level names under ``wsi2dmamba`` (sub-package or module) that the file at ``path`` imports."""
-    parts = path.relative_to(PACKAGE).parts
-    here = list(parts[:-1])  # the package the file lives in, below wsi2dmamba
+    here = list(path.relative_to(PACKAGE).parts[:-1])  # the package the file lives in, below wsi2dmamba
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
         if isinstance(node, ast.ImportFrom) and node.level:
-            base = here[:len(here) - (node.level - 1)] if node.level > 1 else here
-            if node.level - 1 > len(here):
-                continue
-            target = base + (node.module.split(".") if node.module else [])
-            found |= {target[0]} if target else {alias.name for alias in node.names}
+            found |= _relative_targets(node, here)
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("wsi2dmamba."):
             found.add(node.module.split(".")[1])
         elif isinstance(node, ast.Import):
