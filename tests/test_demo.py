@@ -190,7 +190,7 @@ def test_rebuild_with_same_spec_keeps_files(tmp_path):
 
 
 def test_packaged_demo_pipelines_match_the_repository_copies():
-    from wsi2dmamba.demo.run import demo_pipeline_path
+    from wsi2dmamba.pipeline.demo import demo_pipeline_path
 
     for task, name in (("classification", "demo.toml"), ("survival", "demo-survival.toml")):
         assert demo_pipeline_path(task).read_text() == (REPO / "pipelines" / name).read_text()
@@ -202,7 +202,7 @@ def test_packaged_demo_pipelines_match_the_repository_copies():
 def test_quick_demo_end_to_end(tmp_path):
     """The small demo CI runs: every stage writes its files, the reports exist, and the 2D model beats the
     composition-only baselines on the spatial task by more than the width of their 95% intervals."""
-    from wsi2dmamba.demo.run import QUICK_OVERRIDES, run_demo
+    from wsi2dmamba.pipeline.demo import QUICK_OVERRIDES, run_demo
 
     out = tmp_path / "demo"
     results = run_demo(out, quick=True, progress=False)

@@ -153,7 +153,7 @@ def test_full_disk_inside_a_library_writer_is_named(tmp_path, monkeypatch, count
     import torch
     from safetensors import SafetensorError
 
-    from wsi2dmamba.training import checkpoint
+    from wsi2dmamba.models import checkpoint
 
     def full(*_args, **_kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
@@ -304,7 +304,7 @@ def test_hand_edited_resume_state_is_refused_with_its_name(trained, training, tm
     shutil.copytree(trained, run)
     fold = run / "train" / "abmil" / "fold_0"
     from wsi2dmamba.models import create
-    from wsi2dmamba.training.checkpoint import save_training_state
+    from wsi2dmamba.models.checkpoint import save_training_state
 
     model = create("abmil", in_dim=16, n_classes=2, hidden=16, attn_dim=8)
     import torch

@@ -9,7 +9,7 @@ from PIL import Image
 from training_data import one_thread, trained_run  # noqa: F401
 
 from wsi2dmamba.errors import ConfigError
-from wsi2dmamba.evaluation import heatmap
+from wsi2dmamba.heatmaps import heatmap
 from wsi2dmamba.grid import read_feature_grid
 from wsi2dmamba.models import GridBatch
 from wsi2dmamba.slide import open_slide

@@ -14,10 +14,10 @@ from training_data import TINY, make_cohort, one_thread  # noqa: F401
 from typer.testing import CliRunner
 
 from wsi2dmamba.cli import app
-from wsi2dmamba.evaluation import heatmap
-from wsi2dmamba.evaluation.heatmap import class_contributions
-from wsi2dmamba.evaluation.heatmap_batch import heatmap_cohort, slides_tested_by_fold
-from wsi2dmamba.evaluation.heatmap_figures import HeatmapStyle, blurred, scale_scores, score_map
+from wsi2dmamba.heatmaps import heatmap
+from wsi2dmamba.heatmaps.attention import class_contributions
+from wsi2dmamba.heatmaps.batch import heatmap_cohort, slides_tested_by_fold
+from wsi2dmamba.heatmaps.figures import HeatmapStyle, blurred, scale_scores, score_map
 from wsi2dmamba.grid import read_feature_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -150,7 +150,7 @@ def test_tiles_of_a_real_overlapping_lattice_are_averaged(tmp_path, cmu_slide):
     """CMU tiled with 50 % overlap (CLAM's usual): where four tiles cover a pixel, two of each column
     parity, the map shows their mean."""
     from wsi2dmamba.cohort import Cohort
-    from wsi2dmamba.evaluation.heatmap import draw_scores, tile_boxes
+    from wsi2dmamba.heatmaps.attention import draw_scores, tile_boxes
     from wsi2dmamba.grid import read_tile_grid
     from wsi2dmamba.tiling import TileConfig, tile_cohort, tile_paths
 

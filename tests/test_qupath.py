@@ -132,7 +132,7 @@ def test_tile_uses_qupaths_array_export(tmp_path, cmu_slide):
 
 def test_heatmap_tiles_stay_on_the_slide(tmp_path, cmu_slide):
     from wsi2dmamba.cohort import Cohort
-    from wsi2dmamba.evaluation.heatmap import geojson_tiles, tile_boxes
+    from wsi2dmamba.heatmaps.attention import geojson_tiles, tile_boxes
     from wsi2dmamba.grid import FeatureGrid, read_tile_grid
     from wsi2dmamba.tiling import tile_cohort, tile_paths
     from wsi2dmamba.tissue import segment_cohort

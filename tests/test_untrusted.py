@@ -38,7 +38,7 @@ class _MarkerPayload:
 
 @pytest.mark.parametrize("name", ["model.safetensors", "model.pt", "model.ckpt", "model.bin"])
 def test_pickle_checkpoint_is_refused_without_being_unpickled(tmp_path, name, counts):
-    from wsi2dmamba.training.checkpoint import load_checkpoint
+    from wsi2dmamba.models.checkpoint import load_checkpoint
 
     marker = tmp_path / "EXECUTED"
     assert not marker.exists()
@@ -71,7 +71,7 @@ def test_checkpoint_round_trip_and_damaged_checkpoints(tmp_path, counts):
     import torch
     from safetensors.torch import save_file
 
-    from wsi2dmamba.training.checkpoint import load_checkpoint, save_checkpoint
+    from wsi2dmamba.models.checkpoint import load_checkpoint, save_checkpoint
 
     model = _tiny_model()
     good = save_checkpoint(tmp_path / "fold0.safetensors", model)
@@ -110,7 +110,7 @@ def test_checkpoint_with_malformed_config_is_a_clear_error(tmp_path, config, cou
     import torch
     from safetensors.torch import save_file
 
-    from wsi2dmamba.training.checkpoint import load_checkpoint
+    from wsi2dmamba.models.checkpoint import load_checkpoint
 
     p = tmp_path / "badconfig.safetensors"
     save_file({"w": torch.zeros(2)}, str(p), metadata={"wsi2dmamba.model_config": config})
@@ -127,7 +127,7 @@ def test_forged_checkpoint_header_is_refused_before_building_the_model(tmp_path,
     from safetensors.torch import save_file
 
     from wsi2dmamba.models import create
-    from wsi2dmamba.training.checkpoint import load_checkpoint
+    from wsi2dmamba.models.checkpoint import load_checkpoint
 
     name = "2dmambamil" if "n_layers" in forged else "abmil"
     model = create(name, in_dim=8, n_classes=2)

@@ -226,7 +226,7 @@ def test_cli_exit_status_and_json(run, tmp_path, counts, capsys):
 
 def test_checkpoints_are_opened_and_matched_with_their_sidecar(run, counts):
     from wsi2dmamba.models import create
-    from wsi2dmamba.training.checkpoint import save_checkpoint
+    from wsi2dmamba.models.checkpoint import save_checkpoint
 
     fold = run / "train" / "abmil" / "fold_0"
     save_checkpoint(fold / "best.safetensors", create("abmil", in_dim=8, n_classes=2))
@@ -306,7 +306,7 @@ def _change_a_byte(fold):
 
 def _other_model_checkpoint(fold):
     from wsi2dmamba.models import create
-    from wsi2dmamba.training.checkpoint import save_checkpoint
+    from wsi2dmamba.models.checkpoint import save_checkpoint
 
     cfg = json.loads((fold / "config.json").read_text())
     save_checkpoint(fold / "best.safetensors", create("abmil", in_dim=cfg["in_dim"], n_classes=2, hidden=8),

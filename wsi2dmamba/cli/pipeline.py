@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build the built-in demo cohort (mosaic slides of real tissue whose label depends on the 2D
         arrangement) and run the whole pipeline on it: a classification and a survival task, offline, on CPU."""
-        from ..demo.run import DEMO_TASKS, run_demo
+        from ..pipeline.demo import DEMO_TASKS, run_demo
 
         tasks = (task.value,) if task else DEMO_TASKS
         _finish(run_demo(out, quick=quick, tasks=tasks, slides=slides, epochs=epochs, folds=folds,

@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
         for w in res.warnings:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
         if preset == "paper" or model.endswith(":paper"):
-            from ..training import paper_recipe_differences
+            from ..evaluation.recipe import paper_recipe_differences
 
             typer.secho("note: the paper preset is the published architecture; its training here differs from "
                         "the published recipe in: " + "; ".join(paper_recipe_differences(config.model_dump(
@@ -238,9 +238,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Attention of a trained model over slides: PNG overlay, figure with colour bar, top/bottom tile
         montage, per-class maps and QuPath GeoJSON tiles (RUN/heatmaps/<model>/)."""
-        from ..evaluation import heatmap
-        from ..evaluation.heatmap_batch import heatmap_cohort
-        from ..evaluation.heatmap_figures import HeatmapStyle
+        from ..heatmaps import HeatmapStyle, heatmap, heatmap_cohort
 
         style = HeatmapStyle(scale=scale.value, blur=blur, top_k=top_k, colorbar=colorbar)
         if all_slides or (slide and len(slide) > 1):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +180,20 @@ def load_cohort(path: str | os.PathLike[str], *, require_path: bool = True, chec
         raise ManifestError(f"Cohort manifest {path} has {len(problems)} problem(s):\n  - "
                             + "\n  - ".join(shown) + more)
     return Cohort(tuple(records), source=path.resolve())
+
+
+#: Said wherever a cohort's patients are its slides (training warnings, evaluation notes, the report).
+SLIDE_LEVEL_PATIENTS = (
+    "every slide of the cohort is its own patient (patient_id equals slide_id, or the manifest has no "
+    "patient_id column), so the patient-level splits, metrics and confidence intervals are slide-level: where "
+    "a patient has several slides, they can sit in two partitions and the intervals are too narrow. Put the "
+    "real patient ids in the manifest's patient_id column (BRACS: the patient ID column of the .xlsx on "
+    "https://www.bracs.icar.cnr.it/details/).")
+
+
+def slide_level_patients(patient_of: Mapping[str, str]) -> bool:
+    """True when every slide id (key) maps to itself as its patient: no patient ids were given."""
+    return len(patient_of) > 1 and all(s == p for s, p in patient_of.items())
 
 
 #: Longest slide id, in UTF-8 bytes: output names add a suffix (``.tissue.geojson``) and temporaries a

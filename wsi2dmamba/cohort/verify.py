@@ -39,7 +39,7 @@ from .ledger import SlideState, parse_state
 
 _TMP_PREFIX = ".tmp-"
 _STATE_DIR = ".state"
-#: Header key of a checkpoint's model configuration (see ``training/checkpoint.py``).
+#: Header key of a checkpoint's model configuration (see ``models/checkpoint.py``).
 _CHECKPOINT_CONFIG_KEY = "wsi2dmamba.model_config"
 #: Stage-level file holding the parameters of the stage's last run (not a per-slide output).
 CONFIG_FILE = "config.json"

@@ -221,7 +221,7 @@ def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: 
 
 def _cohort_notes(slides: Any) -> list[str]:
     """Warnings about what the figures mean for this cohort."""
-    from ..training.splits import SLIDE_LEVEL_PATIENTS, slide_level_patients
+    from ..cohort.manifest import SLIDE_LEVEL_PATIENTS, slide_level_patients
 
     pairs = dict(zip(slides["slide_id"].astype(str), slides["patient_id"].astype(str)))
     return [SLIDE_LEVEL_PATIENTS] if slide_level_patients(pairs) else []

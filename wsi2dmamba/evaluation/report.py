@@ -153,7 +153,7 @@ def _models_html(metrics: dict[str, Any]) -> str:
 
 def _recipe_html(metrics: dict[str, Any]) -> str:
     """For models with the ``paper`` preset: every way their training departs from the published recipe."""
-    from ..training.config import paper_recipe_differences
+    from .recipe import paper_recipe_differences
 
     items = []
     for name, m in metrics["models"].items():

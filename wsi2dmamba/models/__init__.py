@@ -12,6 +12,7 @@ configuration, e.g. the ablation ``2dmambamil:noscan``; ``wsi2dmamba models --pr
 from . import attention_mil  # noqa: F401  (registers meanpool, abmil)
 from .base import AttentionPool, MILConfig, MILModel, MILOutput, survival_risk
 from .batch import GridBatch
+from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
 from .registry import create, create_from_config, list_models, model_info, register_model
 
 for _module in ("mamba2d_mil", "mamba_mil", "clam", "transmil", "cnn2d"):
@@ -30,7 +31,10 @@ __all__ = [
     "create",
     "create_from_config",
     "list_models",
+    "load_checkpoint",
     "model_info",
+    "read_checkpoint_config",
     "register_model",
+    "save_checkpoint",
     "survival_risk",
 ]

@@ -10,8 +10,9 @@ files (:func:`load_splits`); checkpoints are safetensors with a JSON configurati
 (:func:`save_checkpoint`, :func:`load_checkpoint`).
 """
 
-from .checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
-from .config import TrainConfig, paper_recipe_differences
+from ..evaluation.recipe import paper_recipe_differences
+from ..models.checkpoint import load_checkpoint, read_checkpoint_config, save_checkpoint
+from .config import TrainConfig
 from .data import class_names, load_feature_grids
 from .loop import FoldResult, TrainResults, train_cohort, train_fold
 from .losses import class_weights, hazards_to_survival, nll_survival_loss, survival_bin_edges, time_to_bin

@@ -49,7 +49,7 @@ from ..fileio import (
     write_text_atomic,
 )
 from ..grid import FeatureGrid
-from .checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
+from ..models.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from .config import TrainConfig
 from .data import (Targets, class_names, iter_batches, load_feature_grids, make_targets, to_device,
                    worker_feature_grids)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..cohort import Cohort
+from ..cohort.manifest import SLIDE_LEVEL_PATIENTS, slide_level_patients
 from ..errors import ConfigError
 from ..fileio import write_text_atomic
 
@@ -55,20 +56,6 @@ class Leak:
 
     def __str__(self) -> str:
         return f"fold {self.fold}: patient {self.patient_id} is in {' and '.join(self.partitions)}"
-
-
-#: Said wherever a cohort's patients are its slides (training warnings, evaluation notes, the report).
-SLIDE_LEVEL_PATIENTS = (
-    "every slide of the cohort is its own patient (patient_id equals slide_id, or the manifest has no "
-    "patient_id column), so the patient-level splits, metrics and confidence intervals are slide-level: where "
-    "a patient has several slides, they can sit in two partitions and the intervals are too narrow. Put the "
-    "real patient ids in the manifest's patient_id column (BRACS: the patient ID column of the .xlsx on "
-    "https://www.bracs.icar.cnr.it/details/).")
-
-
-def slide_level_patients(patient_of: Mapping[str, str]) -> bool:
-    """True when every slide id (key) maps to itself as its patient: no patient ids were given."""
-    return len(patient_of) > 1 and all(s == p for s, p in patient_of.items())
 
 
 class SplitLeakError(ConfigError):

@@ -62,7 +62,7 @@ def scale_scores(values: np.ndarray, style: HeatmapStyle) -> tuple[np.ndarray, t
 
     For ``rank`` the ends are ranks 0 and 100 (percent of tiles below).
     """
-    from .heatmap import percentiles
+    from .attention import percentiles
 
     v = np.asarray(values, np.float64)
     if style.scale == "rank":

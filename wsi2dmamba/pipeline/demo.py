@@ -1,6 +1,6 @@
 """Run the demo: build the mosaic cohort, then the classification and the survival pipelines on it.
 
->>> from wsi2dmamba.demo.run import run_demo
+>>> from wsi2dmamba.pipeline.demo import run_demo
 >>> results = run_demo("runs/demo")               # [classification result, survival result]
 >>> [r.report for r in results]                     # runs/demo/{classification,survival}/report/index.html
 
@@ -33,7 +33,7 @@ def demo_pipeline_path(task: str = "classification") -> Path:
     """The packaged demo pipeline file of ``task`` (``classification`` or ``survival``)."""
     if task not in _FILES:
         raise ValueError(f"task must be one of {DEMO_TASKS}, got {task!r}")
-    return Path(str(resources.files(__package__) / "assets" / "pipelines" / _FILES[task]))
+    return Path(str(resources.files("wsi2dmamba.demo") / "assets" / "pipelines" / _FILES[task]))
 
 
 def demo_pipelines(out: str | os.PathLike[str] | None = None, *, quick: bool = False,
@@ -42,7 +42,7 @@ def demo_pipelines(out: str | os.PathLike[str] | None = None, *, quick: bool = F
     """The validated demo pipelines, with the given overrides applied (``None`` keeps the file's value)."""
     import tomllib
 
-    from ..pipeline import pipeline_from_dict
+    from .config import pipeline_from_dict
 
     configs = []
     for task in tasks:
@@ -72,7 +72,7 @@ def run_demo(out: str | os.PathLike[str] | None = None, *, quick: bool = False,
     """Build the demo cohort in ``out/cohort`` and run its pipelines; returns their results.
 
     ``executor`` and ``ray_address`` choose where slides and folds run (see :func:`run_pipeline`)."""
-    from ..pipeline import run_pipeline
+    from .runner import run_pipeline
 
     configs = demo_pipelines(out, quick=quick, tasks=tasks, slides=slides, epochs=epochs, folds=folds,
                              workers=workers)

@@ -121,7 +121,7 @@ def _build_on_meta(path: Path, config: dict[str, Any], n_stored: int) -> torch.n
     """
     from torch.nn.modules import module as nn_module
 
-    from ..models import create_from_config
+    from .registry import create_from_config
 
     thread, registered = threading.get_ident(), [0]
     max_tensors = 4 * n_stored + 64  # slack: a module may register a tensor and then replace it
@@ -198,7 +198,7 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
     if n_saved == len(state):
         model = skeleton.to_empty(device=device)  # every tensor is overwritten by the file below
     else:  # non-persistent buffers are not in the file: build the model normally so that they are set
-        from ..models import create_from_config
+        from .registry import create_from_config
 
         model = create_from_config(config).to(device)
     try:

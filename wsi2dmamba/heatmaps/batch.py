@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import StageInputError, WsiError
-from .heatmap import heatmap, heatmap_params
+from .attention import heatmap, heatmap_params
 
 
 def slides_tested_by_fold(model_dir: Path) -> dict[str, int]:
@@ -66,11 +66,11 @@ def heatmap_cohort(run_dir: str | os.PathLike[str], model: str, slides: list[str
     """Heatmaps of ``slides`` (default: every test slide of every fold), each by the fold that tested it.
 
     A slide already drawn with the same parameters is skipped unless ``force``; a slide that fails is
-    recorded with its reason and the others go on. Arguments as :func:`~wsi2dmamba.evaluation.heatmap`.
+    recorded with its reason and the others go on. Arguments as :func:`~wsi2dmamba.heatmaps.heatmap`.
     """
     from tqdm.auto import tqdm
 
-    from .heatmap_figures import HeatmapStyle
+    from .figures import HeatmapStyle
 
     style = style or HeatmapStyle()
     run_dir = Path(run_dir)

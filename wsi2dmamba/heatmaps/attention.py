@@ -193,7 +193,7 @@ def _thumbnail(grid: FeatureGrid, slide_path: Path | None, explicit: bool, thumb
 def draw_scores(thumb: np.ndarray, downsample: float, grid: FeatureGrid, unit: np.ndarray, style,
                 cmap: str | None = None) -> np.ndarray:
     """Blend per-tile values in [0, 1] onto the thumbnail: averaged where tiles overlap, optionally blurred."""
-    from .heatmap_figures import blend, blurred, score_map
+    from .figures import blend, blurred, score_map
 
     mean, count = score_map(thumb.shape[:2], tile_boxes(grid, clip=True) / downsample, unit)
     covered = count > 0
@@ -208,7 +208,7 @@ def _montage(slide_path: Path | None, grid: FeatureGrid, att: np.ndarray, k: int
 
     from ..slide import open_slide
     from ..tiling import read_tile
-    from .heatmap_figures import extreme_tiles, montage
+    from .figures import extreme_tiles, montage
 
     top, bottom = extreme_tiles(att, k)
     pct = percentiles(att)
@@ -263,7 +263,7 @@ def _scores(checkpoint: Path, grid: FeatureGrid, device: str, per_class: bool,
             ) -> tuple[np.ndarray, np.ndarray | None]:
     """(N,) attention and, when asked and the model allows, (N, C) per-class shares of the logits."""
     from ..devices import resolve_device
-    from ..training.checkpoint import load_checkpoint
+    from ..models.checkpoint import load_checkpoint
 
     dev = str(resolve_device(device))
     net = load_checkpoint(checkpoint, dev)
@@ -293,7 +293,7 @@ def heatmap(run_dir: str | os.PathLike[str], model: str, slide_id: str, *, fold:
         out_dir: default ``RUN/heatmaps/<model>``.
         thumbnail_px: longer side of the PNG in pixels.
         device: where to run the model (auto, cpu, cuda, cuda:N).
-        style: a :class:`~wsi2dmamba.evaluation.heatmap_figures.HeatmapStyle` (scaling, blur, colour bar,
+        style: a :class:`~wsi2dmamba.heatmaps.figures.HeatmapStyle` (scaling, blur, colour bar,
             montage size).
         per_class: draw each class's share of its logit (:func:`class_contributions`); default: for
             models of more than two classes.
@@ -301,7 +301,7 @@ def heatmap(run_dir: str | os.PathLike[str], model: str, slide_id: str, *, fold:
     Returns:
         The PNG and GeoJSON paths, the fold used and the per-tile attention.
     """
-    from .heatmap_figures import HeatmapStyle
+    from .figures import HeatmapStyle
 
     style = style or HeatmapStyle()
     run_dir = Path(run_dir)
@@ -344,7 +344,7 @@ def heatmap(run_dir: str | os.PathLike[str], model: str, slide_id: str, *, fold:
 def _attention_pictures(stem: Path, thumb: np.ndarray, downsample: float, grid: FeatureGrid, att: np.ndarray,
                         style, title: str, slide_path: Path | None, notes: list[str]) -> list[Path]:
     """The overlay ``<stem>.png``, its figure with a colour bar, and the tile montage with its CSV."""
-    from .heatmap_figures import colorbar_figure, save_png, scale_scores
+    from .figures import colorbar_figure, save_png, scale_scores
 
     unit, ends = scale_scores(att, style)
     img = draw_scores(thumb, downsample, grid, unit, style)
@@ -367,7 +367,7 @@ def _attention_pictures(stem: Path, thumb: np.ndarray, downsample: float, grid: 
 def _class_maps(stem: Path, thumb: np.ndarray, downsample: float, grid: FeatureGrid, contrib: np.ndarray,
                 classes: list[str], style, title: str) -> list[Path]:
     """One map per class of the tiles' shares of its logit (diverging colours, 0 in the middle)."""
-    from .heatmap_figures import colorbar_figure, save_png
+    from .figures import colorbar_figure, save_png
 
     files = []
     for c, name in enumerate(classes):
