@@ -159,6 +159,9 @@ def verify_run(run_dir: str | os.PathLike[str], *, content: bool = True, sources
     for fold in fold_dirs:
         _check_fold(run, fold, report, content)
     _check_unrecorded(run, states, report)
+    from ..predict.verify import check_predictions  # a folder of `predict`: its tables
+
+    check_predictions(run, report._add)
     if state_files:  # a run holding only training (features made elsewhere) has no ledger
         _check_ledger(run, states, report)
     return report

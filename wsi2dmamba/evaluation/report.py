@@ -124,6 +124,10 @@ def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
     import pandas as pd
 
     run_dir = Path(run_dir)
+    from ..predict.external import is_external_run, write_external_report
+
+    if is_external_run(run_dir) and not model_dirs(run_dir):  # a folder of `predict`: external validation
+        return write_external_report(run_dir, n_boot=n_boot, seed=seed, metrics=metrics)
     if metrics is None:
         metrics = evaluate_run(run_dir, n_boot=n_boot, seed=seed)
     tables = _load_tables(run_dir)
