@@ -180,7 +180,8 @@ def build_manifest(run_dir: str | os.PathLike[str], model: str) -> tuple[dict[st
 def _same_bundle(out: Path, manifest: dict[str, Any]) -> bool:
     """True when ``out`` already holds a valid bundle of exactly this model (``created`` aside)."""
     try:
-        old = read_manifest(out).model_dump(mode="json")
+        read_manifest(out)
+        old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
     except Exception:  # not a bundle, damaged, another version: it is replaced
         return False
     new = json.loads(json.dumps(manifest))
