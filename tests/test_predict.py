@@ -23,7 +23,13 @@ from wsi2dmamba.cohort import load_cohort
 from wsi2dmamba.cohort.verify import verify_run
 from wsi2dmamba.errors import ConfigError, WeightsError
 from wsi2dmamba.grid import read_feature_grid, write_feature_grid
-from wsi2dmamba.predict import export_bundle, load_bundle, predict_cohort, read_manifest, validate
+from wsi2dmamba.predict import (
+    export_bundle,
+    load_bundle,
+    predict_cohort,
+    read_manifest,
+    validate,
+)
 from wsi2dmamba.training import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

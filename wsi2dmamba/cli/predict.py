@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     def export_command(
         run: Annotated[Path, typer.Argument(help="Run folder holding train/<model> (the --out of train).")],
         model: Annotated[str, typer.Option("--model", help="Model folder name in RUN/train.")] = "2dmambamil",
-        out: Annotated[Optional[Path], typer.Option("--out", help="Bundle folder (default: "
+        out: Annotated[Path | None, typer.Option("--out", help="Bundle folder (default: "
                                                     "RUN/bundles/<model>).")] = None,
     ) -> None:
         """Write a model bundle: every fold's weights, the model, encoder, tiling and task (docs/bundles.md)."""
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
         model: Annotated[Path, typer.Option("--model", help="Model bundle folder (from `wsi2dmamba export`).")],
         out: Annotated[Path, typer.Option("--out", help="Run folder of the predictions (RUN2).")],
         cohort: CohortOpt = None,
-        features: Annotated[Optional[Path], typer.Option(
+        features: Annotated[Path | None, typer.Option(
             "--features", help="Folder of existing <slide_id>.h5 feature grids (e.g. imported CLAM/TRIDENT "
             "features) instead of segmenting, tiling and extracting.")] = None,
         heatmaps: Annotated[bool, typer.Option("--heatmaps", help="Also write each slide's attention (PNG and "
@@ -52,9 +52,9 @@ def register(app: typer.Typer) -> None:
         and `report` give the external validation.
         """
         from ..cohort import load_cohort
+        from ..devices import resolve_device
         from ..errors import ConfigError
         from ..predict import load_bundle, predict_cohort
-        from ..devices import resolve_device
 
         if cohort is None:
             raise ConfigError("predict needs --cohort new.csv (slide_id, path, and labels or survival when known).")

@@ -205,14 +205,12 @@ def drop_stale_predictions(cohort: Cohort, run_dir: Path, model: str, features_d
 
 # ------------------------------------------------------------------------------------------- raw slides
 
-def _slide_stages(bundle: Bundle, cohort: Cohort, out: Path, *, device: str, workers: int, force: bool,
-                  progress: bool, result: PredictResult) -> tuple[Cohort, Path]:
-    """segment → tile → extract with the bundle's parameters; returns the slides left and their features."""
-    from ..features import ExtractConfig, extract_cohort, load_encoder
-    from ..features.extract import encoder_dirname
-    from ..tiling import TileConfig, tile_cohort
+def _stage_configs(bundle: Bundle, cohort: Cohort, device: str) -> tuple[Any, Any, Any, Any]:
+    """(segment, tile, extract configurations, loaded encoder) of the bundle; refused when the slides or the
+    encoder weights at hand cannot make the features the bundle's model needs."""
+    from ..features import ExtractConfig, load_encoder
+    from ..tiling import TileConfig
     from ..tissue.config import SegmentConfig
-    from ..tissue.stage import segment_cohort
 
     m = bundle.manifest
     if m.segment is None:
@@ -231,7 +229,18 @@ def _slide_stages(bundle: Bundle, cohort: Cohort, out: Path, *, device: str, wor
         raise ConfigError(f"The weights of encoder {m.encoder.name!r} found here (sha256 {encoder.weights_sha256[:12]}…) "
                           f"are not those the bundle's model was trained with ({m.encoder.weights_sha256[:12]}…). "
                           "Install the same encoder weights (see `wsi2dmamba encoders`).")
-    extract = ExtractConfig(encoder=m.encoder.name, device=device)
+    return seg, tile, ExtractConfig(encoder=m.encoder.name, device=device), encoder
+
+
+def _slide_stages(bundle: Bundle, cohort: Cohort, out: Path, *, device: str, workers: int, force: bool,
+                  progress: bool, result: PredictResult) -> tuple[Cohort, Path]:
+    """segment → tile → extract with the bundle's parameters; returns the slides left and their features."""
+    from ..features import extract_cohort
+    from ..features.extract import encoder_dirname
+    from ..tiling import tile_cohort
+    from ..tissue.stage import segment_cohort
+
+    seg, tile, extract, encoder = _stage_configs(bundle, cohort, device)
     steps = (("segment", lambda c: segment_cohort(c, out, seg, workers=workers, progress=progress, force=force)),
              ("tile", lambda c: tile_cohort(c, out, tile, workers=workers, progress=progress, force=force)),
              ("extract", lambda c: extract_cohort(c, out, extract, progress=progress, force=force, encoder=encoder)))
@@ -242,32 +251,41 @@ def _slide_stages(bundle: Bundle, cohort: Cohort, out: Path, *, device: str, wor
         cohort = Cohort(tuple(r for r in cohort if r.slide_id not in summary.failed), cohort.source)
         if len(cohort) == 0:
             raise StageInputError(f"Every slide failed the {name} stage; see {out / 'ledger.csv'}.")
-    return cohort, out / "features" / encoder_dirname(m.encoder.name)
+    return cohort, out / "features" / encoder_dirname(extract.encoder)
 
 
 # ------------------------------------------------------------------------------------------------ tables
 
+def _slide_row(bundle: Bundle, rec: SlideRecord, data: dict[str, Any]) -> dict[str, Any]:
+    """One slide's row: its known outcome, the ensemble and every fold's output."""
+    row: dict[str, Any] = {"slide_id": rec.slide_id, "patient_id": rec.patient_id}
+    folds = bundle.manifest.folds
+    if bundle.task == "survival":
+        if rec.time is not None and rec.event is not None:
+            row.update(time=rec.time, event=rec.event)
+        row["risk"] = data["risk"]
+        row.update({f"fold{f.fold}_risk": v for f, v in zip(folds, data["fold_risk"])})
+        return row
+    return {**row, **_class_columns(bundle, rec, data)}
+
+
+def _class_columns(bundle: Bundle, rec: SlideRecord, data: dict[str, Any]) -> dict[str, Any]:
+    classes = bundle.classes or []
+    row: dict[str, Any] = {}
+    if rec.label is not None:
+        row.update(label=rec.label, target=classes.index(rec.label) if rec.label in classes else "")
+    row.update({f"prob_{k}": v for k, v in enumerate(data["probs"])})
+    for f, probs in zip(bundle.manifest.folds, data["fold_probs"]):
+        row.update({f"fold{f.fold}_prob_{k}": v for k, v in enumerate(probs)})
+    return row
+
+
 def _slide_rows(bundle: Bundle, cohort: Cohort, out: Path) -> list[dict[str, Any]]:
     rows = []
-    classes = bundle.classes or []
     for rec in sorted(cohort, key=lambda r: r.slide_id):
         p = slide_output(out, bundle.name, rec.slide_id)
-        if not p.is_file():
-            continue
-        data = json.loads(p.read_text(encoding="utf-8"))
-        row: dict[str, Any] = {"slide_id": rec.slide_id, "patient_id": rec.patient_id}
-        if bundle.task == "survival":
-            if rec.time is not None and rec.event is not None:
-                row.update(time=rec.time, event=rec.event)
-            row["risk"] = data["risk"]
-            row.update({f"fold{f.fold}_risk": v for f, v in zip(bundle.manifest.folds, data["fold_risk"])})
-        else:
-            if rec.label is not None:
-                row.update(label=rec.label, target=classes.index(rec.label) if rec.label in classes else "")
-            row.update({f"prob_{k}": v for k, v in enumerate(data["probs"])})
-            for f, probs in zip(bundle.manifest.folds, data["fold_probs"]):
-                row.update({f"fold{f.fold}_prob_{k}": v for k, v in enumerate(probs)})
-        rows.append(row)
+        if p.is_file():
+            rows.append(_slide_row(bundle, rec, json.loads(p.read_text(encoding="utf-8"))))
     return rows
 
 

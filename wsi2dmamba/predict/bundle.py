@@ -22,7 +22,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -53,7 +53,7 @@ class EncoderInfo(_Strict):
     name: str = Field(min_length=1)
     feature_dim: int = Field(ge=1)
     weights_sha256: str = Field("", pattern=r"^([0-9a-f]{64})?$")
-    precision: Optional[str] = None
+    precision: str | None = None
 
 
 class TilingInfo(_Strict):
@@ -70,8 +70,8 @@ class TaskInfo(_Strict):
     """What the model predicts."""
 
     kind: Literal["classification", "survival"]
-    classes: Optional[list[str]] = None
-    n_bins: Optional[int] = None
+    classes: list[str] | None = None
+    n_bins: int | None = None
 
 
 class FoldInfo(_Strict):
@@ -82,9 +82,9 @@ class FoldInfo(_Strict):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     checkpoint: Literal["best", "last"] = "best"
     epoch: int = Field(ge=0)
-    bin_edges: Optional[list[float]] = None
-    bin_ends: Optional[list[float]] = None
-    risk_cutoff: Optional[float] = None
+    bin_edges: list[float] | None = None
+    bin_ends: list[float] | None = None
+    risk_cutoff: float | None = None
 
 
 class BundleManifest(_Strict):
@@ -98,11 +98,11 @@ class BundleManifest(_Strict):
     model: dict[str, Any]
     encoder: EncoderInfo
     tiling: TilingInfo
-    segment: Optional[dict[str, Any]] = None
+    segment: dict[str, Any] | None = None
     task: TaskInfo
     folds: list[FoldInfo] = Field(min_length=1)
     ensemble: Literal["mean_probability", "mean_risk"]
-    risk_cutoff: Optional[float] = None
+    risk_cutoff: float | None = None
     training_cohort: dict[str, Any] = Field(default_factory=dict)
     cv_metrics: dict[str, Any] = Field(default_factory=dict)
 
@@ -297,6 +297,15 @@ def _check_manifest(data: dict[str, Any], mpath: Path) -> BundleManifest:
 
 def _check_consistency(m: BundleManifest, mpath: Path) -> None:
     """Cross-field rules of the format (one fold per file, model fits encoder and task)."""
+    problems = _fold_problems(m) + _task_problems(m)
+    if m.model.get("in_dim") != m.encoder.feature_dim:
+        problems.append(f"the model takes {m.model.get('in_dim')!r}-d features but encoder.feature_dim is "
+                        f"{m.encoder.feature_dim}")
+    if problems:
+        raise ConfigError(f"{mpath} is not a consistent bundle: " + "; ".join(problems) + ". Export it again.")
+
+
+def _fold_problems(m: BundleManifest) -> list[str]:
     problems = []
     files = [f.file for f in m.folds]
     for f in m.folds:
@@ -305,9 +314,11 @@ def _check_consistency(m: BundleManifest, mpath: Path) -> None:
             problems.append(f"fold {f.fold}: file {f.file!r} must be named fold_{f.fold}.safetensors")
     if len(set(files)) != len(files) or len({f.fold for f in m.folds}) != len(m.folds):
         problems.append("a fold or a file is listed twice")
-    if m.model.get("in_dim") != m.encoder.feature_dim:
-        problems.append(f"the model takes {m.model.get('in_dim')!r}-d features but encoder.feature_dim is "
-                        f"{m.encoder.feature_dim}")
+    return problems
+
+
+def _task_problems(m: BundleManifest) -> list[str]:
+    problems = []
     if m.model.get("task", "classification") != m.task.kind:
         problems.append(f"the model is a {m.model.get('task')!r} model but task.kind is {m.task.kind!r}")
     if m.task.kind == "classification":
@@ -318,8 +329,7 @@ def _check_consistency(m: BundleManifest, mpath: Path) -> None:
             problems.append("a classification bundle's ensemble is mean_probability")
     elif m.ensemble != "mean_risk":
         problems.append("a survival bundle's ensemble is mean_risk")
-    if problems:
-        raise ConfigError(f"{mpath} is not a consistent bundle: " + "; ".join(problems) + ". Export it again.")
+    return problems
 
 
 def _check_files(root: Path, m: BundleManifest) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import StageInputError
+from ..errors import StageInputError, WsiError
 from ..fileio import file_sha256, params_hash, write_json_atomic
 from .bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
 
@@ -37,13 +37,10 @@ def _fold_configs(model_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     from ..evaluation.evaluate import complete_folds
 
     if not model_dir.is_dir():
-        trained = sorted(p.name for p in model_dir.parent.glob("*") if p.is_dir() and p.name != "splits") \
-            if model_dir.parent.is_dir() else []
-        raise StageInputError(f"No trained model {model_dir.name!r} in {model_dir.parent} (trained: "
-                              f"{', '.join(trained) or 'none'}).")
+        trained = ", ".join(p.parent.name for p in sorted(model_dir.parent.glob("*/fold_0"))) or "none"
+        raise StageInputError(f"No trained model {model_dir.name!r} in {model_dir.parent} (trained: {trained}).")
     done = complete_folds(model_dir)
-    every = sorted(model_dir.glob("fold_*"))
-    unfinished = sorted(set(p.name for p in every) - set(p.name for p in done))
+    unfinished = sorted({p.name for p in model_dir.glob("fold_*")} - {p.name for p in done})
     if not done or unfinished:
         raise StageInputError(f"{model_dir}: fold(s) {', '.join(unfinished) or 'all'} not finished; finish training "
                               "(`wsi2dmamba train` resumes) before exporting the model.")
@@ -182,7 +179,7 @@ def _same_bundle(out: Path, manifest: dict[str, Any]) -> bool:
     try:
         read_manifest(out)
         old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
-    except Exception:  # not a bundle, damaged, another version: it is replaced
+    except (WsiError, OSError, ValueError):  # not a bundle, damaged, another version: it is replaced
         return False
     new = json.loads(json.dumps(manifest))
     return params_hash({**old, "created": ""}) == params_hash({**new, "created": ""}) and all(

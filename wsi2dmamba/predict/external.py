@@ -97,7 +97,11 @@ def calibration(y: np.ndarray, probs: np.ndarray, bins: int = CALIBRATION_BINS) 
 
 
 def _classification(df: Any, n_boot: int, seed: int) -> dict[str, Any] | None:
-    from ..evaluation.bootstrap import bootstrap_counts, percentile_interval, weighted_classification
+    from ..evaluation.bootstrap import (
+        bootstrap_counts,
+        percentile_interval,
+        weighted_classification,
+    )
     from ..evaluation.metrics import classification_metrics
 
     if "target" not in df.columns:
@@ -115,7 +119,11 @@ def _classification(df: Any, n_boot: int, seed: int) -> dict[str, Any] | None:
 
 
 def _survival(df: Any, cutoff: float | None, n_boot: int, seed: int) -> dict[str, Any] | None:
-    from ..evaluation.bootstrap import bootstrap_counts, percentile_interval, weighted_c_index
+    from ..evaluation.bootstrap import (
+        bootstrap_counts,
+        percentile_interval,
+        weighted_c_index,
+    )
     from ..evaluation.metrics import survival_metrics
 
     if "time" not in df.columns or "event" not in df.columns:
@@ -175,7 +183,7 @@ def evaluate_model_external(run_dir: Path, name: str, manifest: dict[str, Any], 
                   "external_ci": ext.get("ci", {}).get(main)}
     comparison["external_within_cv_ci"] = _within(comparison["external"], comparison["cv_ci"])
     return _clean({"name": name, "task": task, "classes": manifest["task"].get("classes"),
-                   "n_slides": int(len(slides)), "n_patients": int(len(patients)),
+                   "n_slides": len(slides), "n_patients": len(patients),
                    "labelled": results.get("patient") is not None, "results": results, "comparison": comparison,
                    "cv": cv, "training_cohort": manifest.get("training_cohort", {}),
                    "encoder": manifest.get("encoder"), "tiling": manifest.get("tiling")})
@@ -217,6 +225,11 @@ def format_external(metrics: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------------------ report
 
+def _point(ax: Any, value: float, ci: Any, y: float, colour: str, label: str | None) -> None:
+    err = None if not ci or ci[0] is None else [[value - ci[0]], [ci[1] - value]]
+    ax.errorbar(value, y, xerr=err, fmt="o", color=colour, capsize=3, label=label)
+
+
 def _forest_figure(metrics: dict[str, Any]) -> bytes | None:
     """The main metric of each model, cross-validated and external, with 95% intervals, side by side."""
     from ..evaluation.plots import _COLOURS, _figure, _png
@@ -226,14 +239,10 @@ def _forest_figure(metrics: dict[str, Any]) -> bytes | None:
         return None
     fig, axes = _figure(size=(6.0, 0.6 + 0.7 * len(rows)))
     ax = axes[0, 0]
-    for i, (name, c) in enumerate(rows):
+    for i, (_, c) in enumerate(rows):
         for j, (key, label) in enumerate((("cv", "cross-validated (training cohort)"), ("external", "external"))):
-            value, ci = c[key], c[f"{key}_ci"]
-            if value is None:
-                continue
-            y = -i + (0.15 if j == 0 else -0.15)
-            err = None if not ci or ci[0] is None else [[value - ci[0]], [ci[1] - value]]
-            ax.errorbar(value, y, xerr=err, fmt="o", color=_COLOURS[j], capsize=3, label=label if i == 0 else None)
+            if c[key] is not None:
+                _point(ax, c[key], c[f"{key}_ci"], -i + 0.15 - 0.3 * j, _COLOURS[j], label if i == 0 else None)
     ax.axvline(0.5, color="#999999", lw=0.8, ls="--")
     ax.set_yticks([-i for i in range(len(rows))], [n for n, _ in rows])
     ax.set(xlabel=f"{rows[0][1]['metric']} (patient level, 95% CI)", xlim=(0, 1.02),
@@ -298,7 +307,6 @@ def _table_html(metrics: dict[str, Any]) -> str:
 
 
 def _figures_html(run_dir: Path, metrics: dict[str, Any]) -> str:
-    from ..evaluation.plots import roc_figure
     from ..evaluation.report import _img
 
     labelled = {n: m for n, m in metrics["models"].items() if m["labelled"]}
@@ -307,25 +315,38 @@ def _figures_html(run_dir: Path, metrics: dict[str, Any]) -> str:
     if forest is not None:
         parts.append(_img(forest, "forest", "Cross-validated (training cohort, pooled test folds) and external "
                           "metric per model, patient level, with 95% bootstrap intervals."))
-    clf = {n: m for n, m in labelled.items() if m["task"] == "classification"}
-    if clf:
-        tables = {}
-        for n in clf:
-            df = _tables(run_dir, n)[1]
-            tables[n] = df[df["target"].notna() & (df["target"].astype(str) != "")].assign(
-                target=lambda d: d["target"].astype(int))
-        parts.append(_img(roc_figure(tables, {n: m["classes"] for n, m in clf.items()}), "ROC",
-                          "ROC of the ensemble on the external cohort (patients)."))
-        parts.append(_img(_calibration_figure(clf), "calibration", "Observed frequency against predicted "
-                          f"probability, {CALIBRATION_BINS} equal-width bins (empty bins left out)."))
-    surv = {n: m for n, m in labelled.items() if m["task"] == "survival"
-            and (m["results"]["patient"] or {}).get("risk_groups")}
-    if surv:
-        tables = {n: _tables(run_dir, n)[1].dropna(subset=["time", "event"]) for n in surv}
-        cut = {n: m["results"]["patient"]["risk_groups"]["cutoff"] for n, m in surv.items()}
-        parts.append(_img(_km_figure(tables, cut), "Kaplan-Meier", "Kaplan–Meier curves of the external patients "
-                          "split at each model's cut-off from the training cohort (median cross-validated risk)."))
+    parts += _classification_figures(run_dir, {n: m for n, m in labelled.items() if m["task"] == "classification"})
+    parts += _survival_figures(run_dir, {n: m for n, m in labelled.items() if m["task"] == "survival"
+                                         and (m["results"]["patient"] or {}).get("risk_groups")})
     return "".join(parts)
+
+
+def _classification_figures(run_dir: Path, clf: dict[str, Any]) -> list[str]:
+    from ..evaluation.plots import roc_figure
+    from ..evaluation.report import _img
+
+    if not clf:
+        return []
+    tables = {}
+    for n in clf:
+        df = _tables(run_dir, n)[1]
+        tables[n] = df[df["target"].notna() & (df["target"].astype(str) != "")].assign(
+            target=lambda d: d["target"].astype(int))
+    return [_img(roc_figure(tables, {n: m["classes"] for n, m in clf.items()}), "ROC",
+                 "ROC of the ensemble on the external cohort (patients)."),
+            _img(_calibration_figure(clf), "calibration", "Observed frequency against predicted "
+                 f"probability, {CALIBRATION_BINS} equal-width bins (empty bins left out).")]
+
+
+def _survival_figures(run_dir: Path, surv: dict[str, Any]) -> list[str]:
+    from ..evaluation.report import _img
+
+    if not surv:
+        return []
+    tables = {n: _tables(run_dir, n)[1].dropna(subset=["time", "event"]) for n in surv}
+    cut = {n: m["results"]["patient"]["risk_groups"]["cutoff"] for n, m in surv.items()}
+    return [_img(_km_figure(tables, cut), "Kaplan-Meier", "Kaplan–Meier curves of the external patients split at "
+                 "each model's cut-off from the training cohort (median cross-validated risk).")]
 
 
 def write_external_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int = 0,
@@ -337,8 +358,8 @@ def write_external_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, s
     metrics = metrics if metrics is not None else evaluate_external(run_dir, n_boot, seed)
     labelled = any(m["labelled"] for m in metrics["models"].values())
     body = [f"<h1>External validation: {html.escape(run_dir.resolve().name)}</h1>",
-            f"<p class='note'>Cohort {html.escape(str(metrics.get('cohort')))}; {metrics['n_boot']} patient-level "
-            f"bootstrap resamples; created {metrics['created']}.</p>"]
+            (f"<p class='note'>Cohort {html.escape(str(metrics.get('cohort')))}; {metrics['n_boot']} patient-level "
+            f"bootstrap resamples; created {metrics['created']}.</p>")]
     if labelled:
         body += ["<h2>Cross-validated and external</h2>", _table_html(metrics), _figures_html(run_dir, metrics)]
     else:

@@ -13,6 +13,24 @@ import numpy as np
 from .apply import PREDICT_RECORD, STAGE_ROOT
 
 
+def _slide_problems(p: Path, rel: str, value: str, in_table: float, bundle_sha: str | None) -> list[tuple[str, str]]:
+    """A slide's row of the table against its prediction file."""
+    sid = p.stem
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+        recorded = float(data["risk"] if value == "risk" else data["probs"][0])
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return [(rel, f"slide {sid} has no readable prediction file {p.name}; rerun `wsi2dmamba predict`")]
+    problems = []
+    if data.get("bundle_sha256") != bundle_sha:
+        problems.append((f"{STAGE_ROOT}/{p.parent.name}/{p.name}",
+                         "made with another bundle than predict.json records; rerun `wsi2dmamba predict --force`"))
+    if not np.isclose(in_table, recorded, rtol=1e-6, atol=1e-9):
+        problems.append((rel, (f"slide {sid}: {value} {in_table} in the table, {recorded} in its prediction file; "
+                         "the table was edited. Rerun `wsi2dmamba predict` to rebuild it")))
+    return problems
+
+
 def _table_problems(run: Path, name: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
     import pandas as pd
 
@@ -29,24 +47,12 @@ def _table_problems(run: Path, name: str, entry: dict[str, Any]) -> list[tuple[s
     value = "risk" if "risk" in slides.columns else "prob_0"
     problems = []
     for sid, v in zip(slides["slide_id"], slides[value]):
-        p = base / name / f"{sid}.json"
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-            recorded = data["risk"] if value == "risk" else data["probs"][0]
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
-            problems.append((rel, f"slide {sid} has no readable prediction file {p.name}; rerun `wsi2dmamba predict`"))
-            continue
-        if data.get("bundle_sha256") != entry.get("bundle_sha256"):
-            problems.append((f"{STAGE_ROOT}/{name}/{p.name}", "made with another bundle than predict.json records; "
-                             "rerun `wsi2dmamba predict --force`"))
-        if not np.isclose(float(v), float(recorded), rtol=1e-6, atol=1e-9):
-            problems.append((rel, f"slide {sid}: {value} {v} in the table, {recorded} in its prediction file; the "
-                             "table was edited. Rerun `wsi2dmamba predict` to rebuild it"))
+        problems += _slide_problems(base / name / f"{sid}.json", rel, value, float(v), entry.get("bundle_sha256"))
     means = slides.groupby("patient_id", sort=True)[value].mean()
     merged = patients.set_index("patient_id")[value].reindex(means.index)
     if len(patients) != len(means) or not np.allclose(merged.to_numpy(), means.to_numpy(), rtol=1e-6, atol=1e-9):
-        problems.append((f"{STAGE_ROOT}/{name}.patients.csv", "does not agree with the slide table (a patient's value "
-                         "is the mean of its slides'); rerun `wsi2dmamba predict` to rebuild it"))
+        problems.append((f"{STAGE_ROOT}/{name}.patients.csv", ("does not agree with the slide table (a patient's value "
+                         "is the mean of its slides'); rerun `wsi2dmamba predict` to rebuild it")))
     return problems
 
 
