@@ -247,7 +247,13 @@ def test_external_validation_of_a_survival_model(tmp_path_factory, tmp_path):
     assert [f.risk_cutoff for f in m.folds] == pytest.approx(cut) and m.risk_cutoff == pytest.approx(np.mean(cut))
 
     res = predict_cohort(b, load_cohort(manifest, require_path=False), tmp_path / "run2", features=feats,
-                         progress=False)
+                         heatmaps=True, progress=False)
+    sid = res.stages["predict"].done[0]
+    geo = json.loads((tmp_path / "run2" / "predictions" / "abmil" / "heatmaps" / f"{sid}.geojson").read_text())
+    att = [f["properties"]["measurements"]["attention"] for f in geo["features"]]
+    assert len(att) == read_feature_grid(feats / f"{sid}.h5").n_tiles and sum(att) == pytest.approx(1.0, rel=1e-4)
+    assert (tmp_path / "run2" / "predictions" / "abmil" / "heatmaps" / f"{sid}.png").stat().st_size > 0
+    assert verify_run(tmp_path / "run2").ok
     patients = pd.read_csv(res.patients_csv)
     assert set(patients["risk_group"]) <= {"high", "low"}
     assert (patients["risk_group"] == "high").tolist() == (patients["risk"] > m.risk_cutoff).tolist()
@@ -284,3 +290,23 @@ def test_cli_export_predict_evaluate_report(trained, tmp_path, monkeypatch, caps
     with pytest.raises(SystemExit) as exc:
         main()
     assert exc.value.code == 2 and "no bundle.json" in capsys.readouterr().err
+
+
+def test_predict_table_of_a_pipeline_file_is_validated(tmp_path):
+    from wsi2dmamba.pipeline import load_pipeline
+
+    base = "[demo]\nslides = 8\nseed = 0\n[train]\nmodels = [\"abmil\"]\n"
+    cases = {
+        "[predict]\nheatmaps = true\n": "needs manifest",
+        "[predict]\ndemo_seed = 0\n": "is [demo]'s seed",
+        "[predict]\ndemo_seed = 1\nmodels = [\"meanpool\"]\n": "not in [train] models",
+        "[predict]\ndemo_seed = 1\nout = \"../x\"\n": "plain folder name",
+        "[predict]\ndemo_seed = 1\ncolour = 1\n": "unknown key 'colour'",
+    }
+    for table, message in cases.items():
+        (tmp_path / "p.toml").write_text(base + table)
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_pipeline(tmp_path / "p.toml")
+    (tmp_path / "p.toml").write_text(base + "[predict]\nmanifest = \"other.csv\"\n")
+    section = load_pipeline(tmp_path / "p.toml").predict
+    assert section.manifest == tmp_path / "other.csv" and section.out == "external" and section.models is None
