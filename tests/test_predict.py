@@ -310,3 +310,36 @@ def test_predict_table_of_a_pipeline_file_is_validated(tmp_path):
     (tmp_path / "p.toml").write_text(base + "[predict]\nmanifest = \"other.csv\"\n")
     section = load_pipeline(tmp_path / "p.toml").predict
     assert section.manifest == tmp_path / "other.csv" and section.out == "external" and section.models is None
+
+
+def test_pipeline_trains_on_one_demo_cohort_and_predicts_another_from_raw_slides(tmp_path):
+    """The [predict] table end to end on real slides: the second cohort is segmented, tiled and encoded
+    with the bundle's parameters (the same parameter hashes as the training run's), a rerun redoes
+    nothing, and a bundle whose encoder weights differ from the installed ones is refused."""
+    from wsi2dmamba.cohort.ledger import read_state
+    from wsi2dmamba.pipeline import load_pipeline, run_pipeline
+
+    toml = tmp_path / "p.toml"
+    toml.write_text("[demo]\nslides = 8\nseed = 0\n[run]\ntrain_dir = \"classification\"\n"
+                    "[tile]\ntile_px = 224\nmpp = 0.5\n[extract]\nbatch_size = 64\n"
+                    "[train]\nmodels = [\"meanpool\"]\nfolds = 2\nepochs = 2\nval_fraction = 0.25\n"
+                    "[train.model_options.meanpool]\nhidden = 8\n[evaluate]\nn_boot = 50\n"
+                    "[predict]\ndemo_seed = 1\ndemo_slides = 4\n")
+    result = run_pipeline(load_pipeline(toml, out=tmp_path / "run"), progress=False)
+    ext = result.train_dir / "external"
+    assert result.external["models"]["meanpool"]["n_slides"] == 4 and (ext / "report" / "index.html").is_file()
+    for stage in ("segment", "tiles"):
+        train_hash = read_state(tmp_path / "run", stage, "demo-000").params_hash
+        assert read_state(ext, stage, "demo-000").params_hash == train_hash
+    assert verify_run(ext).ok
+    table = (ext / "predictions" / "meanpool.csv").read_bytes()
+    again = run_pipeline(load_pipeline(toml, out=tmp_path / "run"), progress=False)
+    assert again.external is not None and (ext / "predictions" / "meanpool.csv").read_bytes() == table
+    states = sorted(ext.glob("*/.state/*.json")) + sorted(ext.glob("*/*/.state/*.json"))
+    assert len(states) == 4 * 4  # segment, tiles, features, predictions: each slide once, nothing redone
+
+    bundle = result.train_dir / "bundles" / "meanpool"
+    _edit_manifest(bundle, lambda m: m["encoder"].update(weights_sha256="0" * 64))
+    cohort = load_cohort(ext / "cohort" / "manifest.csv")
+    with pytest.raises(ConfigError, match="weights of encoder 'efficientnet-lite0' found here .* are not those"):
+        predict_cohort(bundle, cohort, tmp_path / "other", device="cpu", progress=False)

@@ -70,13 +70,18 @@ def _tiling(features_file: Path) -> tuple[dict[str, Any], dict[str, Any], dict[s
 
     grid = read_feature_grid(features_file)
     attrs = _grid_attrs(features_file)
+    stage_run = features_file.parent.parent.parent  # RUN/features/<encoder>/<slide>.h5 → RUN
+    tiles_file = stage_run / "tiles" / features_file.name
+    if tiles_file.is_file() and _grid_attrs(tiles_file).get("params_hash") == attrs.get("tiles_params_hash"):
+        # The tiles file the features were made from holds the tiling's provenance (minimum tissue,
+        # segmentation hash), which feature files do not copy.
+        attrs = {**_grid_attrs(tiles_file), **attrs}
     encoder = {"name": grid.encoder or "unknown", "feature_dim": grid.feature_dim,
                "weights_sha256": grid.weights_sha256, "precision": attrs.get("encoder_precision")}
     tiling = {"mpp": float(grid.mpp_requested), "tile_px": int(grid.tile_px),
               "overlap": int(grid.tile_px - grid.stride_px), "min_tissue": float(attrs.get("min_tissue", 0.25)),
               "mpp_tolerance": 0.02}
     segment = None
-    stage_run = features_file.parent.parent.parent  # RUN/features/<encoder>/<slide>.h5 → RUN
     try:
         from ..tissue.stage import read_segment_config, segment_params_hash
 
