@@ -237,7 +237,7 @@ def _forest_figure(metrics: dict[str, Any]) -> bytes | None:
     rows = [(n, m["comparison"]) for n, m in metrics["models"].items() if m["labelled"]]
     if not rows:
         return None
-    fig, axes = _figure(size=(6.0, 0.6 + 0.7 * len(rows)))
+    fig, axes = _figure(size=(6.0, 1.8 + 0.6 * len(rows)))
     ax = axes[0, 0]
     for i, (_, c) in enumerate(rows):
         for j, (key, label) in enumerate((("cv", "cross-validated (training cohort)"), ("external", "external"))):
@@ -245,9 +245,10 @@ def _forest_figure(metrics: dict[str, Any]) -> bytes | None:
                 _point(ax, c[key], c[f"{key}_ci"], -i + 0.15 - 0.3 * j, _COLOURS[j], label if i == 0 else None)
     ax.axvline(0.5, color="#999999", lw=0.8, ls="--")
     ax.set_yticks([-i for i in range(len(rows))], [n for n, _ in rows])
+    ax.set_ylim(-len(rows) + 0.3, 0.9)
     ax.set(xlabel=f"{rows[0][1]['metric']} (patient level, 95% CI)", xlim=(0, 1.02),
            title="cross-validated vs external")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left")
     return _png(fig)
 
 
