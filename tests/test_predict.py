@@ -312,6 +312,7 @@ def test_predict_table_of_a_pipeline_file_is_validated(tmp_path):
     assert section.manifest == tmp_path / "other.csv" and section.out == "external" and section.models is None
 
 
+@pytest.mark.slow
 def test_pipeline_trains_on_one_demo_cohort_and_predicts_another_from_raw_slides(tmp_path):
     """The [predict] table end to end on real slides: the second cohort is segmented, tiled and encoded
     with the bundle's parameters (the same parameter hashes as the training run's), a rerun redoes
