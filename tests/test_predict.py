@@ -233,6 +233,21 @@ def test_predict_killed_and_resumed_writes_identical_tables_and_verifies(trained
     assert any("the table was edited" in f.message for f in verify_run(run2).errors)
 
 
+def test_a_slide_that_fails_is_recorded_and_the_batch_goes_on(trained, bundle_dir, tmp_path):
+    _, manifest, feats = trained
+    folder = tmp_path / "feats"
+    shutil.copytree(feats, folder)
+    bad = sorted(folder.glob("*.h5"))[3]
+    bad.write_bytes(bad.read_bytes()[:200])  # a file cut off by a full disk
+    res = predict_cohort(load_bundle(bundle_dir), load_cohort(manifest, require_path=False), tmp_path / "run2",
+                         features=folder, progress=False)
+    assert list(res.failed) == [bad.stem] and "predict:" in res.failed[bad.stem]
+    slides = pd.read_csv(res.slides_csv, dtype={"slide_id": str})
+    assert len(slides) == 44 and bad.stem not in set(slides["slide_id"])
+    ledger = pd.read_csv(tmp_path / "run2" / "ledger.csv")
+    assert ledger[ledger["slide_id"] == bad.stem]["status"].tolist() == ["failed"]
+
+
 def test_external_validation_of_a_survival_model(tmp_path_factory, tmp_path):
     """The risk groups of the external cohort are split at the training cohort's cut-off; evaluate and
     report give the C-index with its interval beside the cross-validated one, and Kaplan–Meier curves."""
