@@ -359,3 +359,16 @@ def test_pipeline_trains_on_one_demo_cohort_and_predicts_another_from_raw_slides
     cohort = load_cohort(ext / "cohort" / "manifest.csv")
     with pytest.raises(ConfigError, match="weights of encoder 'efficientnet-lite0' found here .* are not those"):
         predict_cohort(bundle, cohort, tmp_path / "other", device="cpu", progress=False)
+
+
+def test_calibration_of_known_probabilities():
+    from wsi2dmamba.predict.external import calibration
+
+    y = np.array([0] * 8 + [1] * 2 + [0] * 2 + [1] * 8)  # 20 % positives at p = 0.2, 80 % at p = 0.8
+    p1 = np.array([0.2] * 10 + [0.8] * 10)
+    cal = calibration(y, np.stack([1 - p1, p1], axis=1))
+    assert cal["ece"] == pytest.approx(0.0) and cal["curve"]["count"] == [10, 10]
+    assert cal["curve"]["observed"] == pytest.approx([0.2, 0.8])
+    assert cal["brier"] == pytest.approx(np.mean(2 * (p1 - y) ** 2))
+    over = calibration(y, np.stack([1 - p1, p1], axis=1).round() * 0.98 + 0.01)  # overconfident
+    assert over["ece"] > 0.1
