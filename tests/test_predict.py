@@ -261,14 +261,17 @@ def test_external_validation_of_a_survival_model(tmp_path_factory, tmp_path):
     cut = [float(np.median(test[test["fold"] == k]["risk"])) for k in range(3)]
     assert [f.risk_cutoff for f in m.folds] == pytest.approx(cut) and m.risk_cutoff == pytest.approx(np.mean(cut))
 
-    res = predict_cohort(b, load_cohort(manifest, require_path=False), tmp_path / "run2", features=feats,
-                         heatmaps=True, progress=False)
-    sid = res.stages["predict"].done[0]
-    geo = json.loads((tmp_path / "run2" / "predictions" / "abmil" / "heatmaps" / f"{sid}.geojson").read_text())
+    cohort = load_cohort(manifest, require_path=False)
+    few = type(cohort)(cohort.records[:3], cohort.source)
+    predict_cohort(b, few, tmp_path / "heatmaps", features=feats, heatmaps=True, progress=False)
+    sid = few.slide_ids[0]
+    drawn = tmp_path / "heatmaps" / "predictions" / "abmil" / "heatmaps"
+    geo = json.loads((drawn / f"{sid}.geojson").read_text())
     att = [f["properties"]["measurements"]["attention"] for f in geo["features"]]
     assert len(att) == read_feature_grid(feats / f"{sid}.h5").n_tiles and sum(att) == pytest.approx(1.0, rel=1e-4)
-    assert (tmp_path / "run2" / "predictions" / "abmil" / "heatmaps" / f"{sid}.png").stat().st_size > 0
-    assert verify_run(tmp_path / "run2").ok
+    assert (drawn / f"{sid}.png").stat().st_size > 0 and verify_run(tmp_path / "heatmaps").ok
+
+    res = predict_cohort(b, cohort, tmp_path / "run2", features=feats, progress=False)
     patients = pd.read_csv(res.patients_csv)
     assert set(patients["risk_group"]) <= {"high", "low"}
     assert (patients["risk_group"] == "high").tolist() == (patients["risk"] > m.risk_cutoff).tolist()
