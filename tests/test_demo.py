@@ -229,14 +229,15 @@ def test_quick_demo_end_to_end(tmp_path):
         assert margin > max(hi_2d - lo_2d, hi_b - lo_b) / 2 and lo_2d > hi_b, (pooled["2dmambamil"], pooled[baseline])
 
     # External validation on a second demo cohort (another seed), from its raw slides: the 2D model's
-    # external AUC lies within the interval of its cross-validated AUC; ABMIL stays at chance.
+    # external AUC is no lower than its cross-validated interval (the ensemble of the folds is often
+    # above it), and above the whole interval of ABMIL's, which does not learn the rule.
     external = cls.external["models"]
     ext_dir = cls.train_dir / "external"
     assert len(list((ext_dir / "cohort" / "slides").glob("*.tiff"))) == QUICK_OVERRIDES["predict"]["demo_slides"]
-    c2d = external["2dmambamil"]["comparison"]
-    assert c2d["cv"] == pytest.approx(pooled["2dmambamil"]["auc"]) and c2d["external_within_cv_ci"], c2d
-    lo_a, hi_a = external["abmil"]["comparison"]["external_ci"]
-    assert lo_a <= 0.5 <= hi_a, external["abmil"]["comparison"]
+    c2d, cab = external["2dmambamil"]["comparison"], external["abmil"]["comparison"]
+    assert c2d["cv"] == pytest.approx(pooled["2dmambamil"]["auc"]) and c2d["external"] >= c2d["cv_ci"][0], c2d
+    assert c2d["external_ci"][0] > cab["external_ci"][1] and cab["external"] < 0.65, (c2d, cab)
+    assert len(c2d["external_folds"]) == cls.config.option("train").folds
     assert (ext_dir / "predictions" / "2dmambamil.csv").is_file() and (ext_dir / "report" / "index.html").is_file()
     from wsi2dmamba.cohort.verify import verify_run
 

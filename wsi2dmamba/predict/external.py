@@ -161,6 +161,25 @@ def _within(value: Any, ci: Any) -> bool | None:
     return bool(ci[0] <= value <= ci[1])
 
 
+def _fold_metric(df: Any, task: str, metric: str, folds: list[int]) -> list[float]:
+    """``metric`` of each fold's model alone on the labelled patients of ``df``."""
+    from ..evaluation.metrics import classification_metrics, survival_metrics
+
+    values = []
+    for k in folds:
+        if task == "survival":
+            sub = df[df["time"].notna() & df["event"].notna()]
+            values.append(survival_metrics(sub["time"].to_numpy(np.float64), sub["event"].to_numpy().astype(int),
+                                           sub[f"fold{k}_risk"].to_numpy(np.float64))[metric])
+        else:
+            sub = df[df["target"].notna() & (df["target"].astype(str) != "")]
+            cols = sorted((c for c in sub.columns if c.startswith(f"fold{k}_prob_")),
+                          key=lambda c: int(c.rsplit("_", 1)[1]))
+            values.append(classification_metrics(sub["target"].astype(int).to_numpy(),
+                                                 sub[cols].to_numpy(np.float64))[metric])
+    return [float(v) for v in values]
+
+
 def evaluate_model_external(run_dir: Path, name: str, manifest: dict[str, Any], n_boot: int = 1000,
                             seed: int = 0) -> dict[str, Any]:
     """External metrics of one applied bundle (see the module docstring)."""
@@ -182,6 +201,12 @@ def evaluate_model_external(run_dir: Path, name: str, manifest: dict[str, Any], 
                   "cv_std": cv.get("std", {}).get(main), "external": ext.get(main),
                   "external_ci": ext.get("ci", {}).get(main)}
     comparison["external_within_cv_ci"] = _within(comparison["external"], comparison["cv_ci"])
+    if ext:
+        # Each fold's model alone on the external cohort: the like-for-like counterpart of the
+        # cross-validated mean ± std (the ensemble, above, is usually better than any one fold).
+        folds = _fold_metric(patients, task, main, [f["fold"] for f in manifest["folds"]])
+        comparison.update(external_folds=folds, external_fold_mean=float(np.nanmean(folds)),
+                          external_fold_std=float(np.nanstd(folds, ddof=1)) if len(folds) > 1 else math.nan)
     return _clean({"name": name, "task": task, "classes": manifest["task"].get("classes"),
                    "n_slides": len(slides), "n_patients": len(patients),
                    "labelled": results.get("patient") is not None, "results": results, "comparison": comparison,
@@ -218,8 +243,11 @@ def format_external(metrics: dict[str, Any]) -> str:
             lines.append(f"{name:<20} {m['n_patients']} patients, no labels or survival: predictions only")
             continue
         within = {True: "within", False: "outside", None: "–"}[c["external_within_cv_ci"]]
-        lines.append(f"{name:<20} {c['metric']} cross-validated {_ci_text(c['cv'], c['cv_ci'])}; external "
-                     f"{_ci_text(c['external'], c['external_ci'])} ({within} the CV interval)")
+        folds = "" if c.get("external_fold_mean") is None else \
+            f"; each fold's model {c['external_fold_mean']:.3f} ± {c.get('external_fold_std') or 0:.3f}"
+        lines.append(f"{name:<20} {c['metric']} cross-validated {_ci_text(c['cv'], c['cv_ci'])}, folds "
+                     f"{c['cv_mean'] or math.nan:.3f} ± {c['cv_std'] or 0:.3f}; external ensemble "
+                     f"{_ci_text(c['external'], c['external_ci'])} ({within} the CV interval){folds}")
     return "\n".join(lines)
 
 
@@ -297,13 +325,17 @@ def _table_html(metrics: dict[str, Any]) -> str:
         c = m["comparison"]
         within = {True: "yes", False: "no", None: "–"}[c["external_within_cv_ci"]]
         cv_mean = "–" if c["cv_mean"] is None else f"{c['cv_mean']:.3f} ± {c['cv_std'] or 0:.3f}"
+        ext_mean = "–" if c.get("external_fold_mean") is None else \
+            f"{c['external_fold_mean']:.3f} ± {c.get('external_fold_std') or 0:.3f}"
         tc = m["training_cohort"]
         rows.append(f"<tr><td class='name'>{html.escape(name)}</td><td>{c['metric']}</td>"
                     f"<td>{tc.get('n_patients', '–')}</td><td>{_ci_text(c['cv'], c['cv_ci'])}</td><td>{cv_mean}</td>"
-                    f"<td>{m['n_patients']}</td><td>{_ci_text(c['external'], c['external_ci'])}</td><td>{within}</td></tr>")
+                    f"<td>{m['n_patients']}</td><td>{_ci_text(c['external'], c['external_ci'])}</td><td>{ext_mean}</td>"
+                    f"<td>{within}</td></tr>")
     return ("<table><tr><th class='name'>model</th><th>metric</th><th>training patients</th>"
             "<th>cross-validated, pooled [95% CI]</th><th>cross-validated, mean ± std over folds</th>"
-            "<th>external patients</th><th>external [95% CI]</th><th>external within CV interval</th></tr>"
+            "<th>external patients</th><th>external, ensemble [95% CI]</th><th>external, each fold's model: mean ± "
+            "std</th><th>ensemble within CV interval</th></tr>"
             + "".join(rows) + "</table>")
 
 
