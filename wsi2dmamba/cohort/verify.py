@@ -15,6 +15,8 @@ modification time) of the slide file. :func:`verify_run` re-reads all of it and 
   checkpoint, log or predictions file that disagrees with the fold's ``config.json``/``done.json`` (another
   model, other epochs, other slides than the fold's split, non-numbers); a fold trained on other splits
   than ``train/splits/splits_<k>.csv``;
+* errors in a folder of ``wsi2dmamba predict`` (``predict.json``): a prediction table that disagrees with
+  the per-slide prediction files, or a slide predicted with another bundle than the one recorded;
 * warnings: slides that failed, half-written temporaries left by a killed process, files that no state
   records, a ledger that is out of date, a slide file that is no longer where it was, a training fold that
   is not finished.
