@@ -228,8 +228,26 @@ def test_quick_demo_end_to_end(tmp_path):
         margin = pooled["2dmambamil"]["auc"] - pooled[baseline]["auc"]
         assert margin > max(hi_2d - lo_2d, hi_b - lo_b) / 2 and lo_2d > hi_b, (pooled["2dmambamil"], pooled[baseline])
 
+    # External validation on a second demo cohort (another seed), from its raw slides: the 2D model's
+    # external AUC is no lower than its cross-validated interval (the ensemble of the folds is often
+    # above it), and above the whole interval of ABMIL's, which does not learn the rule.
+    external = cls.external["models"]
+    ext_dir = cls.train_dir / "external"
+    assert len(list((ext_dir / "cohort" / "slides").glob("*.tiff"))) == QUICK_OVERRIDES["predict"]["demo_slides"]
+    c2d, cab = external["2dmambamil"]["comparison"], external["abmil"]["comparison"]
+    assert c2d["cv"] == pytest.approx(pooled["2dmambamil"]["auc"]) and c2d["external"] >= c2d["cv_ci"][0], c2d
+    assert c2d["external_ci"][0] > cab["external_ci"][1] and cab["external"] < 0.65, (c2d, cab)
+    assert len(c2d["external_folds"]) == cls.config.option("train").folds
+    assert (ext_dir / "predictions" / "2dmambamil.csv").is_file() and (ext_dir / "report" / "index.html").is_file()
+    from wsi2dmamba.cohort.verify import verify_run
+
+    checked = verify_run(ext_dir)
+    assert checked.ok, [f.line() for f in checked.errors]
+
     # Running again resumes: nothing is redone.
+    tables = {p.name: p.read_bytes() for p in (ext_dir / "predictions").glob("*.csv")}
     again = run_demo(out, quick=True, tasks=("classification",), progress=False)[0]
     assert all(not s.done and not s.failed for s in again.stages.values())
     assert all(c["trained"] == 0 for c in again.trained.values())
     assert again.report.is_file()
+    assert again.external is not None and tables == {p.name: p.read_bytes() for p in (ext_dir / "predictions").glob("*.csv")}

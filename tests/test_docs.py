@@ -222,7 +222,7 @@ def _shell_lines(page: Path) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("page", ["quickstart.md", "scaling.md", "index.md", "../docker/README.md"])
+@pytest.mark.parametrize("page", ["quickstart.md", "scaling.md", "index.md", "../docker/README.md", "bundles.md"])
 def test_commands_in_the_pages_exist(page):
     tree = _command_tree()
     checked = 0

@@ -130,7 +130,7 @@ def test_checkpoint_round_trips_exactly_without_pickle(tmp_path):
 
 
 def test_no_pickle_anywhere_in_training_or_evaluation():
-    for folder in ("training", "evaluation"):
+    for folder in ("training", "evaluation", "predict"):
         for path in (PACKAGE / folder).glob("*.py"):
             text = path.read_text()
             assert not re.search(r"torch\.load\(|import pickle|pickle\.load|weights_only", text), path

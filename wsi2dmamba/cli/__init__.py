@@ -49,6 +49,7 @@ COMMAND_MODULES = (
     "features",    # extract, import-features, encoders
     "models",      # models
     "training",    # train, evaluate, report, heatmap
+    "predict",     # export, predict
     "pipeline",    # run, demo
     "operations",  # merge
     "integrity",   # verify

@@ -15,6 +15,8 @@ modification time) of the slide file. :func:`verify_run` re-reads all of it and 
   checkpoint, log or predictions file that disagrees with the fold's ``config.json``/``done.json`` (another
   model, other epochs, other slides than the fold's split, non-numbers); a fold trained on other splits
   than ``train/splits/splits_<k>.csv``;
+* errors in a folder of ``wsi2dmamba predict`` (``predict.json``): a prediction table that disagrees with
+  the per-slide prediction files, or a slide predicted with another bundle than the one recorded;
 * warnings: slides that failed, half-written temporaries left by a killed process, files that no state
   records, a ledger that is out of date, a slide file that is no longer where it was, a training fold that
   is not finished.
@@ -159,6 +161,9 @@ def verify_run(run_dir: str | os.PathLike[str], *, content: bool = True, sources
     for fold in fold_dirs:
         _check_fold(run, fold, report, content)
     _check_unrecorded(run, states, report)
+    from .verify_predictions import check_predictions  # a folder of `predict`: its tables
+
+    check_predictions(run, report._add)
     if state_files:  # a run holding only training (features made elsewhere) has no ledger
         _check_ledger(run, states, report)
     return report

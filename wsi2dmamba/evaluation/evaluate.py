@@ -290,6 +290,10 @@ def evaluate_run(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
 
     run_dir = Path(run_dir)
     dirs = model_dirs(run_dir)
+    from .external import evaluate_external, is_external_run
+
+    if not dirs and is_external_run(run_dir):  # a folder of `predict`: external validation
+        return evaluate_external(run_dir, n_boot=n_boot, seed=seed, write=write)
     if not dirs:
         raise StageInputError(f"No trained model in {run_dir / 'train'}; run `wsi2dmamba train --out {run_dir}` first.")
     if write:
@@ -340,6 +344,10 @@ def summary_table(metrics: dict[str, Any], level: str = "patient") -> list[dict[
 
 def format_summary(metrics: dict[str, Any], level: str = "patient") -> str:
     """Plain-text table of :func:`summary_table` for the terminal."""
+    if metrics.get("kind") == "external":
+        from .external import format_external
+
+        return format_external(metrics)
     lines = []
     for row in summary_table(metrics, level):
         names = SURVIVAL_METRICS if row["task"] == "survival" else CLASSIFICATION_METRICS

@@ -315,6 +315,10 @@ def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
     """Evaluate the run (unless ``metrics`` is given) and write ``RUN/report/index.html``,
     ``summary.csv`` and ``metrics.json``. Returns the HTML file."""
     run_dir = Path(run_dir)
+    from .external import is_external_run, write_external_report
+
+    if is_external_run(run_dir) and not model_dirs(run_dir):  # a folder of `predict`: external validation
+        return write_external_report(run_dir, n_boot=n_boot, seed=seed, metrics=metrics)
     if metrics is None:
         metrics = evaluate_run(run_dir, n_boot=n_boot, seed=seed)
     tables = _load_tables(run_dir)

@@ -24,6 +24,8 @@ A pipeline file has these tables (``[train]`` and one of ``[cohort]`` or ``[demo
     [train.model_options.2dmambamil]   #   per-model configuration overrides (optional)
     d_model = 64
     [evaluate]                         # n_boot, seed of the bootstrap intervals
+    [predict]                          # optional: apply the trained models to another cohort and
+    manifest = "../cohorts/other.csv"  #   validate them there (see wsi2dmamba.predict.pipeline)
 
 Each stage table is validated by that stage's own configuration class, so a pipeline file accepts
 exactly the options of the single-stage commands. Any unknown table or key is an error that names the
@@ -131,6 +133,7 @@ class PipelineConfig(BaseModel):
     models: tuple[str, ...]
     model_options: dict[str, dict[str, Any]]
     stage_options: dict[str, Any]
+    predict: Optional[Any] = None  # the [predict] table (wsi2dmamba.predict.pipeline.PredictSection)
 
     @property
     def out(self) -> Path:
@@ -175,7 +178,7 @@ def load_pipeline(path: str | os.PathLike[str], *, out: str | os.PathLike[str] |
 
 def pipeline_from_dict(data: dict[str, Any], source: Path, *, out: str | os.PathLike[str] | None = None) -> PipelineConfig:
     """Validate a parsed pipeline file (see :func:`load_pipeline`)."""
-    allowed = ("cohort", "demo", "run", *STAGES)
+    allowed = ("cohort", "demo", "run", *STAGES, "predict")
     unknown = [k for k in data if k not in allowed]
     if unknown:
         raise ConfigError(f"{source}: unknown table(s) {', '.join(repr(k) for k in unknown)}; "
@@ -221,9 +224,15 @@ def pipeline_from_dict(data: dict[str, Any], source: Path, *, out: str | os.Path
         extra = ("models", "model_options") if stage == "train" else ()
         stage_options[stage] = _validate(stage_config_class(stage), table, source, stage, extra)
     name = run.name or source.stem
+    predict = None
+    if "predict" in data:
+        from ..predict.pipeline import PredictSection, check_predict_section
+
+        predict = check_predict_section(_validate(PredictSection, data["predict"], source, "predict"), source,
+                                        models=tuple(section.models), demo=demo)
     return PipelineConfig(source=source, name=name, cohort=cohort, demo=demo, run=run,
                           models=tuple(section.models), model_options=dict(section.model_options),
-                          stage_options=stage_options)
+                          stage_options=stage_options, predict=predict)
 
 
 def stage_config_class(stage: str) -> type[BaseModel]:

@@ -26,6 +26,7 @@ QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
     "demo": {"slides": 64},
     "train": {"folds": 4, "models": ["2dmambamil", "abmil", "meanpool"]},
     "evaluate": {"n_boot": 500},
+    "predict": {"demo_slides": 32},
 }
 
 
@@ -57,7 +58,8 @@ def demo_pipelines(out: str | os.PathLike[str] | None = None, *, quick: bool = F
             if value is not None:
                 overrides.setdefault(table, {})[key] = value
         for table, values in overrides.items():
-            data.setdefault(table, {}).update(values)
+            if table in data or table != "predict":  # only a pipeline with [predict] validates elsewhere
+                data.setdefault(table, {}).update(values)
         models = data["train"]["models"]
         data["train"]["model_options"] = {m: o for m, o in data["train"].get("model_options", {}).items()
                                           if m in models}

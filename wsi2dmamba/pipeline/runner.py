@@ -55,6 +55,7 @@ class PipelineResult:
     report: Path | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     excluded: dict[str, str] = field(default_factory=dict)
+    external: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -77,6 +78,11 @@ class PipelineResult:
             lines.extend("  " + row for row in format_summary(self.metrics).splitlines())
         total = sum(self.seconds.values())
         lines.append(f"Done in {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in self.seconds.items())}).")
+        if self.external is not None:
+            from ..predict.external import format_external
+
+            lines.append("External validation (patient level; training cohort cross-validated vs external):")
+            lines.extend("  " + row for row in format_external(self.external).splitlines())
         if self.report is not None:
             lines.append(f"Report: {self.report}")
         return "\n".join(lines)
@@ -105,7 +111,8 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
     run_dir = ensure_writable(config.out)
     train_dir = run_dir / config.run.train_dir if config.run.train_dir else run_dir
     result = PipelineResult(config, run_dir, train_dir)
-    n_steps = 6 + len(config.models)  # cohort, segment, tile, extract, each model, evaluate + report
+    n_steps = 6 + len(config.models) + (config.predict is not None)  # cohort, segment, tile, extract, each
+    # model, evaluate + report, predict
     bar = tqdm(total=n_steps, desc=f"{config.name}", unit="step", position=0, leave=True,
                disable=not progress, dynamic_ncols=True,
                bar_format="{desc}: {n_fmt}/{total_fmt} steps |{bar}| {elapsed}")
@@ -156,6 +163,12 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
         result.metrics = evaluate_run(train_dir, n_boot=ev.n_boot, seed=ev.seed)
         result.report = write_report(train_dir, n_boot=ev.n_boot, seed=ev.seed, metrics=result.metrics)
         done("evaluate + report", t0)
+        if config.predict is not None:
+            t0 = step("predict")
+            from ..predict.pipeline import run_predict_step
+
+            result.external = run_predict_step(config, train_dir, force=force, progress=progress, say=say)
+            done("predict", t0)
     finally:
         bar.close()
     write_json_atomic(train_dir / "pipeline_result.json", {
@@ -259,4 +272,5 @@ def _provenance(config: PipelineConfig) -> dict[str, Any]:
             "cohort": config.cohort.model_dump(mode="json") if config.cohort else None,
             "demo": config.demo.model_dump(mode="json") if config.demo else None,
             "models": list(config.models), "model_options": config.model_options,
-            "stages": {k: dump(v) for k, v in config.stage_options.items()}}
+            "stages": {k: dump(v) for k, v in config.stage_options.items()},
+            "predict": config.predict.model_dump(mode="json") if config.predict is not None else None}
