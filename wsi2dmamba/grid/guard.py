@@ -40,9 +40,16 @@ TIME_LIMIT_ENV = "WSI2DMAMBA_HDF5_TIME_LIMIT_S"
 #: child of its own there.
 _IN_CHILD_ENV = "WSI2DMAMBA_HDF5_CHECKING"
 
-#: What a file is, which decides the reader the child uses: the project's tiles and feature grid files,
-#: and CLAM/TRIDENT feature and patch files (read as ``import-features`` reads them).
-KINDS = ("tiles", "features", "clam-features", "clam-patches")
+#: What a file is, and the reader (``module:function``) the child reads it with: the project's tiles and
+#: feature grid files, and CLAM/TRIDENT feature and patch files (read as ``import-features`` reads them).
+#: Named, not imported, so this low layer does not depend on the importers above it.
+READERS = {
+    "tiles": "wsi2dmamba.grid.files:read_tile_grid",
+    "features": "wsi2dmamba.grid.files:read_feature_grid",
+    "clam-features": "wsi2dmamba.features.importers:_read_feature_file",
+    "clam-patches": "wsi2dmamba.features.importers:_read_coords_attrs",
+}
+KINDS = tuple(READERS)
 
 
 def time_limit_s(path: Path, base: float | None = None) -> float:
@@ -222,15 +229,10 @@ def guard_grid_file(path: Path, kind: str, recorded: str | None, writer: str) ->
 
 
 def _reader(kind: str):
-    if kind == "features":
-        from .files import read_feature_grid as read
-    elif kind == "clam-features":
-        from ..features.importers import _read_feature_file as read
-    elif kind == "clam-patches":
-        from ..features.importers import _read_coords_attrs as read
-    else:
-        from .files import read_tile_grid as read
-    return read
+    import importlib
+
+    module, _, name = READERS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _child_main(kind: str) -> None:
