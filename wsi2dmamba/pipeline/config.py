@@ -36,7 +36,7 @@ import importlib
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -71,16 +71,27 @@ class DemoSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    slides: int = Field(96, ge=4, description="Number of slides (half infiltrated, half excluded).")
+    slides: int = Field(96, ge=4, description="Number of slides (half of each class).")
     seed: int = Field(0, description="Seed of the layouts, survival times and augmentations.")
-    rows: int = Field(6, ge=6, le=64, description="Cells per slide, vertically (one cell = 224 px at 0.5 µm/px).")
-    cols: int = Field(6, ge=6, le=64, description="Cells per slide, horizontally.")
+    task: Literal["long-range", "contact"] = Field(
+        "long-range", description="The rule that sets labels and survival: 'long-range' (paired against "
+        "segregated tumour and lymphoid sites, 4 or more cells apart) or 'contact' (lymphocytes touching the "
+        "tumour, or walled off).")
+    rows: Optional[int] = Field(None, ge=6, le=64, description="Cells per slide, vertically (one cell = 224 px "
+                                "at 0.5 µm/px); default: 8 for 'long-range', 6 for 'contact'.")
+    cols: Optional[int] = Field(None, ge=6, le=64, description="Cells per slide, horizontally; default as rows.")
 
     def spec(self):
         """The :class:`~wsi2dmamba.demo.DemoCohortSpec` this table describes."""
-        from ..demo import DemoCohortSpec, LayoutSpec
+        from ..demo import DemoCohortSpec, LayoutSpec, LongRangeSpec
 
-        return DemoCohortSpec(n_slides=self.slides, seed=self.seed, layout=LayoutSpec(rows=self.rows, cols=self.cols))
+        if self.task == "long-range":
+            d = LongRangeSpec()
+            grid = LongRangeSpec(rows=self.rows or d.rows, cols=self.cols or d.cols)
+            return DemoCohortSpec(n_slides=self.slides, seed=self.seed, task=self.task, long_range=grid)
+        d = LayoutSpec()
+        grid = LayoutSpec(rows=self.rows or d.rows, cols=self.cols or d.cols)
+        return DemoCohortSpec(n_slides=self.slides, seed=self.seed, task=self.task, layout=grid)
 
 
 class EvaluateConfig(BaseModel):
