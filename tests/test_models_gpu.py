@@ -16,6 +16,9 @@ CASES = {
     "2dmambamil-corners": {"d_model": 32, "n_layers": 2, "corners": ["tl", "br"]},
     "m2dmil": {"d_model": 32, "n_layers": 2},
     "mambamil": {"d_model": 32, "bidirectional": True},
+    "2dmambamil:raster1d": {"d_model": 32},
+    "2dmambamil:noconv": {"d_model": 32, "corners": ["tl", "br"]},
+    "m2dmil:noconv": {"d_model": 32},
 }
 
 
@@ -86,3 +89,19 @@ def test_recomputed_channel_groups_lower_the_peak_memory(batch):
         peaks[mode] = torch.cuda.max_memory_allocated() - base
         del model
     assert peaks["on"] < 0.6 * peaks["off"], peaks
+
+
+def test_cnn2d_on_the_gpu_matches_the_cpu(batch):
+    torch.manual_seed(0)
+    model = create("cnn2d", in_dim=64, n_classes=3, d_model=32).eval()
+    cpu_batch = batch.to("cpu")
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # full float32 convolutions, as on the CPU
+    try:
+        with torch.no_grad():
+            ref = model(cpu_batch)
+            got = model.cuda()(batch)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    torch.testing.assert_close(got.logits.cpu(), ref.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.attention.cpu(), ref.attention, atol=1e-5, rtol=1e-4)

@@ -64,11 +64,13 @@ class MILOutput:
             over the cells it pools), or None for models without attention.
         aux_loss: a scalar auxiliary training loss, already weighted, to add to the slide loss (CLAM's
             instance loss when targets were given), else None.
+        slide_loss_weight: the weight of the slide loss beside ``aux_loss`` in training (CLAM: 0.7).
     """
 
     logits: torch.Tensor
     attention: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    slide_loss_weight: float = 1.0
 
 
 class MILModel(nn.Module):
@@ -155,6 +157,12 @@ def embed_cells(embed: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
     for layer in list(embed)[1:]:
         x = layer(x)
     return x
+
+
+def fill_grid(x: torch.Tensor, pad_token: torch.Tensor, batch: GridBatch) -> torch.Tensor:
+    """(B, H, W, d) embedded cells with ``pad_token`` (d,) at non-tissue cells and zeros at batch padding."""
+    x = torch.where(batch.tissue.unsqueeze(-1), x, pad_token.to(x.dtype))
+    return torch.where(batch.valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def pooling_mask(batch: GridBatch, include_padding: bool = False) -> torch.Tensor:

@@ -26,7 +26,8 @@ class CLAMConfig(MILConfig):
         hidden: width of the cell embedding (512 in CLAM's "small" size).
         attn_dim: width of the gated attention branches.
         k_sample: cells per slide taken as positive (and as negative) instances.
-        inst_weight: weight of the instance loss in ``aux_loss`` (CLAM: 0.3 instance, 0.7 slide).
+        inst_weight: weight of the instance loss in ``aux_loss`` (CLAM: 0.3).
+        bag_weight: weight of the slide loss beside it in training (CLAM: 0.7).
         subtyping: also use the top cells as negatives for the other classes.
     """
 
@@ -34,6 +35,7 @@ class CLAMConfig(MILConfig):
     attn_dim: int = Field(default=256, gt=0)
     k_sample: int = Field(default=8, gt=0)
     inst_weight: float = Field(default=0.3, ge=0.0)
+    bag_weight: float = Field(default=0.7, gt=0.0)
     subtyping: bool = True
 
 
@@ -54,10 +56,10 @@ class CLAMSB(MILModel):
         mask = pooling_mask(batch)
         h = embed_cells(self.embed, batch.features)
         pooled, weights = self.pool(h, mask)
-        aux = None
         if targets is not None and self.training and len(self.instance_heads):
             aux = self.config.inst_weight * self.instance_loss(h, weights, mask, targets)
-        return MILOutput(self.head(pooled), weights, aux)
+            return MILOutput(self.head(pooled), weights, aux, slide_loss_weight=self.config.bag_weight)
+        return MILOutput(self.head(pooled), weights)
 
     def instance_loss(self, h: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor,
                       targets: torch.Tensor) -> torch.Tensor:
