@@ -342,5 +342,5 @@ def test_long_range_cohort_manifest_names_the_classes(tmp_path):
     assert text[0] == ",".join(MANIFEST_COLUMNS["long-range"])
     labels = [row.split(",")[3] for row in text[1:]]
     assert sorted(labels) == ["paired"] * 4 + ["segregated"] * 4
-    with pytest.raises(ValueError, match="demo task"):
-        DemoCohortSpec(task="touching")
+    with pytest.raises(ValueError, match="demo rule"):
+        DemoCohortSpec(rule="touching")

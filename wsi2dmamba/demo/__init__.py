@@ -1,18 +1,18 @@
 """The built-in demo cohort: mosaic slides whose label depends on the 2D arrangement of real tissue.
 
-See :mod:`.long_range` (the default task) and :mod:`.layout` (the contact task) for the rules that set
+See :mod:`.long_range` (the default rule) and :mod:`.layout` (the contact rule) for the rules that set
 labels and survival times, :mod:`.mosaic` for how slides are drawn and written, :mod:`.cohort` to build
 a cohort, and ``docs/demo.md``.
 """
 
-from .cohort import DEMO_TASKS, LABEL_NAMES, DemoCohortSpec, DemoSlide, build_demo_cohort, draw_cohort
+from .cohort import DEMO_RULES, LABEL_NAMES, DemoCohortSpec, DemoSlide, build_demo_cohort, draw_cohort
 from .layout import Layout, LayoutSpec, SurvivalSpec, count_contacts, draw_layout, draw_survival
 from .long_range import LongRangeSpec, draw_long_range, paired_tumours
 from .mosaic import CELL_PX, MOSAIC_MPP, render_cells, write_pyramidal_tiff
 
 __all__ = [
     "CELL_PX",
-    "DEMO_TASKS",
+    "DEMO_RULES",
     "LABEL_NAMES",
     "MOSAIC_MPP",
     "DemoCohortSpec",

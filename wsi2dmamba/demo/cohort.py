@@ -3,7 +3,7 @@
 >>> from wsi2dmamba.demo import DemoCohortSpec, build_demo_cohort
 >>> manifest = build_demo_cohort("runs/demo/cohort", DemoCohortSpec(n_slides=48, seed=0))
 
-Two tasks set the labels (``DemoCohortSpec.task``): ``long-range`` (:mod:`.long_range`: paired against
+Two rules set the labels (``DemoCohortSpec.rule``): ``long-range`` (:mod:`.long_range`: paired against
 segregated, a relation across 4 or more cells) and ``contact`` (:mod:`.layout`: infiltrated against
 excluded, lymphocytes touching the tumour). The cohort is balanced (of slides 2p and 2p+1, one has
 each label, in a seeded order);
@@ -28,9 +28,9 @@ from .layout import Layout, LayoutSpec, SurvivalSpec, contact_orientations, draw
 from .long_range import LongRangeSpec, draw_long_range, paired_tumours
 from .mosaic import CELL_PX, MOSAIC_MPP, Augment, render_cells, write_pyramidal_tiff
 
-DEMO_TASKS = ("long-range", "contact")
+DEMO_RULES = ("long-range", "contact")
 LABEL_NAMES = {"long-range": ("segregated", "paired"), "contact": ("excluded", "infiltrated")}
-"""Class names of each task, by label (0, 1)."""
+"""Class names of each rule, by label (0, 1)."""
 _COMMON_COLUMNS = ("slide_id", "path", "patient_id", "label", "time", "event")
 MANIFEST_COLUMNS = {
     "long-range": (*_COMMON_COLUMNS, "paired_tumours", "pairs", "cells"),
@@ -42,13 +42,13 @@ MANIFEST_COLUMNS = {
 class DemoCohortSpec:
     """What the demo cohort holds. ``n_slides`` is rounded up to an even number (balanced classes).
 
-    ``task`` chooses the rule (``long-range`` or ``contact``); ``long_range`` and ``layout`` describe the
-    layouts of each (only the chosen task's is used).
+    ``rule`` chooses what sets labels and survival (``long-range`` or ``contact``); ``long_range`` and
+    ``layout`` describe the layouts of each (only the chosen rule's is used).
     """
 
     n_slides: int = 96
     seed: int = 0
-    task: str = "long-range"
+    rule: str = "long-range"
     long_range: LongRangeSpec = field(default_factory=LongRangeSpec)
     layout: LayoutSpec = field(default_factory=LayoutSpec)
     survival: SurvivalSpec = field(default_factory=SurvivalSpec)
@@ -56,13 +56,13 @@ class DemoCohortSpec:
     jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
-        if self.task not in DEMO_TASKS:
-            raise ValueError(f"demo task must be one of {', '.join(DEMO_TASKS)}; got {self.task!r}")
+        if self.rule not in DEMO_RULES:
+            raise ValueError(f"demo rule must be one of {', '.join(DEMO_RULES)}; got {self.rule!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        # only the chosen task's layout decides the slides
-        d.pop("layout" if self.task == "long-range" else "long_range")
+        # only the chosen rule's layout decides the slides
+        d.pop("layout" if self.rule == "long-range" else "long_range")
         return d
 
 
@@ -86,7 +86,7 @@ def draw_cohort(spec: DemoCohortSpec) -> list[DemoSlide]:
         first = int(np.random.default_rng([spec.seed, i // 2, 2]).integers(2))
         label = first if i % 2 == 0 else 1 - first
         rng = np.random.default_rng([spec.seed, i])
-        if spec.task == "long-range":
+        if spec.rule == "long-range":
             layout = draw_long_range(rng, label, spec.long_range)
             time, event = draw_survival(rng, paired_tumours(layout.cells), spec.survival)
         else:
@@ -101,7 +101,7 @@ def build_demo_cohort(out_dir: str | os.PathLike[str], spec: DemoCohortSpec = De
     """Write the slides (``out_dir/slides/<slide_id>.tiff``) and the manifest; return the manifest path.
 
     Files written: ``slides/*.tiff`` (pyramidal JPEG TIFF, level 0 at 0.5 µm/px, one cell =
-    224×224 px), ``manifest.csv`` (columns ``MANIFEST_COLUMNS[spec.task]``; ``label`` is a class name
+    224×224 px), ``manifest.csv`` (columns ``MANIFEST_COLUMNS[spec.rule]``; ``label`` is a class name
     of :data:`LABEL_NAMES`, ``cells`` the layout as letters, see :meth:`Layout.letters`) and ``cohort.json``
     (the specification, so a rerun with another one rebuilds the slides).
     """
@@ -123,21 +123,21 @@ def build_demo_cohort(out_dir: str | os.PathLike[str], spec: DemoCohortSpec = De
         write_pyramidal_tiff(path, image, MOSAIC_MPP, quality=spec.jpeg_quality,
                              description=f"wsi2dmamba demo slide {s.slide_id}")
     manifest = out / "manifest.csv"
-    write_text_atomic(manifest, manifest_text(slides, spec.task))
+    write_text_atomic(manifest, manifest_text(slides, spec.rule))
     write_json_atomic(meta_path, {"hash": spec_hash, "spec": spec.to_dict(), "mpp": MOSAIC_MPP,
                                   "cell_px": CELL_PX, "n_slides": len(slides)})
     return manifest
 
 
-def manifest_text(slides: list[DemoSlide], task: str = "long-range") -> str:
+def manifest_text(slides: list[DemoSlide], rule: str = "long-range") -> str:
     """The manifest CSV of the given slides (paths relative to the manifest's folder)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(MANIFEST_COLUMNS[task])
+    w.writerow(MANIFEST_COLUMNS[rule])
     for s in slides:
-        common = [s.slide_id, f"slides/{s.slide_id}.tiff", s.slide_id, LABEL_NAMES[task][s.layout.label],
+        common = [s.slide_id, f"slides/{s.slide_id}.tiff", s.slide_id, LABEL_NAMES[rule][s.layout.label],
                   f"{s.time:g}", s.event]
-        if task == "long-range":
+        if rule == "long-range":
             pairs = " ".join("-".join(f"{r}.{c}" for r, c in pair) for pair in s.layout.pairs)
             w.writerow([*common, paired_tumours(s.layout.cells), pairs, s.layout.letters()])
         else:

@@ -1,10 +1,11 @@
-"""Layouts of the demo's long-range task: the label is how tumour and lymphoid regions pair up across a slide.
+"""Layouts of the demo's long-range rule: the label is how tumour and lymphoid regions pair up across a slide.
 
-A slide is a grid of ``rows × cols`` cells. It holds four *marker sites*, two tumour (TUM) cells and two
-lymphoid-aggregate (LYM) cells, and filler tissue (stroma, other tissue, glass) everywhere else. The
-sites form two *pairs*: the two sites of a pair share a row or a column and lie 4–5 cells apart; sites of
-different pairs lie at least 7 cells apart (Manhattan) and at least 4 cells apart on one axis
-(Chebyshev). No two sites are ever within one local 3 × 3 window of each other, nor of a 5 × 5 window.
+A slide is a grid of ``rows × cols`` cells (9 × 9 by default). It holds four *marker sites*, two tumour
+(TUM) cells and two lymphoid-aggregate (LYM) cells, and filler tissue (stroma, other tissue, glass)
+everywhere else. The sites form two *pairs*: the two sites of a pair share a row or a column and lie 4–5
+cells apart. The two pairs lie on a falling diagonal of each other: every site of one pair is strictly
+above-right or strictly below-left of every site of the other, at least 4 cells away (Chebyshev). No two
+sites are ever within one 3 × 3 (or 4 × 4) window.
 
 * **paired** (label 1): each pair holds one tumour and one lymphoid site, so each tumour has a lymphoid
   aggregate 4–5 cells away in its own row or column.
@@ -18,8 +19,10 @@ marker, so the bag of 3 × 3 neighbourhoods has the same distribution in both cl
 only the kind of the site 4–5 cells away from each marker: telling the classes apart needs context
 across at least 4 cells.
 
-A scan from the top-left corner carries the information: the later site of each pair (right of or
-below its partner) has its partner in its upper-left quadrant, along one row or column.
+A scan from the top-left corner carries the information, and only the rule's: the later site of each
+pair (right of or below its partner) has its partner in its upper-left quadrant, along one row or column,
+and no site has a site of the other pair there. So on a paired slide a marker's scan state holds a marker
+of the other kind, and on a segregated slide it never does.
 
 Survival (months) follows the exponential model of :func:`~wsi2dmamba.demo.layout.draw_survival` with
 ``contacts`` = the number of tumour sites paired with a lymphoid aggregate (0 or 2).
@@ -42,14 +45,14 @@ Pair = tuple[Site, Site]
 class LongRangeSpec:
     """How long-range layouts are drawn. Counts are inclusive ranges ``(low, high)`` of cells per slide."""
 
-    rows: int = 8
-    cols: int = 8
+    rows: int = 9
+    cols: int = 9
     separation: tuple[int, int] = (4, 5)
     """Cells between the two sites of a pair (same row or column)."""
-    min_cross: int = 7
-    """Smallest Manhattan distance between sites of different pairs (their Chebyshev distance is ≥ 4)."""
-    glass: tuple[int, int] = (4, 8)
-    stroma: tuple[int, int] = (20, 28)
+    min_cross: int = 4
+    """Smallest Chebyshev distance between sites of different pairs."""
+    glass: tuple[int, int] = (6, 10)
+    stroma: tuple[int, int] = (30, 40)
 
 
 def manhattan(a: Site, b: Site) -> int:
@@ -75,7 +78,7 @@ def draw_long_range(rng: np.random.Generator, label: int, spec: LongRangeSpec = 
 
 
 def draw_pairs(rng: np.random.Generator, spec: LongRangeSpec) -> tuple[Pair, Pair]:
-    """Two aligned pairs of sites, the sites of different pairs far apart.
+    """Two aligned pairs of sites, each site of one pair above-right or below-left of the other's, far apart.
 
     Each pair is drawn as: separation uniform in ``spec.separation``, row or column with probability ½,
     position uniform; the two pairs are drawn independently and kept only if they are far enough apart.
@@ -119,7 +122,9 @@ def _aligned_pair_probabilities(spec: LongRangeSpec) -> dict[Pair, float]:
 
 
 def _far_apart(a: Pair, b: Pair, min_cross: int) -> bool:
-    return all(manhattan(u, v) >= min_cross and chebyshev(u, v) >= 4 for u in a for v in b)
+    """Whether every site of ``b`` lies strictly above-right or below-left of every site of ``a``, at least
+    ``min_cross`` cells away (Chebyshev)."""
+    return all((v[0] - u[0]) * (v[1] - u[1]) < 0 and chebyshev(u, v) >= min_cross for u in a for v in b)
 
 
 def draw_filler(rng: np.random.Generator, spec: LongRangeSpec, sites: list[Site]) -> np.ndarray:

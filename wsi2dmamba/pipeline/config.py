@@ -73,25 +73,25 @@ class DemoSection(BaseModel):
 
     slides: int = Field(96, ge=4, description="Number of slides (half of each class).")
     seed: int = Field(0, description="Seed of the layouts, survival times and augmentations.")
-    task: Literal["long-range", "contact"] = Field(
-        "long-range", description="The rule that sets labels and survival: 'long-range' (paired against "
+    rule: Literal["long-range", "contact"] = Field(
+        "long-range", description="What sets labels and survival: 'long-range' (paired against "
         "segregated tumour and lymphoid sites, 4 or more cells apart) or 'contact' (lymphocytes touching the "
         "tumour, or walled off).")
     rows: Optional[int] = Field(None, ge=6, le=64, description="Cells per slide, vertically (one cell = 224 px "
-                                "at 0.5 µm/px); default: 8 for 'long-range', 6 for 'contact'.")
+                                "at 0.5 µm/px); default: 9 for 'long-range', 6 for 'contact'.")
     cols: Optional[int] = Field(None, ge=6, le=64, description="Cells per slide, horizontally; default as rows.")
 
     def spec(self):
         """The :class:`~wsi2dmamba.demo.DemoCohortSpec` this table describes."""
         from ..demo import DemoCohortSpec, LayoutSpec, LongRangeSpec
 
-        if self.task == "long-range":
+        if self.rule == "long-range":
             d = LongRangeSpec()
             grid = LongRangeSpec(rows=self.rows or d.rows, cols=self.cols or d.cols)
-            return DemoCohortSpec(n_slides=self.slides, seed=self.seed, task=self.task, long_range=grid)
+            return DemoCohortSpec(n_slides=self.slides, seed=self.seed, rule=self.rule, long_range=grid)
         d = LayoutSpec()
         grid = LayoutSpec(rows=self.rows or d.rows, cols=self.cols or d.cols)
-        return DemoCohortSpec(n_slides=self.slides, seed=self.seed, task=self.task, layout=grid)
+        return DemoCohortSpec(n_slides=self.slides, seed=self.seed, rule=self.rule, layout=grid)
 
 
 class EvaluateConfig(BaseModel):
