@@ -344,3 +344,15 @@ def test_long_range_cohort_manifest_names_the_classes(tmp_path):
     assert sorted(labels) == ["paired"] * 4 + ["segregated"] * 4
     with pytest.raises(ValueError, match="demo rule"):
         DemoCohortSpec(rule="touching")
+
+
+def test_pipeline_refuses_a_grid_too_small_for_the_long_range_rule(tmp_path):
+    from wsi2dmamba.errors import ConfigError
+    from wsi2dmamba.pipeline.config import pipeline_from_dict
+
+    train = {"models": ["abmil"]}
+    with pytest.raises(ConfigError, match=r"6 × 6 grid cannot hold .* at least 9 × 9"):
+        pipeline_from_dict({"demo": {"rows": 6, "cols": 6}, "train": train}, tmp_path / "p.toml")
+    ok = pipeline_from_dict({"demo": {"rule": "contact", "rows": 6, "cols": 6}, "train": train}, tmp_path / "p.toml")
+    assert ok.demo.spec().rule == "contact" and ok.demo.spec().layout.rows == 6
+    assert pipeline_from_dict({"demo": {}, "train": train}, tmp_path / "p.toml").demo.spec().long_range.rows == 9

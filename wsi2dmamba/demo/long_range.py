@@ -89,6 +89,11 @@ def draw_pairs(rng: np.random.Generator, spec: LongRangeSpec) -> tuple[Pair, Pai
     return pairs[a], pairs[b]
 
 
+def check_grid(spec: LongRangeSpec) -> None:
+    """Raise ValueError, saying what to change, if ``spec``'s grid cannot hold the two pairs of sites."""
+    _pair_distribution(spec)
+
+
 @lru_cache(maxsize=8)
 def _pair_distribution(spec: LongRangeSpec) -> tuple[list[Pair], np.ndarray]:
     """Every aligned pair with its probability, and the (n, n) joint probability of two compatible pairs."""
@@ -100,8 +105,9 @@ def _pair_distribution(spec: LongRangeSpec) -> tuple[list[Pair], np.ndarray]:
     compatible = np.array([[_far_apart(a, b, spec.min_cross) for b in pairs] for a in pairs])
     joint = np.outer(p, p) * compatible
     if joint.sum() == 0:
-        raise ValueError(f"{spec} cannot hold two pairs {spec.separation} cells apart and {spec.min_cross} from "
-                         "each other; make the grid larger or min_cross smaller")
+        sep = f"{spec.separation[0]}–{spec.separation[1]}"
+        raise ValueError(f"a {spec.rows} × {spec.cols} grid cannot hold two pairs of sites {sep} cells apart and "
+                         f"{spec.min_cross} from each other; use at least 9 × 9 (or 8 × 9) cells")
     return pairs, joint / joint.sum()
 
 

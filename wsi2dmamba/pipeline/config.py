@@ -38,7 +38,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
 
@@ -80,6 +80,15 @@ class DemoSection(BaseModel):
     rows: Optional[int] = Field(None, ge=6, le=64, description="Cells per slide, vertically (one cell = 224 px "
                                 "at 0.5 µm/px); default: 9 for 'long-range', 6 for 'contact'.")
     cols: Optional[int] = Field(None, ge=6, le=64, description="Cells per slide, horizontally; default as rows.")
+
+    @model_validator(mode="after")
+    def _grid_fits_the_rule(self) -> DemoSection:
+        from ..demo.long_range import check_grid
+
+        spec = self.spec()
+        if self.rule == "long-range":
+            check_grid(spec.long_range)
+        return self
 
     def spec(self):
         """The :class:`~wsi2dmamba.demo.DemoCohortSpec` this table describes."""
