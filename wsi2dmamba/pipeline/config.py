@@ -8,6 +8,7 @@ A pipeline file has these tables (``[train]`` and one of ``[cohort]`` or ``[demo
     splits_dir = "../cohorts/bracs_splits"  # optional: fixed splits_<k>.csv instead of drawn folds
 
     [demo]                             # instead of [cohort]: build the demo cohort in RUN/cohort
+    rule = "long-range"                # or "contact" (docs/demo.md)
     slides = 48
     seed = 0
 
