@@ -356,3 +356,11 @@ def test_pipeline_refuses_a_grid_too_small_for_the_long_range_rule(tmp_path):
     ok = pipeline_from_dict({"demo": {"rule": "contact", "rows": 6, "cols": 6}, "train": train}, tmp_path / "p.toml")
     assert ok.demo.spec().rule == "contact" and ok.demo.spec().layout.rows == 6
     assert pipeline_from_dict({"demo": {}, "train": train}, tmp_path / "p.toml").demo.spec().long_range.rows == 9
+
+
+def test_long_range_survival_follows_the_pairing():
+    slides = draw_cohort(DemoCohortSpec(n_slides=400, seed=11))
+    by_label = {lab: [s for s in slides if s.layout.label == lab] for lab in (0, 1)}
+    event_rate = {lab: np.mean([s.event for s in v]) for lab, v in by_label.items()}
+    median_time = {lab: np.median([s.time for s in v]) for lab, v in by_label.items()}
+    assert event_rate[0] > 2 * event_rate[1] and median_time[1] > median_time[0]
