@@ -9,6 +9,9 @@ and test AUC are printed, so a run shows whether a model learns the rule, memori
     python benchmarks/demo_dev_screen.py --tiles runs/demo --seed 101 --models 2dmambamil,2dmambamil:noscan
 
 Use development seeds only (never the seed of the reported cohort, ``pipelines/demo.toml``).
+Save the printed log, then draw its per-fold curves:
+
+    python benchmarks/demo_dev_screen.py --plot screen.log other.log --out curves.png
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import re
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +46,10 @@ def tile_pool(run: Path) -> dict[int, np.ndarray]:
 
 def synthetic_grids(args, pool: dict[int, np.ndarray]) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
     """(features (H, W, D), tissue mask) per slide of the drawn cohort, and the labels."""
-    from wsi2dmamba.demo import DemoCohortSpec, draw_cohort
+    from wsi2dmamba.demo import DemoCohortSpec, LongRangeSpec, draw_cohort
 
-    slides = draw_cohort(DemoCohortSpec(n_slides=args.slides, seed=args.seed, rule=args.rule))
+    grid = LongRangeSpec(rows=args.grid, cols=args.grid) if args.grid else LongRangeSpec()
+    slides = draw_cohort(DemoCohortSpec(n_slides=args.slides, seed=args.seed, rule=args.rule, long_range=grid))
     rng = np.random.default_rng([args.seed, 3])
     items = []
     for s in slides:
@@ -101,14 +107,47 @@ def train_fold(args, key: str, items, y, train, val, test, fold: int) -> float:
     return best[1]
 
 
+_EPOCH_LINE = re.compile(r"(\S+) fold (\d+) epoch (\d+): train loss ([\d.]+)\s+val loss ([\d.]+)\s+val AUC ([\d.]+)")
+
+
+def plot_logs(logs: list[Path], out: Path) -> None:
+    """One column per log, rows: train loss, validation loss, validation AUC per epoch, one line per fold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, len(logs), figsize=(4.2 * len(logs), 8), squeeze=False, sharex=True)
+    for col, log in enumerate(logs):
+        curves: dict[tuple[str, int], list[tuple[float, ...]]] = defaultdict(list)
+        for line in log.read_text().splitlines():
+            if m := _EPOCH_LINE.match(line):
+                curves[(m[1], int(m[2]))].append(tuple(float(v) for v in m.groups()[2:]))
+        for (model, fold), rows in curves.items():
+            ep, train, val, auc = np.array(rows).T
+            for row, values in enumerate((train, val, auc)):
+                axes[row, col].plot(ep, values, label=f"fold {fold}")
+            axes[0, col].set_title(f"{model} ({log.stem})", fontsize=9)
+        for row, name in enumerate(("train loss", "validation loss", "validation AUC")):
+            axes[row, col].set_ylabel(name)
+        axes[2, col].axhline(0.5, color="grey", lw=0.8, ls="--")
+        axes[2, col].set_xlabel("epoch")
+        axes[0, col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main() -> None:
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiles", type=Path, required=True, help="a finished demo run folder (features + manifest)")
+    ap.add_argument("--tiles", type=Path, help="a finished demo run folder (features + manifest)")
+    ap.add_argument("--plot", type=Path, nargs="+", help="draw the curves of these saved logs instead")
+    ap.add_argument("--out", type=Path, default=Path("curves.png"), help="picture written by --plot")
     ap.add_argument("--seed", type=int, default=101, help="development seed of the drawn layouts")
     ap.add_argument("--rule", default="long-range")
     ap.add_argument("--slides", type=int, default=96)
+    ap.add_argument("--grid", type=int, default=0, help="long-range rule: cells per side (default 9)")
     ap.add_argument("--models", default="2dmambamil")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-4)
@@ -116,6 +155,11 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--max-folds", type=int, default=5, help="stop after this many folds")
     args = ap.parse_args()
+    if args.plot:
+        plot_logs(args.plot, args.out)
+        return
+    if args.tiles is None:
+        ap.error("--tiles is required to screen")
     torch.set_num_threads(1)
     items, y = synthetic_grids(args, tile_pool(args.tiles))
     splits = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(y, y))[:args.max_folds]
