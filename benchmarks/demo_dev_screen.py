@@ -39,8 +39,8 @@ def tile_pool(run: Path) -> dict[int, np.ndarray]:
     for row in rows:
         feats, mask = read_feature_grid(features_dir / f"{row['slide_id']}.h5").dense()
         cells = layout_from_letters(row["cells"])
-        for kind in pool:
-            pool[kind].append(feats[(cells == kind) & mask])
+        for kind, tiles in pool.items():
+            tiles.append(feats[(cells == kind) & mask])
     return {k: np.concatenate(v) for k, v in pool.items()}
 
 
