@@ -13,12 +13,16 @@ from wsi2dmamba.demo import (
     MOSAIC_MPP,
     DemoCohortSpec,
     LayoutSpec,
+    LongRangeSpec,
     build_demo_cohort,
     count_contacts,
     draw_cohort,
     draw_layout,
+    draw_long_range,
     draw_survival,
+    paired_tumours,
 )
+from wsi2dmamba.demo.cohort import MANIFEST_COLUMNS, manifest_text
 from wsi2dmamba.demo.layout import (
     GLASS,
     KIND_LETTERS,
@@ -30,6 +34,7 @@ from wsi2dmamba.demo.layout import (
     layout_from_letters,
     min_lymphocyte_tumour_distance,
 )
+from wsi2dmamba.demo.long_range import chebyshev
 from wsi2dmamba.demo.mosaic import asset_names, load_asset, pyramid
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,3 +256,129 @@ def test_quick_demo_end_to_end(tmp_path):
     assert all(c["trained"] == 0 for c in again.trained.values())
     assert again.report.is_file()
     assert again.external is not None and tables == {p.name: p.read_bytes() for p in (ext_dir / "predictions").glob("*.csv")}
+
+
+# ------------------------------------------------------------------------------------ long-range task
+
+def _long_range_layouts(n: int, seed: int = 0, spec: LongRangeSpec = LongRangeSpec()):
+    rng = np.random.default_rng(seed)
+    return [draw_long_range(rng, i % 2, spec) for i in range(n)]
+
+
+def _glass_distance(cells: np.ndarray, site) -> int:
+    glass = np.argwhere(cells == GLASS)
+    return int(np.abs(glass - np.asarray(site)).max(axis=1).min()) if len(glass) else 99
+
+
+def _site_stats(cells: np.ndarray, site) -> list[float]:
+    """One marker site's position (with squares and interaction), distance to the glass and to the edge."""
+    r, c = site
+    rows, cols = cells.shape
+    return [r, c, r * r, c * c, r * c, _glass_distance(cells, site), min(r, c, rows - 1 - r, cols - 1 - c)]
+
+
+def _non_rule_statistics(layout) -> list[float]:
+    """Everything about a long-range layout that is not the rule: slide size; the four sites (kind
+    ignored) with their positions, squares, pairwise products, distances to glass and edge, and shared
+    rows and columns; and, per marker kind, the mean of those statistics over its sites and the counts of
+    each kind in their 3 × 3 neighbourhoods."""
+    cells = layout.cells
+    sites = sorted(s for pair in layout.pairs for s in pair)
+    stats: list[float] = [*cells.shape]
+    for s in sites:
+        stats += _site_stats(cells, s)
+    pos = np.array(sites, dtype=float).ravel()
+    stats += list(np.outer(pos, pos)[np.triu_indices(len(pos), 1)])
+    stats += [len({r for r, _ in sites}), len({c for _, c in sites})]
+    for kind in (TUMOUR, LYMPHOCYTES):
+        marked = [tuple(rc) for rc in np.argwhere(cells == kind)]
+        stats += list(np.mean([_site_stats(cells, s) for s in marked], axis=0))
+        window = np.zeros(5)
+        for r, c in marked:
+            window += np.bincount(cells[max(r - 1, 0):r + 2, max(c - 1, 0):c + 2].ravel(), minlength=5)
+        stats += list(window)
+    return stats
+
+
+def _cv_auc(x: np.ndarray, y: np.ndarray) -> float:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    return float(cross_val_score(model, x, y, cv=5, scoring="roc_auc").mean())
+
+
+def test_long_range_classes_are_matched_on_everything_but_the_rule():
+    """On 2,000 layouts a logistic model on the non-rule statistics, and one on the tissue-kind counts,
+    stay at chance; the rule holds on every layout; no 3 × 3 window ever holds two markers."""
+    layouts = _long_range_layouts(2000)
+    y = np.array([lay.label for lay in layouts])
+    geometry = np.array([_non_rule_statistics(lay) for lay in layouts])
+    counts = np.array([np.bincount(lay.cells.ravel(), minlength=5) for lay in layouts])
+    assert _cv_auc(geometry, y) <= 0.55
+    assert _cv_auc(counts, y) <= 0.55
+    assert (counts[:, TUMOUR] == 2).all() and (counts[:, LYMPHOCYTES] == 2).all()
+    for lay in layouts:
+        assert paired_tumours(lay.cells) == 2 * lay.label
+        (a1, a2), (b1, b2) = lay.pairs
+        kinds = [lay.cells[s] for s in (a1, a2, b1, b2)]
+        assert ((kinds[0] != kinds[1]) and (kinds[2] != kinds[3])) == bool(lay.label)
+        for p, q in ((a1, a2), (b1, b2)):
+            assert (p[0] == q[0] or p[1] == q[1]) and 4 <= chebyshev(p, q) <= 5
+        sites = [a1, a2, b1, b2]
+        assert min(chebyshev(p, q) for i, p in enumerate(sites) for q in sites[i + 1:]) >= 4
+        assert (lay.cells[0] != GLASS).all() and (lay.cells[:, 0] != GLASS).all()
+
+
+def test_long_range_geometry_does_not_depend_on_the_label():
+    """The same generator state gives the same geometry (sites, pairs, glass, filler) for either label."""
+    for seed in range(20):
+        a = draw_long_range(np.random.default_rng(seed), 0)
+        b = draw_long_range(np.random.default_rng(seed), 1)
+        assert a.pairs == b.pairs
+        markers = (a.cells == TUMOUR) | (a.cells == LYMPHOCYTES)
+        assert np.array_equal(markers, (b.cells == TUMOUR) | (b.cells == LYMPHOCYTES))
+        assert np.array_equal(a.cells[~markers], b.cells[~markers])
+        assert paired_tumours(a.cells) == 0 and paired_tumours(b.cells) == 2
+
+
+def test_long_range_rule_on_hand_made_layouts():
+    paired = layout_from_letters("T....L../......../......../......../......../......../..L....T")
+    segregated = layout_from_letters("T....T../......../......../......../......../......../..L....L")
+    assert paired_tumours(paired) == 2 and paired_tumours(segregated) == 0
+    with pytest.raises(ValueError, match="label"):
+        draw_long_range(np.random.default_rng(0), 2)
+    with pytest.raises(ValueError, match="cannot hold"):
+        draw_long_range(np.random.default_rng(0), 1, LongRangeSpec(rows=5, cols=5))
+
+
+def test_long_range_cohort_manifest_names_the_classes(tmp_path):
+    slides = draw_cohort(DemoCohortSpec(n_slides=8, seed=7))
+    text = manifest_text(slides, "long-range").splitlines()
+    assert text[0] == ",".join(MANIFEST_COLUMNS["long-range"])
+    labels = [row.split(",")[3] for row in text[1:]]
+    assert sorted(labels) == ["paired"] * 4 + ["segregated"] * 4
+    with pytest.raises(ValueError, match="demo rule"):
+        DemoCohortSpec(rule="touching")
+
+
+def test_pipeline_refuses_a_grid_too_small_for_the_long_range_rule(tmp_path):
+    from wsi2dmamba.errors import ConfigError
+    from wsi2dmamba.pipeline.config import pipeline_from_dict
+
+    train = {"models": ["abmil"]}
+    with pytest.raises(ConfigError, match=r"6 × 6 grid cannot hold .* at least 9 × 9"):
+        pipeline_from_dict({"demo": {"rows": 6, "cols": 6}, "train": train}, tmp_path / "p.toml")
+    ok = pipeline_from_dict({"demo": {"rule": "contact", "rows": 6, "cols": 6}, "train": train}, tmp_path / "p.toml")
+    assert ok.demo.spec().rule == "contact" and ok.demo.spec().layout.rows == 6
+    assert pipeline_from_dict({"demo": {}, "train": train}, tmp_path / "p.toml").demo.spec().long_range.rows == 9
+
+
+def test_long_range_survival_follows_the_pairing():
+    slides = draw_cohort(DemoCohortSpec(n_slides=400, seed=11))
+    by_label = {lab: [s for s in slides if s.layout.label == lab] for lab in (0, 1)}
+    event_rate = {lab: np.mean([s.event for s in v]) for lab, v in by_label.items()}
+    median_time = {lab: np.median([s.time for s in v]) for lab, v in by_label.items()}
+    assert event_rate[0] > 2 * event_rate[1] and median_time[1] > median_time[0]

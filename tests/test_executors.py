@@ -266,6 +266,7 @@ def test_fold_errors_from_workers_keep_their_type(tmp_path, ray_cluster):
 DEMO_PIPELINE = """
 [demo]
 slides = 4
+rule = "contact"
 rows = 6
 cols = 6
 

@@ -3,7 +3,10 @@
 >>> from wsi2dmamba.demo import DemoCohortSpec, build_demo_cohort
 >>> manifest = build_demo_cohort("runs/demo/cohort", DemoCohortSpec(n_slides=48, seed=0))
 
-The cohort is balanced (of slides 2p and 2p+1, one is infiltrated and one excluded, in a seeded order);
+Two rules set the labels (``DemoCohortSpec.rule``): ``long-range`` (:mod:`.long_range`: paired against
+segregated, a relation across 4 or more cells) and ``contact`` (:mod:`.layout`: infiltrated against
+excluded, lymphocytes touching the tumour). The cohort is balanced (of slides 2p and 2p+1, one has
+each label, in a seeded order);
 each slide's layout and survival draw come from its own generator seeded with ``(seed, slide index)``,
 so a slide does not change when the cohort is made larger. Writing is idempotent: a slide whose file already exists with the same
 specification is kept.
@@ -22,26 +25,45 @@ import numpy as np
 
 from ..fileio import params_hash, write_json_atomic, write_text_atomic
 from .layout import Layout, LayoutSpec, SurvivalSpec, contact_orientations, draw_layout, draw_survival
+from .long_range import LongRangeSpec, draw_long_range, paired_tumours
 from .mosaic import CELL_PX, MOSAIC_MPP, Augment, render_cells, write_pyramidal_tiff
 
-LABEL_NAMES = ("excluded", "infiltrated")
-MANIFEST_COLUMNS = ("slide_id", "path", "patient_id", "label", "time", "event", "contacts",
-                    "horizontal_contacts", "vertical_contacts", "orientation", "cells")
+DEMO_RULES = ("long-range", "contact")
+LABEL_NAMES = {"long-range": ("segregated", "paired"), "contact": ("excluded", "infiltrated")}
+"""Class names of each rule, by label (0, 1)."""
+_COMMON_COLUMNS = ("slide_id", "path", "patient_id", "label", "time", "event")
+MANIFEST_COLUMNS = {
+    "long-range": (*_COMMON_COLUMNS, "paired_tumours", "pairs", "cells"),
+    "contact": (*_COMMON_COLUMNS, "contacts", "horizontal_contacts", "vertical_contacts", "orientation", "cells"),
+}
 
 
 @dataclass(frozen=True)
 class DemoCohortSpec:
-    """What the demo cohort holds. ``n_slides`` is rounded up to an even number (balanced classes)."""
+    """What the demo cohort holds. ``n_slides`` is rounded up to an even number (balanced classes).
+
+    ``rule`` chooses what sets labels and survival (``long-range`` or ``contact``); ``long_range`` and
+    ``layout`` describe the layouts of each (only the chosen rule's is used).
+    """
 
     n_slides: int = 96
     seed: int = 0
+    rule: str = "long-range"
+    long_range: LongRangeSpec = field(default_factory=LongRangeSpec)
     layout: LayoutSpec = field(default_factory=LayoutSpec)
     survival: SurvivalSpec = field(default_factory=SurvivalSpec)
     augment: Augment = field(default_factory=Augment)
     jpeg_quality: int = 90
 
+    def __post_init__(self) -> None:
+        if self.rule not in DEMO_RULES:
+            raise ValueError(f"demo rule must be one of {', '.join(DEMO_RULES)}; got {self.rule!r}")
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        # only the chosen rule's layout decides the slides
+        d.pop("layout" if self.rule == "long-range" else "long_range")
+        return d
 
 
 @dataclass(frozen=True)
@@ -64,8 +86,12 @@ def draw_cohort(spec: DemoCohortSpec) -> list[DemoSlide]:
         first = int(np.random.default_rng([spec.seed, i // 2, 2]).integers(2))
         label = first if i % 2 == 0 else 1 - first
         rng = np.random.default_rng([spec.seed, i])
-        layout = draw_layout(rng, label, spec.layout)
-        time, event = draw_survival(rng, layout.contacts, spec.survival)
+        if spec.rule == "long-range":
+            layout = draw_long_range(rng, label, spec.long_range)
+            time, event = draw_survival(rng, paired_tumours(layout.cells), spec.survival)
+        else:
+            layout = draw_layout(rng, label, spec.layout)
+            time, event = draw_survival(rng, layout.contacts, spec.survival)
         slides.append(DemoSlide(f"demo-{i:03d}", layout, time, event))
     return slides
 
@@ -75,8 +101,8 @@ def build_demo_cohort(out_dir: str | os.PathLike[str], spec: DemoCohortSpec = De
     """Write the slides (``out_dir/slides/<slide_id>.tiff``) and the manifest; return the manifest path.
 
     Files written: ``slides/*.tiff`` (pyramidal JPEG TIFF, level 0 at 0.5 µm/px, one cell =
-    224×224 px), ``manifest.csv`` (columns :data:`MANIFEST_COLUMNS`; ``label`` is ``excluded`` or
-    ``infiltrated``, ``cells`` the layout as letters, see :meth:`Layout.letters`) and ``cohort.json``
+    224×224 px), ``manifest.csv`` (columns ``MANIFEST_COLUMNS[spec.rule]``; ``label`` is a class name
+    of :data:`LABEL_NAMES`, ``cells`` the layout as letters, see :meth:`Layout.letters`) and ``cohort.json``
     (the specification, so a rerun with another one rebuilds the slides).
     """
     from tqdm.auto import tqdm
@@ -97,19 +123,24 @@ def build_demo_cohort(out_dir: str | os.PathLike[str], spec: DemoCohortSpec = De
         write_pyramidal_tiff(path, image, MOSAIC_MPP, quality=spec.jpeg_quality,
                              description=f"wsi2dmamba demo slide {s.slide_id}")
     manifest = out / "manifest.csv"
-    write_text_atomic(manifest, manifest_text(slides))
+    write_text_atomic(manifest, manifest_text(slides, spec.rule))
     write_json_atomic(meta_path, {"hash": spec_hash, "spec": spec.to_dict(), "mpp": MOSAIC_MPP,
                                   "cell_px": CELL_PX, "n_slides": len(slides)})
     return manifest
 
 
-def manifest_text(slides: list[DemoSlide]) -> str:
+def manifest_text(slides: list[DemoSlide], rule: str = "long-range") -> str:
     """The manifest CSV of the given slides (paths relative to the manifest's folder)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(MANIFEST_COLUMNS)
+    w.writerow(MANIFEST_COLUMNS[rule])
     for s in slides:
-        h, v = contact_orientations(s.layout.cells)
-        w.writerow([s.slide_id, f"slides/{s.slide_id}.tiff", s.slide_id, LABEL_NAMES[s.layout.label],
-                    f"{s.time:g}", s.event, s.layout.contacts, h, v, s.layout.orientation, s.layout.letters()])
+        common = [s.slide_id, f"slides/{s.slide_id}.tiff", s.slide_id, LABEL_NAMES[rule][s.layout.label],
+                  f"{s.time:g}", s.event]
+        if rule == "long-range":
+            pairs = " ".join("-".join(f"{r}.{c}" for r, c in pair) for pair in s.layout.pairs)
+            w.writerow([*common, paired_tumours(s.layout.cells), pairs, s.layout.letters()])
+        else:
+            h, v = contact_orientations(s.layout.cells)
+            w.writerow([*common, s.layout.contacts, h, v, s.layout.orientation, s.layout.letters()])
     return buf.getvalue()

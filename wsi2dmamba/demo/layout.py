@@ -73,13 +73,15 @@ class Layout:
 
     Attributes:
         cells: (rows, cols) int8 array of cell kinds (``GLASS`` … ``OTHER``).
-        label: 1 = infiltrated, 0 = excluded.
-        orientation: ``"horizontal"``, ``"vertical"`` or ``""`` (excluded slides).
+        label: contact task: 1 = infiltrated, 0 = excluded; long-range task: 1 = paired, 0 = segregated.
+        orientation: contact task: ``"horizontal"``, ``"vertical"`` or ``""`` (excluded slides).
+        pairs: long-range task: the two pairs of marker sites, ((row, col), (row, col)) each.
     """
 
     cells: np.ndarray
     label: int
-    orientation: str
+    orientation: str = ""
+    pairs: tuple = ()
 
     @property
     def contacts(self) -> int:

@@ -8,6 +8,7 @@ A pipeline file has these tables (``[train]`` and one of ``[cohort]`` or ``[demo
     splits_dir = "../cohorts/bracs_splits"  # optional: fixed splits_<k>.csv instead of drawn folds
 
     [demo]                             # instead of [cohort]: build the demo cohort in RUN/cohort
+    rule = "long-range"                # or "contact" (docs/demo.md)
     slides = 48
     seed = 0
 
@@ -38,9 +39,9 @@ import importlib
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
 from ..fileio import user_path
@@ -74,16 +75,36 @@ class DemoSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    slides: int = Field(96, ge=4, description="Number of slides (half infiltrated, half excluded).")
+    slides: int = Field(96, ge=4, description="Number of slides (half of each class).")
     seed: int = Field(0, description="Seed of the layouts, survival times and augmentations.")
-    rows: int = Field(6, ge=6, le=64, description="Cells per slide, vertically (one cell = 224 px at 0.5 µm/px).")
-    cols: int = Field(6, ge=6, le=64, description="Cells per slide, horizontally.")
+    rule: Literal["long-range", "contact"] = Field(
+        "long-range", description="What sets labels and survival: 'long-range' (paired against "
+        "segregated tumour and lymphoid sites, 4 or more cells apart) or 'contact' (lymphocytes touching the "
+        "tumour, or walled off).")
+    rows: Optional[int] = Field(None, ge=6, le=64, description="Cells per slide, vertically (one cell = 224 px "
+                                "at 0.5 µm/px); default: 9 for 'long-range', 6 for 'contact'.")
+    cols: Optional[int] = Field(None, ge=6, le=64, description="Cells per slide, horizontally; default as rows.")
+
+    @model_validator(mode="after")
+    def _grid_fits_the_rule(self) -> DemoSection:
+        from ..demo.long_range import check_grid
+
+        spec = self.spec()
+        if self.rule == "long-range":
+            check_grid(spec.long_range)
+        return self
 
     def spec(self):
         """The :class:`~wsi2dmamba.demo.DemoCohortSpec` this table describes."""
-        from ..demo import DemoCohortSpec, LayoutSpec
+        from ..demo import DemoCohortSpec, LayoutSpec, LongRangeSpec
 
-        return DemoCohortSpec(n_slides=self.slides, seed=self.seed, layout=LayoutSpec(rows=self.rows, cols=self.cols))
+        if self.rule == "long-range":
+            d = LongRangeSpec()
+            grid = LongRangeSpec(rows=self.rows or d.rows, cols=self.cols or d.cols)
+            return DemoCohortSpec(n_slides=self.slides, seed=self.seed, rule=self.rule, long_range=grid)
+        d = LayoutSpec()
+        grid = LayoutSpec(rows=self.rows or d.rows, cols=self.cols or d.cols)
+        return DemoCohortSpec(n_slides=self.slides, seed=self.seed, rule=self.rule, layout=grid)
 
 
 class EvaluateConfig(BaseModel):

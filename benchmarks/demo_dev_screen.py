@@ -1,0 +1,177 @@
+"""Screen demo settings on a development seed without the slide pipeline: is a demo rule learnable?
+
+Feature grids are assembled from real tile features: each cell of a drawn layout gets the features of a
+random tile of its kind, taken from a finished demo run (its manifest's ``cells`` and its feature files).
+Then each model trains with the published recipe (AdamW, cosine schedule, gradient clipping), cross-
+validated, the checkpoint picked on validation loss; every epoch's train loss, validation loss and AUC
+and test AUC are printed, so a run shows whether a model learns the rule, memorises, or does not fit.
+
+    python benchmarks/demo_dev_screen.py --tiles runs/demo --seed 101 --models 2dmambamil,2dmambamil:noscan
+
+Use development seeds only (never the seed of the reported cohort, ``pipelines/demo.toml``).
+Save the printed log, then draw its per-fold curves:
+
+    python benchmarks/demo_dev_screen.py --plot screen.log other.log --out curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def tile_pool(run: Path) -> dict[int, np.ndarray]:
+    """Cell kind → (n, D) features of every tissue tile of that kind in a demo run folder."""
+    from wsi2dmamba.demo.layout import layout_from_letters
+    from wsi2dmamba.grid.files import read_feature_grid
+
+    rows = list(csv.DictReader((run / "cohort" / "manifest.csv").open()))
+    features_dir = next((run / "features").iterdir())
+    pool: dict[int, list[np.ndarray]] = {k: [] for k in range(1, 5)}
+    for row in rows:
+        feats, mask = read_feature_grid(features_dir / f"{row['slide_id']}.h5").dense()
+        cells = layout_from_letters(row["cells"])
+        for kind, tiles in pool.items():
+            tiles.append(feats[(cells == kind) & mask])
+    return {k: np.concatenate(v) for k, v in pool.items()}
+
+
+def synthetic_grids(args, pool: dict[int, np.ndarray]) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """(features (H, W, D), tissue mask) per slide of the drawn cohort, and the labels."""
+    from wsi2dmamba.demo import DemoCohortSpec, LongRangeSpec, draw_cohort
+
+    grid = LongRangeSpec(rows=args.grid, cols=args.grid) if args.grid else LongRangeSpec()
+    slides = draw_cohort(DemoCohortSpec(n_slides=args.slides, seed=args.seed, rule=args.rule, long_range=grid))
+    rng = np.random.default_rng([args.seed, 3])
+    items = []
+    for s in slides:
+        cells = s.layout.cells
+        feats = np.zeros((*cells.shape, pool[1].shape[1]), np.float32)
+        for kind, tiles in pool.items():
+            where = np.argwhere(cells == kind)
+            feats[where[:, 0], where[:, 1]] = tiles[rng.integers(len(tiles), size=len(where))]
+        items.append((feats, cells > 0))
+    return items, np.array([s.layout.label for s in slides])
+
+
+def train_fold(args, key: str, items, y, train, val, test, fold: int) -> float:
+    """Train one fold; print one line per epoch; return the test AUC at the best validation loss."""
+    from sklearn.metrics import roc_auc_score
+
+    from wsi2dmamba.models import create
+    from wsi2dmamba.models.batch import GridBatch
+
+    name, _, preset = key.partition(":")
+    torch.manual_seed(fold)
+    model = create(name, in_dim=items[0][0].shape[-1], n_classes=2, preset=preset or None)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
+    steps, step = args.epochs * math.ceil(len(train) / args.batch), 0
+    order = np.random.default_rng(fold)
+    best = (math.inf, float("nan"))
+
+    def predict(ids):
+        with torch.no_grad():
+            return torch.softmax(model(GridBatch.from_arrays([items[i] for i in ids])).logits, -1)[:, 1].numpy()
+
+    for epoch in range(args.epochs):
+        model.train()
+        perm, total = order.permutation(train), 0.0
+        for k in range(0, len(perm), args.batch):
+            ids = perm[k:k + args.batch]
+            for group in opt.param_groups:
+                group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            logits = model(GridBatch.from_arrays([items[i] for i in ids])).logits
+            loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y[ids]))
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            total += loss.item() * len(ids)
+        model.eval()
+        pv, pt = predict(val), predict(test)
+        val_loss = float(np.mean(-np.log(np.where(y[val] == 1, pv, 1 - pv) + 1e-9)))
+        test_auc = roc_auc_score(y[test], pt)
+        if val_loss < best[0]:
+            best = (val_loss, test_auc)
+        print(f"{key} fold {fold} epoch {epoch}: train loss {total / len(train):.3f}  val loss {val_loss:.3f}  "
+              f"val AUC {roc_auc_score(y[val], pv):.2f}  test AUC {test_auc:.2f}", flush=True)
+    return best[1]
+
+
+_EPOCH_LINE = re.compile(r"(\S+) fold (\d+) epoch (\d+): train loss ([\d.]+)\s+val loss ([\d.]+)\s+val AUC ([\d.]+)")
+
+
+def plot_logs(logs: list[Path], out: Path) -> None:
+    """One column per log, rows: train loss, validation loss, validation AUC per epoch, one line per fold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(3, len(logs), figsize=(4.2 * len(logs), 8), squeeze=False, sharex=True)
+    for col, log in enumerate(logs):
+        curves: dict[tuple[str, int], list[tuple[float, ...]]] = defaultdict(list)
+        for line in log.read_text().splitlines():
+            if m := _EPOCH_LINE.match(line):
+                curves[(m[1], int(m[2]))].append(tuple(float(v) for v in m.groups()[2:]))
+        for (model, fold), rows in curves.items():
+            ep, train, val, auc = np.array(rows).T
+            for row, values in enumerate((train, val, auc)):
+                axes[row, col].plot(ep, values, label=f"fold {fold}")
+            axes[0, col].set_title(f"{model} ({log.stem})", fontsize=9)
+        for row, name in enumerate(("train loss", "validation loss", "validation AUC")):
+            axes[row, col].set_ylabel(name)
+        axes[2, col].axhline(0.5, color="grey", lw=0.8, ls="--")
+        axes[2, col].set_xlabel("epoch")
+        axes[0, col].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiles", type=Path, help="a finished demo run folder (features + manifest)")
+    ap.add_argument("--plot", type=Path, nargs="+", help="draw the curves of these saved logs instead")
+    ap.add_argument("--out", type=Path, default=Path("curves.png"), help="picture written by --plot")
+    ap.add_argument("--seed", type=int, default=101, help="development seed of the drawn layouts")
+    ap.add_argument("--rule", default="long-range")
+    ap.add_argument("--slides", type=int, default=96)
+    ap.add_argument("--grid", type=int, default=0, help="long-range rule: cells per side (default 9)")
+    ap.add_argument("--models", default="2dmambamil")
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--max-folds", type=int, default=5, help="stop after this many folds")
+    args = ap.parse_args()
+    if args.plot:
+        plot_logs(args.plot, args.out)
+        return
+    if args.tiles is None:
+        ap.error("--tiles is required to screen")
+    torch.set_num_threads(1)
+    items, y = synthetic_grids(args, tile_pool(args.tiles))
+    splits = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(y, y))[:args.max_folds]
+    for key in args.models.split(","):
+        aucs, t0 = [], time.time()
+        for fold, (rest, test) in enumerate(splits):
+            train, val = train_test_split(rest, test_size=0.2, stratify=y[rest], random_state=fold)
+            aucs.append(train_fold(args, key, items, y, train, val, test, fold))
+        sd = np.std(aucs, ddof=1) if len(aucs) > 1 else 0.0
+        print(f"== {key}: test AUC per fold {np.round(aucs, 3).tolist()}, mean {np.mean(aucs):.3f} ± {sd:.3f} "
+              f"({time.time() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
