@@ -1,0 +1,326 @@
+"""The real-tissue arrangement cohort (:mod:`wsi2dmamba.demo.arrangement`): build it, probe it, and
+choose and check the 2D models' defaults on it.
+
+    # encode the tile pool once (real encoder, real tiles) and measure how well one tile tells the kinds apart
+    python benchmarks/arrangement_cohort.py pool --out runs/arrangement --seed 0
+    python benchmarks/arrangement_cohort.py probe --pool runs/arrangement/pool_seed0.npy
+    # write the cohort as grid files + manifest (then `wsi2dmamba train` works on it as on any cohort)
+    python benchmarks/arrangement_cohort.py write --pool runs/arrangement/pool_seed0.npy --out runs/arrangement
+    # the settings study: tune on the tuning cohort (seed 1), freeze, check on the development cohort (seed 0)
+    python benchmarks/arrangement_cohort.py study --work /tmp/study --out results/ --jobs 15 --device cuda
+
+``study`` runs two stages in worker processes (one fold of one model per task):
+
+1. **tune**: every setting of :data:`VARIANTS` for both 2D models on the tuning cohort (``--tune-seed``,
+   ``--tune-folds`` folds). The setting with the highest mean *validation* AUC over both models and all
+   folds is chosen (test folds are never looked at).
+2. **check**: on the development cohort (``--seed``, 5 folds), the chosen setting and the published one
+   for both 2D models, and ``cnn2d`` (when registered), ``abmil`` and ``meanpool`` with their defaults;
+   and, if ``--demo`` is given, both 2D models with both settings on the demo's classification task.
+
+It writes ``results.csv`` (one row per fold: validation and test AUC), ``curves.csv`` (every fold's
+``log.csv``: training loss and validation AUC by epoch), ``selection.json`` and ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+# Every knob a setting of the study decides, spelled out in full, so that a setting does not depend on
+# the library's defaults of the day. "published" is the 2D models' recipe before this study.
+KNOBS = ("lr", "warmup_epochs", "input_norm", "dt_range", "pad_token_init", "dropout")
+PUBLISHED = {"lr": 1e-4, "warmup_epochs": 0.0, "input_norm": False, "dt_range": (0.001, 0.1),
+             "pad_token_init": "uniform", "dropout": 0.25}
+ALL = {"lr": 3e-4, "warmup_epochs": 1.0, "input_norm": True, "dt_range": (0.01, 1.0), "pad_token_init": "zeros",
+       "dropout": 0.1}
+VARIANTS = {
+    "published": PUBLISHED,
+    "lr3e-4": {**PUBLISHED, "lr": 3e-4, "warmup_epochs": 1.0},
+    "input_norm": {**PUBLISHED, "input_norm": True},
+    "dt_0.01-1": {**PUBLISHED, "dt_range": (0.01, 1.0)},
+    "pad0_drop0.1": {**PUBLISHED, "pad_token_init": "zeros", "dropout": 0.1},
+    "all": ALL,
+    "all_lr1e-4": {**ALL, "lr": 1e-4, "warmup_epochs": 0.0},
+    "all_lr1e-3": {**ALL, "lr": 1e-3},
+}
+SSM_MODELS = ("2dmambamil", "m2dmil")
+TRAIN_KNOBS = ("lr", "warmup_epochs")
+
+
+def split_knobs(setting: dict) -> tuple[dict, dict]:
+    """(training options, model options) of a setting."""
+    train = {k: setting[k] for k in TRAIN_KNOBS}
+    model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in setting.items() if k not in TRAIN_KNOBS}
+    return train, model
+
+
+# ------------------------------------------------------------------------------------------ cohorts
+
+@lru_cache(maxsize=4)
+def arrangement_data(pool_path: str, seed: int, n_slides: int):
+    """(cohort, grids) of the arrangement cohort of ``seed`` whose cells take features from the pool file."""
+    from wsi2dmamba.cohort.manifest import Cohort, SlideRecord
+    from wsi2dmamba.demo.arrangement import LABEL_NAMES, ArrangementSpec, arrangement_grids, draw_arrangement_cohort
+
+    pool = np.load(pool_path).astype(np.float32)
+    spec = ArrangementSpec(n_slides=n_slides, seed=seed, pool_size=pool.shape[1])
+    slides = draw_arrangement_cohort(spec)
+    cohort = Cohort(tuple(SlideRecord(s.slide_id, None, s.slide_id, LABEL_NAMES[s.label]) for s in slides))
+    return cohort, arrangement_grids(slides, pool, spec)
+
+
+@lru_cache(maxsize=2)
+def demo_data(run_dir: str):
+    """(cohort, grids) of a demo run whose features were extracted by :func:`prepare_demo`."""
+    from wsi2dmamba.cohort import load_cohort
+    from wsi2dmamba.training import load_feature_grids
+
+    cohort = load_cohort(Path(run_dir) / "cohort" / "manifest.csv")
+    return cohort, load_feature_grids(cohort, Path(run_dir) / "features" / "efficientnet-lite0", progress=False)
+
+
+def prepare_demo(run_dir: str, workers: int) -> str:
+    """Build the demo's classification cohort and run segment → tile → extract on it (no training)."""
+    from wsi2dmamba.demo.run import demo_pipelines
+    from wsi2dmamba.features import extract_cohort
+    from wsi2dmamba.pipeline.runner import _load_cohort
+    from wsi2dmamba.tiling import tile_cohort
+    from wsi2dmamba.tissue.stage import segment_cohort
+
+    config = demo_pipelines(run_dir, tasks=("classification",), workers=workers)[0]
+    out = Path(run_dir)
+    cohort = _load_cohort(config, out, progress=False)
+    segment_cohort(cohort, out, config.option("segment"), workers=workers, progress=False)
+    tile_cohort(cohort, out, config.option("tile"), workers=workers, progress=False)
+    extract_cohort(cohort, out, config.option("extract"), progress=False)
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------- one task
+
+def fold_auc(fold_dir: Path, partition: str) -> float:
+    """AUC of the best checkpoint on one partition of a finished fold."""
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    p = pd.read_csv(fold_dir / "predictions.csv")
+    p = p[(p.checkpoint == "best") & (p.partition == partition)]
+    return float(roc_auc_score(p.target, p.prob_1)) if p.target.nunique() == 2 else float("nan")
+
+
+def run_task(task: dict) -> dict:
+    """Train one fold of one (cohort, setting, model); returns its result row (never raises)."""
+    import torch
+
+    from wsi2dmamba.training import TrainConfig, make_splits, resolve_splits, train_fold
+
+    row = {k: task[k] for k in ("stage", "cohort", "variant", "model", "fold")}
+    if time.time() > task["deadline"]:
+        return {**row, "status": "skipped (deadline)"}
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    try:
+        if task["cohort"] == "demo":
+            cohort, grids = demo_data(task["demo_dir"])
+        else:
+            cohort, grids = arrangement_data(task["pool"], task["seed"], task["n_slides"])
+        config = TrainConfig(task="classification", folds=task["folds"], epochs=task["epochs"], device=task["device"],
+                             seed=0, **task["train"])
+        split = resolve_splits(make_splits(cohort, task["folds"], 0, "classification", config.val_fraction),
+                               cohort)[0][task["fold"]]
+        fold_dir = Path(task["work"]) / task["stage"] / task["cohort"] / task["variant"] / task["model"] / \
+            f"fold_{task['fold']}"
+        res = train_fold(split, cohort, grids, fold_dir, task["model"], config, model_overrides=task["model_options"],
+                         progress=False)
+        row.update(status="ok", best_epoch=res.best_epoch, val_auc=fold_auc(fold_dir, "val"),
+                   test_auc=fold_auc(fold_dir, "test"), seconds=time.perf_counter() - t0, fold_dir=str(fold_dir))
+    except Exception as exc:  # noqa: BLE001 - a study records a failed fold and goes on
+        row.update(status=f"failed: {type(exc).__name__}: {exc}"[:300], seconds=time.perf_counter() - t0)
+    return row
+
+
+def make_tasks(stage: str, cohort: str, variant: str, models, folds: int, args, setting: dict | None,
+               epochs: int, deadline: float) -> list[dict]:
+    train, model_options = split_knobs(setting) if setting else ({}, {})
+    return [{"stage": stage, "cohort": cohort, "variant": variant, "model": m, "fold": k, "folds": folds,
+             "epochs": epochs, "train": train, "model_options": model_options if m in SSM_MODELS else {},
+             "seed": args.tune_seed if stage == "tune" else args.seed, "n_slides": args.slides, "pool": args.pool,
+             "demo_dir": str(Path(args.work) / "demo"), "work": args.work, "device": args.device,
+             "deadline": deadline}
+            for m in models for k in range(folds)]
+
+
+# ------------------------------------------------------------------------------------------ the study
+
+def choose(rows: list[dict]) -> tuple[str, dict]:
+    """The tuning setting with the highest mean validation AUC over both 2D models and their folds."""
+    means = {}
+    for v in VARIANTS:
+        vals = [r["val_auc"] for r in rows if r["variant"] == v and r.get("status") == "ok"]
+        if vals:
+            means[v] = float(np.nanmean(vals))
+    best = max(means, key=lambda v: (means[v], -list(VARIANTS).index(v)))
+    return best, means
+
+
+def summary_md(rows: list[dict], selection: dict) -> str:
+    import pandas as pd
+
+    df = pd.DataFrame([r for r in rows if r.get("status") == "ok"])
+    lines = [f"chosen setting: {selection['chosen']} = {json.dumps(selection['setting'])}", "",
+             "| stage | cohort | setting | model | folds | val AUC mean | test AUC mean ± sd | per fold |",
+             "|---|---|---|---|---|---|---|---|"]
+    if len(df):
+        for (st, co, va, mo), g in df.groupby(["stage", "cohort", "variant", "model"], sort=False):
+            g = g.sort_values("fold")
+            lines.append(f"| {st} | {co} | {va} | {mo} | {len(g)} | {g.val_auc.mean():.3f} | "
+                         f"{g.test_auc.mean():.3f} ± {g.test_auc.std(ddof=1) if len(g) > 1 else 0:.3f} | "
+                         + " ".join(f"{v:.2f}" for v in g.test_auc) + " |")
+    bad = [r for r in rows if r.get("status") != "ok"]
+    if bad:
+        lines += ["", f"{len(bad)} task(s) not done:"] + [f"- {r['stage']} {r['cohort']} {r['variant']} "
+                                                         f"{r['model']} fold {r['fold']}: {r['status']}" for r in bad]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out: Path, rows: list[dict], selection: dict) -> None:
+    import pandas as pd
+
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
+    curves = []
+    for r in rows:
+        log = Path(r.get("fold_dir", "")) / "log.csv"
+        if r.get("status") == "ok" and log.is_file():
+            c = pd.read_csv(log)
+            for k in ("stage", "cohort", "variant", "model", "fold"):
+                c.insert(0, k, r[k])
+            curves.append(c)
+    if curves:
+        pd.concat(curves).to_csv(out / "curves.csv", index=False)
+    (out / "selection.json").write_text(json.dumps(selection, indent=1))
+    (out / "summary.md").write_text(summary_md(rows, selection))
+
+
+def study(args) -> None:
+    from wsi2dmamba.models import list_models
+
+    t_start = time.time()
+    deadline = t_start + args.budget_s
+    tune_deadline = t_start + args.tune_budget_s
+    ctx = mp.get_context("spawn")
+    baselines = [m for m in ("cnn2d", "abmil", "meanpool") if m in list_models()]
+    rows: list[dict] = []
+    variants = {v: VARIANTS[v] for v in (args.variants.split(",") if args.variants else VARIANTS)}
+    # segment, tile and extract start worker processes of their own: not from a (daemonic) pool worker
+    demo_job = ctx.Process(target=prepare_demo, args=(str(Path(args.work) / "demo"), 4)) if args.demo else None
+    if demo_job is not None:
+        demo_job.start()
+    with ctx.Pool(args.jobs) as pool:
+        tune = [t for v, s in variants.items()
+                for t in make_tasks("tune", "arrangement", v, SSM_MODELS, args.tune_folds, args, s, args.epochs,
+                                    tune_deadline)]
+        rows += pool.map(run_task, tune, chunksize=1)
+        chosen, means = choose(rows)
+        selection = {"chosen": chosen, "setting": VARIANTS[chosen], "mean_val_auc": means,
+                     "rule": "highest mean validation AUC over both 2D models and the tuning folds"}
+        print(f"chosen: {chosen} {means}", flush=True)
+        check = make_tasks("check", "arrangement", chosen, SSM_MODELS, 5, args, VARIANTS[chosen], args.epochs, deadline)
+        check += make_tasks("check", "arrangement", "defaults", baselines, 5, args, None, args.epochs, deadline)
+        if chosen != "published":
+            check += make_tasks("check", "arrangement", "published", SSM_MODELS, 5, args, PUBLISHED, args.epochs,
+                                deadline)
+        if demo_job is not None:
+            demo_job.join(timeout=max(1.0, deadline - time.time()))
+            print(f"demo preparation exit code: {demo_job.exitcode}", flush=True)
+        if demo_job is not None and demo_job.exitcode == 0:
+            for v in dict.fromkeys((chosen, "published")):
+                check += make_tasks("check", "demo", v, SSM_MODELS, 5, args, VARIANTS[v], args.demo_epochs, deadline)
+        rows += pool.map(run_task, check, chunksize=1)
+    selection["seconds"] = time.time() - t_start
+    write_outputs(Path(args.out), rows, selection)
+    print(summary_md(rows, selection), flush=True)
+
+
+# ------------------------------------------------------------------------------------ other commands
+
+def cmd_pool(args) -> None:
+    from wsi2dmamba.demo.arrangement import ArrangementSpec, encode_tile_pool
+
+    spec = ArrangementSpec(seed=args.seed, pool_size=args.pool_size)
+    pool = encode_tile_pool(spec, device=args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / f"pool_seed{args.seed}.npy", pool.astype(np.float16))
+    (out / f"pool_seed{args.seed}.json").write_text(json.dumps(spec.to_dict(), indent=1))
+
+
+def cmd_probe(args) -> None:
+    """5-fold cross-validated AUC of a logistic model telling one marked tile from one background tile."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import cross_val_predict
+
+    pool = np.load(args.pool).astype(np.float32)
+    x = pool.reshape(-1, pool.shape[-1])
+    y = np.repeat([0, 1], pool.shape[1])
+    p = cross_val_predict(LogisticRegression(C=1e-3, max_iter=3000), x, y, cv=5, method="predict_proba")[:, 1]
+    print(json.dumps({"tiles_per_kind": int(pool.shape[1]), "probe_auc": round(float(roc_auc_score(y, p)), 4)}))
+
+
+def cmd_write(args) -> None:
+    from wsi2dmamba.demo.arrangement import ArrangementSpec, write_arrangement_cohort
+
+    pool = np.load(args.pool).astype(np.float32)
+    spec = ArrangementSpec(n_slides=args.slides, seed=args.seed, pool_size=pool.shape[1])
+    print(write_arrangement_cohort(args.out, spec, pool))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("pool")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pool-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p = sub.add_parser("probe")
+    p.add_argument("--pool", required=True)
+    p = sub.add_parser("write")
+    p.add_argument("--pool", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slides", type=int, default=240)
+    p = sub.add_parser("study")
+    p.add_argument("--pool", required=True, help="pool file (the pool of the cohorts' seed 0 serves both cohorts)")
+    p.add_argument("--work", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0, help="development cohort (checked)")
+    p.add_argument("--tune-seed", type=int, default=1, help="tuning cohort (settings chosen on it)")
+    p.add_argument("--tune-folds", type=int, default=3)
+    p.add_argument("--slides", type=int, default=240)
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--demo-epochs", type=int, default=30)
+    p.add_argument("--demo", action="store_true", help="also check on the demo's classification task")
+    p.add_argument("--variants", default="", help="comma-separated settings to tune over (default: all)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--budget-s", type=float, default=3600.0)
+    p.add_argument("--tune-budget-s", type=float, default=1800.0)
+    args = ap.parse_args(argv)
+    {"pool": cmd_pool, "probe": cmd_probe, "write": cmd_write, "study": study}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
