@@ -26,14 +26,22 @@ SMALL = {
     "mambamil-bidirectional": {"d_model": 16, "attn_dim": 8, "bidirectional": True},
     "clam-sb": {"hidden": 16, "attn_dim": 8, "k_sample": 2},
     "transmil": {"hidden": 16, "heads": 2, "landmarks": 4},
+    "cnn2d": {"d_model": 16, "attn_dim": 8, "n_layers": 2},
+    # the ablation presets, by model key
+    "2dmambamil:noscan": {"d_model": 16, "attn_dim": 8},
+    "2dmambamil:noconv": {"d_model": 16, "attn_dim": 8},
+    "2dmambamil:raster1d": {"d_model": 16, "attn_dim": 8, "n_layers": 2},
+    "m2dmil:noscan": {"d_model": 16, "attn_dim": 8, "n_layers": 2},
+    "m2dmil:noconv": {"d_model": 16, "attn_dim": 8, "n_layers": 2},
 }
-GRID_MODELS = ["2dmambamil", "2dmambamil-paper", "2dmambamil-4corners", "m2dmil"]
+GRID_MODELS = ["2dmambamil", "2dmambamil-paper", "2dmambamil-4corners", "m2dmil", "cnn2d", "2dmambamil:noscan",
+               "2dmambamil:noconv", "2dmambamil:raster1d", "m2dmil:noscan", "m2dmil:noconv"]
 
 
 def build(key: str, task: str = "classification", seed: int = 0, **extra) -> MILModel:
-    name = key.split("-")[0] if key.startswith(("2dmambamil", "mambamil")) else key
+    name = key.split("-")[0] if key.startswith(("2dmambamil", "mambamil")) and ":" not in key else key
     torch.manual_seed(seed)
-    return create(name, in_dim=IN_DIM, n_classes=3, task=task, n_bins=4, **{**SMALL[key], **extra})
+    return create(name, in_dim=IN_DIM, n_classes=3, task=task, n_bins=4, **{**SMALL.get(key, {}), **extra})
 
 
 def grid(rng: np.random.Generator, h: int, w: int, tissue_fraction: float = 0.6):
@@ -50,7 +58,8 @@ def grids():
 
 
 def test_registry_lists_every_model_with_a_description():
-    assert set(list_models()) == {"meanpool", "abmil", "2dmambamil", "m2dmil", "mambamil", "clam-sb", "transmil"}
+    assert set(list_models()) == {"meanpool", "abmil", "2dmambamil", "m2dmil", "mambamil", "clam-sb", "transmil",
+                                  "cnn2d"}
     for name in list_models():
         info = model_info(name)
         assert info["description"] and "default" in info["presets"]
@@ -84,6 +93,8 @@ def test_shapes_and_gradient_flow(key, task, grids):
     loss.backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+        if pname.endswith("pool.score.bias"):
+            continue  # a softmax ignores a shift of all its scores: this gradient is zero up to rounding
         assert p.grad.abs().sum() > 0, f"{key}: no gradient reaches {pname}"
     if out.attention is not None:
         assert out.attention.shape == batch.tissue.shape
@@ -122,11 +133,13 @@ def test_features_at_non_tissue_cells_do_not_matter(key, grids):
 def test_padding_token_changes_the_output(key, grids):
     model = build(key).eval()
     batch = GridBatch.from_arrays(grids)
+    # without a local conv the token reaches tissue cells only through the scan, whose initial steps are small
+    threshold = 1e-6 if key.endswith("noconv") else 1e-4
     with torch.no_grad():
         before = model(batch).logits
         model.pad_token.add_(torch.randn_like(model.pad_token))
         after = model(batch).logits
-    assert (before - after).abs().max() > 1e-4
+    assert (before - after).abs().max() > threshold
 
 
 @pytest.mark.parametrize("key", list(SMALL))
@@ -144,7 +157,8 @@ def test_a_slide_batched_with_larger_grids_gives_the_same_output_as_alone(key, g
                 torch.testing.assert_close(mixed.attention[1, :h, :w], alone.attention[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("key", ["2dmambamil", "m2dmil", "mambamil", "transmil"])
+@pytest.mark.parametrize("key", ["2dmambamil", "m2dmil", "mambamil", "transmil", "cnn2d", "2dmambamil:noscan",
+                                 "2dmambamil:noconv", "2dmambamil:raster1d", "m2dmil:noscan", "m2dmil:noconv"])
 def test_context_models_see_their_neighbours(key, grids):
     """Control for the invariance tests: changing another tissue cell's features changes the attention
     of a fixed cell in the context models (it cannot in ABMIL)."""
@@ -313,3 +327,80 @@ def test_cell_projection_in_row_blocks_matches_linear():
     fn = lambda x, w, b: _CellProjection.apply(x, w, b, torch.float64, 8)  # noqa: E731  (blocks of 8 rows)
     torch.testing.assert_close(fn(x, w, b), torch.nn.functional.linear(x, w, b))
     assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def _reach(key: str, source: tuple[int, int], size: tuple[int, int] = (7, 9), **extra) -> np.ndarray:
+    """(H, W) bool: the cells whose block output changes when the features of ``source`` change."""
+    model = build(key, dropout=0.0, **extra).eval()
+    rng = np.random.default_rng(11)
+    feats = rng.standard_normal((*size, IN_DIM)).astype(np.float32)
+    changed = feats.copy()
+    changed[source] += 3.0
+    tissue = np.ones(size, dtype=bool)
+    with torch.no_grad():
+        outs = []
+        for f in (feats, changed):
+            batch = GridBatch.from_arrays([(f, tissue)])
+            from wsi2dmamba.models.grid_layout import GridLayout
+
+            x = model.cells(batch)
+            for block in model.blocks:
+                x = block(x, GridLayout.from_batch(batch))
+            outs.append(x[0])
+    return ((outs[0] - outs[1]).abs().amax(-1) > 1e-6).numpy()
+
+
+def test_scan_off_ablations_see_only_their_local_window():
+    """The ablations do what their names say: without the scan a block reads a 3 × 3 window; with the
+    scan, a top-left scan reaches every cell below and to the right; the raster scan every later cell."""
+    window = np.zeros((7, 9), dtype=bool)
+    window[2:5, 3:6] = True
+    assert (_reach("2dmambamil:noscan", (3, 4)) == window).all()
+    assert (_reach("m2dmil:noscan", (3, 4), n_layers=1) == window).all()
+    below_right = np.zeros((7, 9), dtype=bool)
+    below_right[2:, 3:] = True  # the 3×3 conv first spreads the change one cell up and left
+    assert (_reach("2dmambamil", (3, 4)) == below_right).all()
+    only_scan = np.zeros((7, 9), dtype=bool)
+    only_scan[3:, 4:] = True
+    assert (_reach("m2dmil", (3, 4), n_layers=1) == (only_scan | window)).all()  # the two paths are added
+    assert (_reach("2dmambamil:noconv", (3, 4)) == only_scan).all()
+    assert (_reach("m2dmil:noconv", (3, 4), n_layers=1) == only_scan).all()
+    raster = np.zeros(7 * 9, dtype=bool)
+    raster[3 * 9 + 4:] = True
+    assert (_reach("2dmambamil:raster1d", (3, 4), n_layers=1, conv="none") == raster.reshape(7, 9)).all()
+    assert _reach("2dmambamil:4corners", (3, 4), d_model=16, attn_dim=8).all()
+
+
+def test_model_keys_name_presets_everywhere():
+    from wsi2dmamba.models.registry import list_model_keys, model_folder, split_model_key
+
+    keys = list_model_keys()
+    for key in ["2dmambamil:noscan", "2dmambamil:noconv", "2dmambamil:4corners", "2dmambamil:raster1d",
+                "m2dmil:noscan", "m2dmil:noconv", "cnn2d"]:
+        assert key in keys
+    assert create("2dmambamil:noscan", in_dim=8, n_classes=2).config.scan == "none"
+    assert create("m2dmil:noconv", in_dim=8, n_classes=2).config.local_path is False
+    assert split_model_key("2dmambamil:default") == ("2dmambamil", None)
+    assert model_folder("2dmambamil:noscan") == "2dmambamil-noscan"
+    with pytest.raises(ConfigError, match="no preset 'nope'"):
+        create("2dmambamil:nope", in_dim=8, n_classes=2)
+    with pytest.raises(ConfigError, match="beside the key's preset"):
+        create("2dmambamil:noscan", in_dim=8, n_classes=2, preset="paper")
+    with pytest.raises(ConfigError, match="nothing that mixes cells"):
+        create("2dmambamil:noscan", in_dim=8, n_classes=2, conv="none")
+    with pytest.raises(ConfigError, match="cannot both be off"):
+        create("m2dmil:noscan", in_dim=8, n_classes=2, local_path=False)
+    noscan = create("2dmambamil:noscan", in_dim=8, n_classes=2)
+    assert not any("x_proj" in k or "A_log" in k for k, _ in noscan.named_parameters())
+    m2d = create("m2dmil:noscan", in_dim=8, n_classes=2)
+    assert not any("A_log" in k for k, _ in m2d.named_parameters())
+
+
+def test_cnn2d_reads_a_window_that_grows_with_depth():
+    for layers in (1, 2):
+        reach = _reach("cnn2d", (3, 4), n_layers=layers)
+        expected = np.zeros((7, 9), dtype=bool)
+        expected[3 - layers:4 + layers, 4 - layers:5 + layers] = True
+        assert (reach == expected).all()
+    with pytest.raises(ConfigError, match="odd"):
+        create("cnn2d", in_dim=8, n_classes=2, kernel=4)

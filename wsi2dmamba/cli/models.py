@@ -12,10 +12,15 @@ def register(app: typer.Typer) -> None:
     def models_command(
         in_dim: Annotated[int, typer.Option("--in-dim", min=1, help="Feature dimension the counts assume.")] = 1024,
         n_classes: Annotated[int, typer.Option("--n-classes", min=1, help="Classes the counts assume.")] = 2,
-        presets: Annotated[bool, typer.Option("--presets", help="Also count every named preset.")] = False,
+        presets: Annotated[bool, typer.Option("--presets", help="Also list every named preset (ablations, the "
+                                                                "published configurations) as a model key.")] = False,
     ) -> None:
-        """List every registered MIL model: name, trainable parameters, description."""
+        """List every registered MIL model: model key, trainable parameters, description.
+
+        A model key ``name:preset`` (e.g. ``2dmambamil:noscan``) is accepted wherever a model is named.
+        """
         from ..models import create, list_models, model_info  # torch loads only for this command
+        from ..models.registry import model_key
 
         typer.echo(f"{'model':<22} {'parameters':>11}  description  (in_dim {in_dim}, {n_classes} classes)")
         for name in list_models():
@@ -23,6 +28,5 @@ def register(app: typer.Typer) -> None:
             names = list(info["presets"]) if presets else ["default"]
             for preset in names:
                 model = create(name, in_dim=in_dim, n_classes=n_classes, preset=preset)
-                label = name if preset == "default" else f"{name} [{preset}]"
-                text = info["description"] if preset == "default" else f"preset {preset!r}"
-                typer.echo(f"{label:<22} {model.num_parameters():>11,}  {text}")
+                typer.echo(f"{model_key(name, preset):<22} {model.num_parameters():>11,}  "
+                           f"{info['presets'][preset]['description']}")

@@ -5,7 +5,8 @@
 >>> out = model(GridBatch.from_grids(grids))     # out.logits (B, 2), out.attention (B, H, W)
 
 Models: ``2dmambamil`` (2DMamba), ``m2dmil`` (Mamba2D mixer), and the baselines ``abmil``, ``transmil``,
-``clam-sb``, ``mambamil`` and ``meanpool``. ``wsi2dmamba models`` lists them with their sizes.
+``clam-sb``, ``mambamil``, ``cnn2d`` and ``meanpool``. A model key ``name:preset`` picks a named
+configuration, e.g. the ablation ``2dmambamil:noscan``; ``wsi2dmamba models --presets`` lists them all.
 """
 
 from . import attention_mil  # noqa: F401  (registers meanpool, abmil)
@@ -13,7 +14,7 @@ from .base import AttentionPool, MILConfig, MILModel, MILOutput, survival_risk
 from .batch import GridBatch
 from .registry import create, create_from_config, list_models, model_info, register_model
 
-for _module in ("mamba2d_mil", "mamba_mil", "clam", "transmil"):
+for _module in ("mamba2d_mil", "mamba_mil", "clam", "transmil", "cnn2d"):
     try:
         __import__(f"{__name__}.{_module}")
     except ModuleNotFoundError as _exc:

@@ -157,6 +157,12 @@ def embed_cells(embed: nn.Sequential, features: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def fill_grid(x: torch.Tensor, pad_token: torch.Tensor, batch: GridBatch) -> torch.Tensor:
+    """(B, H, W, d) embedded cells with ``pad_token`` (d,) at non-tissue cells and zeros at batch padding."""
+    x = torch.where(batch.tissue.unsqueeze(-1), x, pad_token.to(x.dtype))
+    return torch.where(batch.valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def pooling_mask(batch: GridBatch, include_padding: bool = False) -> torch.Tensor:
     """(B, H, W) bool: the cells a slide pools over (tissue cells, or all cells of its own grid).
 

@@ -92,6 +92,61 @@ def raster_conv1d(x: torch.Tensor, conv: Callable[[torch.Tensor], torch.Tensor],
 
 
 @dataclass(frozen=True)
+class RasterColumn:
+    """Each slide's whole grid (tissue and non-tissue cells) in its own raster order, as one column.
+
+    A 1D scan along the raster order is the 2D scan of an L × 1 grid; the column of slide b holds its
+    H_b · W_b cells first, so positions past them (batch padding) never reach its cells.
+
+    Attributes:
+        index: (B, L) int64 flat canvas index (row * W + col) of each column position, or None when
+            every slide fills the canvas (the canvas's raster order is then every slide's own).
+        mask: (B, L) bool, True at a slide's own cells (None with ``index``).
+        shape: the canvas (H, W).
+    """
+
+    index: torch.Tensor | None
+    mask: torch.Tensor | None
+    shape: tuple[int, int]
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, C, L, 1) contiguous."""
+        b, c = x.shape[:2]
+        if self.index is None:
+            return x.reshape(b, c, -1, 1).contiguous()
+        flat = x.reshape(b, c, -1)
+        return flat.gather(2, self.index[:, None, :].expand(-1, c, -1)).unsqueeze(-1).contiguous()
+
+    def scatter(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, C, L, 1) → (B, C, H, W), zero at batch padding cells."""
+        b, c = y.shape[:2]
+        if self.index is None:
+            return y.reshape(b, c, *self.shape)
+        values = y.squeeze(-1) * self.mask[:, None, :].to(y.dtype)
+        out = values.new_zeros(b, c, self.shape[0] * self.shape[1])
+        # every own cell receives exactly one value; padding positions add zeros, so the sum is exact
+        out = out.scatter_add(2, self.index[:, None, :].expand(-1, c, -1), values)
+        return out.view(b, c, *self.shape)
+
+
+def to_raster_column(layout: GridLayout) -> RasterColumn:
+    """The :class:`RasterColumn` of a batch's layout."""
+    if not layout.padded:
+        return RasterColumn(None, None, layout.shape)
+    h, w = layout.shape
+    length = max(hb * wb for hb, wb in layout.sizes)
+    device = layout.valid.device
+    index = torch.zeros(len(layout.sizes), length, dtype=torch.long, device=device)
+    mask = torch.zeros(len(layout.sizes), length, dtype=torch.bool, device=device)
+    for b, (hb, wb) in enumerate(layout.sizes):
+        rows = torch.arange(hb, device=device)[:, None] * w
+        own = (rows + torch.arange(wb, device=device)[None, :]).flatten()
+        index[b, : own.numel()] = own
+        mask[b, : own.numel()] = True
+    return RasterColumn(index, mask, layout.shape)
+
+
+@dataclass(frozen=True)
 class TissueSequence:
     """Each slide's tissue cells in raster (row-major) order, packed into (B, L) and padded at the end.
 

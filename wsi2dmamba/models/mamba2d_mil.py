@@ -16,13 +16,13 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from .base import AttentionPool, MILConfig, MILModel, MILOutput, embed_cells, pooling_mask
+from .base import AttentionPool, MILConfig, MILModel, MILOutput, embed_cells, fill_grid, pooling_mask
 from .batch import GridBatch
 from .grid_layout import CORNERS, GridLayout
-from .registry import register_model
+from .registry import Preset, register_model
 from .ssm_blocks import M2DMixer, Mamba2DBlock, RMSNorm
 
 
@@ -126,9 +126,7 @@ class GridSSMMIL(MILModel):
     def cells(self, batch: GridBatch) -> torch.Tensor:
         """(B, H, W, d) embedded cells: projected features at tissue cells, the padding token elsewhere."""
         feats = batch.features if self.in_norm is None else self.in_norm(batch.features)
-        x = embed_cells(self.embed, feats)
-        x = torch.where(batch.tissue.unsqueeze(-1), x, self.pad_token.to(x.dtype))
-        return torch.where(batch.valid.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return fill_grid(embed_cells(self.embed, feats), self.pad_token, batch)
 
     def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         mask = pooling_mask(batch, include_padding=self.config.pool_padding)
@@ -171,6 +169,8 @@ class Mamba2DMILConfig(GridSSMConfig):
         conv_kernel: kernel size of that conv (odd for ``dw2d``).
         corners: corners the 2D scan starts from (``tl``, ``tr``, ``bl``, ``br``), each with its own
             scan parameters; outputs are summed.
+        scan: the token mixer: ``2d`` (the 2DMamba scan), ``raster1d`` (a 1D selective scan along each
+            slide's raster order over the same grid) or ``none`` (no scan: local conv and gate only).
         init: ``mamba`` (Mamba's step initialisation) or ``paper`` (xavier-normal on every Linear, zero
             biases, as the published code does).
     """
@@ -179,6 +179,13 @@ class Mamba2DMILConfig(GridSSMConfig):
     conv_kernel: int = Field(default=3, gt=0)
     corners: tuple[str, ...] = ("tl",)
     init: Literal["mamba", "paper"] = "mamba"
+    scan: Literal["2d", "raster1d", "none"] = "2d"
+
+    @model_validator(mode="after")
+    def _mixes_cells(self) -> "Mamba2DMILConfig":
+        if self.scan == "none" and self.conv == "none" and self.n_layers > 0:
+            raise ValueError("scan='none' with conv='none' leaves the blocks nothing that mixes cells")
+        return self
 
     @field_validator("conv_kernel")
     @classmethod
@@ -195,8 +202,27 @@ PAPER_2DMAMBAMIL = {
 }
 
 
+# The ablations change one option each, so every other part of the model and its training is the same.
+PRESETS_2DMAMBAMIL = {
+    "paper": Preset(PAPER_2DMAMBAMIL, "the published model: causal 1D conv along the raster order, xavier "
+                                      "init, attention over padding cells too"),
+    "noscan": Preset({"scan": "none"}, "ablation: no scan; the 3×3 depthwise conv and the gate alone mix cells"),
+    "noconv": Preset({"conv": "none"}, "ablation: no local conv; the 2D scan alone mixes cells"),
+    "4corners": Preset({"corners": ("tl", "tr", "bl", "br")},
+                       "the 2D scan from all four corners (own parameters each), outputs summed"),
+    "raster1d": Preset({"scan": "raster1d"}, "ablation: a 1D selective scan along the raster order of the "
+                                             "same grid instead of the 2D scan"),
+}
+
+PRESETS_M2DMIL = {
+    "noscan": Preset({"ssm_path": False}, "ablation: no M2D scan; the local depthwise 3×3 path alone mixes cells"),
+    "noconv": Preset({"local_path": False}, "ablation: no local path; the M2D scan alone mixes cells"),
+    "2blocks": Preset({"n_layers": 2}, "two blocks, scanning from the top-left and then the bottom-right corner"),
+}
+
+
 @register_model("2dmambamil", "2DMambaMIL: residual 2D selective-scan (2DMamba) blocks on the slide's grid, "
-                "attention pooling.", presets={"paper": PAPER_2DMAMBAMIL})
+                "attention pooling.", presets=PRESETS_2DMAMBAMIL)
 class Mamba2DMIL(GridSSMMIL):
     config_class = Mamba2DMILConfig
 
@@ -205,7 +231,8 @@ class Mamba2DMIL(GridSSMMIL):
         self.blocks = nn.ModuleList(
             Mamba2DResidual(config.d_model, d_state=config.d_state, expand=config.expand, dt_rank=config.dt_rank,
                             conv=config.conv, conv_kernel=config.conv_kernel, corners=config.corners,
-                            init=config.init, backend=config.scan_backend, dt_range=config.dt_range)
+                            init=config.init, backend=config.scan_backend, scan=config.scan,
+                            dt_range=config.dt_range)
             for _ in range(config.n_layers))
         if config.init == "paper":
             for m in self.modules():
@@ -238,15 +265,23 @@ class M2DMILConfig(GridSSMConfig):
     Attributes:
         corners: scan start of each block in turn (Mamba2D alternates ``tl`` and ``br``).
         local_path: add the depthwise-separable local path to the SSM path.
+        ssm_path: the M2D-SSM path (off: the local path alone, an ablation).
     """
 
     expand: int = Field(default=1, gt=0)
     corners: tuple[str, ...] = ("tl", "br")
     local_path: bool = True
+    ssm_path: bool = True
+
+    @model_validator(mode="after")
+    def _mixes_cells(self) -> "M2DMILConfig":
+        if not (self.ssm_path or self.local_path):
+            raise ValueError("ssm_path and local_path cannot both be off")
+        return self
 
 
 @register_model("m2dmil", "Mamba2D-MIL: the same frame with the Mamba2D mixer (M2D scan, two parameter "
-                "sets, local path).")
+                "sets, local path).", presets=PRESETS_M2DMIL)
 class M2DMIL(GridSSMMIL):
     config_class = M2DMILConfig
 
@@ -255,5 +290,6 @@ class M2DMIL(GridSSMMIL):
         self.blocks = nn.ModuleList(
             M2DResidual(config.d_model, d_state=config.d_state, expand=config.expand, dt_rank=config.dt_rank,
                         corner=config.corners[i % len(config.corners)], local_path=config.local_path,
-                        backend=config.scan_backend, dt_range=config.dt_range)
+                        backend=config.scan_backend, ssm_path=config.ssm_path,
+                        dt_range=config.dt_range)
             for i in range(config.n_layers))

@@ -18,9 +18,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from .grid_layout import GridLayout, flip_to_corner, raster_conv1d, zero_padding
+from .grid_layout import GridLayout, flip_to_corner, raster_conv1d, to_raster_column, zero_padding
 
 ConvKind = Literal["dw2d", "causal1d", "none"]
+ScanKind = Literal["2d", "raster1d", "none"]
 Init = Literal["mamba", "paper"]
 
 
@@ -153,6 +154,10 @@ class Mamba2DBlock(nn.Module):
     a causal depthwise conv of ``conv_kernel`` taps along the raster order (``causal1d``). Each corner in
     ``corners`` has its own scan parameters; their gated outputs are summed.
 
+    ``scan`` selects the token mixer for the ablations: ``2d`` (the 2DMamba scan), ``raster1d`` (the 1D
+    selective scan along each slide's raster order, row after row, over the same grid) or ``none``
+    (no scan: the gated, skip-scaled scan input D · u · silu(z), so only the local conv mixes cells).
+
     Everything but x_proj acts on each inner channel on its own, so :meth:`forward_lean` computes the
     block as a sum over groups of channels, each recomputed in the backward pass (see
     :func:`checkpointed_sum`): same output, a fraction of the activation memory.
@@ -160,12 +165,15 @@ class Mamba2DBlock(nn.Module):
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, dt_rank: int | None = None,
                  conv: ConvKind = "dw2d", conv_kernel: int = 3, corners: tuple[str, ...] = ("tl",),
-                 init: Init = "mamba", backend: str = "auto", dt_range: tuple[float, float] = (1e-3, 0.1)) -> None:
+                 init: Init = "mamba", backend: str = "auto", scan: ScanKind = "2d",
+                 dt_range: tuple[float, float] = (1e-3, 0.1)) -> None:
         super().__init__()
         inner = expand * d_model
         self.inner = inner
         dt_rank = dt_rank or math.ceil(d_model / 16)
-        self.conv_kind, self.corners, self.backend = conv, tuple(corners), backend
+        self.scan_kind = scan
+        self.conv_kind, self.backend = conv, backend
+        self.corners = () if scan == "none" else tuple(corners)
         self.in_proj = nn.Linear(d_model, 2 * inner, bias=False)
         if conv == "dw2d":
             self.conv = nn.Conv2d(inner, inner, conv_kernel, padding=conv_kernel // 2, groups=inner)
@@ -174,6 +182,7 @@ class Mamba2DBlock(nn.Module):
         else:
             self.conv = None
         self.scans = nn.ModuleList(ScanParameters(inner, d_state, dt_rank, init, dt_range) for _ in self.corners)
+        self.skip = nn.Parameter(torch.ones(inner)) if scan == "none" else None
         self.out_proj = nn.Linear(inner, d_model, bias=False)
 
     def _sub(self, sl: slice) -> tuple[slice, slice]:
@@ -196,18 +205,32 @@ class Mamba2DBlock(nn.Module):
 
     def _projections(self, u: torch.Tensor, sl: slice = ALL) -> torch.Tensor:
         """x_proj of every corner's scan parameters, concatenated on the channels (unmirrored)."""
+        if not self.scans:
+            return u.new_zeros(u.shape[0], 0, *u.shape[2:])
         return torch.cat([params.project(u, sl) for params in self.scans], dim=1)
+
+    def _scan_from(self, corner: str, params: ScanParameters, u: torch.Tensor, z: torch.Tensor,
+                   proj: torch.Tensor, layout: GridLayout, sl: slice) -> torch.Tensor:
+        """Gated scan of (B, E_sl, H, W) ``u`` from ``corner`` (2D, or along the raster order), unmirrored."""
+        u, z, proj = (flip_to_corner(t, layout, corner) for t in (u, z, proj))
+        if self.scan_kind == "raster1d":
+            column = to_raster_column(layout)
+            y = params.scan(*(column.gather(t) for t in (u, z, proj)), self.backend, sl)
+            y = column.scatter(y)
+        else:
+            y = params.scan(u, z, proj, self.backend, sl)
+        return flip_to_corner(y, layout, corner)
 
     def _mix(self, x: torch.Tensor, u: torch.Tensor, projs: torch.Tensor, layout: GridLayout,
              sl: slice) -> torch.Tensor:
         """out_proj share of the inner channels ``sl``: the scans of ``u`` from every corner, gated, summed."""
         z = cells_to_channels(self.in_proj.weight[self._sub(sl)[1]], x)
+        if self.skip is not None:  # no scan: the scan's skip term alone, gated
+            y = u * self.skip[sl].to(u.dtype)[None, :, None, None] * F.silu(z)
+            return channels_to_cells(self.out_proj.weight[:, sl], y)
         y = None
         for corner, params, proj in zip(self.corners, self.scans, projs.chunk(len(self.corners), dim=1)):
-            yc = flip_to_corner(
-                params.scan(flip_to_corner(u, layout, corner), flip_to_corner(z, layout, corner),
-                            flip_to_corner(proj, layout, corner), self.backend, sl),
-                layout, corner)
+            yc = self._scan_from(corner, params, u, z, proj, layout, sl)
             y = yc if y is None else y + yc
         return channels_to_cells(self.out_proj.weight[:, sl], y)
 
@@ -266,29 +289,21 @@ class M2DMixer(nn.Module):
 
     SSM path: Linear → GELU → M2D scan (two parameter sets: vertical T and horizontal L) → GELU → Linear.
     Local path: LayerNorm → pointwise (×2 channels) → StarReLU → depthwise 3×3 → StarReLU → pointwise.
-    ``corner`` is where this mixer's scan starts (Mamba2D alternates TL and BR between blocks).
+    ``corner`` is where this mixer's scan starts (Mamba2D alternates TL and BR between blocks). For the
+    ablations, ``ssm_path=False`` leaves the local path alone and ``local_path=False`` the SSM path alone.
     """
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 1, dt_rank: int | None = None,
-                 corner: str = "tl", local_path: bool = True, backend: str = "auto",
+                 corner: str = "tl", local_path: bool = True, backend: str = "auto", ssm_path: bool = True,
                  dt_range: tuple[float, float] = (1e-3, 0.1)) -> None:
         super().__init__()
-        inner = expand * d_model
+        if not (ssm_path or local_path):
+            raise ValueError("an M2D mixer needs its SSM path, its local path, or both")
+        self.ssm_path = ssm_path
         self.dt_rank, self.d_state = dt_rank or math.ceil(d_model / 16), d_state
         self.corner, self.backend = corner, backend
-        self.in_proj = nn.Linear(d_model, inner)
-        self.x_proj = nn.Linear(inner, 2 * self.dt_rank + 3 * d_state, bias=False)
-        self.dt_proj_t = nn.Linear(self.dt_rank, inner)
-        self.dt_proj_l = nn.Linear(self.dt_rank, inner)
-        self.A_log_t = nn.Parameter(s4d_real_a_log(inner, d_state))
-        self.A_log_l = nn.Parameter(s4d_real_a_log(inner, d_state))
-        self.D = nn.Parameter(torch.ones(inner))
-        self.out_proj = nn.Linear(inner, d_model)
-        with torch.no_grad():  # Mamba2D draws one step bias and gives it to both axes
-            bias = init_dt_bias(inner, *dt_range)
-            for proj in (self.dt_proj_t, self.dt_proj_l):
-                nn.init.uniform_(proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
-                proj.bias.copy_(bias)
+        if ssm_path:
+            self._build_ssm(d_model, expand * d_model, dt_range)
         if local_path:
             self.local_norm = nn.LayerNorm(d_model)
             self.local_in = nn.Linear(d_model, 2 * d_model, bias=False)
@@ -298,6 +313,21 @@ class M2DMixer(nn.Module):
             self.local_out = nn.Linear(2 * d_model, d_model, bias=False)
         else:
             self.local_norm = None
+
+    def _build_ssm(self, d_model: int, inner: int, dt_range: tuple[float, float]) -> None:
+        self.in_proj = nn.Linear(d_model, inner)
+        self.x_proj = nn.Linear(inner, 2 * self.dt_rank + 3 * self.d_state, bias=False)
+        self.dt_proj_t = nn.Linear(self.dt_rank, inner)
+        self.dt_proj_l = nn.Linear(self.dt_rank, inner)
+        self.A_log_t = nn.Parameter(s4d_real_a_log(inner, self.d_state))
+        self.A_log_l = nn.Parameter(s4d_real_a_log(inner, self.d_state))
+        self.D = nn.Parameter(torch.ones(inner))
+        self.out_proj = nn.Linear(inner, d_model)
+        with torch.no_grad():  # Mamba2D draws one step bias and gives it to both axes
+            bias = init_dt_bias(inner, *dt_range)
+            for proj in (self.dt_proj_t, self.dt_proj_l):
+                nn.init.uniform_(proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+                proj.bias.copy_(bias)
 
     def _scan_input(self, x: torch.Tensor, sl: slice) -> torch.Tensor:
         """(B, E_sl, H, W) u = gelu(in_proj(x)) of the inner channels ``sl`` (unmirrored)."""
@@ -329,12 +359,16 @@ class M2DMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, layout: GridLayout) -> torch.Tensor:
         """(B, H, W, d) → (B, H, W, d)."""
+        if not self.ssm_path:
+            return self._local(x, layout, ALL)
         u = self._scan_input(x, ALL)
         out = self._ssm(u, channel_matmul(self.x_proj.weight, u), layout, ALL) + self.out_proj.bias
         return out if self.local_norm is None else out + self._local(x, layout, ALL)
 
     def forward_lean(self, x: torch.Tensor, layout: GridLayout, groups: int) -> torch.Tensor:
         """:meth:`forward` in ``groups`` groups of channels, each recomputed in the backward pass."""
+        if not self.ssm_path:
+            return checkpointed_sum(self._local_part, channel_parts(self.local_in.out_features, groups), x, layout)
         slices = channel_parts(self.in_proj.out_features, groups)
         proj = checkpointed_sum(self._projection_part, slices, x)
         # no kept last term here: its activations would still be held while the local path is recomputed

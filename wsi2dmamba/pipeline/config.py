@@ -235,19 +235,21 @@ _RUN_SET_MODEL_OPTIONS = ("in_dim", "n_classes", "task", "n_bins")
 
 def split_model_entry(entry: str) -> tuple[str, str | None]:
     """``"2dmambamil:paper"`` → ``("2dmambamil", "paper")``; ``"abmil"`` → ``("abmil", None)``."""
-    name, _, preset = entry.partition(":")
-    return name, (preset or None)
+    from ..models.registry import split_model_key
+
+    return split_model_key(entry)
 
 
 def model_folder(entry: str) -> str:
     """Folder name of a model entry in ``RUN/train`` (``2dmambamil:paper`` → ``2dmambamil-paper``)."""
-    name, preset = split_model_entry(entry)
-    return name if preset in (None, "default") else f"{name}-{preset}"
+    from ..models.registry import model_folder as folder
+
+    return folder(entry)
 
 
 def _check_models(section: TrainSection, source: Path) -> None:
     from ..models import list_models, model_info
-    from ..models.registry import build_config
+    from ..models.registry import build_config, check_model_key
 
     known = list_models()
     bad = [m for m in section.models if split_model_entry(m)[0] not in known]
@@ -255,11 +257,10 @@ def _check_models(section: TrainSection, source: Path) -> None:
         raise ConfigError(f"{source}: [train] models: unknown model(s) {', '.join(repr(m) for m in bad)}; "
                           f"available: {', '.join(known)}")
     for m in section.models:
-        name, preset = split_model_entry(m)
-        presets = model_info(name)["presets"]
-        if preset is not None and preset not in presets:
-            raise ConfigError(f"{source}: [train] models: {name!r} has no preset {preset!r}; "
-                              f"its presets: {', '.join(presets)}")
+        try:
+            check_model_key(m)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: [train] models: {exc}") from None
     dupes = sorted({m for m in section.models if section.models.count(m) > 1})
     if dupes:
         raise ConfigError(f"{source}: [train] models lists {', '.join(dupes)} more than once")
@@ -270,8 +271,10 @@ def _check_models(section: TrainSection, source: Path) -> None:
         if fixed:
             raise ConfigError(f"{source}: [train.model_options.{model}] key(s) {', '.join(fixed)} are set by the "
                               "run (from the features and [train] task); remove them")
+        name, preset = split_model_entry(model)
+        preset_values = model_info(name)["presets"][preset or "default"]["overrides"]
         try:
-            build_config(split_model_entry(model)[0], {"in_dim": 8, "n_classes": 2, **opts})
+            build_config(name, {"in_dim": 8, "n_classes": 2, **preset_values, **opts})
         except ConfigError as exc:
             raise ConfigError(f"{source}: [train.model_options.{model}]: {exc}") from None
 

@@ -471,10 +471,10 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
         cohort: slides with labels (classification) or time and event (survival), and patients.
         features_dir: folder of ``<slide_id>.h5`` feature grids (``RUN/features/<encoder>``).
         run_dir: the run folder; results go to ``RUN/train/<name>/fold_<k>/``.
-        model_name: registry name of the model.
+        model_name: a model key: registry name of the model, optionally ``name:preset``.
         config: training configuration.
         model_overrides: model configuration fields to override.
-        preset: named preset of the model (e.g. ``paper``).
+        preset: named preset of the model (e.g. ``paper``), if the key names none.
         name: folder name of this model in the run (default: the model name, plus ``-<preset>``).
         splits: a folder of ``splits_<k>.csv`` (or one CSV) to use instead of making splits.
         folds_to_run: only these folds (e.g. one per job); default all.
@@ -487,7 +487,8 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
         ray_address: the Ray cluster for ``executor="ray"`` (None: start a local one).
     """
     run_dir = Path(run_dir)
-    name = name or (model_name if preset in (None, "default") else f"{model_name}-{preset}")
+    model_name, preset, folder = _resolve_model_key(model_name, preset)
+    name = name or folder
     if not name or any(c in name for c in "/\\\0") or name in (".", "..", "splits"):
         raise ConfigError(f"--name {name!r} cannot be used as a folder name")
     resolved, warnings = run_splits(cohort, run_dir, config, splits)
@@ -513,6 +514,19 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
                                         features_dir=str(features_dir), force=force, callbacks=callbacks,
                                         progress=progress))
     return results
+
+
+def _resolve_model_key(key: str, preset: str | None) -> tuple[str, str | None, str]:
+    """(registry name, preset, run folder) of a model key and a separately given preset; both checked."""
+    from ..models.registry import check_model_key, model_folder, model_key, split_model_key
+
+    name, key_preset = split_model_key(key)
+    preset = None if preset in (None, "default") else preset
+    if key_preset is not None and preset is not None and preset != key_preset:
+        raise ConfigError(f"--preset {preset} contradicts the model key {key!r}; give the preset once")
+    full = model_key(name, key_preset or preset)
+    name, preset = check_model_key(full)
+    return name, preset, model_folder(full)
 
 
 # ------------------------------------------------------------------------- folds in other processes
