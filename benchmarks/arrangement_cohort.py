@@ -88,7 +88,7 @@ def demo_data(run_dir: str):
     return cohort, load_feature_grids(cohort, Path(run_dir) / "features" / "efficientnet-lite0", progress=False)
 
 
-def prepare_demo(run_dir: str, workers: int) -> str:
+def prepare_demo(run_dir: str, workers: int, slides: int | None = None) -> str:
     """Build the demo's classification cohort and run segment → tile → extract on it (no training)."""
     from wsi2dmamba.demo.run import demo_pipelines
     from wsi2dmamba.features import extract_cohort
@@ -96,7 +96,7 @@ def prepare_demo(run_dir: str, workers: int) -> str:
     from wsi2dmamba.tiling import tile_cohort
     from wsi2dmamba.tissue.stage import segment_cohort
 
-    config = demo_pipelines(run_dir, tasks=("classification",), workers=workers)[0]
+    config = demo_pipelines(run_dir, tasks=("classification",), workers=workers, slides=slides)[0]
     out = Path(run_dir)
     cohort = _load_cohort(config, out, progress=False)
     segment_cohort(cohort, out, config.option("segment"), workers=workers, progress=False)
@@ -149,14 +149,16 @@ def run_task(task: dict) -> dict:
 
 
 def make_tasks(stage: str, cohort: str, variant: str, models, folds: int, args, setting: dict | None,
-               epochs: int, deadline: float) -> list[dict]:
-    train, model_options = split_knobs(setting) if setting else ({}, {})
+               epochs: int, deadline: float, train: dict | None = None) -> list[dict]:
+    """Tasks of ``models`` × ``folds``, fold-major (with a deadline, every model gets its first folds)."""
+    train_opts, model_options = split_knobs(setting) if setting else ({}, {})
+    train = train_opts if train is None else train
     return [{"stage": stage, "cohort": cohort, "variant": variant, "model": m, "fold": k, "folds": folds,
              "epochs": epochs, "train": train, "model_options": model_options if m in SSM_MODELS else {},
              "seed": args.tune_seed if stage == "tune" else args.seed, "n_slides": args.slides, "pool": args.pool,
              "demo_dir": str(Path(args.work) / "demo"), "work": args.work, "device": args.device,
              "deadline": deadline}
-            for m in models for k in range(folds)]
+            for k in range(folds) for m in models]
 
 
 # ------------------------------------------------------------------------------------------ the study
@@ -222,20 +224,25 @@ def study(args) -> None:
     rows: list[dict] = []
     variants = {v: VARIANTS[v] for v in (args.variants.split(",") if args.variants else VARIANTS)}
     # segment, tile and extract start worker processes of their own: not from a (daemonic) pool worker
-    demo_job = ctx.Process(target=prepare_demo, args=(str(Path(args.work) / "demo"), 4)) if args.demo else None
+    demo_job = ctx.Process(target=prepare_demo, args=(str(Path(args.work) / "demo"), 4, args.demo_slides)) \
+        if args.demo else None
     if demo_job is not None:
         demo_job.start()
     with ctx.Pool(args.jobs) as pool:
         tune = [t for v, s in variants.items()
                 for t in make_tasks("tune", "arrangement", v, SSM_MODELS, args.tune_folds, args, s, args.epochs,
                                     tune_deadline)]
+        tune.sort(key=lambda t: t["fold"])  # fold 0 of every setting first
         rows += pool.map(run_task, tune, chunksize=1)
         chosen, means = choose(rows)
         selection = {"chosen": chosen, "setting": VARIANTS[chosen], "mean_val_auc": means,
                      "rule": "highest mean validation AUC over both 2D models and the tuning folds"}
         print(f"chosen: {chosen} {means}", flush=True)
         check = make_tasks("check", "arrangement", chosen, SSM_MODELS, 5, args, VARIANTS[chosen], args.epochs, deadline)
-        check += make_tasks("check", "arrangement", "defaults", baselines, 5, args, None, args.epochs, deadline)
+        # the baselines train with the chosen training options (learning rate, warm-up) and their own model
+        # defaults, so every model of the comparison has the same recipe
+        check += make_tasks("check", "arrangement", "defaults", baselines, 5, args, None, args.epochs, deadline,
+                            train=split_knobs(VARIANTS[chosen])[0])
         if chosen != "published":
             check += make_tasks("check", "arrangement", "published", SSM_MODELS, 5, args, PUBLISHED, args.epochs,
                                 deadline)
@@ -311,6 +318,7 @@ def main(argv=None) -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--demo-epochs", type=int, default=30)
     p.add_argument("--demo", action="store_true", help="also check on the demo's classification task")
+    p.add_argument("--demo-slides", type=int, default=None, help="demo slides (default: the demo's)")
     p.add_argument("--variants", default="", help="comma-separated settings to tune over (default: all)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--device", default="cpu")
