@@ -69,7 +69,12 @@ def split_knobs(setting: dict) -> tuple[dict, dict]:
 def arrangement_data(pool_path: str, seed: int, n_slides: int):
     """(cohort, grids) of the arrangement cohort of ``seed`` whose cells take features from the pool file."""
     from wsi2dmamba.cohort.manifest import Cohort, SlideRecord
-    from wsi2dmamba.demo.arrangement import LABEL_NAMES, ArrangementSpec, arrangement_grids, draw_arrangement_cohort
+    from wsi2dmamba.demo.arrangement import (
+        LABEL_NAMES,
+        ArrangementSpec,
+        arrangement_grids,
+        draw_arrangement_cohort,
+    )
 
     pool = np.load(pool_path).astype(np.float32)
     spec = ArrangementSpec(n_slides=n_slides, seed=seed, pool_size=pool.shape[1])
