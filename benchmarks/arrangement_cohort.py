@@ -183,7 +183,7 @@ def summary_md(rows: list[dict], selection: dict) -> str:
     import pandas as pd
 
     df = pd.DataFrame([r for r in rows if r.get("status") == "ok"])
-    lines = [f"chosen setting: {selection['chosen']} = {json.dumps(selection['setting'])}", "",
+    lines = [f"chosen setting: {selection.get('chosen')} = {json.dumps(selection.get('setting'))}", "",
              "| stage | cohort | setting | model | folds | val AUC mean | test AUC mean ± sd | per fold |",
              "|---|---|---|---|---|---|---|---|"]
     if len(df):
@@ -218,6 +218,17 @@ def write_outputs(out: Path, rows: list[dict], selection: dict) -> None:
     (out / "summary.md").write_text(summary_md(rows, selection))
 
 
+def run_all(pool, tasks: list[dict], rows: list[dict], out: Path, selection: dict) -> None:
+    """Run ``tasks`` on ``pool`` in order, appending each result to ``rows`` and rewriting the outputs as
+    each one finishes (a study stopped from outside keeps what it finished)."""
+    for row in pool.imap_unordered(run_task, tasks, chunksize=1):
+        rows.append(row)
+        print(f"{row['stage']} {row['cohort']} {row['variant']} {row['model']} fold {row['fold']}: "
+              f"{row.get('status')} val {row.get('val_auc', float('nan')):.3f} test {row.get('test_auc', float('nan')):.3f} "
+              f"({row.get('seconds', 0):.0f} s)", flush=True)
+        write_outputs(out, rows, selection)
+
+
 def study(args) -> None:
     from wsi2dmamba.models import list_models
 
@@ -238,10 +249,10 @@ def study(args) -> None:
                 for t in make_tasks("tune", "arrangement", v, SSM_MODELS, args.tune_folds, args, s, args.epochs,
                                     tune_deadline)]
         tune.sort(key=lambda t: t["fold"])  # fold 0 of every setting first
-        rows += pool.map(run_task, tune, chunksize=1)
+        selection: dict = {"rule": "highest mean validation AUC over both 2D models and the tuning folds"}
+        run_all(pool, tune, rows, Path(args.out), selection)
         chosen, means = choose(rows)
-        selection = {"chosen": chosen, "setting": VARIANTS[chosen], "mean_val_auc": means,
-                     "rule": "highest mean validation AUC over both 2D models and the tuning folds"}
+        selection.update(chosen=chosen, setting=VARIANTS[chosen], mean_val_auc=means)
         print(f"chosen: {chosen} {means}", flush=True)
         check = make_tasks("check", "arrangement", chosen, SSM_MODELS, 5, args, VARIANTS[chosen], args.epochs, deadline)
         # the baselines train with the chosen training options (learning rate, warm-up) and their own model
@@ -257,7 +268,7 @@ def study(args) -> None:
         if demo_job is not None and demo_job.exitcode == 0:
             for v in dict.fromkeys((chosen, "published")):
                 check += make_tasks("check", "demo", v, SSM_MODELS, 5, args, VARIANTS[v], args.demo_epochs, deadline)
-        rows += pool.map(run_task, check, chunksize=1)
+        run_all(pool, check, rows, Path(args.out), selection)
     selection["seconds"] = time.time() - t_start
     write_outputs(Path(args.out), rows, selection)
     print(summary_md(rows, selection), flush=True)
