@@ -308,6 +308,55 @@ def cmd_write(args) -> None:
     print(write_arrangement_cohort(args.out, spec, pool))
 
 
+def cmd_check_pixels(args) -> None:
+    """Render a few slides from the pool tiles, run segment → tile → extract on them, and compare the
+    extracted features with the ones the cohort gives their cells."""
+    from wsi2dmamba.cohort import load_cohort
+    from wsi2dmamba.demo.arrangement import (
+        ArrangementSpec,
+        draw_arrangement_cohort,
+        render_arrangement,
+        slide_feature_grid,
+    )
+    from wsi2dmamba.demo.mosaic import MOSAIC_MPP, write_pyramidal_tiff
+    from wsi2dmamba.demo.run import demo_pipelines
+    from wsi2dmamba.features import extract_cohort
+    from wsi2dmamba.grid import read_feature_grid
+    from wsi2dmamba.tiling import tile_cohort
+    from wsi2dmamba.tissue.stage import segment_cohort
+
+    pool = np.load(args.pool).astype(np.float32)
+    spec = ArrangementSpec(n_slides=args.slides, seed=args.seed, side=(args.side, args.side), marked=(3, 4),
+                           pool_size=pool.shape[1])
+    out = Path(args.out)
+    (out / "slides").mkdir(parents=True, exist_ok=True)
+    slides = draw_arrangement_cohort(spec)
+    lines = ["slide_id,path,label"]
+    for i, s in enumerate(slides):
+        write_pyramidal_tiff(out / "slides" / f"{s.slide_id}.tiff", render_arrangement(s, i, spec), MOSAIC_MPP,
+                             quality=args.quality)
+        lines.append(f"{s.slide_id},slides/{s.slide_id}.tiff,{s.label}")
+    (out / "manifest.csv").write_text("\n".join(lines) + "\n")
+    cohort = load_cohort(out / "manifest.csv")
+    config = demo_pipelines(out, tasks=("classification",), workers=args.workers)[0]
+    segment_cohort(cohort, out, config.option("segment"), workers=args.workers, progress=False)
+    tile_cohort(cohort, out, config.option("tile"), workers=args.workers, progress=False)
+    extract_cohort(cohort, out, config.option("extract").model_copy(update={"device": args.device}), progress=False)
+    report = []
+    for i, s in enumerate(slides):
+        made = slide_feature_grid(s, i, pool, spec)
+        got = read_feature_grid(out / "features" / "efficientnet-lite0" / f"{s.slide_id}.h5")
+        same_cells = np.array_equal(made.mask, got.mask)
+        a, b = made.features.astype(np.float32), got.features.astype(np.float32)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)) if same_cells else np.array([])
+        report.append({"slide_id": s.slide_id, "grid": list(got.shape), "same_tissue_cells": same_cells,
+                       "cells": int(len(a)), "cosine_min": float(cos.min()) if cos.size else None,
+                       "cosine_mean": float(cos.mean()) if cos.size else None,
+                       "relative_l2_mean": float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)).mean())
+                       if same_cells else None})
+    print(json.dumps(report, indent=1))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -323,6 +372,15 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slides", type=int, default=240)
+    p = sub.add_parser("check-pixels")
+    p.add_argument("--pool", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slides", type=int, default=2)
+    p.add_argument("--side", type=int, default=8, help="grid side before cropping to the tissue")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality of the rendered slides")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--device", default="auto")
     p = sub.add_parser("study")
     p.add_argument("--pool", required=True, help="pool file (the pool of the cohorts' seed 0 serves both cohorts)")
     p.add_argument("--work", required=True)
@@ -341,7 +399,8 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=3600.0)
     p.add_argument("--tune-budget-s", type=float, default=1800.0)
     args = ap.parse_args(argv)
-    {"pool": cmd_pool, "probe": cmd_probe, "write": cmd_write, "study": study}[args.cmd](args)
+    {"pool": cmd_pool, "probe": cmd_probe, "write": cmd_write, "check-pixels": cmd_check_pixels,
+     "study": study}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -347,3 +347,17 @@ def write_arrangement_cohort(out_dir: str | os.PathLike[str], spec: ArrangementS
     manifest = out / "manifest.csv"
     write_text_atomic(manifest, manifest_text(slides))
     return manifest
+
+
+def render_arrangement(slide: ArrangedSlide, slide_index: int, spec: ArrangementSpec) -> np.ndarray:
+    """(rows·CELL_PX, cols·CELL_PX, 3) uint8 level-0 image of a slide, each tissue cell the very pool tile
+    whose features :func:`slide_feature_grid` gives it (glass: the demo's light grey with noise)."""
+    from .mosaic import Augment, render_cells
+
+    picks = cell_pool_indices(slide_index, slide.cells, spec)
+    image = render_cells(np.zeros_like(slide.cells), np.random.default_rng([spec.seed, slide_index, 6]), Augment())
+    for r, c in np.argwhere(slide.cells != GLASS):
+        j = int(picks[r, c])
+        image[r * CELL_PX:(r + 1) * CELL_PX, c * CELL_PX:(c + 1) * CELL_PX] = \
+            pool_crops(spec, int(slide.cells[r, c]), j, j + 1)[0]
+    return image
