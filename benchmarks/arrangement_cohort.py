@@ -350,7 +350,7 @@ def cmd_check_pixels(args) -> None:
         a, b = made.features.astype(np.float32), got.features.astype(np.float32)
         cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)) if same_cells else np.array([])
         report.append({"slide_id": s.slide_id, "grid": list(got.shape), "same_tissue_cells": same_cells,
-                       "cells": int(len(a)), "cosine_min": float(cos.min()) if cos.size else None,
+                       "cells": len(a), "cosine_min": float(cos.min()) if cos.size else None,
                        "cosine_mean": float(cos.mean()) if cos.size else None,
                        "relative_l2_mean": float((np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)).mean())
                        if same_cells else None})
