@@ -249,11 +249,15 @@ def study(args) -> None:
                 for t in make_tasks("tune", "arrangement", v, SSM_MODELS, args.tune_folds, args, s, args.epochs,
                                     tune_deadline)]
         tune.sort(key=lambda t: t["fold"])  # fold 0 of every setting first
-        selection: dict = {"rule": "highest mean validation AUC over both 2D models and the tuning folds"}
-        run_all(pool, tune, rows, Path(args.out), selection)
-        chosen, means = choose(rows)
-        selection.update(chosen=chosen, setting=VARIANTS[chosen], mean_val_auc=means)
-        print(f"chosen: {chosen} {means}", flush=True)
+        if args.chosen:  # a setting chosen beforehand: no tuning stage
+            chosen = args.chosen
+            selection: dict = {"rule": "given (--chosen)", "chosen": chosen, "setting": VARIANTS[chosen]}
+        else:
+            selection = {"rule": "highest mean validation AUC over both 2D models and the tuning folds"}
+            run_all(pool, tune, rows, Path(args.out), selection)
+            chosen, means = choose(rows)
+            selection.update(chosen=chosen, setting=VARIANTS[chosen], mean_val_auc=means)
+        print(f"chosen: {selection}", flush=True)
         check = make_tasks("check", "arrangement", chosen, SSM_MODELS, 5, args, VARIANTS[chosen], args.epochs, deadline)
         # the baselines train with the chosen training options (learning rate, warm-up) and their own model
         # defaults, so every model of the comparison has the same recipe
@@ -393,6 +397,7 @@ def main(argv=None) -> None:
     p.add_argument("--demo-epochs", type=int, default=30)
     p.add_argument("--demo", action="store_true", help="also check on the demo's classification task")
     p.add_argument("--demo-slides", type=int, default=None, help="demo slides (default: the demo's)")
+    p.add_argument("--chosen", default="", help="skip tuning and check this setting")
     p.add_argument("--variants", default="", help="comma-separated settings to tune over (default: all)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--device", default="cpu")
