@@ -4,6 +4,8 @@ choose and check the 2D models' defaults on it.
     # encode the tile pool once (real encoder, real tiles) and measure how well one tile tells the kinds apart
     python benchmarks/arrangement_cohort.py pool --out runs/arrangement --seed 0
     python benchmarks/arrangement_cohort.py probe --pool runs/arrangement/pool_seed0.npy
+    # how much of the label the features carry (a detector that is told the marked tissue's direction)
+    python benchmarks/arrangement_cohort.py oracle --pool runs/arrangement/pool_seed0.npy
     # write the cohort as grid files + manifest (then `wsi2dmamba train` works on it as on any cohort)
     python benchmarks/arrangement_cohort.py write --pool runs/arrangement/pool_seed0.npy --out runs/arrangement
     # the settings study: tune on the tuning cohort (seed 1), freeze, check on the development cohort (seed 0)
@@ -308,6 +310,45 @@ def cmd_probe(args) -> None:
     print(json.dumps({"tiles_per_kind": int(pool.shape[1]), "probe_auc": round(float(roc_auc_score(y, p)), 4)}))
 
 
+def cmd_oracle(args) -> None:
+    """How much of the label the features carry: AUC of a detector that knows the marked tissue's direction.
+
+    Each cell is scored by its feature vector's projection on the difference of the pool's two kind means
+    (z-scored within the slide); a slide's score is the best sum over a straight run of ``marked[0]`` cells.
+    No trained model should be expected to beat it; a model of composition only (the slide's mean score)
+    stays at chance.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from wsi2dmamba.demo.arrangement import (
+        ArrangementSpec,
+        arrangement_grids,
+        draw_arrangement_cohort,
+    )
+
+    pool = np.load(args.pool).astype(np.float32)
+    spec = ArrangementSpec(n_slides=args.slides, seed=args.seed, pool_size=pool.shape[1])
+    w = pool[1].mean(0) - pool[0].mean(0)
+    slides = draw_arrangement_cohort(spec)
+    grids = arrangement_grids(slides, pool, spec)
+    n = spec.marked[0]
+    labels, runs, means = [], [], []
+    for s in slides:
+        f, m = grids[s.slide_id].dense()
+        score = np.full(m.shape, np.nan)
+        score[m] = f[m].astype(np.float32) @ w
+        z = np.nan_to_num((score - np.nanmean(score)) / np.nanstd(score), nan=-5.0)
+        view = np.lib.stride_tricks.sliding_window_view
+        runs.append(max(view(z, n, axis=1).sum(-1).max(), view(z, n, axis=0).sum(-1).max()))
+        means.append(np.nanmean(score))
+        labels.append(s.label)
+    kinds = np.concatenate([s.cells[s.cells != 0] for s in slides])
+    cells = np.concatenate([grids[s.slide_id].features.astype(np.float32) @ w for s in slides])
+    print(json.dumps({"cell_auc": round(float(roc_auc_score(kinds == 2, cells)), 3),
+                      f"best_run_of_{n}_auc": round(float(roc_auc_score(labels, runs)), 3),
+                      "slide_mean_auc": round(float(roc_auc_score(labels, means)), 3)}))
+
+
 def cmd_write(args) -> None:
     from wsi2dmamba.demo.arrangement import ArrangementSpec, write_arrangement_cohort
 
@@ -375,6 +416,10 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="auto")
     p = sub.add_parser("probe")
     p.add_argument("--pool", required=True)
+    p = sub.add_parser("oracle")
+    p.add_argument("--pool", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slides", type=int, default=240)
     p = sub.add_parser("write")
     p.add_argument("--pool", required=True)
     p.add_argument("--out", required=True)
@@ -408,7 +453,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=3600.0)
     p.add_argument("--tune-budget-s", type=float, default=1800.0)
     args = ap.parse_args(argv)
-    {"pool": cmd_pool, "probe": cmd_probe, "write": cmd_write, "check-pixels": cmd_check_pixels,
+    {"pool": cmd_pool, "probe": cmd_probe, "write": cmd_write, "oracle": cmd_oracle, "check-pixels": cmd_check_pixels,
      "study": study}[args.cmd](args)
 
 

@@ -77,7 +77,7 @@ class ArrangementSpec:
     n_slides: int = 240
     seed: int = 0
     side: tuple[int, int] = (14, 24)
-    marked: tuple[int, int] = (4, 6)
+    marked: tuple[int, int] = (6, 8)
     tissue_radius: tuple[float, float] = (0.45, 0.55)
     marked_asset: str = "nct-MUS-AACVWIEK.jpg"
     background_asset: str = "nct-STR-AACRYYNQ.jpg"
