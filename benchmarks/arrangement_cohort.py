@@ -55,6 +55,7 @@ VARIANTS = {
     "all_lr1e-3": {**ALL, "lr": 1e-3},
 }
 SSM_MODELS = ("2dmambamil", "m2dmil")
+SPLIT_FOLDS = 5
 TRAIN_KNOBS = ("lr", "warmup_epochs")
 
 
@@ -157,10 +158,11 @@ def run_task(task: dict) -> dict:
 
 def make_tasks(stage: str, cohort: str, variant: str, models, folds: int, args, setting: dict | None,
                epochs: int, deadline: float, train: dict | None = None) -> list[dict]:
-    """Tasks of ``models`` × ``folds``, fold-major (with a deadline, every model gets its first folds)."""
+    """Tasks of ``models`` × the first ``folds`` folds of 5-fold splits, fold-major (with a deadline, every
+    model gets its first folds)."""
     train_opts, model_options = split_knobs(setting) if setting else ({}, {})
     train = train_opts if train is None else train
-    return [{"stage": stage, "cohort": cohort, "variant": variant, "model": m, "fold": k, "folds": folds,
+    return [{"stage": stage, "cohort": cohort, "variant": variant, "model": m, "fold": k, "folds": SPLIT_FOLDS,
              "epochs": epochs, "train": train, "model_options": model_options if m in SSM_MODELS else {},
              "seed": args.tune_seed if stage == "tune" else args.seed, "n_slides": args.slides, "pool": args.pool,
              "demo_dir": str(Path(args.work) / "demo"), "work": args.work, "device": args.device,
@@ -177,8 +179,18 @@ def choose(rows: list[dict]) -> tuple[str, dict]:
         vals = [r["val_auc"] for r in rows if r["variant"] == v and r.get("status") == "ok"]
         if vals:
             means[v] = float(np.nanmean(vals))
+    if not means:  # no tuning fold finished: keep the published setting
+        return "published", means
     best = max(means, key=lambda v: (means[v], -list(VARIANTS).index(v)))
     return best, means
+
+
+def group_line(key: tuple, g) -> str:
+    """One row of the summary table: a (stage, cohort, setting, model) group of folds."""
+    g = g.sort_values("fold")
+    sd = g.test_auc.std(ddof=1) if len(g) > 1 else 0.0
+    per_fold = " ".join(f"{v:.2f}" for v in g.test_auc)
+    return f"| {' | '.join(key)} | {len(g)} | {g.val_auc.mean():.3f} | {g.test_auc.mean():.3f} ± {sd:.3f} | {per_fold} |"
 
 
 def summary_md(rows: list[dict], selection: dict) -> str:
@@ -189,16 +201,10 @@ def summary_md(rows: list[dict], selection: dict) -> str:
              "| stage | cohort | setting | model | folds | val AUC mean | test AUC mean ± sd | per fold |",
              "|---|---|---|---|---|---|---|---|"]
     if len(df):
-        for (st, co, va, mo), g in df.groupby(["stage", "cohort", "variant", "model"], sort=False):
-            g = g.sort_values("fold")
-            lines.append(f"| {st} | {co} | {va} | {mo} | {len(g)} | {g.val_auc.mean():.3f} | "
-                         f"{g.test_auc.mean():.3f} ± {g.test_auc.std(ddof=1) if len(g) > 1 else 0:.3f} | "
-                         + " ".join(f"{v:.2f}" for v in g.test_auc) + " |")
-    bad = [r for r in rows if r.get("status") != "ok"]
-    if bad:
-        lines += ["", f"{len(bad)} task(s) not done:"] + [f"- {r['stage']} {r['cohort']} {r['variant']} "
-                                                         f"{r['model']} fold {r['fold']}: {r['status']}" for r in bad]
-    return "\n".join(lines) + "\n"
+        lines += [group_line(k, g) for k, g in df.groupby(["stage", "cohort", "variant", "model"], sort=False)]
+    bad = [f"- {r['stage']} {r['cohort']} {r['variant']} {r['model']} fold {r['fold']}: {r['status']}"
+           for r in rows if r.get("status") != "ok"]
+    return "\n".join(lines + ([""] + [f"{len(bad)} task(s) not done:"] + bad if bad else [])) + "\n"
 
 
 def write_outputs(out: Path, rows: list[dict], selection: dict) -> None:
@@ -231,53 +237,61 @@ def run_all(pool, tasks: list[dict], rows: list[dict], out: Path, selection: dic
         write_outputs(out, rows, selection)
 
 
+def check_tasks(chosen: str, baselines: list[str], args, deadline: float) -> list[dict]:
+    """The check stage's tasks on the arrangement cohort, in order of need: the chosen setting, the CNN it
+    must match, the published setting, the composition-only baselines. The baselines train with the chosen
+    training options (learning rate, warm-up) and their own model defaults: one recipe for every model."""
+    chosen_train = split_knobs(VARIANTS[chosen])[0]
+    tasks = make_tasks("check", "arrangement", chosen, SSM_MODELS, 5, args, VARIANTS[chosen], args.epochs, deadline)
+    tasks += make_tasks("check", "arrangement", "defaults", [m for m in baselines if m == "cnn2d"], 5, args, None,
+                        args.epochs, deadline, train=chosen_train)
+    if chosen != "published":
+        tasks += make_tasks("check", "arrangement", "published", SSM_MODELS, 5, args, PUBLISHED, args.epochs, deadline)
+    tasks += make_tasks("check", "arrangement", "defaults", [m for m in baselines if m != "cnn2d"], 5, args, None,
+                        args.epochs, deadline, train=chosen_train)
+    return tasks
+
+
+def tune_stage(pool, args, rows: list[dict], deadline: float) -> dict:
+    """Run the tuning stage (unless ``--chosen`` names a setting) and return the selection."""
+    if args.chosen:
+        return {"rule": "given (--chosen)", "chosen": args.chosen, "setting": VARIANTS[args.chosen]}
+    variants = {v: VARIANTS[v] for v in (args.variants.split(",") if args.variants else VARIANTS)}
+    tasks = [t for v, s in variants.items()
+             for t in make_tasks("tune", "arrangement", v, SSM_MODELS, args.tune_folds, args, s, args.epochs, deadline)]
+    tasks.sort(key=lambda t: t["fold"])  # fold 0 of every setting first
+    selection: dict = {"rule": "highest mean validation AUC over both 2D models and the tuning folds"}
+    run_all(pool, tasks, rows, Path(args.out), selection)
+    chosen, means = choose(rows)
+    selection.update(chosen=chosen, setting=VARIANTS[chosen], mean_val_auc=means)
+    return selection
+
+
 def study(args) -> None:
     from wsi2dmamba.models import list_models
 
     t_start = time.time()
     deadline = t_start + args.budget_s
-    tune_deadline = t_start + args.tune_budget_s
     ctx = mp.get_context("spawn")
     baselines = [m for m in ("cnn2d", "abmil", "meanpool") if m in list_models()]
     rows: list[dict] = []
-    variants = {v: VARIANTS[v] for v in (args.variants.split(",") if args.variants else VARIANTS)}
     # segment, tile and extract start worker processes of their own: not from a (daemonic) pool worker
     demo_job = ctx.Process(target=prepare_demo, args=(str(Path(args.work) / "demo"), 4, args.demo_slides)) \
         if args.demo else None
     if demo_job is not None:
         demo_job.start()
     with ctx.Pool(args.jobs) as pool:
-        tune = [t for v, s in variants.items()
-                for t in make_tasks("tune", "arrangement", v, SSM_MODELS, args.tune_folds, args, s, args.epochs,
-                                    tune_deadline)]
-        tune.sort(key=lambda t: t["fold"])  # fold 0 of every setting first
-        if args.chosen:  # a setting chosen beforehand: no tuning stage
-            chosen = args.chosen
-            selection: dict = {"rule": "given (--chosen)", "chosen": chosen, "setting": VARIANTS[chosen]}
-        else:
-            selection = {"rule": "highest mean validation AUC over both 2D models and the tuning folds"}
-            run_all(pool, tune, rows, Path(args.out), selection)
-            chosen, means = choose(rows)
-            selection.update(chosen=chosen, setting=VARIANTS[chosen], mean_val_auc=means)
+        selection = tune_stage(pool, args, rows, t_start + args.tune_budget_s)
+        chosen = selection["chosen"]
         print(f"chosen: {selection}", flush=True)
-        # in order of need: the chosen setting, the CNN it must match, the published setting, the
-        # composition-only baselines. The baselines train with the chosen training options (learning rate,
-        # warm-up) and their own model defaults, so every model of the comparison has the same recipe.
-        chosen_train = split_knobs(VARIANTS[chosen])[0]
-        check = make_tasks("check", "arrangement", chosen, SSM_MODELS, 5, args, VARIANTS[chosen], args.epochs, deadline)
-        check += make_tasks("check", "arrangement", "defaults", [m for m in baselines if m == "cnn2d"], 5, args, None,
-                            args.epochs, deadline, train=chosen_train)
-        if chosen != "published":
-            check += make_tasks("check", "arrangement", "published", SSM_MODELS, 5, args, PUBLISHED, args.epochs,
-                                deadline)
-        check += make_tasks("check", "arrangement", "defaults", [m for m in baselines if m != "cnn2d"], 5, args, None,
-                            args.epochs, deadline, train=chosen_train)
+        check = check_tasks(chosen, baselines, args, deadline)
         if demo_job is not None:
             demo_job.join(timeout=max(1.0, deadline - time.time()))
             print(f"demo preparation exit code: {demo_job.exitcode}", flush=True)
-        if demo_job is not None and demo_job.exitcode == 0:
-            for v in dict.fromkeys((chosen, "published")):
-                check += make_tasks("check", "demo", v, SSM_MODELS, 5, args, VARIANTS[v], args.demo_epochs, deadline)
+            if demo_job.exitcode == 0:
+                check += [t for v in dict.fromkeys((chosen, "published"))
+                          for t in make_tasks("check", "demo", v, SSM_MODELS, 5, args, VARIANTS[v], args.demo_epochs,
+                                              deadline)]
         run_all(pool, check, rows, Path(args.out), selection)
     selection["seconds"] = time.time() - t_start
     write_outputs(Path(args.out), rows, selection)
