@@ -198,7 +198,7 @@ class Mamba2DMILConfig(GridSSMConfig):
 PAPER_2DMAMBAMIL = {
     "d_model": 128, "n_layers": 1, "d_state": 16, "expand": 2, "dt_rank": 8, "attn_dim": 128, "dropout": 0.25,
     "conv": "causal1d", "conv_kernel": 4, "corners": ("tl",), "init": "paper", "pool_padding": True,
-    "pad_token_init": "uniform",
+    "pad_token_init": "uniform", "input_norm": False,
 }
 
 
