@@ -363,6 +363,45 @@ def cmd_oracle(args) -> None:
                       "slide_mean_auc": round(float(roc_auc_score(labels, means)), 3)}))
 
 
+def cmd_scan_gain(args) -> None:
+    """At initialisation, the size of the 2DMamba scan's C·h term against the skip term D·u on cohort slides,
+    and how much C·h follows the number of tissue cells above-left of a cell, for several step ranges."""
+    import torch
+
+    from wsi2dmamba import ops
+    from wsi2dmamba.demo.arrangement import (
+        ArrangementSpec,
+        arrangement_grids,
+        draw_arrangement_cohort,
+    )
+    from wsi2dmamba.models import create
+    from wsi2dmamba.models.batch import GridBatch
+    from wsi2dmamba.models.grid_layout import GridLayout
+
+    pool = np.load(args.pool).astype(np.float32)
+    spec = ArrangementSpec(n_slides=args.slides, seed=args.seed, pool_size=pool.shape[1])
+    slides = draw_arrangement_cohort(spec)
+    grids = arrangement_grids(slides, pool, spec)
+    batch = GridBatch.from_grids([grids[s.slide_id] for s in slides])
+    tissue = batch.tissue
+    above_left = tissue.float().cumsum(1).cumsum(2)[tissue].numpy()
+    for dt_range in ((0.001, 0.1), (0.01, 1.0), (0.1, 1.0)):
+        torch.manual_seed(0)
+        model = create("2dmambamil", in_dim=pool.shape[-1], n_classes=2, dt_range=dt_range).eval()
+        with torch.no_grad():
+            layout = GridLayout.from_batch(batch)
+            x = model.blocks[0].norm(model.cells(batch))
+            block, params = model.blocks[0].mixer, model.blocks[0].mixer.scans[0]
+            u = block._scan_input(x, layout, slice(None))
+            dt_low, b, c = params.project(u).split([params.dt_rank, params.d_state, params.d_state], 1)
+            dt = torch.einsum("er,brhw->behw", params.dt_proj.weight, dt_low)
+            y = ops.selective_scan_2d(u, dt, -torch.exp(params.A_log), b, c, None, None, params.dt_proj.bias,
+                                      backend="torch")
+        ch, du = y.pow(2).mean(1)[tissue].sqrt().numpy(), u.pow(2).mean(1)[tissue].sqrt().numpy()
+        print(json.dumps({"dt_range": dt_range, "rms_ch_over_rms_du": round(float(ch.mean() / du.mean()), 3),
+                          "corr_ch_tissue_above_left": round(float(np.corrcoef(ch, above_left)[0, 1]), 2)}))
+
+
 def cmd_write(args) -> None:
     from wsi2dmamba.demo.arrangement import ArrangementSpec, write_arrangement_cohort
 
@@ -434,6 +473,10 @@ def main(argv=None) -> None:
     p.add_argument("--pool", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slides", type=int, default=240)
+    p = sub.add_parser("scan-gain")
+    p.add_argument("--pool", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slides", type=int, default=4)
     p = sub.add_parser("write")
     p.add_argument("--pool", required=True)
     p.add_argument("--out", required=True)
@@ -467,7 +510,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=3600.0)
     p.add_argument("--tune-budget-s", type=float, default=1800.0)
     args = ap.parse_args(argv)
-    {"pool": cmd_pool, "probe": cmd_probe, "write": cmd_write, "oracle": cmd_oracle, "check-pixels": cmd_check_pixels,
+    {"pool": cmd_pool, "probe": cmd_probe, "write": cmd_write, "oracle": cmd_oracle, "scan-gain": cmd_scan_gain, "check-pixels": cmd_check_pixels,
      "study": study}[args.cmd](args)
 
 
