@@ -38,6 +38,9 @@ class GridSSMConfig(MILConfig):
         attn_dim: width of the attention pooling's hidden layer.
         pool_padding: pool over every cell of the slide's grid (as published) instead of tissue cells only.
         pad_token_init: ``uniform`` (U[0, 1), as published) or ``zeros``.
+        input_norm: LayerNorm over each cell's feature vector before the input projection.
+        dt_range: (min, max) of the scan step's initialisation (log-uniform, Mamba's scheme); the
+            ``paper`` init of 2DMambaMIL ignores it (it zeroes the step bias).
         checkpoint_blocks: in training, recompute each block's activations in the backward pass instead of
             keeping them (less memory, more time): ``on``, ``off``, or ``auto`` (on when the batch has more
             than 65,536 cells, e.g. one slide of 256 × 256 cells).
@@ -56,6 +59,8 @@ class GridSSMConfig(MILConfig):
     attn_dim: int = Field(default=128, gt=0)
     pool_padding: bool = False
     pad_token_init: Literal["uniform", "zeros"] = "uniform"
+    input_norm: bool = False
+    dt_range: tuple[float, float] = (0.001, 0.1)
     # Runtime fields (not hashed, not in config_dict): they change memory and speed, not the model.
     checkpoint_blocks: Literal["auto", "on", "off"] = Field(default="auto", exclude=True)
     channel_groups: int | None = Field(default=None, gt=0, exclude=True)
@@ -67,6 +72,13 @@ class GridSSMConfig(MILConfig):
         bad = [c for c in v if c not in CORNERS]
         if bad or not v:
             raise ValueError(f"corners must be a non-empty list of {', '.join(CORNERS)}; got {list(v)}")
+        return tuple(v)
+
+    @field_validator("dt_range")
+    @classmethod
+    def _check_dt_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"dt_range must be (min, max) with 0 < min <= max; got {list(v)}")
         return tuple(v)
 
 
@@ -103,6 +115,7 @@ class GridSSMMIL(MILModel):
     def __init__(self, config: GridSSMConfig) -> None:
         super().__init__(config)
         d = config.d_model
+        self.in_norm = nn.LayerNorm(config.in_dim) if config.input_norm else None
         self.embed = nn.Sequential(nn.Linear(config.in_dim, d), nn.GELU(), nn.Dropout(config.dropout))
         init = torch.rand(d) if config.pad_token_init == "uniform" else torch.zeros(d)
         self.pad_token = nn.Parameter(init)
@@ -113,7 +126,8 @@ class GridSSMMIL(MILModel):
 
     def cells(self, batch: GridBatch) -> torch.Tensor:
         """(B, H, W, d) embedded cells: projected features at tissue cells, the padding token elsewhere."""
-        return fill_grid(embed_cells(self.embed, batch.features), self.pad_token, batch)
+        feats = batch.features if self.in_norm is None else self.in_norm(batch.features)
+        return fill_grid(embed_cells(self.embed, feats), self.pad_token, batch)
 
     def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         mask = pooling_mask(batch, include_padding=self.config.pool_padding)
@@ -185,7 +199,7 @@ class Mamba2DMILConfig(GridSSMConfig):
 PAPER_2DMAMBAMIL = {
     "d_model": 128, "n_layers": 1, "d_state": 16, "expand": 2, "dt_rank": 8, "attn_dim": 128, "dropout": 0.25,
     "conv": "causal1d", "conv_kernel": 4, "corners": ("tl",), "init": "paper", "pool_padding": True,
-    "pad_token_init": "uniform",
+    "pad_token_init": "uniform", "input_norm": False,
 }
 
 
@@ -218,7 +232,8 @@ class Mamba2DMIL(GridSSMMIL):
         self.blocks = nn.ModuleList(
             Mamba2DResidual(config.d_model, d_state=config.d_state, expand=config.expand, dt_rank=config.dt_rank,
                             conv=config.conv, conv_kernel=config.conv_kernel, corners=config.corners,
-                            init=config.init, backend=config.scan_backend, scan=config.scan)
+                            init=config.init, backend=config.scan_backend, scan=config.scan,
+                            dt_range=config.dt_range)
             for _ in range(config.n_layers))
         if config.init == "paper":
             for m in self.modules():
@@ -276,5 +291,6 @@ class M2DMIL(GridSSMMIL):
         self.blocks = nn.ModuleList(
             M2DResidual(config.d_model, d_state=config.d_state, expand=config.expand, dt_rank=config.dt_rank,
                         corner=config.corners[i % len(config.corners)], local_path=config.local_path,
-                        backend=config.scan_backend, ssm_path=config.ssm_path)
+                        backend=config.scan_backend, ssm_path=config.ssm_path,
+                        dt_range=config.dt_range)
             for i in range(config.n_layers))

@@ -119,7 +119,8 @@ def checkpointed_sum(part: Callable[..., torch.Tensor], slices: list[slice], *ar
 class ScanParameters(nn.Module):
     """One set of selective-scan parameters: x_proj to (dt_low, B, C), dt_proj, A_log and D."""
 
-    def __init__(self, channels: int, d_state: int, dt_rank: int, init: Init) -> None:
+    def __init__(self, channels: int, d_state: int, dt_rank: int, init: Init,
+                 dt_range: tuple[float, float] = (1e-3, 0.1)) -> None:
         super().__init__()
         self.d_state, self.dt_rank = d_state, dt_rank
         self.x_proj = nn.Linear(channels, dt_rank + 2 * d_state, bias=False)
@@ -129,7 +130,7 @@ class ScanParameters(nn.Module):
         if init == "mamba":
             with torch.no_grad():
                 nn.init.uniform_(self.dt_proj.weight, -dt_rank**-0.5, dt_rank**-0.5)
-                self.dt_proj.bias.copy_(init_dt_bias(channels))
+                self.dt_proj.bias.copy_(init_dt_bias(channels, *dt_range))
 
     def project(self, u: torch.Tensor, sl: slice = ALL) -> torch.Tensor:
         """(B, R + 2N, H, W) x_proj of (B, E, H, W) ``u``, or its share from the channels ``sl`` of u."""
@@ -164,7 +165,8 @@ class Mamba2DBlock(nn.Module):
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, dt_rank: int | None = None,
                  conv: ConvKind = "dw2d", conv_kernel: int = 3, corners: tuple[str, ...] = ("tl",),
-                 init: Init = "mamba", backend: str = "auto", scan: ScanKind = "2d") -> None:
+                 init: Init = "mamba", backend: str = "auto", scan: ScanKind = "2d",
+                 dt_range: tuple[float, float] = (1e-3, 0.1)) -> None:
         super().__init__()
         inner = expand * d_model
         self.inner = inner
@@ -179,7 +181,7 @@ class Mamba2DBlock(nn.Module):
             self.conv = nn.Conv1d(inner, inner, conv_kernel, padding=conv_kernel - 1, groups=inner)
         else:
             self.conv = None
-        self.scans = nn.ModuleList(ScanParameters(inner, d_state, dt_rank, init) for _ in self.corners)
+        self.scans = nn.ModuleList(ScanParameters(inner, d_state, dt_rank, init, dt_range) for _ in self.corners)
         self.skip = nn.Parameter(torch.ones(inner)) if scan == "none" else None
         self.out_proj = nn.Linear(inner, d_model, bias=False)
 
@@ -292,7 +294,8 @@ class M2DMixer(nn.Module):
     """
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 1, dt_rank: int | None = None,
-                 corner: str = "tl", local_path: bool = True, backend: str = "auto", ssm_path: bool = True) -> None:
+                 corner: str = "tl", local_path: bool = True, backend: str = "auto", ssm_path: bool = True,
+                 dt_range: tuple[float, float] = (1e-3, 0.1)) -> None:
         super().__init__()
         if not (ssm_path or local_path):
             raise ValueError("an M2D mixer needs its SSM path, its local path, or both")
@@ -300,7 +303,7 @@ class M2DMixer(nn.Module):
         self.dt_rank, self.d_state = dt_rank or math.ceil(d_model / 16), d_state
         self.corner, self.backend = corner, backend
         if ssm_path:
-            self._build_ssm(d_model, expand * d_model)
+            self._build_ssm(d_model, expand * d_model, dt_range)
         if local_path:
             self.local_norm = nn.LayerNorm(d_model)
             self.local_in = nn.Linear(d_model, 2 * d_model, bias=False)
@@ -311,7 +314,7 @@ class M2DMixer(nn.Module):
         else:
             self.local_norm = None
 
-    def _build_ssm(self, d_model: int, inner: int) -> None:
+    def _build_ssm(self, d_model: int, inner: int, dt_range: tuple[float, float]) -> None:
         self.in_proj = nn.Linear(d_model, inner)
         self.x_proj = nn.Linear(inner, 2 * self.dt_rank + 3 * self.d_state, bias=False)
         self.dt_proj_t = nn.Linear(self.dt_rank, inner)
@@ -321,7 +324,7 @@ class M2DMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(inner))
         self.out_proj = nn.Linear(inner, d_model)
         with torch.no_grad():  # Mamba2D draws one step bias and gives it to both axes
-            bias = init_dt_bias(inner)
+            bias = init_dt_bias(inner, *dt_range)
             for proj in (self.dt_proj_t, self.dt_proj_l):
                 nn.init.uniform_(proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
                 proj.bias.copy_(bias)
