@@ -79,7 +79,7 @@ class PipelineResult:
         total = sum(self.seconds.values())
         lines.append(f"Done in {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in self.seconds.items())}).")
         if self.external is not None:
-            from ..predict.external import format_external
+            from ..evaluation.external import format_external
 
             lines.append("External validation (patient level; training cohort cross-validated vs external):")
             lines.extend("  " + row for row in format_external(self.external).splitlines())

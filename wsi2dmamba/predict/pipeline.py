@@ -75,7 +75,7 @@ def run_predict_step(config: Any, train_dir: Path, *, force: bool, progress: boo
     """Export every model of the pipeline's ``[predict]`` table, apply it to the other cohort, evaluate
     and report; returns the external metrics (``evaluate_external``)."""
     from ..cohort import load_cohort
-    from ..pipeline.config import model_folder
+    from ..models.registry import model_folder
     from .apply import predict_cohort
     from .export import export_bundle
     from ..evaluation.external import evaluate_external, write_external_report
