@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import CohortOpt, ForceOpt, QuietOpt, WorkersOpt
+from .common import CohortOpt, ForceOpt, QuietOpt, WorkersOpt, process_count
 
 
 def register(app: typer.Typer) -> None:
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         mpp_tolerance: Annotated[float, typer.Option(
             "--mpp-tolerance", help="Relative µm/px difference between the features and the bundle that is "
             "refused.")] = 0.05,
-        workers: WorkersOpt = 1,
+        workers: WorkersOpt = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
     ) -> None:
@@ -60,7 +60,7 @@ def register(app: typer.Typer) -> None:
             raise ConfigError("predict needs --cohort new.csv (slide_id, path, and labels or survival when known).")
         bundle = load_bundle(model, device=str(resolve_device(device)))
         co = load_cohort(cohort, require_path=features is None, check_files=features is None)
-        res = predict_cohort(bundle, co, out, features=features, heatmaps=heatmaps, device=device, workers=workers,
+        res = predict_cohort(bundle, co, out, features=features, heatmaps=heatmaps, device=device, workers=process_count(workers),
                              mpp_tolerance=mpp_tolerance, force=force, progress=not quiet)
         for s in res.stages.values():
             typer.echo(s.line())
