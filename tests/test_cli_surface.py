@@ -80,10 +80,13 @@ def test_one_name_and_one_meaning_per_option():
         assert len(set(per_option[name].values())) == 1, per_option[name]
     assert set(per_option["--device"]) >= {"extract", "train", "heatmap"}
     assert next(iter(per_option["--device"].values()))[1] == "auto"
-    # --out is the run folder wherever there is one; export-features writes CLAM's or TRIDENT's folder.
+    # --out is the run folder wherever there is one; export-features writes CLAM's or TRIDENT's folder,
+    # export a model bundle.
     for cmd, (text, _) in per_option["--out"].items():
         if cmd == "export-features":
             assert "CLAM or TRIDENT" in text
+        elif cmd == "export":
+            assert text.startswith("Bundle folder")
         else:
             assert text.startswith("Run folder: the command reads its inputs from it and writes its outputs"), cmd
 

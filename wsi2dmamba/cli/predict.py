@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import CohortOpt, ForceOpt, QuietOpt, WorkersOpt, process_count
+from .common import CohortOpt, DeviceOpt, ForceOpt, OutOpt, QuietOpt, WorkersOpt, process_count
 
 
 def register(app: typer.Typer) -> None:
@@ -30,14 +30,14 @@ def register(app: typer.Typer) -> None:
     @app.command("predict")
     def predict_command(
         model: Annotated[Path, typer.Option("--model", help="Model bundle folder (from `wsi2dmamba export`).")],
-        out: Annotated[Path, typer.Option("--out", help="Run folder of the predictions (RUN2).")],
+        out: OutOpt,
         cohort: CohortOpt = None,
         features: Annotated[Path | None, typer.Option(
             "--features", help="Folder of existing <slide_id>.h5 feature grids (e.g. imported CLAM/TRIDENT "
             "features) instead of segmenting, tiling and extracting.")] = None,
         heatmaps: Annotated[bool, typer.Option("--heatmaps", help="Also write each slide's attention (PNG and "
                                                "QuPath GeoJSON).")] = False,
-        device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+        device: DeviceOpt = "auto",
         mpp_tolerance: Annotated[float, typer.Option(
             "--mpp-tolerance", help="Relative µm/px difference between the features and the bundle that is "
             "refused.")] = 0.05,
