@@ -93,6 +93,12 @@ def visible_files(run: Path) -> list[Path]:
     return sorted(p for p in run.rglob("*") if p.is_file() and not p.name.startswith((".tmp-", ".lock")))
 
 
+def compared_files(run: Path) -> set[Path]:
+    """The visible files of two runs that must agree: the run logs (``logs/``, one per command, named by
+    time and process) are housekeeping, like the ledger's times."""
+    return {p.relative_to(run) for p in visible_files(run) if p.relative_to(run).parts[0] != "logs"}
+
+
 def assert_all_whole(run: Path) -> int:
     """Every visible file is complete and valid for its kind; returns how many were checked."""
     from PIL import Image
@@ -151,7 +157,7 @@ IGNORED_H5_ATTRS = {"created", "extract_seconds"}  # creation time, and how long
 def compare_runs(ref: Path, got: Path) -> int:
     """Assert both runs hold the same files with the same content, creation times aside; returns the
     number of files compared."""
-    rel = lambda root: {p.relative_to(root) for p in visible_files(root)}  # noqa: E731
+    rel = compared_files
     a, b = rel(ref), rel(got)
     assert a == b, f"only in the uninterrupted run: {sorted(a - b)}; only in the killed one: {sorted(b - a)}"
     for r in sorted(a):
@@ -498,7 +504,7 @@ def compare_training(ref: Path, got: Path) -> int:
     for byte. Returns the number of files compared."""
     from safetensors import safe_open
 
-    rel = lambda root: {p.relative_to(root) for p in visible_files(root)}  # noqa: E731
+    rel = compared_files
     a, b = rel(ref), rel(got)
     assert a == b, f"only in the uninterrupted run: {sorted(a - b)}; only in the killed one: {sorted(b - a)}"
     for r in sorted(a):
