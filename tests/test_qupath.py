@@ -67,7 +67,7 @@ def demo_slide_tissue(tmp_path, indices):
     from wsi2dmamba.demo.cohort import draw_cohort
     from wsi2dmamba.demo.mosaic import MOSAIC_MPP, render_cells, write_pyramidal_tiff
 
-    spec = DemoCohortSpec(n_slides=96, seed=0)
+    spec = DemoCohortSpec(n_slides=96, seed=0, rule="contact")  # the demo pipelines' slides
     slides = draw_cohort(spec)
     for i in indices:
         s = slides[i]
