@@ -82,7 +82,8 @@ def test_second_training_of_a_fold_is_refused_and_a_killed_one_changes_nothing(c
 
     manifest, features = cohort
     run = tmp_path / "run"
-    first = subprocess.Popen(train_cmd(manifest, features, run, epochs=40), env=ONE_THREAD, stdout=subprocess.PIPE,
+    # long enough to outlive the other jobs below even on an idle machine
+    first = subprocess.Popen(train_cmd(manifest, features, run, epochs=300), env=ONE_THREAD, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         assert wait_until_locked(run / "train" / "abmil" / "fold_0" / ".lock", first), \
@@ -100,6 +101,7 @@ def test_second_training_of_a_fold_is_refused_and_a_killed_one_changes_nothing(c
         killed = subprocess.Popen(train_cmd(manifest, features, run, "--force", "--seed", "7"), env=ONE_THREAD,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         time.sleep(random.Random(SEED).uniform(0.5, 4.0))
+        assert first.poll() is None, "the first training ended before the third job was killed"
         sigkill_group(killed)
         counts("faults")
         out, err = first.communicate(timeout=300)
@@ -107,7 +109,7 @@ def test_second_training_of_a_fold_is_refused_and_a_killed_one_changes_nothing(c
         sigkill_group(first)
     assert first.returncode == 0, out + err
     fold = json.loads((run / "train" / "abmil" / "fold_0" / "config.json").read_text())
-    assert fold["train"]["seed"] == 0 and fold["train"]["epochs"] == 40
+    assert fold["train"]["seed"] == 0 and fold["train"]["epochs"] == 300
     report = verify_run(run)
     counts("files", report.files_checked)
     assert report.ok, [f.line() for f in report.errors]
