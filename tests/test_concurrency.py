@@ -22,6 +22,7 @@ import pytest
 from filelock import FileLock, Timeout
 from training_data import make_cohort as make_training_cohort
 
+from helpers import sigkill_group
 from wsi2dmamba.cohort import load_cohort
 from wsi2dmamba.cohort.verify import verify_run
 from wsi2dmamba.errors import StageInputError, TrainingError
@@ -55,15 +56,6 @@ def wait_until_locked(lock: Path, proc: subprocess.Popen, timeout: float = 120) 
     return False
 
 
-def sigkill_group(proc: subprocess.Popen) -> bool:
-    """SIGKILL ``proc``'s process group and reap it; whether it was still running."""
-    alive = proc.poll() is None
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    return alive
 
 
 @pytest.fixture(scope="module")

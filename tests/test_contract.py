@@ -12,7 +12,6 @@ then encodes only those; run folders whose recorded hashes counted runtime optio
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import shutil
@@ -22,6 +21,7 @@ import pytest
 from training_data import make_cohort, one_thread  # noqa: F401
 from typer.testing import CliRunner
 
+from helpers import write_cohort
 from wsi2dmamba.cli import app
 from wsi2dmamba.cohort import load_cohort
 from wsi2dmamba.cohort.ledger import read_state
@@ -44,13 +44,6 @@ RUNTIME_SSM = {"channel_groups": 2, "scan_backend": "torch", "checkpoint_blocks"
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def write_cohort(folder: Path, rows: list[tuple[str, Path]]) -> Path:
-    path = folder / "cohort.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "path"])
-        w.writerows([(sid, str(p)) for sid, p in rows])
-    return path
 
 
 def cli(*args: object) -> str:

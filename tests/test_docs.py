@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import chromium as _chromium
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -62,14 +63,6 @@ def test_site_builds_strict_without_warnings(site):
         assert not remote, (page, remote)
 
 
-def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("Chromium is not installed; the CI set-up (.ci/run) installs Debian's chromium")
-    pytest.skip("Chromium not installed (apt-get install chromium)")
 
 
 PROBE = """<script>

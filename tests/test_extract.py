@@ -3,7 +3,6 @@ and compatibility with the way CLAM and TRIDENT read feature files."""
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import write_cohort
 from wsi2dmamba.cohort import load_cohort
 from wsi2dmamba.errors import SlideError
 from wsi2dmamba.features import ExtractConfig, extract_cohort, extract_features, feature_path, load_encoder
@@ -28,14 +28,6 @@ ENCODER = "efficientnet-lite0"
 COARSE = TileConfig(tile_px=224, mpp=1.0, segment_missing=True)
 
 
-def write_cohort(folder: Path, rows: list[tuple[str, Path]]) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "cohort.csv"
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["slide_id", "path"])
-        w.writerows([(sid, str(p)) for sid, p in rows])
-    return path
 
 
 def tiled_run(run: Path, slide: Path, config: TileConfig = COARSE, slide_id: str = "cmu"):

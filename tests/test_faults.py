@@ -14,7 +14,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import sigkill_group
 from wsi2dmamba.cohort import load_cohort, run_stage
 from wsi2dmamba.cohort.verify import check_content, verify_run
 from wsi2dmamba.errors import WsiError
@@ -115,15 +115,6 @@ def assert_all_whole(run: Path) -> int:
     return len(files)
 
 
-def sigkill_group(proc: subprocess.Popen) -> bool:
-    """SIGKILL ``proc``'s process group and reap it; whether it was still running."""
-    alive = proc.poll() is None
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    return alive
 
 
 def kill_at_random_points(cmd: list[str], run: Path, full_seconds: float, rng: random.Random, counts,

@@ -3,9 +3,7 @@
 import base64
 import io
 import json
-import os
 import re
-import shutil
 import subprocess
 
 import numpy as np
@@ -15,6 +13,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 from sksurv.metrics import concordance_index_censored, concordance_index_ipcw
 from sksurv.util import Surv
+from helpers import chromium as _chromium
 from training_data import one_thread, trained_run  # noqa: F401
 
 from wsi2dmamba.evaluation import evaluate_run, write_report
@@ -22,14 +21,6 @@ from wsi2dmamba.evaluation import evaluate_run, write_report
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _chromium():
-    for name in ("chromium", "chromium-browser", "google-chrome"):
-        path = shutil.which(name)
-        if path:
-            return path
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail("Chromium is not installed; the CI set-up (.ci/run) installs Debian's chromium")
-    pytest.skip("Chromium not installed (apt-get install chromium)")
 
 
 def _run_chromium(tmp_path, html, *args):
