@@ -112,6 +112,17 @@ def check_model_key(key: str) -> tuple[str, str | None]:
     return name, preset
 
 
+def resolve_model_key(key: str, preset: str | None = None) -> tuple[str, str | None]:
+    """(registry name, preset) of a model key and a preset given beside it, both checked; the two must
+    not name different presets."""
+    name, key_preset = split_model_key(key)
+    preset = None if preset in (None, "default") else preset
+    if key_preset is not None and preset is not None and key_preset != preset:
+        raise ConfigError(f"preset {preset!r} given beside the key's preset {key_preset!r} contradicts the model "
+                          f"key {key!r}; give the preset once")
+    return check_model_key(model_key(name, key_preset or preset))
+
+
 def model_info(name: str) -> dict[str, Any]:
     """Description, presets (overrides and description each) and the default configuration's fields."""
     entry = _entry(name)
@@ -159,13 +170,10 @@ def create(name: str, *, in_dim: int, n_classes: int | None = None, task: str = 
             own. Give it here or in the key, not both.
         **overrides: any field of the model's configuration, applied after the preset.
     """
-    name, key_preset = split_model_key(name)
-    preset = None if preset in (None, "default") else preset
-    if key_preset is not None and preset is not None and key_preset != preset:
-        raise ConfigError(f"model {name!r}: preset {preset!r} given beside the key's preset {key_preset!r}")
+    name, preset = resolve_model_key(name, preset)
     entry = _entry(name)
     values: dict[str, Any] = {"in_dim": in_dim, "n_classes": n_classes, "task": task, "n_bins": n_bins}
-    values.update(_preset(entry, key_preset or preset))
+    values.update(_preset(entry, preset))
     values.update(overrides)
     return entry.cls(build_config(name, values))
 

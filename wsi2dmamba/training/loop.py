@@ -773,15 +773,10 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
 
 def _resolve_model_key(key: str, preset: str | None) -> tuple[str, str | None, str]:
     """(registry name, preset, run folder) of a model key and a separately given preset; both checked."""
-    from ..models.registry import check_model_key, model_folder, model_key, split_model_key
+    from ..models.registry import model_folder, model_key, resolve_model_key
 
-    name, key_preset = split_model_key(key)
-    preset = None if preset in (None, "default") else preset
-    if key_preset is not None and preset is not None and preset != key_preset:
-        raise ConfigError(f"--preset {preset} contradicts the model key {key!r}; give the preset once")
-    full = model_key(name, key_preset or preset)
-    name, preset = check_model_key(full)
-    return name, preset, model_folder(full)
+    name, preset = resolve_model_key(key, preset)
+    return name, preset, model_folder(model_key(name, preset))
 
 
 # ------------------------------------------------------------------------- folds in other processes
