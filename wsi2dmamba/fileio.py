@@ -206,6 +206,35 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def check_json(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a JSON (or GeoJSON) file that :func:`write_json_atomic` wrote, or None."""
+    try:
+        json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        return f"content is not valid {Path(path).suffix.lstrip('.').lower()} ({exc})"
+    return None
+
+
+def check_csv(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a CSV table the tool wrote, or None: every table it writes is rectangular, so a
+    row of another width is a file cut off or edited."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            width = None
+            reader = csv.reader(fh)
+            for row in reader:
+                if row and width is None:
+                    width = len(row)
+                elif row and len(row) != width:
+                    return (f"content is not valid csv (line {reader.line_num} has {len(row)} field(s), the "
+                            f"header {width})")
+    except (OSError, ValueError, csv.Error) as exc:
+        return f"content is not valid csv ({exc})"
+    return None
+
+
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
     """Delete temporary files left in ``folder`` by a killed process; return how many were removed."""
     folder = Path(folder)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import run_layout as layout
 from ..errors import ConfigError, WsiError
 from ..fileio import ensure_writable, file_sha256, os_error_message, params_hash, remove_stale_temporaries
 from .executors import EXECUTORS, TaskResources, make_executor
@@ -212,7 +213,7 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
     whole = cohort
     if shard is not None:
         cohort = select_shard(cohort, shard)
-    ensure_writable(run_dir / sdir)
+    ensure_writable(layout.stage_dir(run_dir, sdir))
     phash = config_hash(stage, config)
     # States are kept per output folder (e.g. "features/<encoder>"), and so are ledger rows.
     summary = StageSummary(stage)
@@ -226,8 +227,8 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
             write_record(run_dir, record)
         else:
             # Only an unsharded run may clear temporaries: a running shard's files are beside them.
-            remove_stale_temporaries(run_dir / sdir)
-            remove_stale_temporaries(run_dir / sdir / ".state")  # a state file cut off by a kill
+            remove_stale_temporaries(layout.stage_dir(run_dir, sdir))
+            remove_stale_temporaries(layout.state_dir(run_dir, sdir))  # a state file cut off by a kill
         try:
             todo = _plan(run_dir, sdir, cohort, phash, outputs, force, summary, editable)
             bar = _progress(len(todo), stage, progress)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import run_layout as layout
 from ..fileio import file_sha256, write_json_atomic, write_text_atomic
 
 LEDGER_COLUMNS = ("stage", "slide_id", "status", "reason", "params_hash", "seconds", "finished_at")
@@ -71,7 +72,7 @@ def parse_state(data: Any) -> SlideState:
 
 
 def state_path(run_dir: Path, stage: str, slide_id: str) -> Path:
-    return Path(run_dir) / stage / ".state" / f"{slide_id}.json"
+    return layout.state_file(run_dir, stage, slide_id)
 
 
 def read_state(run_dir: Path, stage: str, slide_id: str) -> SlideState | None:
@@ -93,7 +94,7 @@ def recorded_sha256(output: str | os.PathLike[str]) -> str | None:
     from the state file beside it (``<folder>/.state/<stem>.json``); None when no finished state records it."""
     output = Path(output)
     try:
-        data = json.loads((output.parent / ".state" / f"{output.stem}.json").read_text(encoding="utf-8"))
+        data = json.loads(layout.state_of_output(output).read_text(encoding="utf-8"))
         st = SlideState(**data)
     except (OSError, ValueError, TypeError):
         return None
@@ -130,7 +131,7 @@ def source_fingerprint(path: Path | None) -> dict[str, Any]:
 def collect_states(run_dir: Path) -> list[SlideState]:
     """Every state file of every stage of a run, sorted by stage then slide."""
     states = []
-    for p in sorted(Path(run_dir).glob("*/.state/*.json")) + sorted(Path(run_dir).glob("*/*/.state/*.json")):
+    for p in [p for g in layout.state_globs() for p in sorted(Path(run_dir).glob(g))]:
         try:
             states.append(parse_state(json.loads(p.read_text(encoding="utf-8"))))
         except (OSError, ValueError, RecursionError):
@@ -147,6 +148,6 @@ def write_ledger(run_dir: Path) -> Path:
     for s in collect_states(run_dir):
         w.writerow([s.stage, s.slide_id, s.status, s.reason.replace("\n", " "), s.params_hash,
                     f"{s.seconds:.3f}", s.finished_at])
-    path = Path(run_dir) / "ledger.csv"
+    path = layout.ledger(run_dir)
     write_text_atomic(path, buf.getvalue())
     return path

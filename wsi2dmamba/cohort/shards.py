@@ -31,12 +31,13 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .. import run_layout as layout
 from ..errors import StageInputError, WsiError
 from ..fileio import remove_stale_temporaries, write_json_atomic, write_text_atomic
 from .ledger import LEDGER_COLUMNS, SlideState, read_state, write_ledger
 from .manifest import Cohort, load_cohort
 
-SHARDS_DIR = ".shards"
+SHARDS_DIR = layout.SHARDS_DIR
 
 
 def shard_of(slide_id: str, n_shards: int) -> int:
@@ -62,7 +63,7 @@ def cohort_digest(cohort: Cohort) -> str:
 
 
 def shard_ledger_path(run_dir: Path, shard: tuple[int, int]) -> Path:
-    return Path(run_dir) / f"ledger.shard-{shard_label(shard)}.csv"
+    return layout.shard_ledger(run_dir, shard_label(shard))
 
 
 @dataclass
@@ -93,7 +94,7 @@ class ShardRecord:
 
 
 def record_path(run_dir: Path, stage_dir: str, shard: tuple[int, int]) -> Path:
-    return Path(run_dir) / stage_dir / SHARDS_DIR / f"{shard_label(shard)}.json"
+    return layout.shard_record(run_dir, stage_dir, shard_label(shard))
 
 
 def write_record(run_dir: Path, record: ShardRecord) -> None:
@@ -104,7 +105,7 @@ def write_record(run_dir: Path, record: ShardRecord) -> None:
 def read_records(run_dir: Path) -> list[ShardRecord]:
     """Every shard record of the run (stages in ``RUN/<stage>`` and ``RUN/<a>/<b>``)."""
     run_dir = Path(run_dir)
-    found = sorted(run_dir.glob(f"*/{SHARDS_DIR}/*.json")) + sorted(run_dir.glob(f"*/*/{SHARDS_DIR}/*.json"))
+    found = [p for g in layout.shard_record_globs() for p in sorted(run_dir.glob(g))]
     records = []
     for p in found:
         try:
@@ -172,15 +173,15 @@ def stage_lock(run_dir: Path, stage_dir: str, stage: str, shard: tuple[int, int]
     Raises :class:`WsiError` when the same shard (or the unsharded stage) already runs, or when an
     unsharded run and shards of the same stage would run together.
     """
-    folder = Path(run_dir) / stage_dir
+    folder = layout.stage_dir(run_dir, stage_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    name = ".lock" if shard is None else f".lock-{shard_label(shard)}"
-    lock = FileLock(str(folder / name))
+    lock_path = layout.lock_file(folder, None if shard is None else shard_label(shard))
+    lock = FileLock(str(lock_path))
     what = f"stage {stage!r}" if shard is None else f"shard {shard[0]}/{shard[1]} of stage {stage!r}"
     try:
         lock.acquire(timeout=0)
     except Timeout as exc:
-        raise WsiError(f"Another process is running {what} in {run_dir} (lock file {folder / name}). "
+        raise WsiError(f"Another process is running {what} in {run_dir} (lock file {lock_path}). "
                        "Wait for it to finish, or use another --out folder.") from exc
     try:
         if shard is None:
@@ -188,7 +189,7 @@ def stage_lock(run_dir: Path, stage_dir: str, stage: str, shard: tuple[int, int]
             if busy:
                 raise WsiError(f"Shards {', '.join(busy)} of stage {stage!r} are running in {run_dir}; wait "
                                "for them and run `wsi2dmamba merge` before running the stage unsharded.")
-        elif _held_by_other(folder / ".lock"):
+        elif _held_by_other(layout.lock_file(folder)):
             raise WsiError(f"An unsharded run of stage {stage!r} is running in {run_dir}; wait for it to "
                            "finish before starting shards.")
         yield
@@ -342,9 +343,9 @@ def merge_shards(run_dir: str | Path, cohort: Cohort | None = None) -> MergeRepo
         for sdir in sorted({rec.stage_dir for rec in records}):
             held.enter_context(stage_lock(run_dir, sdir, sdir, None))
             # Left by killed shards (outputs and state files cut off); no shard is running now.
-            remove_stale_temporaries(run_dir / sdir)
-            remove_stale_temporaries(run_dir / sdir / ".state")
+            remove_stale_temporaries(layout.stage_dir(run_dir, sdir))
+            remove_stale_temporaries(layout.state_dir(run_dir, sdir))
         for key in sorted(groups):
             stages.append(_check_group(run_dir, sorted(groups[key], key=lambda r: r.shard), cohort))
         ledger = write_ledger(run_dir)
-    return MergeReport(run_dir, stages, ledger, sorted(run_dir.glob("ledger.shard-*of*.csv")))
+    return MergeReport(run_dir, stages, ledger, sorted(run_dir.glob(layout.SHARD_LEDGER_GLOB)))

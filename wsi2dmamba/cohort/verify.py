@@ -35,21 +35,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import fold_files
+from .. import run_layout as layout
 from ..errors import GridFileError, WsiError
-from ..fileio import file_sha256
+from ..fileio import check_csv, check_json, file_sha256
 from .ledger import SlideState, parse_state
 
 _TMP_PREFIX = ".tmp-"
-_STATE_DIR = ".state"
-#: Header key of a checkpoint's model configuration (see ``models/checkpoint.py``).
-_CHECKPOINT_CONFIG_KEY = "wsi2dmamba.model_config"
 #: Stage-level file holding the parameters of the stage's last run (not a per-slide output).
-CONFIG_FILE = "config.json"
-#: The files of a finished training fold; ``done.json``, written last, records their sha256 (as
-#: ``FOLD_OUTPUTS`` in ``training/loop.py``, not imported here so that verify does not load torch).
-FOLD_FILES = ("config.json", "log.csv", "best.safetensors", "best.json", "last.safetensors", "last.json",
-              "predictions.csv")
-_PREDICTION_COLUMNS = ("fold", "checkpoint", "epoch", "partition", "slide_id")
+CONFIG_FILE = layout.STAGE_CONFIG
+#: The files of a finished training fold; ``done.json``, written last, records their sha256.
+FOLD_FILES = layout.FOLD_OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -198,7 +194,7 @@ def _state_dirs(folder: Path, depth: int) -> list[Path]:
             continue
         if not is_dir:
             continue
-        if e.name == _STATE_DIR:
+        if e.name == layout.STATE_DIR:
             found.append(Path(e.path))
         elif depth > 1 and not e.name.startswith("."):
             found.extend(_state_dirs(Path(e.path), depth - 1))
@@ -223,7 +219,7 @@ def _load_state(run: Path, sf: Path, report: VerifyReport) -> SlideState | None:
     stage_dir = _rel(run, sf.parent.parent)
     if Path(st.stage) != Path(stage_dir) or st.slide_id != sf.stem:
         report._add("error", rel, f"state file says stage {st.stage!r}, slide {st.slide_id!r} but lies in "
-                    f"{stage_dir}/{_STATE_DIR} under the name {sf.stem!r}; it was moved or edited")
+                    f"{stage_dir}/{layout.STATE_DIR} under the name {sf.stem!r}; it was moved or edited")
     return st
 
 
@@ -264,55 +260,15 @@ def check_content(path: Path) -> str | None:
     """Validate one file by its kind; return what is wrong, or None.
 
     ``.h5`` files are read and validated as grid files, ``.json``/``.geojson`` parsed, ``.safetensors``
-    opened (header and tensor table, without loading any code), ``.csv`` parsed. Other kinds pass.
+    opened (header and tensor table, without loading any code), ``.csv`` parsed. Other kinds pass. Each
+    check lives beside the writer of its kind.
     """
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".h5":
-            return _check_grid_file(path)
-        if suffix in (".json", ".geojson"):
-            json.loads(path.read_text(encoding="utf-8"))
-        elif suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as fh:
-                width = None
-                reader = csv.reader(fh)
-                for row in reader:
-                    if row and width is None:
-                        width = len(row)
-                    elif row and len(row) != width:  # the tool's tables are rectangular: a cut-off row
-                        raise ValueError(f"line {reader.line_num} has {len(row)} field(s), the header {width}")
-        elif suffix == ".safetensors":
-            from safetensors import safe_open
+    from ..grid import check_grid_file
 
-            with safe_open(str(path), framework="numpy") as f:
-                for key in f.keys():
-                    f.get_slice(key).get_shape()
-    except (OSError, ValueError, UnicodeDecodeError, csv.Error) as exc:
-        return f"content is not valid {suffix[1:]} ({exc})"
-    except Exception as exc:  # safetensors raises its own error types for damaged headers
-        return f"content is not valid {suffix[1:]} ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _check_grid_file(path: Path) -> str | None:
-    import h5py
-
-    from ..grid import read_feature_grid, read_tile_grid
-
-    try:
-        with h5py.File(path, "r") as f:
-            kind = f.attrs.get("kind", "")
-            has_features = "features" in f
-    except OSError as exc:
-        return f"not a readable HDF5 file ({exc})"
-    try:
-        if kind == "features" or has_features:
-            read_feature_grid(path)
-        else:
-            read_tile_grid(path)
-    except GridFileError as exc:
-        return str(exc)
-    return None
+    checks = {".h5": check_grid_file, ".json": check_json, ".geojson": check_json, ".csv": check_csv,
+              ".safetensors": fold_files.check_safetensors}
+    check = checks.get(path.suffix.lower())
+    return check(path) if check is not None else None
 
 
 def _check_source(run: Path, sf: Path, st: SlideState, report: VerifyReport) -> None:
@@ -342,7 +298,7 @@ def _check_params(states: Iterable[SlideState], report: VerifyReport) -> None:
             failed[st.stage].append(st.slide_id)
     for stage, ids in sorted(failed.items()):
         report._add("warning", stage, f"{len(ids)} slide(s) failed (e.g. {sorted(ids)[0]}); their reasons are in "
-                    "ledger.csv and the state files: fix them and rerun the stage")
+                    f"{layout.LEDGER} and the state files: fix them and rerun the stage")
     for stage, groups in sorted(by_stage.items()):
         if len(groups) > 1:
             parts = ", ".join(f"{h}: {len(ids)} slide(s) (e.g. {sorted(ids)[0]})"
@@ -376,7 +332,7 @@ def _tiles_files(run: Path, states: list[SlideState]) -> dict[str, Path]:
             continue
         for rel in st.outputs:
             p = _inside(run, rel)
-            if p is not None and p.suffix == ".h5" and Path(rel).parts[:1] == ("tiles",):
+            if p is not None and p.suffix == ".h5" and Path(rel).parts[:1] == (layout.TILES_DIR,):
                 tiles_of[st.slide_id] = p
     return tiles_of
 
@@ -388,7 +344,7 @@ def _feature_tile_pairs(run: Path, states: list[SlideState], report: VerifyRepor
     tiles_of = _tiles_files(run, states)
     refused = {Path(f.path) for f in report.errors}
     for st in states:
-        if st.status != "done" or Path(st.stage).parts[:1] != ("features",) or st.slide_id not in tiles_of:
+        if st.status != "done" or Path(st.stage).parts[:1] != (layout.FEATURES_DIR,) or st.slide_id not in tiles_of:
             continue
         tiles = tiles_of[st.slide_id]
         for rel in st.outputs:
@@ -406,222 +362,33 @@ def _both_readable(run: Path, rel: str, p: Path | None, tiles: Path, refused: se
 def _check_checkpoints(run: Path, report: VerifyReport) -> None:
     """Every safetensors checkpoint of the run opens (header and tensor table, no code loaded), and the
     model configuration in its header is the one its ``.json`` sidecar states."""
-    for p in sorted(run.rglob("*.safetensors")):
+    for p in sorted(run.rglob("*" + layout.CHECKPOINT_SUFFIX)):
         if p.name.startswith(_TMP_PREFIX):
             continue
-        rel = _rel(run, p)
         report.files_checked += 1
-        problem = check_content(p)
+        problem = fold_files.check_safetensors(p)
         if problem:
-            report._add("error", rel, problem + "; retrain this fold (delete the fold's folder first)")
+            report._add("error", _rel(run, p), problem + "; retrain this fold (delete the fold's folder first)")
             continue
-        sidecar = p.with_suffix(".json")
-        if not sidecar.is_file():
-            continue
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(p), framework="numpy") as f:
-                header = (f.metadata() or {}).get(_CHECKPOINT_CONFIG_KEY)
-            stated = json.loads(sidecar.read_text(encoding="utf-8")).get("model")
-            stored = json.loads(header) if header is not None else None
-        except (OSError, ValueError, AttributeError) as exc:
-            report._add("error", _rel(run, sidecar), f"cannot be read with its checkpoint ({exc})")
-            continue
-        if stored is not None and stated is not None and stored != stated:
-            report._add("error", rel, f"the model configuration in its header differs from {sidecar.name}; one of "
-                        "the two was replaced: retrain this fold")
+        mismatch = fold_files.checkpoint_sidecar_problem(p)
+        if mismatch is not None:
+            report._add("error", _rel(run, mismatch[0]), mismatch[1])
 
 
 def find_fold_dirs(run: Path) -> list[Path]:
     """Training fold folders ``train/<name>/fold_<k>`` below ``run``, sorted."""
-    return sorted(p for p in run.glob("train/*/fold_*")
-                  if p.is_dir() and p.name[len("fold_"):].isdigit() and not p.name.startswith(_TMP_PREFIX))
-
-
-def _retrain(fold: Path) -> str:
-    return f"retrain this fold (wsi2dmamba train … --name {fold.parent.name} --fold {fold.name[5:]} --force)"
-
-
-def _read_json_object(run: Path, path: Path, report: VerifyReport, what: str) -> dict[str, Any] | None:
-    """The JSON object in ``path``, or None after reporting why it cannot be used."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        report._add("error", _rel(run, path), f"{what} cannot be read ({exc}); {_retrain(path.parent)}")
-        return None
-    if not isinstance(data, dict):
-        report._add("error", _rel(run, path), f"{what} is not a JSON object; {_retrain(path.parent)}")
-        return None
-    return data
+    return sorted(p for p in layout.train_dir(run).glob(f"*/{layout.fold_glob()}")
+                  if p.is_dir() and layout.fold_index(p) is not None)
 
 
 def _check_fold(run: Path, fold: Path, report: VerifyReport, content: bool) -> None:
     """One training fold: its files against the sha256 ``done.json`` records, and (``content``) against each
-    other and the fold's configuration."""
-    rel = _rel(run, fold)
+    other, the fold's configuration and the run's splits (see :func:`wsi2dmamba.fold_files.check_fold`)."""
     report.folds_checked += 1
-    retrain = _retrain(fold)
-    if not (fold / "done.json").is_file():
-        how = ("it continues from its last finished epoch" if (fold / "resume.safetensors").is_file()
-               else "it starts again")
-        report._add("warning", rel, f"training fold is not finished (no done.json): run the same `wsi2dmamba "
-                    f"train` again and {how}")
-        return
-    done = _read_json_object(run, fold / "done.json", report, "the record of the finished fold")
-    if done is None:
-        return
-    missing = {n for n in FOLD_FILES if not (fold / n).is_file()}
-    for name in sorted(missing):
-        report._add("error", _rel(run, fold / name), f"missing from a finished training fold; {retrain}")
-    recorded = done.get("outputs")
-    if recorded is None:
-        report._add("warning", _rel(run, fold / "done.json"), "records no sha256 of the fold's files (written by "
-                    "an older version of wsi2dmamba); only their content can be checked")
-        recorded = {}
-    elif not isinstance(recorded, dict):
-        report._add("error", _rel(run, fold / "done.json"), f"its 'outputs' is not a mapping; {retrain}")
-        recorded = {}
-    for name, sha in sorted(recorded.items()):
-        p = fold / str(name)
-        if p.parent != fold or name in ("", ".", ".."):
-            report._add("error", _rel(run, fold / "done.json"), f"records {name!r}, which is not a file of the "
-                        "fold; the record was edited, do not trust this fold")
-            continue
-        if name in missing:
-            continue
-        if not p.is_file():
-            report._add("error", _rel(run, p), f"recorded in done.json but missing; {retrain}")
-            continue
-        report.files_checked += 1
-        try:
-            actual = file_sha256(p)
-        except OSError as exc:
-            report._add("error", _rel(run, p), f"cannot be read ({exc})")
-            continue
-        if actual != sha:
-            report._add("error", _rel(run, p), f"content changed since training wrote it (sha256 {actual[:12]}… "
-                        f"≠ recorded {str(sha)[:12]}…); {retrain}")
-    if (fold / "resume.safetensors").is_file():
-        report._add("warning", _rel(run, fold / "resume.safetensors"), "left by a run stopped just after the fold "
-                    "finished; the next `wsi2dmamba train` of this model removes it")
-    if "config.json" in missing:
-        return
-    config = _read_json_object(run, fold / "config.json", report, "the fold's configuration")
-    if config is None:
-        return
-    if done.get("config_hash") != config.get("config_hash"):
-        report._add("error", _rel(run, fold / "config.json"), "holds another configuration than the one the "
-                    f"finished fold was trained with (done.json); {retrain}")
-    if content:
-        for problem_path, problem in _fold_content_problems(run, fold, done, config, missing):
-            report._add("error", problem_path, f"{problem}; {retrain}")
-
-
-def _csv_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a CSV file with a header; ValueError when it is not a valid table."""
-    problem = check_content(path)
-    if problem:
-        raise ValueError(problem)
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _fold_content_problems(run: Path, fold: Path, done: dict[str, Any], config: dict[str, Any],
-                           missing: set[str]) -> list[tuple[str, str]]:
-    """(file, problem) for every file of a finished fold that disagrees with ``config.json``/``done.json``."""
-    import math
-
-    problems: list[tuple[str, str]] = []
-    rel = lambda name: _rel(run, fold / name)  # noqa: E731
-    epochs, best_epoch = done.get("epochs"), done.get("best_epoch")
-    # Checkpoints: the model of config.json, from the epochs done.json names (opened by _check_checkpoints).
-    for name, epoch in (("best", best_epoch), ("last", epochs)):
-        if f"{name}.safetensors" in missing or check_content(fold / f"{name}.safetensors"):
-            continue  # reported already
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(fold / f"{name}.safetensors"), framework="numpy") as f:
-                header = (f.metadata() or {}).get(_CHECKPOINT_CONFIG_KEY)
-            stored = json.loads(header) if header is not None else None
-        except (OSError, ValueError) as exc:
-            problems.append((rel(f"{name}.safetensors"), f"its header cannot be read ({exc})"))
-            continue
-        if stored != config.get("model"):
-            problems.append((rel(f"{name}.safetensors"), "its model configuration differs from the fold's "
-                             "config.json"))
-        if f"{name}.json" not in missing:
-            try:
-                side = json.loads((fold / f"{name}.json").read_text(encoding="utf-8"))
-                stated = side.get("epoch") if isinstance(side, dict) else None
-            except (OSError, ValueError) as exc:
-                problems.append((rel(f"{name}.json"), f"cannot be read ({exc})"))
-                continue
-            if stated != epoch:
-                problems.append((rel(f"{name}.json"), f"is the checkpoint of epoch {stated}, done.json names "
-                                 f"epoch {epoch}"))
-    if "log.csv" not in missing:
-        try:
-            logged = [int(r["epoch"]) for r in _csv_rows(fold / "log.csv")]
-        except (KeyError, TypeError, ValueError) as exc:
-            problems.append((rel("log.csv"), f"is not a valid training log ({exc})"))
-        else:
-            if not isinstance(epochs, int) or logged != list(range(1, epochs + 1)):
-                problems.append((rel("log.csv"), f"logs epochs {logged[:3]}…{logged[-1:]} but done.json says "
-                                 f"{epochs} epoch(s)"))
-    if "predictions.csv" not in missing:
-        try:
-            rows = _csv_rows(fold / "predictions.csv")
-            if rows and not set(_PREDICTION_COLUMNS) <= set(rows[0]):
-                raise ValueError(f"it lacks the column(s) {sorted(set(_PREDICTION_COLUMNS) - set(rows[0]))}")
-        except ValueError as exc:
-            problems.append((rel("predictions.csv"), f"is not a valid predictions table ({exc})"))
-        else:
-            split = config.get("split") if isinstance(config.get("split"), dict) else {}
-            want_epoch = {"best": best_epoch, "last": epochs}
-            for ckpt in ("best", "last"):
-                for part in ("val", "test"):
-                    got = [r for r in rows if r["checkpoint"] == ckpt and r["partition"] == part]
-                    expected = sorted(map(str, split.get(part, [])))
-                    if sorted(r["slide_id"] for r in got) != expected:
-                        problems.append((rel("predictions.csv"), f"its {ckpt}/{part} rows are not the {len(expected)} "
-                                         f"slide(s) of the fold's {part} partition in config.json"))
-                    elif any(r["epoch"] != str(want_epoch[ckpt]) or r["fold"] != str(config.get("fold"))
-                             for r in got):
-                        problems.append((rel("predictions.csv"), f"its {ckpt} rows name another fold or epoch than "
-                                         "config.json and done.json"))
-            numeric = [c for c in (rows[0] if rows else {}) if c.startswith(("prob_", "surv_")) or c == "risk"]
-            for r in rows:
-                try:
-                    ok = all(math.isfinite(float(r[c])) for c in numeric)
-                except ValueError:
-                    ok = False
-                if not ok:
-                    problems.append((rel("predictions.csv"), f"the row of slide {r['slide_id']!r} "
-                                     f"({r['checkpoint']}, {r['partition']}) holds a value that is not a number"))
-                    break
-    problems += _split_problems(run, fold, config)
-    return problems
-
-
-def _split_problems(run: Path, fold: Path, config: dict[str, Any]) -> list[tuple[str, str]]:
-    """The fold must have been trained on the run's ``train/splits/splits_<k>.csv``."""
-    k = config.get("fold")
-    path = run / "train" / "splits" / f"splits_{k}.csv"
-    split = config.get("split")
-    if not path.is_file() or not isinstance(split, dict):
-        return []  # a fold trained outside a run's layout; nothing to compare with
-    try:
-        rows = _csv_rows(path)
-    except ValueError as exc:
-        return [(_rel(run, path), f"is not a valid split file ({exc})")]
-    for part in ("train", "val", "test"):
-        listed = sorted(r.get(part) or "" for r in rows)
-        if [s for s in listed if s] != sorted(map(str, split.get(part, []))):
-            return [(_rel(run, fold / "config.json"), f"fold {k} was trained with another {part} partition than "
-                     f"{_rel(run, path)} lists")]
-    return []
+    checked = fold_files.check_fold(fold, content=content, splits=layout.splits_dir(run))
+    report.files_checked += checked.files_checked
+    for f in checked.findings:
+        report._add(f.level, _rel(run, f.path), f.message)
 
 
 def _check_stage_configs(run: Path, states: list[SlideState], report: VerifyReport) -> None:
@@ -634,7 +401,7 @@ def _check_stage_configs(run: Path, states: list[SlideState], report: VerifyRepo
         if st.status == "done":
             done[st.stage].add(st.params_hash)
     for stage, hashes in sorted(done.items()):
-        cfg = run / stage / CONFIG_FILE
+        cfg = layout.stage_config(run, stage)
         if not cfg.is_file():
             continue
         rel = _rel(run, cfg)
@@ -667,7 +434,7 @@ def _check_unrecorded(run: Path, states: list[SlideState], report: VerifyReport)
             # Another stage's folder nested inside this one is checked through its own states.
             if any((d / q) in stage_dirs for q in _prefixes(relp)):
                 continue
-            if p.resolve() not in recorded and not (relp == Path(CONFIG_FILE)):
+            if p.resolve() not in recorded and relp != Path(layout.STAGE_CONFIG):
                 report._add("warning", _rel(run, p), "not recorded as an output of any finished slide (left by "
                             "a failed slide or an earlier run with other parameters)")
 
@@ -678,20 +445,21 @@ def _prefixes(rel: Path) -> list[Path]:
 
 
 def _check_ledger(run: Path, states: list[SlideState], report: VerifyReport) -> None:
-    ledger = run / "ledger.csv"
+    name = layout.LEDGER
+    ledger = layout.ledger(run)
     if not ledger.is_file():
-        report._add("warning", "ledger.csv", "missing; it is rebuilt from the state files by the next stage run")
+        report._add("warning", name, "missing; it is rebuilt from the state files by the next stage run")
         return
     try:
         with open(ledger, newline="", encoding="utf-8") as fh:
             rows = {(r.get("stage", ""), r.get("slide_id", ""), r.get("status", ""), r.get("params_hash", ""))
                     for r in csv.DictReader(fh)}
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        report._add("warning", "ledger.csv", f"cannot be read ({exc}); it is rebuilt by the next stage run")
+        report._add("warning", name, f"cannot be read ({exc}); it is rebuilt by the next stage run")
         return
     expected = {(s.stage, s.slide_id, s.status, s.params_hash) for s in states}
     if rows != expected:
-        report._add("warning", "ledger.csv", f"out of date with the state files ({len(expected - rows)} state(s) "
+        report._add("warning", name, f"out of date with the state files ({len(expected - rows)} state(s) "
                     f"not in it, {len(rows - expected)} row(s) without a state); it is rebuilt by the next "
                     "stage run (the state files are the record)")
 
@@ -704,7 +472,7 @@ def fold_problems(fold_dir: str | os.PathLike[str]) -> list[str]:
     with the run's splits (a fold mixed from two jobs or configurations fails them).
     """
     fold = Path(fold_dir).resolve()
-    run = fold.parent.parent.parent
+    run = fold.parents[2]
     report = VerifyReport(run)
     _check_fold(run, fold, report, content=True)
     return [f"{f.path}: {f.message}" for f in report.errors]

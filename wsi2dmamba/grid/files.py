@@ -577,6 +577,26 @@ def read_feature_grid(path: str | os.PathLike[str], *, dtype: Any = None) -> Fea
     return g
 
 
+def check_grid_file(path: str | os.PathLike[str]) -> str | None:
+    """What is wrong with a grid file (tiles or features, read and validated in full), or None."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            kind = f.attrs.get("kind", "")
+            has_features = "features" in f
+    except OSError as exc:
+        return f"not a readable HDF5 file ({exc})"
+    try:
+        if kind == "features" or has_features:
+            read_feature_grid(path)
+        else:
+            read_tile_grid(path)
+    except GridFileError as exc:
+        return str(exc)
+    return None
+
+
 def with_params_hash(grid: TileGrid, params_hash: str) -> TileGrid:
     """A copy of ``grid`` with another parameter hash."""
     return replace(grid, params_hash=params_hash)

@@ -18,10 +18,12 @@ from typing import Any
 
 import torch
 
+from .. import run_layout as layout
 from ..errors import WeightsError
 from ..fileio import atomic_path, write_json_atomic
+from ..fold_files import CHECKPOINT_CONFIG_KEY
 
-_CONFIG_KEY = "wsi2dmamba.model_config"
+_CONFIG_KEY = CHECKPOINT_CONFIG_KEY
 _STATE_KEY = "wsi2dmamba.state"
 
 
@@ -45,7 +47,7 @@ def save_checkpoint(path: str | os.PathLike[str], model: torch.nn.Module,
     config = model.config_dict()
     with atomic_path(path) as tmp:
         save_file(_state_tensors(model), str(tmp), metadata={_CONFIG_KEY: json.dumps(config, sort_keys=True)})
-    write_json_atomic(path.with_suffix(".json"), {"model": config, **(extra or {})})
+    write_json_atomic(layout.checkpoint_sidecar(path), {"model": config, **(extra or {})})
     return path
 
 

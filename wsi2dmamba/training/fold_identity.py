@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .. import run_layout as layout
 from ..fileio import file_sha256, params_hash, write_json_atomic
 from ..identity import runtime_part, without_runtime
 from .config import TrainConfig
@@ -59,13 +60,14 @@ def adopt_runtime_only_change(fold_dir: Path, prior: dict[str, Any], identity: d
     """
     if not prior.get("config_hash") or params_hash(_with_recorded_runtime(identity, prior)) != prior["config_hash"]:
         return False
-    write_json_atomic(fold_dir / "config.json", {**prior, "config_hash": config_hash})
-    done_path = fold_dir / "done.json"
+    config_path = layout.fold_file(fold_dir, layout.FOLD_CONFIG)
+    write_json_atomic(config_path, {**prior, "config_hash": config_hash})
+    done_path = layout.fold_file(fold_dir, layout.FOLD_DONE)
     if done_path.is_file():
         done = json.loads(done_path.read_text())
         done["config_hash"] = config_hash
         if "outputs" in done:  # compared by `wsi2dmamba verify`
-            done["outputs"] = {**done["outputs"], "config.json": file_sha256(fold_dir / "config.json")}
+            done["outputs"] = {**done["outputs"], layout.FOLD_CONFIG: file_sha256(config_path)}
         write_json_atomic(done_path, done)
     log.warning("%s: trained with a configuration hash that counted runtime options (device, scan backend, "
                 "memory settings); it is the same fold, kept as is, and its records now carry hash %s",

@@ -36,17 +36,17 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock, Timeout
 
+from .. import run_layout as layout
 from ..cohort import Cohort
 from ..errors import ConfigError, TrainingError, WsiError
 from ..devices import resolve_device
+from ..fold_files import write_done, write_table
 from ..fileio import (
     atomic_path,
     ensure_writable,
-    file_sha256,
     params_hash,
     remove_stale_temporaries,
     write_json_atomic,
-    write_text_atomic,
 )
 from ..grid import FeatureGrid
 from ..models.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
@@ -60,8 +60,7 @@ from .splits import FoldSplit, load_splits, make_splits, resolve_splits, write_s
 EpochCallback = Callable[[dict[str, Any]], None]
 
 #: The files of a finished fold whose sha256 ``done.json`` records (under ``outputs``).
-FOLD_OUTPUTS = ("config.json", "log.csv", "best.safetensors", "best.json", "last.safetensors", "last.json",
-                "predictions.csv")
+FOLD_OUTPUTS = layout.FOLD_OUTPUTS
 
 
 @dataclass
@@ -119,12 +118,6 @@ def _set_rng_states(states: dict[str, torch.Tensor], device: torch.device) -> No
     torch.set_rng_state(states["torch"])
     if device.type == "cuda" and "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"], device)
-
-
-def _csv_text(rows: Sequence[dict[str, Any]]) -> str:
-    import pandas as pd
-
-    return pd.DataFrame(list(rows)).to_csv(index=False)
 
 
 def _is_better(value: float, best: float | None, lower_is_better: bool) -> bool:
@@ -386,12 +379,12 @@ def fold_lock(fold_dir: Path, fold: int) -> Iterator[None]:
     Raises:
         TrainingError: another process trains the same fold of the same model in this run.
     """
-    lock = FileLock(str(fold_dir / ".lock"))
+    lock = FileLock(str(layout.lock_file(fold_dir)))
     try:
         lock.acquire(timeout=0)
     except Timeout as exc:
         raise TrainingError(f"Another process is training {fold_dir.parent.name} fold {fold} in {fold_dir} (lock "
-                            f"file {fold_dir / '.lock'}). Wait for it to finish, train other folds (--fold), or "
+                            f"file {layout.lock_file(fold_dir)}). Wait for it to finish, train other folds (--fold), or "
                             "use another --out or --name.") from exc
     try:
         yield
@@ -438,10 +431,10 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
         "features": Path(features_dir).name if features_dir else "",
     }
     config_hash = params_hash(identity)
-    done_path = fold_dir / "done.json"
-    resume_path = fold_dir / "resume.safetensors"
+    done_path = layout.fold_file(fold_dir, layout.FOLD_DONE)
+    resume_path = layout.fold_file(fold_dir, layout.FOLD_RESUME)
     if done_path.is_file() or resume_path.is_file():
-        prior = _json_object(fold_dir / "config.json")
+        prior = _json_object(layout.fold_file(fold_dir, layout.FOLD_CONFIG))
         info = _json_object(done_path)
         if done_path.is_file() and not _done_record_ok(info):  # edited or damaged: the fold is redone
             done_path.unlink()
@@ -477,7 +470,7 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
         "train_survival": train_surv, "n_parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
     }
-    write_json_atomic(fold_dir / "config.json", fold_config)
+    write_json_atomic(layout.fold_file(fold_dir, layout.FOLD_CONFIG), fold_config)
 
     steps_per_epoch = math.ceil(math.ceil(len(split.train) / config.batch_size) / config.accum_steps)
     total_steps = steps_per_epoch * config.epochs
@@ -507,13 +500,13 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
         improved = _is_better(value, loop["best_value"], config.selection_lower_is_better)
         if improved:
             loop["best_value"], loop["best_epoch"] = value, epoch
-            save_checkpoint(fold_dir / "best.safetensors", model,
+            save_checkpoint(layout.checkpoint_file(fold_dir, "best"), model,
                             {"epoch": epoch, "select_on": config.select_on, "value": value})
         row["selected"] = loop["best_epoch"] == epoch
         loop["log"].append(row)
         loop["epoch"] = epoch
-        save_checkpoint(fold_dir / "last.safetensors", model, {"epoch": epoch})
-        write_text_atomic(fold_dir / "log.csv", _csv_text(loop["log"]))
+        save_checkpoint(layout.checkpoint_file(fold_dir, "last"), model, {"epoch": epoch})
+        write_table(layout.fold_file(fold_dir, layout.FOLD_LOG), loop["log"])
         save_training_state(resume_path, model, trainer.optimizer, loop, _rng_states(device))
         bar.update(1)
         bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=loop["best_epoch"])
@@ -524,18 +517,16 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
     rows: list[dict[str, Any]] = []
     last_epoch = loop["epoch"]
     for name, epoch in (("best", loop["best_epoch"]), ("last", last_epoch)):
-        trainer.model = load_checkpoint(fold_dir / f"{name}.safetensors", device) if name == "best" else model
+        trainer.model = load_checkpoint(layout.checkpoint_file(fold_dir, name), device) if name == "best" else model
         for part in ("val", "test"):
             ids = list(split.partition(part))
             if ids:
                 outputs, _ = trainer.predict(ids)
                 rows += _prediction_rows(split.fold, name, epoch, part, ids, outputs, cohort, targets, classes)
-    write_text_atomic(fold_dir / "predictions.csv", _csv_text(rows))
+    write_table(layout.fold_file(fold_dir, layout.FOLD_PREDICTIONS), rows)
     best_value = float(loop["best_value"]) if loop["best_value"] is not None else math.nan
-    outputs = {n: file_sha256(fold_dir / n) for n in FOLD_OUTPUTS}  # compared by `wsi2dmamba verify`
-    write_json_atomic(done_path, {"best_epoch": loop["best_epoch"], "best_value": best_value,
-                                  "select_on": config.select_on, "epochs": last_epoch, "config_hash": config_hash,
-                                  "outputs": outputs})
+    write_done(fold_dir, {"best_epoch": loop["best_epoch"], "best_value": best_value, "select_on": config.select_on,
+                          "epochs": last_epoch, "config_hash": config_hash})
     resume_path.unlink(missing_ok=True)
     return FoldResult(split.fold, fold_dir, loop["best_epoch"], best_value, last_epoch)
 
@@ -569,8 +560,8 @@ def _restart_record(restart: int, seed: int, restart_dir: Path) -> dict[str, Any
 
     import pandas as pd
 
-    done = json.loads((restart_dir / "done.json").read_text())
-    log = pd.read_csv(restart_dir / "log.csv")
+    done = json.loads(layout.fold_file(restart_dir, layout.FOLD_DONE).read_text())
+    log = pd.read_csv(layout.fold_file(restart_dir, layout.FOLD_LOG))
     row = log[log["epoch"] == int(done["best_epoch"])]
     val = {c: float(row[c].iloc[0]) for c in log.columns if c.startswith("val_") and len(row)}
     return {"restart": restart, "seed": seed, "best_epoch": int(done["best_epoch"]),
@@ -589,7 +580,7 @@ def _prior_restarts(fold_dir: Path, force: bool) -> dict[str, Any] | None:
     once, without restarts, is refused unless ``force``."""
     import json
 
-    done_path = fold_dir / "done.json"
+    done_path = layout.fold_file(fold_dir, layout.FOLD_DONE)
     prior = json.loads(done_path.read_text()) if done_path.is_file() else None
     if prior is not None and "restarts" not in prior and not force:
         raise ConfigError(f"{fold_dir} holds a fold trained once, without --restarts; pass --force to retrain "
@@ -612,9 +603,9 @@ def _train_restarts(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGr
     results, records = [], []
     for r in range(config.restarts):
         cfg = restart_config(config, r)
-        results.append(_train_once(split, cohort, grids, fold_dir / f"restart_{r}", model_name, cfg, force=force,
-                                   label=f"{where} restart {r + 1}/{config.restarts}", **kwargs))
-        records.append(_restart_record(r, cfg.seed, fold_dir / f"restart_{r}"))
+        results.append(_train_once(split, cohort, grids, layout.restart_dir(fold_dir, r), model_name, cfg,
+                                   force=force, label=f"{where} restart {r + 1}/{config.restarts}", **kwargs))
+        records.append(_restart_record(r, cfg.seed, layout.restart_dir(fold_dir, r)))
     chosen = choose_restart([rec["best_value"] for rec in records], config.selection_lower_is_better)
     config_hash = params_hash({"select_on": config.select_on, "restarts": [rec["config_hash"] for rec in records]})
     if prior is not None and prior.get("config_hash") == config_hash and all(res.skipped for res in results):
@@ -631,22 +622,20 @@ def _write_chosen_restart(fold_dir: Path, config: TrainConfig, config_hash: str,
     """Give ``fold_dir`` the files of restart ``chosen``; ``done.json`` last."""
     import json
 
-    done_path = fold_dir / "done.json"
-    done_path.unlink(missing_ok=True)  # the fold is unfinished until its files are those of the chosen restart
-    src = fold_dir / f"restart_{chosen}"
+    layout.fold_file(fold_dir, layout.FOLD_DONE).unlink(missing_ok=True)  # unfinished until its files are chosen
+    src = layout.restart_dir(fold_dir, chosen)
     for name in FOLD_OUTPUTS:
-        if name != "config.json":
-            _copy_atomic(src / name, fold_dir / name)
-    fold_config = json.loads((src / "config.json").read_text())
+        if name != layout.FOLD_CONFIG:
+            _copy_atomic(layout.fold_file(src, name), layout.fold_file(fold_dir, name))
+    fold_config = json.loads(layout.fold_file(src, layout.FOLD_CONFIG).read_text())
     fold_config.update({"train": config.model_dump(mode="json"), "config_hash": config_hash,
                         "chosen_restart": chosen, "restart_seed": records[chosen]["seed"]})
-    write_json_atomic(fold_dir / "config.json", fold_config)
-    write_text_atomic(fold_dir / "restarts.csv", _csv_text([{**rec, "chosen": rec["restart"] == chosen}
-                                                            for rec in records]))
-    write_json_atomic(done_path, {
+    write_json_atomic(layout.fold_file(fold_dir, layout.FOLD_CONFIG), fold_config)
+    write_table(layout.fold_file(fold_dir, layout.FOLD_RESTARTS),
+                [{**rec, "chosen": rec["restart"] == chosen} for rec in records])
+    write_done(fold_dir, {
         "best_epoch": best.best_epoch, "best_value": best.best_value, "select_on": config.select_on,
-        "epochs": best.epochs, "config_hash": config_hash, "chosen_restart": chosen, "restarts": records,
-        "outputs": {n: file_sha256(fold_dir / n) for n in FOLD_OUTPUTS}})
+        "epochs": best.epochs, "config_hash": config_hash, "chosen_restart": chosen, "restarts": records})
 
 
 # ---------------------------------------------------------------------------------------- a cohort
@@ -654,7 +643,7 @@ def _write_chosen_restart(fold_dir: Path, config: TrainConfig, config_hash: str,
 def _check_before_training(cohort: Cohort, run_dir: Path, config: TrainConfig, executor: str) -> list[str] | None:
     """Refuse what would fail or mislead only later: an output folder that cannot be written, an unusable
     device, a classification cohort of one class. Returns the class names (None for survival)."""
-    ensure_writable(run_dir / "train")
+    ensure_writable(layout.train_dir(run_dir))
     if executor == "local":  # on a Ray cluster the devices are those of its nodes
         resolve_device(config.device)
     classes = class_names(cohort) if config.task == "classification" else None
@@ -684,15 +673,15 @@ def run_splits(cohort: Cohort, run_dir: Path, config: TrainConfig, splits: str |
 
     Every model trained in one run uses the same splits, so their results compare fold by fold.
     """
-    split_dir = run_dir / "train" / "splits"
+    split_dir = layout.splits_dir(run_dir)
     split_dir.mkdir(parents=True, exist_ok=True)
     # Jobs training other folds or models of the run share this folder: one at a time reads and writes it,
     # so temporaries left there by a killed job can be removed.
-    with FileLock(str(split_dir / ".lock")):
+    with FileLock(str(layout.lock_file(split_dir))):
         remove_stale_temporaries(split_dir)
         if splits is not None:
             raw = load_splits(splits)
-        elif split_dir.is_dir() and any(split_dir.glob("splits_*.csv")):
+        elif split_dir.is_dir() and any(split_dir.glob(layout.SPLIT_GLOB)):
             raw = load_splits(split_dir)
             if len(raw) < config.folds:  # a run stopped while it wrote the split files: finish writing them
                 fresh = make_splits(cohort, config.folds, config.seed, config.task, config.val_fraction)
@@ -704,7 +693,7 @@ def run_splits(cohort: Cohort, run_dir: Path, config: TrainConfig, splits: str |
         else:
             raw = make_splits(cohort, config.folds, config.seed, config.task, config.val_fraction)
         resolved, warnings = resolve_splits(raw, cohort)
-        if splits is not None and split_dir.is_dir() and any(split_dir.glob("splits_*.csv")):
+        if splits is not None and split_dir.is_dir() and any(split_dir.glob(layout.SPLIT_GLOB)):
             existing, _ = resolve_splits(load_splits(split_dir), cohort)
             if existing != resolved:
                 raise ConfigError(f"--splits {splits} differs from the splits already used in this run "
@@ -752,7 +741,7 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
     bad = [k for k in folds if not 0 <= k < len(resolved)]
     if bad:
         raise ConfigError(f"--fold {bad} out of range: the splits have folds 0…{len(resolved) - 1}")
-    model_dir = run_dir / "train" / name
+    model_dir = layout.model_dir(run_dir, name)
     results = TrainResults(name, run_dir, model_dir, warnings=warnings)
     fold_kwargs = dict(model_overrides=model_overrides, preset=preset, classes=classes,
                        features_dir=str(features_dir), force=force, callbacks=callbacks)
@@ -764,7 +753,7 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
     needed = sorted({s for k in folds for s in resolved[k].partition_of()})
     grids = load_feature_grids(cohort, features_dir, needed, progress=progress)
     for k in folds:
-        results.folds.append(train_fold(resolved[k], cohort, grids, model_dir / f"fold_{k}", model_name, config,
+        results.folds.append(train_fold(resolved[k], cohort, grids, layout.fold_dir(model_dir, k), model_name, config,
                                         model_overrides=model_overrides, preset=preset, classes=classes,
                                         features_dir=str(features_dir), force=force, callbacks=callbacks,
                                         progress=progress))
@@ -814,7 +803,7 @@ def _train_folds_spread(executor: Any, splits: list[FoldSplit], cohort: Cohort, 
     """Train ``splits`` as tasks of ``executor``; every fold runs to its end before the first error is raised."""
     from tqdm.auto import tqdm
 
-    tasks = [(sp.fold, (sp, cohort, str(features_dir), model_dir / f"fold_{sp.fold}", model_name, config,
+    tasks = [(sp.fold, (sp, cohort, str(features_dir), layout.fold_dir(model_dir, sp.fold), model_name, config,
                         fold_kwargs)) for sp in splits]
     done: list[FoldResult] = []
     errors: list[tuple[int, BaseException]] = []
