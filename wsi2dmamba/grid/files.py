@@ -118,20 +118,28 @@ class TileGrid:
         if h < 0 or w < 0 or (n > 0 and (h == 0 or w == 0)):
             problems.append(f"grid shape {self.shape} is invalid for {n} tiles")
         if not problems and n:
-            r, c = self.index[:, 0], self.index[:, 1]
-            if r.min() < 0 or c.min() < 0 or r.max() >= h or c.max() >= w:
-                problems.append(f"grid/index has cells outside the {h}×{w} grid")
-            else:
-                flat = r.astype(np.int64) * w + c
-                if np.unique(flat).size != n:
-                    problems.append(f"{n - np.unique(flat).size} tile(s) share a cell with another tile")
-                elif np.any(np.diff(flat) <= 0):
-                    problems.append("tiles are not in row-major order of their cells")
-            if not np.all(np.isfinite(self.tissue_fraction)) or self.tissue_fraction.min() < 0 \
-                    or self.tissue_fraction.max() > 1 + 1e-6:
-                problems.append("tissue_fraction has values outside [0, 1]")
+            problems += self._lattice_problems()
         if problems:
             raise GridFileError(f"Invalid tile grid{where}: " + "; ".join(problems))
+
+    def _lattice_problems(self) -> list[str]:
+        """Cells inside the grid, one tile per cell in row-major order, tissue fractions in [0, 1]
+        (shapes already checked, at least one tile)."""
+        n, (h, w) = self.n_tiles, self.shape
+        problems = []
+        r, c = self.index[:, 0], self.index[:, 1]
+        if r.min() < 0 or c.min() < 0 or r.max() >= h or c.max() >= w:
+            problems.append(f"grid/index has cells outside the {h}×{w} grid")
+        else:
+            flat = r.astype(np.int64) * w + c
+            if np.unique(flat).size != n:
+                problems.append(f"{n - np.unique(flat).size} tile(s) share a cell with another tile")
+            elif np.any(np.diff(flat) <= 0):
+                problems.append("tiles are not in row-major order of their cells")
+        if not np.all(np.isfinite(self.tissue_fraction)) or self.tissue_fraction.min() < 0 \
+                or self.tissue_fraction.max() > 1 + 1e-6:
+            problems.append("tissue_fraction has values outside [0, 1]")
+        return problems
 
 
 @dataclass(frozen=True)
