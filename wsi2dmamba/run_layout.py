@@ -389,3 +389,12 @@ def cohort_record(cohort_folder: PathLike) -> Path:
 def cohort_manifest(cohort_folder: PathLike) -> Path:
     """``<cohort_folder>/manifest.csv``: the generated cohort's manifest."""
     return Path(cohort_folder) / COHORT_MANIFEST
+
+
+def heatmap_files(folder: PathLike, slide_id: str) -> dict[str, Path]:
+    """A slide's heatmap files in ``folder`` (``RUN/heatmaps/<model>`` or one given): ``record`` (what was
+    drawn, with which parameters), ``geojson`` (per-tile scores for QuPath), ``png`` (the overlay), and
+    ``stem``, the path the pictures' names are made from (``<stem>.png``, ``<stem>_figure.png``, …)."""
+    d = Path(folder)
+    return {"record": d / f"{slide_id}.json", "geojson": d / f"{slide_id}.geojson", "png": d / f"{slide_id}.png",
+            "stem": d / slide_id}

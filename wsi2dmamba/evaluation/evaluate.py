@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import run_layout as layout
 from ..errors import StageInputError
 from ..fileio import ensure_writable, write_json_atomic, write_text_atomic
 from .bootstrap import bootstrap_counts, percentile_interval, weighted_c_index, weighted_classification
@@ -41,16 +42,18 @@ FAILED_FOLD_METRIC = {"classification": "auc", "survival": "c_index"}
 
 def model_dirs(run_dir: str | os.PathLike[str]) -> list[Path]:
     """Folders ``RUN/train/<name>`` that hold at least one complete fold."""
-    root = Path(run_dir) / "train"
+    root = layout.train_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("fold_*/done.json")))
+    done = f"{layout.fold_glob()}/{layout.FOLD_DONE}"
+    return sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob(done)))
 
 
 def complete_folds(model_dir: Path) -> list[Path]:
     """``fold_<k>`` folders of a model with ``done.json``, in fold order."""
-    folds = [d for d in model_dir.glob("fold_*") if (d / "done.json").is_file()]
-    return sorted(folds, key=lambda d: int(d.name.split("_")[1]))
+    folds = [d for d in model_dir.glob(layout.fold_glob())
+             if layout.fold_index(d) is not None and layout.fold_file(d, layout.FOLD_DONE).is_file()]
+    return sorted(folds, key=layout.fold_index)
 
 
 def read_fold(fold_dir: Path) -> tuple[dict[str, Any], Any]:
@@ -66,14 +69,14 @@ def read_fold(fold_dir: Path) -> tuple[dict[str, Any], Any]:
 
     problems = fold_problems(fold_dir)
     if problems:
-        k = fold_dir.name[len("fold_"):]
+        k = layout.fold_index(fold_dir)
         raise StageInputError(
             f"{fold_dir.parent.name} fold {k} ({fold_dir}) is not one training run's output, so its metrics would "
             "mix runs: " + "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
             + f". Retrain it (wsi2dmamba train … --name {fold_dir.parent.name} --fold {k} --force), or move the "
             "folder away to evaluate the other folds.")
-    config = json.loads((fold_dir / "config.json").read_text())
-    preds = pd.read_csv(fold_dir / "predictions.csv", dtype={"slide_id": str, "patient_id": str, "label": str})
+    config = json.loads(layout.fold_file(fold_dir, layout.FOLD_CONFIG).read_text())
+    preds = pd.read_csv(layout.fold_file(fold_dir, layout.FOLD_PREDICTIONS), dtype={"slide_id": str, "patient_id": str, "label": str})
     return config, preds
 
 
@@ -191,7 +194,7 @@ def evaluate_model(model_dir: str | os.PathLike[str], n_boot: int = 1000, seed: 
         cfg, preds = read_fold(d)
         configs[int(cfg["fold"])] = cfg
         frames.append(preds)
-    all_folds = sorted(int(d.name.split("_")[1]) for d in model_dir.glob("fold_*"))
+    all_folds = sorted(k for d in model_dir.glob(layout.fold_glob()) if (k := layout.fold_index(d)) is not None)
     first = configs[min(configs)]
     task = first["task"]
     slides = pd.concat(frames, ignore_index=True)
@@ -249,9 +252,9 @@ def read_restarts(folds: list[Path]) -> dict[str, Any]:
     folds trained with ``--restarts``; empty when none was."""
     out = {}
     for d in folds:
-        done = json.loads((d / "done.json").read_text())
+        done = json.loads(layout.fold_file(d, layout.FOLD_DONE).read_text())
         if "restarts" in done:
-            out[d.name.split("_")[1]] = {"chosen": done["chosen_restart"], "restarts": done["restarts"]}
+            out[str(layout.fold_index(d))] = {"chosen": done["chosen_restart"], "restarts": done["restarts"]}
     return out
 
 
@@ -295,16 +298,16 @@ def evaluate_run(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
     if not dirs and is_external_run(run_dir):  # a folder of `predict`: external validation
         return evaluate_external(run_dir, n_boot=n_boot, seed=seed, write=write)
     if not dirs:
-        raise StageInputError(f"No trained model in {run_dir / 'train'}; run `wsi2dmamba train --out {run_dir}` first.")
+        raise StageInputError(f"No trained model in {layout.train_dir(run_dir)}; run `wsi2dmamba train --out {run_dir}` first.")
     if write:
-        ensure_writable(run_dir / "eval")
+        ensure_writable(layout.eval_dir(run_dir))
     out = {"run": str(run_dir.resolve()), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "n_boot": n_boot,
            "models": {d.name: evaluate_model(d, n_boot, seed) for d in dirs}}
     if write:
-        write_json_atomic(run_dir / "eval" / "metrics.json", out)
+        write_json_atomic(layout.eval_metrics(run_dir), out)
         for d in dirs:
             rows = clam_summary_rows(out["models"][d.name])
-            write_text_atomic(d / "summary.csv", pd.DataFrame(rows).to_csv(index=False))
+            write_text_atomic(layout.model_summary(d), pd.DataFrame(rows).to_csv(index=False))
     return out
 
 

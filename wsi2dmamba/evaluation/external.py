@@ -24,36 +24,37 @@ from typing import Any
 
 import numpy as np
 
+from .. import run_layout as layout
 from ..errors import StageInputError
 from ..fileio import write_json_atomic, write_text_atomic
 
-from ..cohort.verify_predictions import PREDICT_RECORD, STAGE_ROOT
 
 CALIBRATION_BINS = 10
 
 
 def is_external_run(run_dir: str | os.PathLike[str]) -> bool:
     """Whether ``run_dir`` is a folder of predictions made by ``wsi2dmamba predict``."""
-    return (Path(run_dir) / PREDICT_RECORD).is_file()
+    return layout.predict_record(run_dir).is_file()
 
 
 def _read_record(run_dir: Path) -> dict[str, Any]:
     try:
-        record = json.loads((run_dir / PREDICT_RECORD).read_text(encoding="utf-8"))
+        record = json.loads(layout.predict_record(run_dir).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise StageInputError(f"{run_dir / PREDICT_RECORD} cannot be read ({exc}); rerun `wsi2dmamba predict`.") from None
+        raise StageInputError(f"{layout.predict_record(run_dir)} cannot be read ({exc}); rerun `wsi2dmamba predict`.") from None
     if not isinstance(record, dict) or not isinstance(record.get("models"), dict) or not record["models"]:
-        raise StageInputError(f"{run_dir / PREDICT_RECORD} names no model; rerun `wsi2dmamba predict`.")
+        raise StageInputError(f"{layout.predict_record(run_dir)} names no model; rerun `wsi2dmamba predict`.")
     return record
 
 
 def _tables(run_dir: Path, name: str) -> tuple[Any, Any]:
     import pandas as pd
 
-    base = run_dir / STAGE_ROOT
+    base = layout.predictions_dir(run_dir)
+    slides_csv, patients_csv = layout.prediction_tables(run_dir, name)
     dtypes = {"slide_id": str, "patient_id": str, "label": str}
     try:
-        return (pd.read_csv(base / f"{name}.csv", dtype=dtypes), pd.read_csv(base / f"{name}.patients.csv", dtype=dtypes))
+        return pd.read_csv(slides_csv, dtype=dtypes), pd.read_csv(patients_csv, dtype=dtypes)
     except (OSError, ValueError) as exc:
         raise StageInputError(f"The predictions of {name!r} in {base} cannot be read ({exc}); rerun "
                               "`wsi2dmamba predict`.") from None
@@ -225,7 +226,7 @@ def evaluate_external(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed:
            "models": {name: evaluate_model_external(run_dir, name, entry["manifest"], n_boot, seed)
                       for name, entry in sorted(record["models"].items())}}
     if write:
-        write_json_atomic(run_dir / "eval" / "metrics.json", out)
+        write_json_atomic(layout.eval_metrics(run_dir), out)
     return out
 
 
@@ -398,7 +399,7 @@ def write_external_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, s
         body += ["<h2>Cross-validated and external</h2>", _table_html(metrics), _figures_html(run_dir, metrics)]
     else:
         body.append("<p>The cohort has neither labels nor survival times: the predictions are in "
-                    f"<code>{STAGE_ROOT}/&lt;model&gt;.csv</code>, there is nothing to validate.</p>")
+                    f"<code>{layout.PREDICTIONS_DIR}/&lt;model&gt;.csv</code>, there is nothing to validate.</p>")
     body.append("<h2>Models applied</h2><table><tr><th class='name'>model</th><th>task</th><th>encoder</th>"
                 "<th>tiles</th><th>training cohort</th></tr>")
     for name, m in metrics["models"].items():
@@ -410,7 +411,8 @@ def write_external_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, s
     body.append("</table>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>External validation</title>"
             f"<style>{_STYLE}</style></head><body>{''.join(body)}</body></html>")
-    out = run_dir / "report" / "index.html"
+    files = layout.report_files(layout.report_dir(run_dir))
+    out = files["page"]
     write_text_atomic(out, page)
-    write_json_atomic(run_dir / "report" / "metrics.json", metrics)
+    write_json_atomic(files["metrics"], metrics)
     return out

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import run_layout as layout
 from ..fileio import write_json_atomic, write_text_atomic
 from . import plots
 from .evaluate import (
@@ -179,11 +180,13 @@ def _load_tables(run_dir: Path) -> dict[str, dict[str, Any]]:
             cfg, preds = read_fold(f)
             task = cfg["task"]
             frames.append(preds)
-            logs[int(cfg["fold"])] = pd.read_csv(f / "log.csv")
+            logs[int(cfg["fold"])] = pd.read_csv(layout.fold_file(f, layout.FOLD_LOG))
             ends[int(cfg["fold"])] = cfg.get("bin_ends")
             chosen = cfg.get("chosen_restart")
-            others[int(cfg["fold"])] = [pd.read_csv(r / "log.csv") for r in sorted(f.glob("restart_*"))
-                                        if r.name != f"restart_{chosen}" and (r / "log.csv").is_file()]
+            others[int(cfg["fold"])] = [pd.read_csv(layout.fold_file(r, layout.FOLD_LOG))
+                                        for r in sorted(f.glob(layout.restart_glob()))
+                                        if r != layout.restart_dir(f, chosen)
+                                        and layout.fold_file(r, layout.FOLD_LOG).is_file()]
         slides = pd.concat(frames, ignore_index=True)
         patients = aggregate_patients(slides, task).reset_index(drop=True)
         part = "test" if (patients["partition"] == "test").any() else "val"
@@ -322,7 +325,8 @@ def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
     if metrics is None:
         metrics = evaluate_run(run_dir, n_boot=n_boot, seed=seed)
     tables = _load_tables(run_dir)
-    out_dir = run_dir / "report"
+    out_dir = layout.report_dir(run_dir)
+    files = layout.report_files(out_dir)
     parts = [f"<h1>wsi2dmamba report</h1><p class=\"note\">Run <code>{html.escape(str(run_dir.resolve()))}</code>, "
              f"written {time.strftime('%Y-%m-%d %H:%M')}. Test metrics are of the held-out partition of each fold; "
              "“chosen on validation” is the checkpoint with the best validation "
@@ -351,10 +355,10 @@ def write_report(run_dir: str | os.PathLike[str], n_boot: int = 1000, seed: int 
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>wsi2dmamba report</title>'
             f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{_STYLE}</style></head>'
             f'<body>{"".join(parts)}</body></html>\n')
-    write_text_atomic(out_dir / "summary.csv", _summary_csv(metrics))
-    write_json_atomic(out_dir / "metrics.json", metrics)
-    write_text_atomic(out_dir / "index.html", page)
-    return out_dir / "index.html"
+    write_text_atomic(files["summary"], _summary_csv(metrics))
+    write_json_atomic(files["metrics"], metrics)
+    write_text_atomic(files["page"], page)
+    return files["page"]
 
 
 def _summary_csv(metrics: dict[str, Any]) -> str:

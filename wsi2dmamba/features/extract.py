@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import run_layout as layout
 from ..cohort import Cohort, SlideRecord, StageSummary, run_stage
 from ..cohort.executors import TaskResources
 from ..cohort.ledger import recorded_sha256
@@ -275,11 +276,11 @@ def encoder_dirname(encoder: str) -> str:
 
 
 def tiles_path(run_dir: str | os.PathLike[str], slide_id: str) -> Path:
-    return Path(run_dir) / "tiles" / f"{slide_id}.h5"
+    return layout.tiles_files(run_dir, slide_id)["h5"]
 
 
 def feature_path(run_dir: str | os.PathLike[str], encoder: str, slide_id: str) -> Path:
-    return Path(run_dir) / "features" / encoder_dirname(encoder) / f"{slide_id}.h5"
+    return layout.grid_file(layout.features_dir(run_dir, encoder_dirname(encoder)), slide_id)
 
 
 def _outputs(record: SlideRecord, run_dir: Path, *, encoder: str) -> list[Path]:
@@ -394,7 +395,7 @@ def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: Extr
         resources = None
     outputs = functools.partial(_outputs, encoder=encoder.name)
     return run_stage(STAGE, cohort, run_dir, config, fn, outputs, workers=1, progress=progress, force=force,
-                     stage_dir=f"features/{encoder_dirname(encoder.name)}", shard=shard, executor=executor,
+                     stage_dir=layout.features_stage(encoder_dirname(encoder.name)), shard=shard, executor=executor,
                      ray_address=ray_address, resources=resources)
 
 

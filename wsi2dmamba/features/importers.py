@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .. import run_layout as layout
 from ..errors import ConfigError, EmptyFeatureFile, GridFileError, WsiError
 from ..fileio import ensure_writable, params_hash
 from ..grid import FeatureGrid, write_feature_grid
@@ -565,7 +566,7 @@ def import_features(src: str | os.PathLike[str], run_dir: str | os.PathLike[str]
     summary = ImportSummary({}, {}, encoder or "")
     mpps = cohort_mpps(cohort) if cohort is not None else None
     files = find_feature_files(src)
-    ensure_writable(Path(run_dir) / "features")
+    ensure_writable(layout.features_root(run_dir))
     for fp in tqdm(files, desc="import-features", unit="file", disable=not progress, dynamic_ncols=True):
         try:
             grid = import_feature_file(fp, fmt, mpp=mpp, coords_file=_coords_file(fp, coords_dir),

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import run_layout as layout
 from ..errors import ConfigError, SlideError, StageInputError
 from ..fileio import write_text_atomic
 from ..grid import FeatureGrid, read_feature_grid
@@ -43,9 +44,9 @@ class HeatmapResult:
 def _fold_for(model_dir: Path, slide_id: str, fold: int | None) -> tuple[int, str, dict[str, Any]]:
     """The fold to use: the given one, else the one whose test partition holds the slide."""
     configs = {}
-    for d in sorted(model_dir.glob("fold_*")):
-        if (d / "done.json").is_file():
-            cfg = json.loads((d / "config.json").read_text())
+    for d in sorted(model_dir.glob(layout.fold_glob())):
+        if layout.fold_file(d, layout.FOLD_DONE).is_file():
+            cfg = json.loads(layout.fold_file(d, layout.FOLD_CONFIG).read_text())
             configs[int(cfg["fold"])] = cfg
     if not configs:
         raise StageInputError(f"{model_dir} has no complete fold; run `wsi2dmamba train` first.")
@@ -69,9 +70,9 @@ def _fold_for(model_dir: Path, slide_id: str, fold: int | None) -> tuple[int, st
 def _features_file(run_dir: Path, cfg: dict[str, Any], slide_id: str) -> Path:
     candidates = []
     if cfg.get("features_dir"):
-        candidates.append(Path(cfg["features_dir"]) / f"{slide_id}.h5")
+        candidates.append(layout.grid_file(cfg["features_dir"], slide_id))
     if cfg.get("features"):
-        candidates.append(run_dir / "features" / cfg["features"] / f"{slide_id}.h5")
+        candidates.append(layout.grid_file(layout.features_dir(run_dir, cfg["features"]), slide_id))
     for c in candidates:
         if c.is_file():
             return c
@@ -233,11 +234,12 @@ def _montage(slide_path: Path | None, grid: FeatureGrid, att: np.ndarray, k: int
 
 def _model_and_fold(run_dir: Path, model: str, slide_id: str, fold: int | None,
                     checkpoint: str) -> tuple[Path, int, str, dict[str, Any]]:
-    model_dir = run_dir / "train" / model
+    model_dir = layout.model_dir(run_dir, model)
+    train = layout.train_dir(run_dir)
     if not model_dir.is_dir():
-        avail = sorted(p.name for p in (run_dir / "train").glob("*") if p.is_dir() and p.name != "splits") \
-            if (run_dir / "train").is_dir() else []
-        raise StageInputError(f"No trained model {model!r} in {run_dir / 'train'} "
+        avail = sorted(p.name for p in train.glob("*") if p.is_dir() and p.name != layout.SPLITS_DIR) \
+            if train.is_dir() else []
+        raise StageInputError(f"No trained model {model!r} in {train} "
                               f"(trained: {', '.join(avail) or 'none'}).")
     if checkpoint not in ("best", "last"):
         raise ConfigError(f"--checkpoint must be best or last, got {checkpoint!r}")
@@ -316,25 +318,26 @@ def heatmap(run_dir: str | os.PathLike[str], model: str, slide_id: str, *, fold:
     classes = [str(c) for c in cfg.get("classes") or []]
     params = heatmap_params(style, thumbnail_px, per_class)
     per_class = len(classes) > 2 if per_class is None else per_class
-    att, contrib = _scores(model_dir / f"fold_{k}" / f"{checkpoint}.safetensors", grid, device,
+    att, contrib = _scores(layout.checkpoint_file(layout.fold_dir(model_dir, k), checkpoint), grid, device,
                            per_class and bool(classes))
     if per_class and contrib is None:
         notes.append(f"model {model!r} has no per-class maps (they need attention pooling into a linear head "
                      "and class labels)")
 
-    out_dir = Path(out_dir or run_dir / "heatmaps" / model)
-    geo_path = out_dir / f"{slide_id}.geojson"
+    out_dir = Path(out_dir or layout.heatmaps_dir(run_dir, model))
+    names = layout.heatmap_files(out_dir, slide_id)
+    geo_path = names["geojson"]
     write_text_atomic(geo_path, json.dumps(geojson_tiles(grid, att, model, contrib, classes)))
 
     path = _slide_file(grid, slide_path)
     thumb, downsample = _thumbnail(grid, path, slide_path is not None, thumbnail_px, notes)
     title = f"{slide_id} — {model}, fold {k} ({partition})"
-    files = [geo_path] + _attention_pictures(out_dir / slide_id, thumb, downsample, grid, att, style, title,
+    files = [geo_path] + _attention_pictures(names["stem"], thumb, downsample, grid, att, style, title,
                                              path, notes)
     if contrib is not None:
-        files += _class_maps(out_dir / slide_id, thumb, downsample, grid, contrib, classes, style, title)
-    png_path = out_dir / f"{slide_id}.png"
-    write_text_atomic(out_dir / f"{slide_id}.json", json.dumps({
+        files += _class_maps(names["stem"], thumb, downsample, grid, contrib, classes, style, title)
+    png_path = names["png"]
+    write_text_atomic(names["record"], json.dumps({
         "slide_id": slide_id, "model": model, "fold": k, "partition": partition, "checkpoint": checkpoint,
         "params": params, "files": [f.name for f in files],
         "notes": notes}, indent=1))

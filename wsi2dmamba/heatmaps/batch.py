@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import run_layout as layout
 from ..errors import StageInputError, WsiError
 from .attention import heatmap, heatmap_params
 
@@ -16,10 +17,10 @@ from .attention import heatmap, heatmap_params
 def slides_tested_by_fold(model_dir: Path) -> dict[str, int]:
     """slide_id → the fold whose test partition holds it, over the model's complete folds."""
     out: dict[str, int] = {}
-    for d in sorted(model_dir.glob("fold_*")):
-        if not (d / "done.json").is_file():
+    for d in sorted(model_dir.glob(layout.fold_glob())):
+        if not layout.fold_file(d, layout.FOLD_DONE).is_file():
             continue
-        cfg = json.loads((d / "config.json").read_text())
+        cfg = json.loads(layout.fold_file(d, layout.FOLD_CONFIG).read_text())
         for sid in cfg["split"]["test"]:
             out.setdefault(sid, int(cfg["fold"]))
     return out
@@ -27,7 +28,7 @@ def slides_tested_by_fold(model_dir: Path) -> dict[str, int]:
 
 def _is_done(out_dir: Path, slide_id: str, params: dict, checkpoint: str) -> bool:
     """The slide's record says it was drawn with these parameters, and all its files are there."""
-    rec = out_dir / f"{slide_id}.json"
+    rec = layout.heatmap_files(out_dir, slide_id)["record"]
     try:
         info = json.loads(rec.read_text())
     except (OSError, ValueError):
@@ -74,8 +75,8 @@ def heatmap_cohort(run_dir: str | os.PathLike[str], model: str, slides: list[str
 
     style = style or HeatmapStyle()
     run_dir = Path(run_dir)
-    folds, todo = _slides_to_draw(run_dir / "train" / model, slides)
-    out = Path(out_dir) if out_dir is not None else run_dir / "heatmaps" / model
+    folds, todo = _slides_to_draw(layout.model_dir(run_dir, model), slides)
+    out = Path(out_dir) if out_dir is not None else layout.heatmaps_dir(run_dir, model)
     summary = HeatmapSummary(out)
     params = heatmap_params(style, thumbnail_px, per_class)
     for sid in tqdm(todo, desc="heatmap", unit="slide", disable=not progress, dynamic_ncols=True):

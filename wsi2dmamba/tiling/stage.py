@@ -6,6 +6,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
+from .. import run_layout as layout
 from ..cohort import Cohort, SlideRecord, StageSummary, config_hash, read_state, run_stage
 from ..cohort.ledger import write_state
 from ..cohort.shards import select_shard
@@ -23,15 +24,14 @@ from .pictures import grid_picture
 from .tiler import Tiler
 
 STAGE = "tile"
-FOLDER = "tiles"
+FOLDER = layout.TILES_DIR
 
 log = logging.getLogger(__name__)
 
 
 def tile_paths(run_dir: str | Path, slide_id: str) -> dict[str, Path]:
     """Output files of one slide: ``h5`` (the tiles file) and ``picture`` (PNG of the grid)."""
-    d = Path(run_dir) / FOLDER
-    return {"h5": d / f"{slide_id}.h5", "picture": d / f"{slide_id}_grid.png"}
+    return layout.tiles_files(run_dir, slide_id)
 
 
 def tile_outputs(record: SlideRecord, run_dir: Path) -> list[Path]:
@@ -58,7 +58,7 @@ def _tissue_for(record: SlideRecord, slide, config: TileConfig, run_dir: Path):
                 f"{geo} was made with other segmentation parameters (hash {found}, expected {expected}); "
                 "rerun `wsi2dmamba segment` on this run folder, or pass --segment-missing to segment again here.")
     elif not config.segment_missing:
-        st = read_state(run_dir, "segment", record.slide_id)
+        st = read_state(run_dir, layout.SEGMENT_DIR, record.slide_id)
         why = f" (segmentation failed: {st.reason})" if st is not None and st.status == "failed" else ""
         raise StageInputError(f"No tissue contours for slide {record.slide_id!r}{why}: {geo} does not exist. "
                               "Run `wsi2dmamba segment` first, or pass --segment-missing.")

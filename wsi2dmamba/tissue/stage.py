@@ -7,6 +7,7 @@ from collections import Counter
 from functools import partial
 from pathlib import Path
 
+from .. import run_layout as layout
 from .. import __version__
 from ..cohort import Cohort, SlideRecord, SlideState, StageSummary, config_hash, read_state, run_stage
 from ..errors import SlideError, StageInputError
@@ -18,14 +19,12 @@ from .segment import THUMBNAIL_MAX_PX, TissueMap, TissueSegmenter
 
 STAGE = "segment"
 OVERLAY_MAX_PX = THUMBNAIL_MAX_PX
-CONFIG_FILE = "config.json"
+CONFIG_FILE = layout.STAGE_CONFIG
 
 
 def segment_paths(run_dir: str | Path, slide_id: str) -> dict[str, Path]:
     """Output files of one slide: ``geojson``, ``mask`` (PNG at the segmentation level), ``overlay`` (PNG)."""
-    d = Path(run_dir) / STAGE
-    return {"geojson": d / f"{slide_id}.geojson", "mask": d / f"{slide_id}_mask.png",
-            "overlay": d / f"{slide_id}_overlay.png"}
+    return layout.segment_files(run_dir, slide_id)
 
 
 def segment_outputs(record: SlideRecord, run_dir: Path) -> list[Path]:
@@ -82,7 +81,7 @@ def read_segment_config(run_dir: str | Path) -> SegmentConfig | None:
     their GeoJSON: those are the contours a later stage can use.
     """
     run_dir = Path(run_dir)
-    recorded = _read_config_file(run_dir / STAGE / CONFIG_FILE)
+    recorded = _read_config_file(layout.stage_config(run_dir, layout.SEGMENT_DIR))
     finished = [st for st in _segment_states(run_dir) if st.status == "done"]
     made_with = Counter(st.params_hash for st in finished)
     if recorded is not None and (not made_with or segment_params_hash(recorded) in made_with):
@@ -106,8 +105,8 @@ def _read_config_file(p: Path) -> SegmentConfig | None:
 
 def _segment_states(run_dir: Path) -> list[SlideState]:
     """The recorded states of the segment stage's slides (unreadable ones left out)."""
-    paths = sorted((run_dir / STAGE / ".state").glob("*.json"))
-    return [st for st in (read_state(run_dir, STAGE, p.stem) for p in paths) if st is not None]
+    paths = sorted(layout.state_dir(run_dir, layout.SEGMENT_DIR).glob("*.json"))
+    return [st for st in (read_state(run_dir, layout.SEGMENT_DIR, p.stem) for p in paths) if st is not None]
 
 
 def _params_of_finished(run_dir: Path, states: list[SlideState]) -> SegmentConfig | None:
@@ -146,7 +145,7 @@ def segment_cohort(cohort: Cohort, run_dir: str | Path, config: SegmentConfig | 
     """
     config = config or SegmentConfig()
     run_dir = Path(run_dir)
-    record = partial(_record_config, run_dir / STAGE / CONFIG_FILE, config.model_dump(mode="json"))
+    record = partial(_record_config, layout.stage_config(run_dir, layout.SEGMENT_DIR), config.model_dump(mode="json"))
     return run_stage(STAGE, cohort, run_dir, config, segment_slide, segment_outputs, workers=workers,
                      progress=progress, force=force, shard=shard, executor=executor, ray_address=ray_address,
                      on_locked=record, editable=(".geojson",))  # contours are corrected by hand, e.g. in QuPath

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import run_layout as layout
 from ..cohort import Cohort
 from ..cohort.ledger import recorded_sha256
 from ..errors import ConfigError, GridFileError, StageInputError
@@ -42,18 +43,18 @@ def load_feature_grids(cohort: Cohort, features_dir: str | os.PathLike[str], sli
         raise StageInputError(f"Feature folder not found: {folder}. Run `wsi2dmamba extract` first, or pass the "
                               "folder RUN/features/<encoder> that it wrote.")
     ids = list(slide_ids) if slide_ids is not None else cohort.slide_ids
-    missing = [sid for sid in ids if not (folder / f"{sid}.h5").is_file()]
+    missing = [sid for sid in ids if not layout.grid_file(folder, sid).is_file()]
     if missing:
         shown = ", ".join(missing[:20]) + (f" … ({len(missing)} in all)" if len(missing) > 20 else "")
         raise StageInputError(f"{len(missing)} slide(s) of the cohort have no feature grid in {folder}: {shown}. "
                               "Run `wsi2dmamba extract` for them (see RUN/ledger.csv for slides that failed "
                               "earlier stages) or remove them from the cohort.")
-    _refuse_damaged([folder / f"{sid}.h5" for sid in ids], folder)
+    _refuse_damaged([layout.grid_file(folder, sid) for sid in ids], folder)
     from tqdm.auto import tqdm
 
     grids = {}
     for sid in tqdm(ids, desc="reading feature grids", unit="slide", disable=not progress):
-        grids[sid] = read_feature_grid(folder / f"{sid}.h5")
+        grids[sid] = read_feature_grid(layout.grid_file(folder, sid))
     dims = {g.feature_dim for g in grids.values()}
     if len(dims) > 1:
         by_dim = {d: next(s for s, g in grids.items() if g.feature_dim == d) for d in dims}
@@ -90,7 +91,7 @@ def worker_feature_grids(cohort: Cohort, features_dir: str | os.PathLike[str],
     """
     folder = Path(features_dir).expanduser()
     store = _grid_store(str(folder.resolve()))
-    stamps = {sid: _stamp(folder / f"{sid}.h5") for sid in slide_ids}
+    stamps = {sid: _stamp(layout.grid_file(folder, sid)) for sid in slide_ids}
     stale = [sid for sid in slide_ids if sid not in store or store[sid][0] != stamps[sid]]
     if stale:
         fresh = load_feature_grids(cohort, folder, stale)

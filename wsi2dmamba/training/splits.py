@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import run_layout as layout
 from ..cohort import Cohort
 from ..cohort.manifest import SLIDE_LEVEL_PATIENTS, slide_level_patients
 from ..errors import ConfigError
@@ -174,7 +175,7 @@ def write_splits(splits: Sequence[FoldSplit], folder: str | os.PathLike[str], co
     for s in splits:
         cols = {p: pd.Series(list(s.partition(p)), dtype=object) for p in PARTITIONS}
         df = pd.DataFrame(cols)
-        path = folder / f"splits_{s.fold}.csv"
+        path = layout.split_file(folder, s.fold)
         _write_if_changed(path, df.to_csv())
         written.append(path)
         if cohort is not None:
@@ -192,7 +193,7 @@ def write_splits(splits: Sequence[FoldSplit], folder: str | os.PathLike[str], co
                             seen.add((stratum, by_id[sid].patient_id))
                             rows[stratum][f"{p}_patients"] += 1
             desc = pd.DataFrame.from_dict(rows, orient="index").sort_index()
-            _write_if_changed(folder / f"splits_{s.fold}_descriptor.csv", desc.to_csv())
+            _write_if_changed(layout.split_descriptor(folder, s.fold), desc.to_csv())
     return written
 
 
