@@ -235,6 +235,13 @@ def check_csv(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def temporary_sibling(path: str | os.PathLike[str], role: str) -> Path:
+    """A temporary name beside ``path`` (a file or folder assembled before it is moved into place), one per
+    process; :func:`remove_stale_temporaries` deletes such names left by a killed process."""
+    path = Path(path)
+    return path.parent / f"{_TMP_PREFIX}{role}-{path.name}-{os.getpid()}"
+
+
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> int:
     """Delete temporary files left in ``folder`` by a killed process; return how many were removed."""
     folder = Path(folder)

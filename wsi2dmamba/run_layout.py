@@ -398,3 +398,15 @@ def heatmap_files(folder: PathLike, slide_id: str) -> dict[str, Path]:
     d = Path(folder)
     return {"record": d / f"{slide_id}.json", "geojson": d / f"{slide_id}.geojson", "png": d / f"{slide_id}.png",
             "stem": d / slide_id}
+
+
+def pipeline_records(train_folder: PathLike) -> dict[str, Path]:
+    """The records of ``wsi2dmamba pipeline`` in its training run folder: ``provenance`` (the configuration
+    it ran) and ``result`` (report, timings, excluded slides)."""
+    d = Path(train_folder)
+    return {"provenance": d / PIPELINE_RECORD, "result": d / PIPELINE_RESULT}
+
+
+def cohort_slide_file(cohort_folder: PathLike, slide_id: str) -> Path:
+    """``<cohort_folder>/slides/<slide_id>.tiff``: one generated slide (pyramidal TIFF)."""
+    return cohort_slides_dir(cohort_folder) / f"{slide_id}.tiff"

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from .. import run_layout as layout
 from .common import CohortOpt, DeviceOpt, ForceOpt, OutOpt, QuietOpt, WorkersOpt, process_count
 
 
@@ -70,6 +71,6 @@ def register(app: typer.Typer) -> None:
             typer.secho(f"  failed {sid}: {why}", fg=typer.colors.YELLOW, err=True)
         typer.echo(f"Predictions: {res.slides_csv} (slides) and {res.patients_csv} (patients).")
         if res.failed:
-            typer.echo(f"Failures are recorded in {Path(out) / 'ledger.csv'}; fix them and rerun (done slides are "
+            typer.echo(f"Failures are recorded in {layout.ledger(out)}; fix them and rerun (done slides are "
                        "skipped).")
             raise typer.Exit(1)

@@ -118,6 +118,7 @@ def log_text(argv: list[str], started: float, status: str, stderr_lines: list[st
 @contextlib.contextmanager
 def run_log(argv: list[str]) -> Iterator[None]:
     """Record the command ``argv`` in its run folder's ``logs/`` once it ends (if the folder exists then)."""
+    from .. import run_layout as layout
     from ..errors import WsiError
     from ..fileio import write_text_atomic
 
@@ -148,6 +149,6 @@ def run_log(argv: list[str]) -> Iterator[None]:
         logging.captureWarnings(False)
         if run_dir.is_dir():
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
-            path = run_dir / "logs" / f"{stamp}-{command}-{os.getpid()}.log"
+            path = layout.log_file(run_dir, stamp, command, os.getpid())
             with contextlib.suppress(OSError, WsiError):  # a read-only or full run folder keeps no log
                 write_text_atomic(path, log_text(argv, started, status, tee.lines, warned))

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from .. import run_layout as layout
 from ..errors import ConfigError
 from .common import CohortOpt, DeviceOpt, Executor, ForceOpt, OutOpt, QuietOpt, RayAddressOpt
 
@@ -191,7 +192,7 @@ def register(app: typer.Typer) -> None:
         metrics = evaluate_run(out, n_boot=n_boot, seed=seed)
         typer.echo(f"Test metrics ({level.value} level; mean ± std over folds, pooled [95% CI]; failed folds):")
         typer.echo(format_summary(metrics, level.value))
-        typer.echo(f"Written {Path(out) / 'eval' / 'metrics.json'}")
+        typer.echo(f"Written {layout.eval_metrics(out)}")
 
     @app.command("report")
     def report_command(

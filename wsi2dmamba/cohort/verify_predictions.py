@@ -10,13 +10,11 @@ from typing import Any
 
 import numpy as np
 
-#: Folder of a prediction run's tables and per-slide outputs, and the record of the bundle it applied
-#: (``wsi2dmamba predict``); the writers and readers of those files take the names from here.
-STAGE_ROOT = "predictions"
-PREDICT_RECORD = "predict.json"
+from .. import run_layout as layout
 
 
-def _slide_problems(p: Path, rel: str, value: str, in_table: float, bundle_sha: str | None) -> list[tuple[str, str]]:
+def _slide_problems(run: Path, p: Path, rel: str, value: str, in_table: float,
+                    bundle_sha: str | None) -> list[tuple[str, str]]:
     """A slide's row of the table against its prediction file."""
     sid = p.stem
     try:
@@ -26,7 +24,7 @@ def _slide_problems(p: Path, rel: str, value: str, in_table: float, bundle_sha: 
         return [(rel, f"slide {sid} has no readable prediction file {p.name}; rerun `wsi2dmamba predict`")]
     problems = []
     if data.get("bundle_sha256") != bundle_sha:
-        problems.append((f"{STAGE_ROOT}/{p.parent.name}/{p.name}",
+        problems.append((layout.relative(run, p),
                          "made with another bundle than predict.json records; rerun `wsi2dmamba predict --force`"))
     if not np.isclose(in_table, recorded, rtol=1e-6, atol=1e-9):
         problems.append((rel, (f"slide {sid}: {value} {in_table} in the table, {recorded} in its prediction file; "
@@ -37,9 +35,8 @@ def _slide_problems(p: Path, rel: str, value: str, in_table: float, bundle_sha: 
 def _table_problems(run: Path, name: str, entry: dict[str, Any]) -> list[tuple[str, str]]:
     import pandas as pd
 
-    base = run / STAGE_ROOT
-    slides_csv, patients_csv = base / f"{name}.csv", base / f"{name}.patients.csv"
-    rel = f"{STAGE_ROOT}/{name}.csv"
+    slides_csv, patients_csv = layout.prediction_tables(run, name)
+    rel = layout.relative(run, slides_csv)
     if not slides_csv.is_file() or not patients_csv.is_file():
         return [(rel, "the prediction tables are missing; rerun `wsi2dmamba predict` (it rebuilds them)")]
     try:
@@ -50,11 +47,12 @@ def _table_problems(run: Path, name: str, entry: dict[str, Any]) -> list[tuple[s
     value = "risk" if "risk" in slides.columns else "prob_0"
     problems = []
     for sid, v in zip(slides["slide_id"], slides[value]):
-        problems += _slide_problems(base / name / f"{sid}.json", rel, value, float(v), entry.get("bundle_sha256"))
+        problems += _slide_problems(run, layout.prediction_file(run, name, sid), rel, value, float(v),
+                                    entry.get("bundle_sha256"))
     means = slides.groupby("patient_id", sort=True)[value].mean()
     merged = patients.set_index("patient_id")[value].reindex(means.index)
     if len(patients) != len(means) or not np.allclose(merged.to_numpy(), means.to_numpy(), rtol=1e-6, atol=1e-9):
-        problems.append((f"{STAGE_ROOT}/{name}.patients.csv", ("does not agree with the slide table (a patient's value "
+        problems.append((layout.relative(run, patients_csv), ("does not agree with the slide table (a patient's value "
                          "is the mean of its slides'); rerun `wsi2dmamba predict` to rebuild it")))
     return problems
 
@@ -64,14 +62,14 @@ def check_predictions(run: Path, add) -> int:
 
     Returns the number of models checked (0 when ``run`` is not a folder of predictions).
     """
-    path = run / PREDICT_RECORD
+    path = layout.predict_record(run)
     if not path.is_file():
         return 0
     try:
         models = json.loads(path.read_text(encoding="utf-8"))["models"]
         items = sorted(models.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        add("error", PREDICT_RECORD, f"cannot be read ({exc}); rerun `wsi2dmamba predict`")
+        add("error", layout.PREDICT_RECORD, f"cannot be read ({exc}); rerun `wsi2dmamba predict`")
         return 0
     for name, entry in items:
         for rel, message in _table_problems(run, name, entry if isinstance(entry, dict) else {}):

@@ -338,17 +338,18 @@ def write_arrangement_cohort(out_dir: str | os.PathLike[str], spec: ArrangementS
     manifest path. ``wsi2dmamba train --manifest … --features …`` trains on them as on any cohort."""
     from tqdm.auto import tqdm
 
+    from .. import run_layout
     from ..features.extract import encoder_dirname
     from ..fileio import write_text_atomic
     from ..grid import write_feature_grid
 
     out = Path(out_dir)
-    feat_dir = out / "features" / encoder_dirname(encoder)
+    feat_dir = run_layout.features_dir(out, encoder_dirname(encoder))
     feat_dir.mkdir(parents=True, exist_ok=True)
     slides = draw_arrangement_cohort(spec)
     for i, s in enumerate(tqdm(slides, desc="arrangement grids", unit="slide", disable=not progress)):
-        write_feature_grid(feat_dir / f"{s.slide_id}.h5", slide_feature_grid(s, i, pool, spec, encoder))
-    manifest = out / "manifest.csv"
+        write_feature_grid(run_layout.grid_file(feat_dir, s.slide_id), slide_feature_grid(s, i, pool, spec, encoder))
+    manifest = run_layout.cohort_manifest(out)
     write_text_atomic(manifest, manifest_text(slides))
     return manifest
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import run_layout
 from ..fileio import params_hash, write_json_atomic, write_text_atomic
 from .layout import Layout, LayoutSpec, SurvivalSpec, contact_orientations, draw_layout, draw_survival
 from .long_range import LongRangeSpec, draw_long_range, paired_tumours
@@ -108,21 +109,21 @@ def build_demo_cohort(out_dir: str | os.PathLike[str], spec: DemoCohortSpec = De
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    slides_dir = out / "slides"
+    slides_dir = run_layout.cohort_slides_dir(out)
     slides_dir.mkdir(parents=True, exist_ok=True)
     spec_hash = params_hash(spec.to_dict())
-    meta_path = out / "cohort.json"
+    meta_path = run_layout.cohort_record(out)
     same_spec = meta_path.exists() and json.loads(meta_path.read_text()).get("hash") == spec_hash
     slides = draw_cohort(spec)
     for s in tqdm(slides, desc="demo slides", unit="slide", disable=not progress, dynamic_ncols=True):
-        path = slides_dir / f"{s.slide_id}.tiff"
+        path = run_layout.cohort_slide_file(out, s.slide_id)
         if same_spec and path.exists():
             continue
         rng = np.random.default_rng([spec.seed, int(s.slide_id.split("-")[1]), 1])
         image = render_cells(s.layout.cells, rng, spec.augment)
         write_pyramidal_tiff(path, image, MOSAIC_MPP, quality=spec.jpeg_quality,
                              description=f"wsi2dmamba demo slide {s.slide_id}")
-    manifest = out / "manifest.csv"
+    manifest = run_layout.cohort_manifest(out)
     write_text_atomic(manifest, manifest_text(slides, spec.rule))
     write_json_atomic(meta_path, {"hash": spec_hash, "spec": spec.to_dict(), "mpp": MOSAIC_MPP,
                                   "cell_px": CELL_PX, "n_slides": len(slides)})

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import run_layout as layout
 from ..cohort import Cohort, StageSummary, load_cohort
 from ..errors import StageInputError
 from ..fileio import ensure_writable, write_json_atomic
@@ -71,7 +72,7 @@ class PipelineResult:
         for name, counts in self.trained.items():
             lines.append(f"  train {name}: {counts['trained']} fold(s) trained, {counts['skipped']} already done")
         if self.excluded:
-            lines.append(f"  {len(self.excluded)} slide(s) left out (see {self.run_dir / 'ledger.csv'}):")
+            lines.append(f"  {len(self.excluded)} slide(s) left out (see {layout.ledger(self.run_dir)}):")
             lines.extend(f"    {sid}: {why}" for sid, why in sorted(self.excluded.items()))
         if self.metrics is not None:
             lines.append("Test metrics (patient level; mean ± std over folds, pooled [95% CI]):")
@@ -129,7 +130,7 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
     try:
         t0 = step("cohort")
         cohort = _load_cohort(config, run_dir, progress)
-        write_json_atomic(train_dir / "pipeline.json", _provenance(config))
+        write_json_atomic(layout.pipeline_records(train_dir)["provenance"], _provenance(config))
         done("cohort", t0)
 
         for name, run in (("segment", _segment), ("tile", _tile), ("extract", _extract)):
@@ -141,7 +142,7 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
                 result.excluded[sid] = f"{name}: {reason}"
             cohort = Cohort(tuple(r for r in cohort if r.slide_id not in summary.failed), cohort.source)
             if len(cohort) == 0:
-                raise StageInputError(f"Every slide failed the {name} stage; see {run_dir / 'ledger.csv'}.")
+                raise StageInputError(f"Every slide failed the {name} stage; see {layout.ledger(run_dir)}.")
             done(name, t0)
 
         features_dir = _features_dir(run_dir, config)
@@ -171,7 +172,7 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
             done("predict", t0)
     finally:
         bar.close()
-    write_json_atomic(train_dir / "pipeline_result.json", {
+    write_json_atomic(layout.pipeline_records(train_dir)["result"], {
         "report": str(result.report) if result.report else None, "seconds": result.seconds,
         "excluded": result.excluded, "trained": result.trained,
         "stages": {k: {"done": len(s.done), "skipped": len(s.skipped), "failed": s.failed}
@@ -216,7 +217,7 @@ def _load_cohort(config: PipelineConfig, run_dir: Path, progress: bool) -> Cohor
     if config.demo is not None:
         from ..demo import build_demo_cohort
 
-        manifest = build_demo_cohort(run_dir / "cohort", config.demo.spec(), progress=progress)
+        manifest = build_demo_cohort(layout.cohort_dir(run_dir), config.demo.spec(), progress=progress)
         return load_cohort(manifest)
     return load_cohort(config.cohort.manifest, slides_dir=config.cohort.slides_dir)
 
@@ -247,7 +248,7 @@ def _extract(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool,
 def _features_dir(run_dir: Path, config: PipelineConfig) -> Path:
     from ..features.extract import encoder_dirname
 
-    return run_dir / "features" / encoder_dirname(config.option("extract").encoder)
+    return layout.features_dir(run_dir, encoder_dirname(config.option("extract").encoder))
 
 
 def _train(cohort: Cohort, features_dir: Path, train_dir: Path, config: PipelineConfig, model: str,

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from .. import run_layout as layout
 from ..cohort import Cohort, SlideRecord, StageSummary, run_stage
 from ..errors import ConfigError, StageInputError
-from ..cohort.verify_predictions import PREDICT_RECORD, STAGE_ROOT
 from ..fileio import write_json_atomic, write_text_atomic
 from .bundle import DEFAULT_MPP_TOLERANCE, Bundle, grid_mismatches, load_bundle
 
@@ -73,12 +73,12 @@ class PredictResult:
 
 
 def slide_output(run_dir: Path, model: str, slide_id: str) -> Path:
-    return Path(run_dir) / STAGE_ROOT / model / f"{slide_id}.json"
+    return layout.prediction_file(run_dir, model, slide_id)
 
 
 def heatmap_outputs(run_dir: Path, model: str, slide_id: str) -> tuple[Path, Path]:
-    d = Path(run_dir) / STAGE_ROOT / model / "heatmaps"
-    return d / f"{slide_id}.png", d / f"{slide_id}.geojson"
+    names = layout.heatmap_files(layout.prediction_heatmaps_dir(run_dir, model), slide_id)
+    return names["png"], names["geojson"]
 
 
 def _outputs(record: SlideRecord, run_dir: Path, *, config: PredictStageConfig) -> list[Path]:
@@ -102,7 +102,7 @@ def predict_slide(record: SlideRecord, config: PredictStageConfig, run_dir: Path
     """Work function of the predict stage: one slide's feature grid → its prediction file (and heatmap)."""
     from ..grid import read_feature_grid
 
-    path = features_dir / f"{record.slide_id}.h5"
+    path = layout.grid_file(features_dir, record.slide_id)
     if not path.is_file():
         raise StageInputError(f"No feature grid for slide {record.slide_id!r} in {features_dir}; extract it first "
                               "(or run `wsi2dmamba predict` without --features).")
@@ -174,7 +174,7 @@ def check_features(bundle: Bundle, cohort: Cohort, features_dir: Path, mpp_toler
     """Refuse, before any slide is done, feature grids made otherwise than the bundle's model needs."""
     bad = []
     for rec in cohort:
-        header = _grid_header(features_dir / f"{rec.slide_id}.h5")
+        header = _grid_header(layout.grid_file(features_dir, rec.slide_id))
         if header is not None:
             problems = grid_mismatches(bundle.manifest, header, mpp_tolerance)
             if problems:
@@ -193,7 +193,7 @@ def drop_stale_predictions(cohort: Cohort, run_dir: Path, model: str, features_d
         out = slide_output(run_dir, model, rec.slide_id)
         if not out.is_file():
             continue
-        feats = features_dir / f"{rec.slide_id}.h5"
+        feats = layout.grid_file(features_dir, rec.slide_id)
         try:
             recorded = json.loads(out.read_text(encoding="utf-8")).get("features", {})
             current = {"path": str(feats), **_fingerprint(feats)}
@@ -252,8 +252,8 @@ def _slide_stages(bundle: Bundle, cohort: Cohort, out: Path, *, device: str, wor
         result.failed.update({sid: f"{name}: {why}" for sid, why in summary.failed.items()})
         cohort = Cohort(tuple(r for r in cohort if r.slide_id not in summary.failed), cohort.source)
         if len(cohort) == 0:
-            raise StageInputError(f"Every slide failed the {name} stage; see {out / 'ledger.csv'}.")
-    return cohort, out / "features" / encoder_dirname(extract.encoder)
+            raise StageInputError(f"Every slide failed the {name} stage; see {layout.ledger(out)}.")
+    return cohort, layout.features_dir(out, encoder_dirname(extract.encoder))
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -309,16 +309,15 @@ def write_tables(bundle: Bundle, cohort: Cohort, out: Path) -> tuple[Path, Path]
 
     rows = _slide_rows(bundle, cohort, out)
     slides = pd.DataFrame(rows)
-    base = out / STAGE_ROOT
     if slides.empty:
-        raise StageInputError(f"No slide could be predicted; see {out / 'ledger.csv'} for the reasons.")
+        raise StageInputError(f"No slide could be predicted; see {layout.ledger(out)} for the reasons.")
     slides = _decide(slides, bundle)
     values = [c for c in slides.columns if c.startswith(("prob_", "fold")) or c == "risk"]
     first = [c for c in ("time", "event", "label", "target") if c in slides.columns]
     agg = {**dict.fromkeys(values, "mean"), **dict.fromkeys(first, "first"), "slide_id": "count"}
     patients = slides.groupby("patient_id", sort=True, as_index=False).agg(agg).rename(columns={"slide_id": "n_slides"})
     patients = _decide(patients, bundle)
-    slides_csv, patients_csv = base / f"{bundle.name}.csv", base / f"{bundle.name}.patients.csv"
+    slides_csv, patients_csv = layout.prediction_tables(out, bundle.name)
     write_text_atomic(slides_csv, slides.to_csv(index=False, float_format="%.9g"))
     write_text_atomic(patients_csv, patients.to_csv(index=False, float_format="%.9g"))
     return slides_csv, patients_csv
@@ -326,7 +325,7 @@ def write_tables(bundle: Bundle, cohort: Cohort, out: Path) -> tuple[Path, Path]
 
 def _record(out: Path, bundle: Bundle, cohort: Cohort, features_dir: Path) -> None:
     """Add the bundle applied to ``RUN2/predict.json`` (the record evaluate and report read)."""
-    path = out / PREDICT_RECORD
+    path = layout.predict_record(out)
     try:
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except ValueError:
@@ -389,7 +388,7 @@ def predict_cohort(bundle: Bundle | str | os.PathLike[str], cohort: Cohort, out:
     drop_stale_predictions(cohort, out, bundle.name, features_dir)
     fn = functools.partial(predict_slide, bundle=bundle, features_dir=features_dir)
     summary = run_stage("predict", cohort, out, config, fn, functools.partial(_outputs, config=config),
-                        workers=1, progress=progress, force=force, stage_dir=f"{STAGE_ROOT}/{bundle.name}")
+                        workers=1, progress=progress, force=force, stage_dir=layout.predictions_stage(bundle.name))
     result.stages["predict"] = summary
     result.failed.update({sid: f"predict: {why}" for sid, why in summary.failed.items()})
     result.slides_csv, result.patients_csv = write_tables(bundle, cohort, out)

@@ -27,12 +27,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .. import run_layout as layout
 from ..errors import ConfigError, WeightsError
 
 FORMAT_NAME = "wsi2dmamba.bundle"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
-MANIFEST = "bundle.json"
+MANIFEST = layout.BUNDLE_MANIFEST
 #: Files a bundle may hold besides its fold weights.
 OPTIONAL_FILES = ("README.md",)
 _FOLD_FILE = re.compile(r"^fold_(\d{1,3})\.safetensors$")
@@ -263,7 +264,7 @@ def read_manifest(path: str | os.PathLike[str]) -> BundleManifest:
     if not root.is_dir():
         hint = " (a bundle is a folder; pass the folder, not a file in it)" if root.is_file() else ""
         raise ConfigError(f"Model bundle not found: {root}{hint}. Make one with `wsi2dmamba export RUN --model NAME`.")
-    mpath = root / MANIFEST
+    mpath = layout.bundle_manifest(root)
     if not mpath.is_file():
         raise ConfigError(f"{root} is not a model bundle: it has no {MANIFEST}. Make one with `wsi2dmamba export`.")
     if mpath.stat().st_size > _MAX_MANIFEST_BYTES:
@@ -311,7 +312,7 @@ def _fold_problems(m: BundleManifest) -> list[str]:
     for f in m.folds:
         match = _FOLD_FILE.match(f.file)
         if match is None or int(match.group(1)) != f.fold:
-            problems.append(f"fold {f.fold}: file {f.file!r} must be named fold_{f.fold}.safetensors")
+            problems.append(f"fold {f.fold}: file {f.file!r} must be named {layout.bundle_fold_file(f.fold)}")
     if len(set(files)) != len(files) or len({f.fold for f in m.folds}) != len(m.folds):
         problems.append("a fold or a file is listed twice")
     return problems

@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import run_layout as layout
 from ..errors import StageInputError, WsiError
-from ..fileio import file_sha256, params_hash, write_json_atomic
-from .bundle import FORMAT_NAME, FORMAT_VERSION, MANIFEST, read_manifest
+from ..fileio import file_sha256, params_hash, temporary_sibling, write_json_atomic
+from .bundle import FORMAT_NAME, FORMAT_VERSION, read_manifest
 
 _CV_METRIC_LEVEL = "patient"
 
@@ -37,14 +38,14 @@ def _fold_configs(model_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     from ..evaluation.evaluate import complete_folds
 
     if not model_dir.is_dir():
-        trained = ", ".join(p.parent.name for p in sorted(model_dir.parent.glob("*/fold_0"))) or "none"
+        trained = ", ".join(p.parent.name for p in sorted(model_dir.parent.glob(f"*/{layout.fold_dir('', 0)}"))) or "none"
         raise StageInputError(f"No trained model {model_dir.name!r} in {model_dir.parent} (trained: {trained}).")
     done = complete_folds(model_dir)
-    unfinished = sorted({p.name for p in model_dir.glob("fold_*")} - {p.name for p in done})
+    unfinished = sorted({p.name for p in model_dir.glob(layout.fold_glob())} - {p.name for p in done})
     if not done or unfinished:
         raise StageInputError(f"{model_dir}: fold(s) {', '.join(unfinished) or 'all'} not finished; finish training "
                               "(`wsi2dmamba train` resumes) before exporting the model.")
-    return [(d, json.loads((d / "config.json").read_text())) for d in done]
+    return [(d, json.loads(layout.fold_file(d, layout.FOLD_CONFIG).read_text())) for d in done]
 
 
 def _grid_attrs(path: Path) -> dict[str, Any]:
@@ -57,9 +58,9 @@ def _grid_attrs(path: Path) -> dict[str, Any]:
 
 def _features_file(cfg: dict[str, Any], run_dir: Path) -> Path:
     sid = cfg["split"]["train"][0]
-    for folder in (Path(cfg.get("features_dir") or ""), run_dir / "features" / cfg.get("features", "")):
-        if str(folder) and (folder / f"{sid}.h5").is_file():
-            return folder / f"{sid}.h5"
+    for folder in (Path(cfg.get("features_dir") or ""), layout.features_dir(run_dir, cfg.get("features", ""))):
+        if str(folder) and layout.grid_file(folder, sid).is_file():
+            return layout.grid_file(folder, sid)
     raise StageInputError(f"The feature grid of training slide {sid!r} is gone (looked in {cfg.get('features_dir')}); "
                           "the bundle records the tiling and the encoder from it. Restore the features folder.")
 
@@ -71,7 +72,7 @@ def _tiling(features_file: Path) -> tuple[dict[str, Any], dict[str, Any], dict[s
     grid = read_feature_grid(features_file)
     attrs = _grid_attrs(features_file)
     stage_run = features_file.parent.parent.parent  # RUN/features/<encoder>/<slide>.h5 → RUN
-    tiles_file = stage_run / "tiles" / features_file.name
+    tiles_file = layout.tiles_files(stage_run, features_file.stem)["h5"]
     if tiles_file.is_file() and _grid_attrs(tiles_file).get("params_hash") == attrs.get("tiles_params_hash"):
         # The tiles file the features were made from holds the tiling's provenance (minimum tissue,
         # segmentation hash), which feature files do not copy.
@@ -110,7 +111,7 @@ def _risk_cutoff(fold_dir: Path) -> float:
     """Median cross-validated risk of a fold's test partition (checkpoint chosen on validation)."""
     import pandas as pd
 
-    df = pd.read_csv(fold_dir / "predictions.csv")
+    df = pd.read_csv(layout.fold_file(fold_dir, layout.FOLD_PREDICTIONS))
     test = df[(df["checkpoint"] == "best") & (df["partition"] == "test")]
     return float(np.median(test["risk"].to_numpy(np.float64)))
 
@@ -118,7 +119,7 @@ def _risk_cutoff(fold_dir: Path) -> float:
 def _training_summary(folds: list[tuple[Path, dict[str, Any]]], task: str) -> dict[str, Any]:
     import pandas as pd
 
-    frames = [pd.read_csv(d / "predictions.csv", dtype={"slide_id": str, "patient_id": str, "label": str})
+    frames = [pd.read_csv(layout.fold_file(d, layout.FOLD_PREDICTIONS), dtype={"slide_id": str, "patient_id": str, "label": str})
               for d, _ in folds]
     df = pd.concat(frames)
     test = df[(df["checkpoint"] == "best") & (df["partition"] == "test")]
@@ -147,11 +148,11 @@ def build_manifest(run_dir: str | os.PathLike[str], model: str) -> tuple[dict[st
     from ..models.checkpoint import read_checkpoint_config
 
     run_dir = Path(run_dir).expanduser().resolve()
-    model_dir = run_dir / "train" / model
+    model_dir = layout.model_dir(run_dir, model)
     folds = _fold_configs(model_dir)
     first = folds[0][1]
     task = first["task"]
-    weights = [d / "best.safetensors" for d, _ in folds]
+    weights = [layout.checkpoint_file(d, "best") for d, _ in folds]
     config = read_checkpoint_config(weights[0])
     encoder, tiling, segment = _tiling(_features_file(first, run_dir))
     fold_entries = []
@@ -159,8 +160,8 @@ def build_manifest(run_dir: str | os.PathLike[str], model: str) -> tuple[dict[st
         if read_checkpoint_config(w) != config:
             raise StageInputError(f"{w} holds another model configuration than fold {first['fold']}; retrain "
                                   "the model so that every fold is the same model.")
-        best = json.loads((d / "best.json").read_text())
-        entry = {"fold": int(cfg["fold"]), "file": f"fold_{int(cfg['fold'])}.safetensors",
+        best = json.loads(layout.checkpoint_sidecar(layout.checkpoint_file(d, "best")).read_text())
+        entry = {"fold": int(cfg["fold"]), "file": layout.bundle_fold_file(int(cfg["fold"])),
                  "sha256": file_sha256(w), "checkpoint": "best", "epoch": int(best.get("epoch", 0))}
         if task == "survival":
             entry.update(bin_edges=cfg["bin_edges"], bin_ends=cfg["bin_ends"], risk_cutoff=_risk_cutoff(d))
@@ -183,7 +184,7 @@ def _same_bundle(out: Path, manifest: dict[str, Any]) -> bool:
     """True when ``out`` already holds a valid bundle of exactly this model (``created`` aside)."""
     try:
         read_manifest(out)
-        old = json.loads((out / MANIFEST).read_text(encoding="utf-8"))
+        old = json.loads(layout.bundle_manifest(out).read_text(encoding="utf-8"))
     except (WsiError, OSError, ValueError):  # not a bundle, damaged, another version: it is replaced
         return False
     new = json.loads(json.dumps(manifest))
@@ -203,19 +204,19 @@ def export_bundle(run_dir: str | os.PathLike[str], model: str, out: str | os.Pat
     from .bundle import validate
 
     run_dir = Path(run_dir).expanduser()
-    out = Path(out).expanduser() if out is not None else run_dir / "bundles" / model
+    out = Path(out).expanduser() if out is not None else layout.bundle_dir(run_dir, model)
     manifest, weights = build_manifest(run_dir, model)
     if _same_bundle(out, manifest):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-bundle-{out.name}-{os.getpid()}"
+    tmp = temporary_sibling(out, "bundle")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for f, w in zip(manifest["folds"], weights):
         shutil.copyfile(w, tmp / f["file"])
-    write_json_atomic(tmp / MANIFEST, manifest)
+    write_json_atomic(layout.bundle_manifest(tmp), manifest)
     validate(tmp)  # the bundle written is one the reader accepts
-    old = out.parent / f".tmp-old-{out.name}-{os.getpid()}"
+    old = temporary_sibling(out, "old")
     if out.exists():
         out.rename(old)
     tmp.rename(out)

@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import run_layout as layout
 from ..errors import ConfigError
 
 
@@ -90,7 +91,7 @@ def run_predict_step(config: Any, train_dir: Path, *, force: bool, progress: boo
         from ..demo import build_demo_cohort
 
         spec = replace(config.demo.spec(), n_slides=section.demo_slides, seed=section.demo_seed)
-        cohort = load_cohort(build_demo_cohort(out / "cohort", spec, progress=progress))
+        cohort = load_cohort(build_demo_cohort(layout.cohort_dir(out), spec, progress=progress))
     device = config.option("extract").device
     for entry in section.models or config.models:
         name = model_folder(entry)
