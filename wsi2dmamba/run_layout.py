@@ -144,6 +144,16 @@ def lock_file(folder: PathLike, label: str | None = None) -> Path:
     return Path(folder) / (LOCK if label is None else f"{LOCK}-{label}")
 
 
+def shard_locks_glob() -> str:
+    """Glob pattern of the shards' locks inside a stage folder."""
+    return f"{LOCK}-*of*"
+
+
+def shard_of_lock(lock: PathLike) -> str:
+    """The shard label (``"2of8"``) of a shard's lock file."""
+    return Path(lock).name[len(LOCK) + 1:]
+
+
 # --- per-slide files ------------------------------------------------------------------------------------
 def grid_file(folder: PathLike, slide_id: str) -> Path:
     """``<folder>/<slide_id>.h5``: a slide's grid file in a tiles or feature folder."""

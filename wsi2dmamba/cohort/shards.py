@@ -163,7 +163,7 @@ def _held_by_other(path: Path) -> bool:
 
 
 def _running_shards(folder: Path) -> list[str]:
-    return sorted(p.name[len(".lock-"):] for p in folder.glob(".lock-*of*") if _held_by_other(p))
+    return sorted(layout.shard_of_lock(p) for p in folder.glob(layout.shard_locks_glob()) if _held_by_other(p))
 
 
 @contextlib.contextmanager

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .. import run_layout as layout
 from ..errors import ConfigError, StageInputError, WsiError
 from ..fileio import atomic_path, write_text_atomic
 from ..grid import FeatureGrid, read_feature_grid
@@ -138,7 +139,7 @@ def features_dir_of(run_dir: Path, encoder: str | None) -> tuple[Path, str]:
     """The run's feature folder of ``encoder``, or its only one when not given."""
     from .extract import encoder_dirname
 
-    base = run_dir / "features"
+    base = layout.features_root(run_dir)
     found = sorted(p.name for p in base.iterdir() if p.is_dir() and any(p.glob("*.h5"))) if base.is_dir() else []
     if encoder is not None:
         name = encoder_dirname(encoder)

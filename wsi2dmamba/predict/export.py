@@ -38,7 +38,7 @@ def _fold_configs(model_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
     from ..evaluation.evaluate import complete_folds
 
     if not model_dir.is_dir():
-        trained = ", ".join(p.parent.name for p in sorted(model_dir.parent.glob(f"*/{layout.fold_dir('', 0)}"))) or "none"
+        trained = ", ".join(p.parent.name for p in sorted(model_dir.parent.glob(str(layout.fold_dir("*", 0))))) or "none"
         raise StageInputError(f"No trained model {model_dir.name!r} in {model_dir.parent} (trained: {trained}).")
     done = complete_folds(model_dir)
     unfinished = sorted({p.name for p in model_dir.glob(layout.fold_glob())} - {p.name for p in done})
