@@ -399,8 +399,6 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
                 label: str | None = None) -> FoldResult:
     """Train one fold once (one seed) and write its folder; arguments as :func:`train_fold`, plus ``label``,
     the fold's name in messages and progress bars."""
-    from tqdm.auto import tqdm
-
     from ..models import create
 
     fold_dir = Path(fold_dir)
@@ -409,18 +407,8 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
     where = label or f"{fold_dir.parent.name} fold {split.fold}"
     task = config.task
     overrides = dict(model_overrides or {})
-
-    bin_edges = bin_ends = None
-    train_surv = None
-    if task == "survival":
-        train_surv = patient_survival(cohort, split.train)
-        t, e = np.array(train_surv["time"], np.float64), np.array(train_surv["event"], np.int64)
-        bin_edges = survival_bin_edges(t, e, config.n_bins)  # fitted on the training patients only
-        bin_ends = np.append(bin_edges, t.max())
-        classes = None
-    else:
-        classes = list(classes) if classes is not None else class_names(cohort)
-    targets = make_targets(cohort, task, classes, bin_edges)
+    classes, survival = _fold_classes(cohort, split, config, classes)
+    targets = make_targets(cohort, task, classes, survival["bin_edges"])
 
     in_dim = next(iter(grids.values())).feature_dim
     identity = {
@@ -431,27 +419,9 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
         "features": Path(features_dir).name if features_dir else "",
     }
     config_hash = params_hash(identity)
-    done_path = layout.fold_file(fold_dir, layout.FOLD_DONE)
-    resume_path = layout.fold_file(fold_dir, layout.FOLD_RESUME)
-    if done_path.is_file() or resume_path.is_file():
-        prior = _json_object(layout.fold_file(fold_dir, layout.FOLD_CONFIG))
-        info = _json_object(done_path)
-        if done_path.is_file() and not _done_record_ok(info):  # edited or damaged: the fold is redone
-            done_path.unlink()
-        if prior.get("config_hash") != config_hash and not adopt_runtime_only_change(fold_dir, prior, identity,
-                                                                                     config_hash):
-            if not force:
-                raise ConfigError(f"{fold_dir} holds a fold trained with another configuration; pass --force to "
-                                  "retrain it, or train into another --out or --name.")
-            done_path.unlink(missing_ok=True)
-            resume_path.unlink(missing_ok=True)
-        elif done_path.is_file() and not force:
-            resume_path.unlink(missing_ok=True)  # a stop between writing done.json and removing it
-            return FoldResult(split.fold, fold_dir, int(info["best_epoch"]), float(info["best_value"]),
-                              int(info["epochs"]), skipped=True)
-        elif force:
-            done_path.unlink(missing_ok=True)
-            resume_path.unlink(missing_ok=True)
+    finished = _finished_or_cleared(fold_dir, split, identity, config_hash, force)
+    if finished is not None:
+        return finished
 
     device = resolve_device(config.device)
     torch.manual_seed(config.seed * 1000 + split.fold)
@@ -465,13 +435,86 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
     fold_config = {
         **identity, "config_hash": config_hash, "fold": split.fold, "task": task, "model": model.config_dict(),
         "features_dir": str(Path(features_dir).resolve()) if features_dir else "",
-        "bin_edges": None if bin_edges is None else bin_edges.tolist(),
-        "bin_ends": None if bin_ends is None else bin_ends.tolist(),
-        "train_survival": train_surv, "n_parameters": sum(p.numel() for p in model.parameters()),
+        "bin_edges": None if survival["bin_edges"] is None else survival["bin_edges"].tolist(),
+        "bin_ends": None if survival["bin_ends"] is None else survival["bin_ends"].tolist(),
+        "train_survival": survival["train_survival"], "n_parameters": sum(p.numel() for p in model.parameters()),
         "device": str(device),
     }
     write_json_atomic(layout.fold_file(fold_dir, layout.FOLD_CONFIG), fold_config)
+    loop = _train_epochs(trainer, split, config, fold_dir, where, callbacks, progress)
 
+    rows: list[dict[str, Any]] = []
+    last_epoch = loop["epoch"]
+    for name, epoch in (("best", loop["best_epoch"]), ("last", last_epoch)):
+        trainer.model = load_checkpoint(layout.checkpoint_file(fold_dir, name), device) if name == "best" else model
+        for part in ("val", "test"):
+            ids = list(split.partition(part))
+            if ids:
+                outputs, _ = trainer.predict(ids)
+                rows += _prediction_rows(split.fold, name, epoch, part, ids, outputs, cohort, targets, classes)
+    write_table(layout.fold_file(fold_dir, layout.FOLD_PREDICTIONS), rows)
+    best_value = float(loop["best_value"]) if loop["best_value"] is not None else math.nan
+    write_done(fold_dir, {"best_epoch": loop["best_epoch"], "best_value": best_value, "select_on": config.select_on,
+                          "epochs": last_epoch, "config_hash": config_hash})
+    layout.fold_file(fold_dir, layout.FOLD_RESUME).unlink(missing_ok=True)
+    return FoldResult(split.fold, fold_dir, loop["best_epoch"], best_value, last_epoch)
+
+
+def _fold_classes(cohort: Cohort, split: FoldSplit, config: TrainConfig,
+                  classes: Sequence[str] | None) -> tuple[list[str] | None, dict[str, Any]]:
+    """(class names, survival binning): the classes given or the cohort's (classification), or the time bins
+    fitted on the fold's training patients only (survival: ``bin_edges``, ``bin_ends``, ``train_survival``)."""
+    survival: dict[str, Any] = {"bin_edges": None, "bin_ends": None, "train_survival": None}
+    if config.task != "survival":
+        return (list(classes) if classes is not None else class_names(cohort)), survival
+    train_surv = patient_survival(cohort, split.train)
+    t, e = np.array(train_surv["time"], np.float64), np.array(train_surv["event"], np.int64)
+    bin_edges = survival_bin_edges(t, e, config.n_bins)
+    survival.update(bin_edges=bin_edges, bin_ends=np.append(bin_edges, t.max()), train_survival=train_surv)
+    return None, survival
+
+
+def _finished_or_cleared(fold_dir: Path, split: FoldSplit, identity: dict[str, Any], config_hash: str,
+                         force: bool) -> FoldResult | None:
+    """The fold's result when it is finished with this configuration (and not ``force``d); else None, after
+    removing the records of a fold that is to be trained again from its start.
+
+    Raises:
+        ConfigError: the fold was trained with another configuration and ``force`` is False.
+    """
+    done_path = layout.fold_file(fold_dir, layout.FOLD_DONE)
+    resume_path = layout.fold_file(fold_dir, layout.FOLD_RESUME)
+    if not (done_path.is_file() or resume_path.is_file()):
+        return None
+    prior = _json_object(layout.fold_file(fold_dir, layout.FOLD_CONFIG))
+    info = _json_object(done_path)
+    if done_path.is_file() and not _done_record_ok(info):  # edited or damaged: the fold is redone
+        done_path.unlink()
+    if prior.get("config_hash") != config_hash and not adopt_runtime_only_change(fold_dir, prior, identity,
+                                                                                 config_hash):
+        if not force:
+            raise ConfigError(f"{fold_dir} holds a fold trained with another configuration; pass --force to "
+                              "retrain it, or train into another --out or --name.")
+        done_path.unlink(missing_ok=True)
+        resume_path.unlink(missing_ok=True)
+    elif done_path.is_file() and not force:
+        resume_path.unlink(missing_ok=True)  # a stop between writing done.json and removing it
+        return FoldResult(split.fold, fold_dir, int(info["best_epoch"]), float(info["best_value"]),
+                          int(info["epochs"]), skipped=True)
+    elif force:
+        done_path.unlink(missing_ok=True)
+        resume_path.unlink(missing_ok=True)
+    return None
+
+
+def _train_epochs(trainer: _FoldTrainer, split: FoldSplit, config: TrainConfig, fold_dir: Path, where: str,
+                  callbacks: Sequence[EpochCallback], progress: bool) -> dict[str, Any]:
+    """Train the fold's remaining epochs (from its resume state, if any), writing after each the checkpoints,
+    the log and the resume state; returns the loop state (``epoch``, ``best_epoch``, ``best_value``, ``log``)."""
+    from tqdm.auto import tqdm
+
+    model, device = trainer.model, trainer.device
+    resume_path = layout.fold_file(fold_dir, layout.FOLD_RESUME)
     steps_per_epoch = math.ceil(math.ceil(len(split.train) / config.batch_size) / config.accum_steps)
     total_steps = steps_per_epoch * config.epochs
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
@@ -494,7 +537,7 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
         if not math.isfinite(val_loss):
             raise TrainingError(f"{where}, epoch {epoch}: the validation loss is {val_loss}; training diverged. "
                                 "Lower --lr or use --precision fp32.")
-        value, metrics = _selection_value(config, outputs, val_loss, split.val, targets)
+        value, metrics = _selection_value(config, outputs, val_loss, split.val, trainer.targets)
         row = {"epoch": epoch, "train_loss": train_loss, **metrics,
                "lr": trainer.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
         improved = _is_better(value, loop["best_value"], config.selection_lower_is_better)
@@ -513,22 +556,7 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
         for cb in callbacks:
             cb({**row, "fold": split.fold, "fold_dir": str(fold_dir)})
     bar.close()
-
-    rows: list[dict[str, Any]] = []
-    last_epoch = loop["epoch"]
-    for name, epoch in (("best", loop["best_epoch"]), ("last", last_epoch)):
-        trainer.model = load_checkpoint(layout.checkpoint_file(fold_dir, name), device) if name == "best" else model
-        for part in ("val", "test"):
-            ids = list(split.partition(part))
-            if ids:
-                outputs, _ = trainer.predict(ids)
-                rows += _prediction_rows(split.fold, name, epoch, part, ids, outputs, cohort, targets, classes)
-    write_table(layout.fold_file(fold_dir, layout.FOLD_PREDICTIONS), rows)
-    best_value = float(loop["best_value"]) if loop["best_value"] is not None else math.nan
-    write_done(fold_dir, {"best_epoch": loop["best_epoch"], "best_value": best_value, "select_on": config.select_on,
-                          "epochs": last_epoch, "config_hash": config_hash})
-    resume_path.unlink(missing_ok=True)
-    return FoldResult(split.fold, fold_dir, loop["best_epoch"], best_value, last_epoch)
+    return loop
 
 
 # -------------------------------------------------------------------------------------- restarts
