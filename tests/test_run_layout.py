@@ -75,9 +75,9 @@ class _RunPathFinder(ast.NodeVisitor):
 
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
-        if isinstance(func, ast.Attribute) and func.attr in ("glob", "rglob") and node.args and _is_text(node.args[0]):
-            if not all(_PLAIN_GLOB.match(part) for part in _literal_parts(node.args[0])):
-                self.found.append((node.lineno, self.function, f"glob pattern {ast.unparse(node.args[0])}"))
+        if isinstance(func, ast.Attribute) and func.attr in ("glob", "rglob") and node.args \
+                and _is_text(node.args[0]) and not all(_PLAIN_GLOB.match(p) for p in _literal_parts(node.args[0])):
+            self.found.append((node.lineno, self.function, f"glob pattern {ast.unparse(node.args[0])}"))
         if isinstance(func, (ast.Name, ast.Attribute)) and ast.unparse(func) in ("Path", "os.path.join") \
                 and len(node.args) > 1 and any(_is_text(a) for a in node.args[1:]):
             self.found.append((node.lineno, self.function, f"path join {ast.unparse(node)}"))
@@ -169,7 +169,10 @@ def test_every_state_and_shard_record_is_found_by_the_layout_globs(tmp_path):
 def test_the_names_on_disk_are_those_of_existing_runs(tmp_path):
     """Runs written before the layout module stay valid: the same names."""
     run = tmp_path
-    rel = lambda p: p.relative_to(run).as_posix()  # noqa: E731
+
+    def rel(p: Path) -> str:
+        return p.relative_to(run).as_posix()
+
     assert rel(layout.ledger(run)) == "ledger.csv"
     assert rel(layout.shard_ledger(run, "1of4")) == "ledger.shard-1of4.csv"
     assert rel(layout.log_file(run, "20260101T000000Z", "train", 7)) == "logs/20260101T000000Z-train-7.log"

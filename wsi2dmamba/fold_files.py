@@ -73,7 +73,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise ValueError(f"cannot be read ({exc})") from None
     if not isinstance(data, dict):
-        raise ValueError("is not a JSON object")
+        raise ValueError("is not a JSON object")  # noqa: TRY004 (callers handle one error type for a bad file)
     return data
 
 
@@ -307,8 +307,8 @@ def predictions_problems(path: Path, config: dict[str, Any], epochs: dict[str, A
                 problems.append((path, problem))
     bad = _first_non_number(rows)
     if bad is not None:
-        problems.append((path, f"the row of slide {bad['slide_id']!r} ({bad['checkpoint']}, {bad['partition']}) "
-                         "holds a value that is not a number"))
+        problems.append((path, (f"the row of slide {bad['slide_id']!r} ({bad['checkpoint']}, "
+                                f"{bad['partition']}) holds a value that is not a number")))
     return problems
 
 
@@ -350,6 +350,7 @@ def split_problems(fold: Path, config: dict[str, Any], splits: Path) -> list[tup
     for part in ("train", "val", "test"):
         listed = sorted(r.get(part) or "" for r in rows)
         if [s for s in listed if s] != sorted(map(str, split.get(part, []))):
-            return [(layout.fold_file(fold, layout.FOLD_CONFIG), f"fold {k} was trained with another {part} "
-                     f"partition than {layout.relative(fold.parent.parent.parent, path)} lists")]
+            listed_in = layout.relative(fold.parents[2], path)
+            return [(layout.fold_file(fold, layout.FOLD_CONFIG),
+                     f"fold {k} was trained with another {part} partition than {listed_in} lists")]
     return []

@@ -267,8 +267,12 @@ def check_content(path: Path) -> str | None:
 
     checks = {".h5": check_grid_file, ".json": check_json, ".geojson": check_json, ".csv": check_csv,
               ".safetensors": fold_files.check_safetensors}
-    check = checks.get(path.suffix.lower())
-    return check(path) if check is not None else None
+    suffix = path.suffix.lower()
+    check = checks.get(suffix)
+    try:
+        return check(path) if check is not None else None
+    except (OSError, ValueError) as exc:  # a reader's error that its check does not word itself
+        return f"content is not valid {suffix[1:]} ({exc})"
 
 
 def _check_source(run: Path, sf: Path, st: SlideState, report: VerifyReport) -> None:
