@@ -151,3 +151,23 @@ def write_ledger(run_dir: Path) -> Path:
     path = layout.ledger(run_dir)
     write_text_atomic(path, buf.getvalue())
     return path
+
+
+def ledger_problem(run_dir: Path, states: list[SlideState]) -> str | None:
+    """What is wrong with ``RUN/ledger.csv`` given the run's state files, or None when it lists exactly
+    them (stage, slide, status, parameter hash)."""
+    path = layout.ledger(run_dir)
+    if not path.is_file():
+        return "missing; it is rebuilt from the state files by the next stage run"
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = {(r.get("stage", ""), r.get("slide_id", ""), r.get("status", ""), r.get("params_hash", ""))
+                    for r in csv.DictReader(fh)}
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        return f"cannot be read ({exc}); it is rebuilt by the next stage run"
+    expected = {(s.stage, s.slide_id, s.status, s.params_hash) for s in states}
+    if rows != expected:
+        return (f"out of date with the state files ({len(expected - rows)} state(s) not in it, "
+                f"{len(rows - expected)} row(s) without a state); it is rebuilt by the next stage run (the state "
+                "files are the record)")
+    return None

@@ -26,7 +26,6 @@ The check only reads: it never changes the run.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 from collections import defaultdict
@@ -39,7 +38,7 @@ from .. import fold_files
 from .. import run_layout as layout
 from ..errors import GridFileError, WsiError
 from ..fileio import check_csv, check_json, file_sha256
-from .ledger import SlideState, parse_state
+from .ledger import SlideState, ledger_problem, parse_state
 
 _TMP_PREFIX = ".tmp-"
 #: Stage-level file holding the parameters of the stage's last run (not a per-slide output).
@@ -449,23 +448,9 @@ def _prefixes(rel: Path) -> list[Path]:
 
 
 def _check_ledger(run: Path, states: list[SlideState], report: VerifyReport) -> None:
-    name = layout.LEDGER
-    ledger = layout.ledger(run)
-    if not ledger.is_file():
-        report._add("warning", name, "missing; it is rebuilt from the state files by the next stage run")
-        return
-    try:
-        with open(ledger, newline="", encoding="utf-8") as fh:
-            rows = {(r.get("stage", ""), r.get("slide_id", ""), r.get("status", ""), r.get("params_hash", ""))
-                    for r in csv.DictReader(fh)}
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        report._add("warning", name, f"cannot be read ({exc}); it is rebuilt by the next stage run")
-        return
-    expected = {(s.stage, s.slide_id, s.status, s.params_hash) for s in states}
-    if rows != expected:
-        report._add("warning", name, f"out of date with the state files ({len(expected - rows)} state(s) "
-                    f"not in it, {len(rows - expected)} row(s) without a state); it is rebuilt by the next "
-                    "stage run (the state files are the record)")
+    problem = ledger_problem(run, states)
+    if problem:
+        report._add("warning", layout.LEDGER, problem)
 
 
 def fold_problems(fold_dir: str | os.PathLike[str]) -> list[str]:
