@@ -1,8 +1,9 @@
 """The run layout: one module names every folder and file of a run, and no other module builds a run path.
 
-The source check reads the package's syntax trees: a path join (``/``) with a written-out name, a string
-that is the name of a run file, or a glob pattern naming run files, outside ``run_layout.py``, is a second
-owner of the layout. The few joins that build paths of other folders (the hub caches, the package's own
+The source check reads the package's syntax trees: a path join (``/``) with a written-out name or with a
+module's own name constant, a string that is the name of a run file or starts with a run folder
+(``"features/…"``), or a glob pattern naming run files, outside ``run_layout.py``, is a second owner of the
+layout. The few joins that build paths of other folders (the hub caches, the package's own
 assets, the folder layouts of CLAM and TRIDENT) are listed with the reason.
 """
 
@@ -29,6 +30,7 @@ NOT_RUN_PATHS = {
     ("demo/mosaic.py", "load_asset"): "the package's own pictures",
     ("pipeline/demo.py", "demo_pipeline_path"): "the package's own pipeline files",
     ("features/exporters.py", "export_grid"): "the folder layouts of CLAM and TRIDENT, written for those tools",
+    ("features/exporters.py", "export_features"): "CLAM's slide table, beside the exported files",
     ("fileio.py", "temporary_sibling"): "the temporary names of the atomic writer, beside any file",
 }
 #: A glob pattern that names no run file: wildcards and at most an extension.
@@ -39,6 +41,26 @@ def _run_file_names() -> set[str]:
     """The layout's file names (``done.json``, ``ledger.csv``, …): its string constants with an extension."""
     return {v for k, v in vars(layout).items()
             if k.isupper() and isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.-]+\.[a-z]+", v)}
+
+
+def _run_folders() -> tuple[str, ...]:
+    """The run's top folders (``train``, ``features``, …): a string that starts with ``<folder>/`` is a run path."""
+    return tuple(f"{v}/" for k, v in vars(layout).items() if k.endswith("_DIR") and isinstance(v, str)
+                 and k not in ("STATE_DIR", "SHARDS_DIR", "COHORT_SLIDES_DIR", "PREDICTION_HEATMAPS_DIR",
+                               "SPLITS_DIR"))
+
+
+def _name_constants(tree: ast.Module) -> dict[str, str]:
+    """A module's own top-level names bound to a string (``CONFIG_FILE = "config.json"``)."""
+    return {n.targets[0].id: n.value.value for n in tree.body
+            if isinstance(n, ast.Assign) and len(n.targets) == 1 and isinstance(n.targets[0], ast.Name)
+            and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)}
+
+
+def _docstrings(tree: ast.Module) -> set[int]:
+    return {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
 
 
 def _is_text(node: ast.AST) -> bool:
@@ -54,8 +76,9 @@ def _literal_parts(node: ast.AST) -> list[str]:
 class _RunPathFinder(ast.NodeVisitor):
     """Collects ``(line, function, what)`` for each place that builds a run path by itself."""
 
-    def __init__(self, names: set[str]):
+    def __init__(self, names: set[str], tree: ast.Module):
         self.names, self.found, self.function = names, [], ""
+        self.constants, self.docstrings, self.folders = _name_constants(tree), _docstrings(tree), _run_folders()
 
     def visit_FunctionDef(self, node: ast.FunctionDef) -> None:
         outer, self.function = self.function, self.function or node.name
@@ -67,11 +90,23 @@ class _RunPathFinder(ast.NodeVisitor):
     def visit_BinOp(self, node: ast.BinOp) -> None:
         if isinstance(node.op, ast.Div) and (_is_text(node.left) or _is_text(node.right)):
             self.found.append((node.lineno, self.function, f"path join {ast.unparse(node)}"))
+        elif isinstance(node.op, ast.Div) and any(isinstance(n, ast.Name) and n.id in self.constants
+                                                 for n in (node.left, node.right)):
+            self.found.append((node.lineno, self.function, f"path join with a name constant {ast.unparse(node)}"))
         self.generic_visit(node)
 
     def visit_Constant(self, node: ast.Constant) -> None:
         if isinstance(node.value, str) and node.value in self.names:
             self.found.append((node.lineno, self.function, f"run file name {node.value!r}"))
+        elif isinstance(node.value, str) and id(node) not in self.docstrings and node.value.startswith(self.folders):
+            self.found.append((node.lineno, self.function, f"run path {node.value!r}"))
+
+    def visit_JoinedStr(self, node: ast.JoinedStr) -> None:
+        first = node.values[0] if node.values else None
+        if isinstance(first, ast.Constant) and str(first.value).startswith(self.folders):
+            self.found.append((node.lineno, self.function, f"run path {ast.unparse(node)}"))
+        else:
+            self.generic_visit(node)
 
     def visit_Call(self, node: ast.Call) -> None:
         func = node.func
@@ -92,8 +127,9 @@ def run_paths_built_outside_the_layout(package: Path = PACKAGE) -> list[str]:
         rel = path.relative_to(package).as_posix()
         if rel == "run_layout.py":
             continue
-        finder = _RunPathFinder(names)
-        finder.visit(ast.parse(path.read_text(encoding="utf-8"), str(path)))
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        finder = _RunPathFinder(names, tree)
+        finder.visit(tree)
         problems += [f"{rel}:{line} ({fn or 'module'}): {what}" for line, fn, what in finder.found
                      if (rel, fn) not in NOT_RUN_PATHS and (rel, "*") not in NOT_RUN_PATHS]
     return problems
@@ -115,14 +151,16 @@ def test_the_source_check_sees_each_way_of_building_a_run_path(tmp_path):
         "def a(run):\n    return run / 'train' / f'fold_{0}'\n"
         "def b(fold):\n    return fold.joinpath('done.json')\n"
         "def c(model_dir):\n    return sorted(model_dir.glob('fold_*'))\n"
-        "def d(run):\n    return Path(run, 'ledger.csv')\n")
+        "def d(run):\n    return Path(run, 'ledger.csv')\n"
+        "STAGE = 'segment'\n"
+        "def e(run, enc):\n    return run / STAGE, f'features/{enc}', 'train/splits'\n")
     (pkg / "good.py").write_text(
         "from . import run_layout as layout\n"
         "def a(run):\n    return layout.fold_dir(layout.model_dir(run, 'abmil'), 0)\n"
         "def c(folder):\n    return sorted(folder.glob('*.h5'))\n")
     found = run_paths_built_outside_the_layout(pkg)
     assert [f.split(" (")[0] for f in found] == ["bad.py:3", "bad.py:3", "bad.py:5", "bad.py:7", "bad.py:9",
-                                                 "bad.py:9"], found
+                                                 "bad.py:9", "bad.py:12", "bad.py:12", "bad.py:12"], found
     assert not [f for f in found if f.startswith("good.py")]
 
 

@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import run_layout as layout
 from .common import (CohortOpt, DeviceOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt,
                      ShardOpt, WorkersOpt, cohort_from_args, parse_shard, report_summary)
 from .slides import SlideMppOpt
@@ -90,7 +89,9 @@ def register(app: typer.Typer) -> None:
                                  executor=executor.value, ray_address=ray_address, gpus=gpu_list)
         n_tiles = sum(int(i.get("n_tiles", 0)) for i in summary.infos.values())
         if summary.done:
-            typer.echo(f"{n_tiles} tiles encoded into {layout.features_dir(out, encoder_dirname(encoder))}; "
+            from ..run_layout import features_dir
+
+            typer.echo(f"{n_tiles} tiles encoded into {features_dir(out, encoder_dirname(encoder))}; "
                        f"{blank_tile_count(summary)} unreadable tile(s) replaced by white tiles (flagged).")
         report_summary(summary)
 
