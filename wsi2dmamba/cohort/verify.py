@@ -422,7 +422,7 @@ def _check_stage_configs(run: Path, states: list[SlideState], report: VerifyRepo
 
 def _check_unrecorded(run: Path, states: list[SlideState], report: VerifyReport) -> None:
     recorded = {(run / rel).resolve() for st in states if st.status == "done" for rel in st.outputs}
-    stage_dirs = {(run / st.stage).resolve() for st in states}
+    stage_dirs = {layout.stage_dir(run, st.stage).resolve() for st in states}
     for tmp in sorted(run.rglob(_TMP_PREFIX + "*")):
         report._add("warning", _rel(run, tmp), "half-written temporary left by a killed process (never read "
                     "as an output); the next run of that stage deletes it")
