@@ -133,7 +133,7 @@ def checkpoint_sidecar_problem(path: Path) -> tuple[Path, str] | None:
 # ------------------------------------------------------------------------------------------------ checks
 def retrain_hint(fold: Path) -> str:
     """What to run to train a damaged fold again."""
-    return f"retrain this fold (wsi2dmamba train … --name {fold.parent.name} --fold {fold.name[5:]} --force)"
+    return f"retrain this fold (wsi2dmamba train … --name {fold.parent.name} --fold {layout.fold_index(fold)} --force)"
 
 
 @dataclass
