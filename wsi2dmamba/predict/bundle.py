@@ -10,9 +10,9 @@ then checks every weight file (safetensors magic bytes, sha256 recorded in the m
 configuration equal to the manifest's) before loading any tensor. Nothing is unpickled or executed.
 
 >>> from wsi2dmamba.predict import load_bundle
->>> bundle = load_bundle("runs/demo/classification/bundles/2dmambamil")
->>> out = bundle.predict(grid)            # grid: a FeatureGrid read with wsi2dmamba.grid.read_feature_grid
->>> out.probs, out.attention_map          # ensemble probabilities (C,), attention (H, W)
+>>> bundle = load_bundle("runs/demo/classification/bundles/2dmambamil")  # doctest: +SKIP
+>>> out = bundle.predict(grid)            # grid: a FeatureGrid read with wsi2dmamba.grid.read_feature_grid  # doctest: +SKIP
+>>> out.probs, out.attention_map          # ensemble probabilities (C,), attention (H, W)  # doctest: +SKIP
 """
 
 from __future__ import annotations
