@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from .common import Executor, ExecutorOpt, ForceOpt, QuietOpt, RayAddressOpt
-from .training import TaskKind
+from ..training.config import Task
 
 
 def _finish(results) -> None:
@@ -52,7 +52,7 @@ def register(app: typer.Typer) -> None:
         slides: Annotated[Optional[int], typer.Option("--slides", min=4, help="Number of demo slides.")] = None,
         epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Training epochs.")] = None,
         folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds.")] = None,
-        task: Annotated[Optional[TaskKind], typer.Option(
+        task: Annotated[Optional[Task], typer.Option(
             "--task", help="Only this task (default: both).", show_default=False)] = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
@@ -63,6 +63,6 @@ def register(app: typer.Typer) -> None:
         arrangement) and run the whole pipeline on it: a classification and a survival task, offline, on CPU."""
         from ..pipeline.demo import DEMO_TASKS, run_demo
 
-        tasks = (task.value,) if task else DEMO_TASKS
+        tasks = (task,) if task else DEMO_TASKS
         _finish(run_demo(out, quick=quick, tasks=tasks, slides=slides, epochs=epochs, folds=folds,
                          force=force, progress=not quiet, executor=executor.value, ray_address=ray_address))

@@ -8,7 +8,6 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..errors import ConfigError
 from .common import (CohortOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, ShardOpt,
                      SlidesDirOpt, WorkersOpt, cohort_from_args, parse_shard, process_count, report_summary)
 
@@ -58,13 +57,9 @@ def _segment_config(**given: Any):
 
 
 def _validated(cls, values: dict[str, Any]):
-    from pydantic import ValidationError
+    from ..validation import validated
 
-    try:
-        return cls(**values)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'option'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"Invalid option(s): {problems}") from None
+    return validated(cls, values, "Invalid option(s)")
 
 
 def segment(

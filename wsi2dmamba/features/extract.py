@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -37,6 +37,12 @@ from .loader import TileReadPlan, default_workers, make_loader
 from .weights import weights_sha256
 
 STAGE = "extract"
+
+
+#: Numbers an encoder computes with on a GPU (autocast); the CPU computes in fp32.
+Precision = Literal["fp32", "fp16", "bf16"]
+#: How tiles are decoded (see ``ExtractConfig.decode``).
+Decode = Literal["openslide", "auto", "jpeg"]
 
 
 class ExtractConfig(BaseModel):
@@ -72,13 +78,13 @@ class ExtractConfig(BaseModel):
     weights: str | None = Field(default=None, exclude=True)
     weights_sha256: str = ""
     pretrained: bool = True
-    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    precision: Precision | None = None
     device: str = Field(default="auto", exclude=True)
     batch_size: int = Field(default=256, ge=1, exclude=True)
     workers: int | None = Field(default=None, ge=0, exclude=True)
     max_run_tiles: int = Field(default=8, ge=1, exclude=True)
     max_blank_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
-    decode: Literal["auto", "jpeg", "openslide"] = Field(default="openslide", exclude=True)
+    decode: Decode = Field(default="openslide", exclude=True)
 
 
 @dataclass
@@ -132,8 +138,8 @@ def load_encoder(encoder: str | EncoderSpec, *, weights: str | os.PathLike[str] 
         spec = get_encoder(encoder, weights)
     dev = resolve_device(device)
     prec = precision or (spec.precision if dev.type == "cuda" else "fp32")
-    if prec not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"Unknown precision {prec!r}; use fp32, fp16 or bf16.")
+    if prec not in get_args(Precision):
+        raise ConfigError(f"Unknown precision {prec!r}; use {', '.join(get_args(Precision))}.")
     sha = weights_sha256(spec.weights_path()) if pretrained else ""
     import torch
 

@@ -41,10 +41,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError
 from ..fileio import user_path
+from ..validation import validated
 
 STAGES = ("segment", "tile", "extract", "train", "evaluate")
 
@@ -330,27 +331,8 @@ def _check_models(section: TrainSection, source: Path) -> None:
 
 def _validate(cls: type[BaseModel], table: dict[str, Any], source: Path, where: str,
               extra_keys: tuple[str, ...] = ()) -> Any:
-    try:
-        return cls(**table)
-    except ValidationError as exc:
-        keys = sorted([*cls.model_fields, *extra_keys])
-        raise ConfigError(format_validation_error(exc, source, where, keys)) from None
-
-
-def format_validation_error(exc: ValidationError, source: Path, table: str,
-                            allowed: list[str] | None = None) -> str:
-    """One line per problem: ``file: [table] key: what is wrong``."""
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
-            lines.append(f"[{table}] unknown key '{key}'{hint}")
-        elif err["type"] == "missing":
-            lines.append(f"[{table}] missing key '{key}'")
-        else:
-            lines.append(f"[{table}] {key + ': ' if key else ''}{err['msg']} (got {err.get('input')!r})")
-    return f"{source}: invalid pipeline file:\n  - " + "\n  - ".join(lines)
+    return validated(cls, table, f"{source}: invalid pipeline file", table=where,
+                     allowed=sorted([*cls.model_fields, *extra_keys]))
 
 
 def _resolve(p: Path | None, base: Path, what: str) -> Path | None:

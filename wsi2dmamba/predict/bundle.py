@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError, WeightsError
+from ..validation import validated
 
 FORMAT_NAME = "wsi2dmamba.bundle"
 FORMAT_VERSION = 1
@@ -286,11 +287,7 @@ def _check_manifest(data: dict[str, Any], mpath: Path) -> BundleManifest:
         raise ConfigError(f"{mpath}: format_version {version!r} is unknown to this wsi2dmamba (it reads "
                           f"{', '.join(map(str, SUPPORTED_VERSIONS))}). A newer version of wsi2dmamba wrote it: "
                           "upgrade wsi2dmamba, or export the bundle again with this one.")
-    try:
-        manifest = BundleManifest(**data)
-    except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()[:8]]
-        raise ConfigError(f"{mpath} does not follow the bundle format:\n  - " + "\n  - ".join(lines)) from None
+    manifest = validated(BundleManifest, data, f"{mpath} does not follow the bundle format", limit=8)
     _check_consistency(manifest, mpath)
     return manifest
 
