@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..cohort import Cohort, StageSummary, load_cohort
+from ..cohort import Cohort, RunOptions, StageSummary, load_cohort
 from ..errors import ConfigError
 
 
@@ -134,6 +134,14 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     if n < 1 or not 0 <= i < n:
         raise ConfigError(f"--shard {text}: need 0 ≤ i < N and N ≥ 1")
     return i, n
+
+
+def run_options(executor: Executor, ray_address: str | None, *, force: bool = False, quiet: bool = False,
+                shard: str | None = None, workers: int = 1) -> RunOptions:
+    """The :class:`~wsi2dmamba.cohort.RunOptions` of a command's ``--executor``, ``--ray-address``,
+    ``--force``, ``--quiet``, ``--shard`` and (processes, see :func:`process_count`) ``--workers``."""
+    return RunOptions(workers=workers, executor=executor.value, ray_address=ray_address, shard=parse_shard(shard),
+                      force=force, progress=not quiet)
 
 
 def report_summary(summary: StageSummary) -> None:

@@ -10,7 +10,7 @@ import typer
 
 from ..features.extract import Decode, ExtractConfig, Precision
 from .common import (CohortOpt, DeviceOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt,
-                     ShardOpt, WorkersOpt, cohort_from_args, parse_shard, report_summary)
+                     ShardOpt, WorkersOpt, cohort_from_args, report_summary, run_options)
 from .slides import SlideMppOpt
 
 # Identity and runtime fields alike (model_dump would leave the runtime ones out).
@@ -75,8 +75,8 @@ def register(app: typer.Typer) -> None:
         config = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, device=device,
                                batch_size=batch_size, workers=workers,
                                precision=precision, pretrained=not random_weights, decode=decode)
-        summary = extract_cohort(co, out, config, progress=not quiet, force=force, shard=parse_shard(shard),
-                                 executor=executor.value, ray_address=ray_address, gpus=gpu_list)
+        summary = extract_cohort(co, out, config, run_options(executor, ray_address, force=force, quiet=quiet,
+                                                              shard=shard), gpus=gpu_list)
         n_tiles = sum(int(i.get("n_tiles", 0)) for i in summary.infos.values())
         if summary.done:
             typer.echo(f"{n_tiles} tiles encoded into {out / 'features' / encoder_dirname(encoder)}; "

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import Executor, ExecutorOpt, ForceOpt, QuietOpt, RayAddressOpt
+from .common import Executor, ExecutorOpt, ForceOpt, QuietOpt, RayAddressOpt, run_options
 from ..training.config import Task
 
 
@@ -41,8 +41,7 @@ def register(app: typer.Typer) -> None:
 
         overrides = {"cohort": {"slides_dir": str(slides_dir.expanduser().resolve())}} if slides_dir else None
         config = load_pipeline(pipeline, out=out, overrides=overrides)
-        _finish([run_pipeline(config, force=force, progress=not quiet, executor=executor.value,
-                              ray_address=ray_address)])
+        _finish([run_pipeline(config, run_options(executor, ray_address, force=force, quiet=quiet))])
 
     @app.command("demo")
     def demo_command(
@@ -65,4 +64,4 @@ def register(app: typer.Typer) -> None:
 
         tasks = (task,) if task else DEMO_TASKS
         _finish(run_demo(out, quick=quick, tasks=tasks, slides=slides, epochs=epochs, folds=folds,
-                         force=force, progress=not quiet, executor=executor.value, ray_address=ray_address))
+                         options=run_options(executor, ray_address, force=force, quiet=quiet)))

@@ -11,8 +11,8 @@ import typer
 from ..tiling.config import TileConfig
 from ..tissue.config import SegmentConfig
 from .common import (CohortOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, ShardOpt,
-                     SlidesDirOpt, WorkersOpt, cohort_from_args, config_options, parse_shard, process_count,
-                     report_summary)
+                     SlidesDirOpt, WorkersOpt, cohort_from_args, config_options, process_count, report_summary,
+                     run_options)
 
 SlidesArg = Annotated[Optional[list[Path]], typer.Argument(
     help="Slide files (or DICOM folders) to process instead of a --cohort manifest; the slide id is the "
@@ -102,8 +102,9 @@ def segment(
                              min_tissue_area_um2=min_tissue_area, min_hole_area_um2=min_hole_area,
                              remove_pen=remove_pen, pen_colors=pen_colors)
     c = cohort_from_args(cohort, slides, slides_dir=slides_dir, mpp=slide_mpp)
-    summary = segment_cohort(c, out, config, workers=process_count(workers), progress=not quiet, force=force,
-                             shard=parse_shard(shard), executor=executor.value, ray_address=ray_address)
+    options = run_options(executor, ray_address, force=force, quiet=quiet, shard=shard,
+                          workers=process_count(workers))
+    summary = segment_cohort(c, out, config, options)
     report_summary(summary)
 
 
@@ -132,8 +133,9 @@ def tile(
 
     config = config.model_copy(update={"segment": read_segment_config(out) or SegmentConfig()})
     c = cohort_from_args(cohort, slides, slides_dir=slides_dir, mpp=slide_mpp)
-    summary = tile_cohort(c, out, config, workers=process_count(workers), progress=not quiet, force=force,
-                          shard=parse_shard(shard), executor=executor.value, ray_address=ray_address)
+    options = run_options(executor, ray_address, force=force, quiet=quiet, shard=shard,
+                          workers=process_count(workers))
+    summary = tile_cohort(c, out, config, options)
     report_summary(summary)
 
 

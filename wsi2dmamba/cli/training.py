@@ -13,7 +13,8 @@ import typer
 from ..errors import ConfigError
 from ..pipeline.config import EvaluateConfig
 from ..training.config import TrainConfig
-from .common import CohortOpt, DeviceOpt, Executor, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, config_options
+from .common import (CohortOpt, DeviceOpt, Executor, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, config_options,
+                     run_options)
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
@@ -88,9 +89,9 @@ def register(app: typer.Typer) -> None:
         if cohort is None or features is None:
             raise ConfigError("train needs --cohort M.csv and --features RUN/features/<encoder>.")
         c = load_cohort(cohort, require_path=False, check_files=False)
-        res = train_cohort(c, features, out, model, config, _overrides(set_), preset=preset, name=name,
-                           splits=splits, folds_to_run=fold, force=force, progress=not quiet,
-                           executor=executor.value, ray_address=ray_address)
+        res = train_cohort(c, features, out, model, config, _overrides(set_),
+                           run_options(executor, ray_address, force=force, quiet=quiet), preset=preset, name=name,
+                           splits=splits, folds_to_run=fold)
         for w in res.warnings:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
         if preset == "paper" or model.endswith(":paper"):

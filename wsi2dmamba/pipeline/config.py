@@ -35,7 +35,6 @@ file and the key.
 
 from __future__ import annotations
 
-import importlib
 import os
 import tomllib
 from pathlib import Path
@@ -45,19 +44,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError
 from ..fileio import user_path
+from ..stages import STAGES as STAGE_TABLE
+from ..stages import stage as stage_entry
 from ..validation import validated
 
-STAGES = ("segment", "tile", "extract", "train", "evaluate")
-
-# Where each stage's configuration class lives: (module, class name). Looked up when a file is loaded,
-# so that this module does not import torch or OpenSlide.
-STAGE_CONFIG_CLASSES: dict[str, tuple[str, str]] = {
-    "segment": ("wsi2dmamba.tissue.config", "SegmentConfig"),
-    "tile": ("wsi2dmamba.tiling", "TileConfig"),
-    "extract": ("wsi2dmamba.features", "ExtractConfig"),
-    "train": ("wsi2dmamba.training.config", "TrainConfig"),
-    "evaluate": ("wsi2dmamba.pipeline.config", "EvaluateConfig"),
-}
+#: The stage tables of a pipeline file, in the order the stages run (one per entry of the stage table).
+STAGES = tuple(s.name for s in STAGE_TABLE)
 
 
 class CohortSection(BaseModel):
@@ -275,8 +267,7 @@ def _stage_options(data: dict[str, Any], train_table: dict[str, Any], source: Pa
 
 def stage_config_class(stage: str) -> type[BaseModel]:
     """The configuration class of a stage (imported on first use)."""
-    module, cls = STAGE_CONFIG_CLASSES[stage]
-    return getattr(importlib.import_module(module), cls)
+    return stage_entry(stage).config_class()
 
 
 # Model options the run sets itself, from the features and the task.
