@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..features.extract import Decode, ExtractConfig, Precision
+from ..features.encoders import Precision
+from ..features.extract import Decode, ExtractConfig
 from .common import (CohortOpt, DeviceOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt,
                      ShardOpt, WorkersOpt, cohort_from_args, report_summary, run_options)
 from .slides import SlideMppOpt

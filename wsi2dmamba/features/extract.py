@@ -32,15 +32,13 @@ from ..devices import resolve_device
 from ..fileio import params_hash
 from ..grid import FeatureGrid, TileGrid, read_tile_grid, write_feature_grid
 from ..grid.guard import guard_grid_file, guard_grid_files
-from .encoders import EncoderSpec, get_encoder
+from .encoders import EncoderSpec, Precision, get_encoder
 from .loader import TileReadPlan, default_workers, make_loader
 from .weights import weights_sha256
 
 STAGE = "extract"
 
 
-#: Numbers an encoder computes with on a GPU (autocast); the CPU computes in fp32.
-Precision = Literal["fp32", "fp16", "bf16"]
 #: How tiles are decoded (see ``ExtractConfig.decode``).
 Decode = Literal["openslide", "auto", "jpeg"]
 
