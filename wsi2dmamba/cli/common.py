@@ -5,21 +5,14 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Collection, Mapping
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ..cohort import Cohort, RunOptions, StageSummary, load_cohort
+from ..cohort.executors import ExecutorName
 from ..errors import ConfigError
-
-
-class Executor(str, Enum):
-    """Where a stage's tasks run."""
-
-    local = "local"
-    ray = "ray"
 
 
 def process_count(workers: int | None) -> int:
@@ -42,7 +35,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar."
 ShardOpt = Annotated[str | None, typer.Option(
     "--shard", help="Process only shard i of N ('i/N', 0-based), e.g. for Slurm array jobs; "
     "combine with `wsi2dmamba merge`.")]
-ExecutorOpt = Annotated[Executor, typer.Option("--executor", help="Where the per-slide tasks run: local "
+ExecutorOpt = Annotated[ExecutorName, typer.Option("--executor", help="Where the per-slide tasks run: local "
                                              "processes, or Ray tasks.")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(
     "--ray-address", help="Ray cluster to connect to (default: start a local one).")]
@@ -136,11 +129,11 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def run_options(executor: Executor, ray_address: str | None, *, force: bool = False, quiet: bool = False,
+def run_options(executor: ExecutorName, ray_address: str | None, *, force: bool = False, quiet: bool = False,
                 shard: str | None = None, workers: int = 1) -> RunOptions:
     """The :class:`~wsi2dmamba.cohort.RunOptions` of a command's ``--executor``, ``--ray-address``,
     ``--force``, ``--quiet``, ``--shard`` and (processes, see :func:`process_count`) ``--workers``."""
-    return RunOptions(workers=workers, executor=executor.value, ray_address=ray_address, shard=parse_shard(shard),
+    return RunOptions(workers=workers, executor=executor, ray_address=ray_address, shard=parse_shard(shard),
                       force=force, progress=not quiet)
 
 

@@ -10,7 +10,7 @@ import typer
 
 from ..features.encoders import Precision
 from ..features.extract import Decode, ExtractConfig
-from .common import (CohortOpt, DeviceOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt,
+from .common import (CohortOpt, DeviceOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt,
                      ShardOpt, WorkersOpt, cohort_from_args, report_summary, run_options)
 from .slides import SlideMppOpt
 
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         force: ForceOpt = False,
         quiet: QuietOpt = False,
         shard: ShardOpt = None,
-        executor: ExecutorOpt = Executor.local,
+        executor: ExecutorOpt = "local",
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Encode the tiles of every slide: RUN/tiles/<slide_id>.h5 → RUN/features/<encoder>/<slide_id>.h5."""

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import Executor, ExecutorOpt, ForceOpt, QuietOpt, RayAddressOpt, run_options
+from .common import ExecutorOpt, ForceOpt, QuietOpt, RayAddressOpt, run_options
 from ..training.config import Task
 
 
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
             "[cohort] slides_dir.")] = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
-        executor: ExecutorOpt = Executor.local,
+        executor: ExecutorOpt = "local",
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Run segment → tile → extract → train (every model, every fold) → evaluate → report from one
@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
             "--task", help="Only this task (default: both).", show_default=False)] = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
-        executor: ExecutorOpt = Executor.local,
+        executor: ExecutorOpt = "local",
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Build the built-in demo cohort (mosaic slides of real tissue whose label depends on the 2D

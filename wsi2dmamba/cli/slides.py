@@ -10,7 +10,7 @@ import typer
 
 from ..tiling.config import TileConfig
 from ..tissue.config import SegmentConfig
-from .common import (CohortOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, ShardOpt,
+from .common import (CohortOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, ShardOpt,
                      SlidesDirOpt, WorkersOpt, cohort_from_args, config_options, process_count, report_summary,
                      run_options)
 
@@ -78,7 +78,7 @@ def segment(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
-    executor: ExecutorOpt = Executor.local,
+    executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     slides_dir: SlidesDirOpt = None,
     slide_mpp: SlideMppOpt = None,
@@ -117,7 +117,7 @@ def tile(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
-    executor: ExecutorOpt = Executor.local,
+    executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     slides_dir: SlidesDirOpt = None,
     slide_mpp: SlideMppOpt = None,

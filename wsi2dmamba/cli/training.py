@@ -11,9 +11,10 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ..errors import ConfigError
+from ..cohort.executors import ExecutorName
 from ..pipeline.config import EvaluateConfig
 from ..training.config import TrainConfig
-from .common import (CohortOpt, DeviceOpt, Executor, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, config_options,
+from .common import (CohortOpt, DeviceOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, config_options,
                      run_options)
 
 
@@ -73,9 +74,9 @@ def register(app: typer.Typer) -> None:
                                                           "e.g. --set hidden=256.")] = None,
         force: Annotated[bool, typer.Option("--force", help="Retrain folds that are already done.")] = False,
         quiet: QuietOpt = False,
-        executor: Annotated[Executor, typer.Option(
+        executor: Annotated[ExecutorName, typer.Option(
             "--executor", help="Where the folds train: local processes (one per GPU), or Ray tasks.")
-                            ] = Executor.local,
+                            ] = "local",
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Train a model with patient-level k-fold cross-validation; resumes unfinished folds.

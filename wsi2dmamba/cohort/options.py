@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from .executors import EXECUTORS
+from .executors import EXECUTORS, ExecutorName
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class RunOptions:
     """
 
     workers: int = 1
-    executor: str = "local"
+    executor: ExecutorName = "local"
     ray_address: str | None = None
     shard: tuple[int, int] | None = None
     force: bool = False

@@ -184,18 +184,16 @@ def run_pipeline(config: PipelineConfig, options: RunOptions | None = None, *,
 
 def check_options(config: PipelineConfig, executor: str = "local") -> None:
     """Check what the stages' configuration classes cannot check alone, before any stage runs: the
-    encoder exists and its weight file is found, each device is usable here, the executor is known.
+    encoder exists and its weight file is found, and, with the local ``executor``, each device is usable
+    here.
 
     Raises:
         ConfigError: naming the pipeline file, the table and the key (a WeightsError for the weights).
     """
-    from ..cohort.executors import EXECUTORS
     from ..devices import resolve_device
     from ..errors import ConfigError, WeightsError, WsiError
     from ..features.encoders import get_encoder
 
-    if executor not in EXECUTORS:
-        raise ConfigError(f"Unknown executor {executor!r}; use one of: {', '.join(EXECUTORS)}.")
     ext = config.option("extract")
     checks = [
         ("extract", "encoder", lambda: get_encoder(ext.encoder)),
