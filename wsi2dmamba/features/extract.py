@@ -24,9 +24,10 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..cohort import Cohort, RunOptions, SlideRecord, StageSummary, run_stage
+from ..cohort import Cohort, SlideRecord, StageSummary, run_stage
 from ..cohort.executors import TaskResources
 from ..cohort.ledger import recorded_sha256
+from ..cohort.options import RunOptions
 from ..errors import ConfigError, SlideError, StageInputError
 from ..devices import resolve_device
 from ..fileio import params_hash

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..cohort import Cohort, RunOptions, StageSummary, load_cohort
+from ..cohort import Cohort, StageSummary, load_cohort
+from ..cohort.options import RunOptions
 from ..errors import StageInputError
 from ..fileio import ensure_writable, write_json_atomic
 from ..stages import SLIDE_STAGES

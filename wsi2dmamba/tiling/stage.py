@@ -7,8 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..cohort import Cohort, RunOptions, SlideRecord, StageSummary, config_hash, read_state, run_stage
+from ..cohort import Cohort, SlideRecord, StageSummary, config_hash, read_state, run_stage
 from ..cohort.ledger import write_state
+from ..cohort.options import RunOptions
 from ..cohort.shards import select_shard
 from ..errors import SlideError, StageInputError
 from ..fileio import atomic_path, params_hash

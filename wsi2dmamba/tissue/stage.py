@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..cohort import (Cohort, RunOptions, SlideRecord, SlideState, StageSummary, config_hash, read_state,
-                      run_stage)
+from ..cohort import Cohort, SlideRecord, SlideState, StageSummary, config_hash, read_state, run_stage
+from ..cohort.options import RunOptions
 from ..errors import SlideError, StageInputError
 from ..fileio import atomic_path, write_json_atomic, write_text_atomic
 from .config import SegmentConfig

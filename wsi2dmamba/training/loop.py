@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from filelock import FileLock, Timeout
 
-from ..cohort import Cohort, RunOptions
+from ..cohort import Cohort
+from ..cohort.options import RunOptions
 from ..errors import ConfigError, TrainingError, WsiError
 from ..devices import resolve_device
 from ..fileio import (
