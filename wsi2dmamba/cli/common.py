@@ -116,17 +116,14 @@ def cohort_from_args(cohort: Path | None, slides: list[Path] | None = None, *, r
 
 
 def parse_shard(text: str | None) -> tuple[int, int] | None:
-    """'i/N' → (i, N), validated."""
+    """'i/N' → (i, N); :class:`~wsi2dmamba.cohort.RunOptions` checks the range."""
     if text is None:
         return None
     try:
         i_text, n_text = text.split("/")
-        i, n = int(i_text), int(n_text)
+        return int(i_text), int(n_text)
     except ValueError:
         raise ConfigError(f"--shard must look like i/N (e.g. 0/4), got {text!r}") from None
-    if n < 1 or not 0 <= i < n:
-        raise ConfigError(f"--shard {text}: need 0 ≤ i < N and N ≥ 1")
-    return i, n
 
 
 def run_options(executor: ExecutorName, ray_address: str | None, *, force: bool = False, quiet: bool = False,
