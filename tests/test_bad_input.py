@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import string
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 
 from wsi2dmamba.cohort import load_cohort
 from wsi2dmamba.errors import GridFileError, ManifestError, WsiError
-from wsi2dmamba.grid import FeatureGrid, TileGrid, read_feature_grid, read_tile_grid, write_feature_grid, write_tile_grid
+from wsi2dmamba.grid import FeatureGrid, TileGrid, read_feature_grid, read_tile_grid, write_feature_grid
 
 pytest_plugins = ["conftest_reliability"]
 

@@ -28,7 +28,7 @@ pytest_plugins = ["conftest_reliability"]
 ROOT = Path(__file__).resolve().parents[1]
 DAMAGED = ROOT / "tests" / "data" / "damaged"
 sys.path.insert(0, str(DAMAGED))
-from make_damaged_grids import VALID, apply_mutation, outcome, valid_path
+from make_damaged_grids import VALID, apply_mutation, outcome, valid_path  # noqa: E402  (after the path above)
 
 LIMIT_S = "2"  # the child's time limit in these tests: a hang costs 2 s
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import time
@@ -123,7 +122,6 @@ def test_checkpoint_with_malformed_config_is_a_clear_error(tmp_path, config, cou
 def test_forged_checkpoint_header_is_refused_before_building_the_model(tmp_path, forged, counts):
     import json
 
-    import torch
     from safetensors.torch import save_file
 
     from wsi2dmamba.models import create

@@ -8,23 +8,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import (CohortOpt, DeviceOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt,
-                     ShardOpt, WorkersOpt, cohort_from_args, parse_shard, report_summary)
+from ..features.encoders import Precision
+from ..features.extract import Decode, ExtractConfig
+from .common import (CohortOpt, DeviceOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt,
+                     ShardOpt, WorkersOpt, cohort_from_args, report_summary, run_options)
 from .slides import SlideMppOpt
 
-
-class Precision(str, Enum):
-    """Numbers an encoder computes with."""
-
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class Decode(str, Enum):
-    openslide = "openslide"
-    auto = "auto"
-    jpeg = "jpeg"
+# Identity and runtime fields alike (model_dump would leave the runtime ones out).
+_EXTRACT_DEFAULTS = {name: f.get_default() for name, f in ExtractConfig.model_fields.items()}
 
 
 class ImportFormat(str, Enum):
@@ -48,11 +39,12 @@ def register(app: typer.Typer) -> None:
         cohort: CohortOpt = None,
         slides: Annotated[Optional[list[Path]], typer.Argument(help="Slide files (instead of --cohort).")] = None,
         encoder: Annotated[str, typer.Option("--encoder", help="Encoder name (see `wsi2dmamba encoders`) or "
-                                             "timm:<model-name>.")] = "efficientnet-lite0",
+                                             "timm:<model-name>.")] = _EXTRACT_DEFAULTS["encoder"],
         weights: Annotated[Optional[Path], typer.Option("--weights", help="Encoder weight file (default: the "
                                                         "packaged weights or the local HF / torch hub cache).")] = None,
         device: DeviceOpt = "auto",
-        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per batch.")] = 256,
+        batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Tiles per batch.")
+                              ] = _EXTRACT_DEFAULTS["batch_size"],
         workers: WorkersOpt = None,
         precision: Annotated[Optional[Precision], typer.Option(
             "--precision", help="Numbers the encoder computes with (default: the encoder's own on a GPU, fp32 "
@@ -62,7 +54,7 @@ def register(app: typer.Typer) -> None:
             "--decode", help="How tiles are decoded: openslide (reader processes), auto (the slide's stored "
             "JPEG tiles decoded on the GPU where the slide allows it, else OpenSlide) or jpeg (stored JPEG "
             "tiles on the encoder's device; an error for other slides). Does not change the features' "
-            "identity.")] = Decode.openslide,
+            "identity.")] = _EXTRACT_DEFAULTS["decode"],
         gpus: Annotated[Optional[str], typer.Option(
             "--gpus", help="GPUs to use: all, or indices such as 0,1. With several, one process per GPU (each "
             "with its own reader processes) takes the slides from one queue, largest first.")] = None,
@@ -71,11 +63,11 @@ def register(app: typer.Typer) -> None:
         force: ForceOpt = False,
         quiet: QuietOpt = False,
         shard: ShardOpt = None,
-        executor: ExecutorOpt = Executor.local,
+        executor: ExecutorOpt = "local",
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Encode the tiles of every slide: RUN/tiles/<slide_id>.h5 → RUN/features/<encoder>/<slide_id>.h5."""
-        from ..features import ExtractConfig, extract_cohort, get_encoder
+        from ..features import extract_cohort, get_encoder
         from ..features.extract import blank_tile_count, encoder_dirname, resolve_gpus
 
         get_encoder(encoder, weights)  # an unknown encoder or weight path fails before any work
@@ -83,10 +75,9 @@ def register(app: typer.Typer) -> None:
         co = cohort_from_args(cohort, slides, mpp=slide_mpp)
         config = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, device=device,
                                batch_size=batch_size, workers=workers,
-                               precision=precision.value if precision else None,
-                               pretrained=not random_weights, decode=decode.value)
-        summary = extract_cohort(co, out, config, progress=not quiet, force=force, shard=parse_shard(shard),
-                                 executor=executor.value, ray_address=ray_address, gpus=gpu_list)
+                               precision=precision, pretrained=not random_weights, decode=decode)
+        summary = extract_cohort(co, out, config, run_options(executor, ray_address, force=force, quiet=quiet,
+                                                              shard=shard), gpus=gpu_list)
         n_tiles = sum(int(i.get("n_tiles", 0)) for i in summary.infos.values())
         if summary.done:
             from ..run_layout import features_dir

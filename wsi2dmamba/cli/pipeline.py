@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .common import Executor, ExecutorOpt, ForceOpt, QuietOpt, RayAddressOpt
-from .training import TaskKind
+from .common import ExecutorOpt, ForceOpt, QuietOpt, RayAddressOpt, run_options
+from ..training.config import Task
 
 
 def _finish(results) -> None:
@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
             "[cohort] slides_dir.")] = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
-        executor: ExecutorOpt = Executor.local,
+        executor: ExecutorOpt = "local",
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Run segment → tile → extract → train (every model, every fold) → evaluate → report from one
@@ -41,8 +41,7 @@ def register(app: typer.Typer) -> None:
 
         overrides = {"cohort": {"slides_dir": str(slides_dir.expanduser().resolve())}} if slides_dir else None
         config = load_pipeline(pipeline, out=out, overrides=overrides)
-        _finish([run_pipeline(config, force=force, progress=not quiet, executor=executor.value,
-                              ray_address=ray_address)])
+        _finish([run_pipeline(config, run_options(executor, ray_address, force=force, quiet=quiet))])
 
     @app.command("demo")
     def demo_command(
@@ -52,17 +51,17 @@ def register(app: typer.Typer) -> None:
         slides: Annotated[Optional[int], typer.Option("--slides", min=4, help="Number of demo slides.")] = None,
         epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Training epochs.")] = None,
         folds: Annotated[Optional[int], typer.Option("--folds", min=2, help="Cross-validation folds.")] = None,
-        task: Annotated[Optional[TaskKind], typer.Option(
+        task: Annotated[Optional[Task], typer.Option(
             "--task", help="Only this task (default: both).", show_default=False)] = None,
         force: ForceOpt = False,
         quiet: QuietOpt = False,
-        executor: ExecutorOpt = Executor.local,
+        executor: ExecutorOpt = "local",
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Build the built-in demo cohort (mosaic slides of real tissue whose label depends on the 2D
         arrangement) and run the whole pipeline on it: a classification and a survival task, offline, on CPU."""
         from ..pipeline.demo import DEMO_TASKS, run_demo
 
-        tasks = (task.value,) if task else DEMO_TASKS
+        tasks = (task,) if task else DEMO_TASKS
         _finish(run_demo(out, quick=quick, tasks=tasks, slides=slides, epochs=epochs, folds=folds,
-                         force=force, progress=not quiet, executor=executor.value, ray_address=ray_address))
+                         options=run_options(executor, ray_address, force=force, quiet=quiet)))

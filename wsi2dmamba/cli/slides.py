@@ -8,9 +8,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ..errors import ConfigError
-from .common import (CohortOpt, Executor, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, ShardOpt,
-                     SlidesDirOpt, WorkersOpt, cohort_from_args, parse_shard, process_count, report_summary)
+from ..tiling.config import TileConfig
+from ..tissue.config import SegmentConfig
+from .common import (CohortOpt, ExecutorOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, ShardOpt,
+                     SlidesDirOpt, WorkersOpt, cohort_from_args, config_options, process_count, report_summary,
+                     run_options)
 
 SlidesArg = Annotated[Optional[list[Path]], typer.Argument(
     help="Slide files (or DICOM folders) to process instead of a --cohort manifest; the slide id is the "
@@ -19,8 +21,11 @@ SlideMppOpt = Annotated[Optional[float], typer.Option(
     "--slide-mpp", help="µm per level-0 pixel of the slide files given on the command line (for slides "
     "whose metadata lacks it; in a manifest use the 'mpp' column).")]
 
-# Segmentation options: None means "the SegmentConfig default", so defaults live in one place.
-SegMppOpt = Annotated[Optional[float], typer.Option("--seg-mpp", help="µm/px of the image segmented [8].")]
+# Segmentation options: None means "the SegmentConfig default", so defaults live in one place; the help
+# shows them in brackets.
+_SEG = SegmentConfig()
+SegMppOpt = Annotated[Optional[float], typer.Option("--seg-mpp", help=f"µm/px of the image segmented "
+                                                   f"[{_SEG.seg_mpp:g}].")]
 
 
 class Threshold(str, Enum):
@@ -31,19 +36,21 @@ class Threshold(str, Enum):
 
 
 ThresholdOpt = Annotated[Optional[Threshold], typer.Option("--threshold", help="A fixed saturation threshold or "
-                                                           "Otsu's [fixed].", show_default=False)]
+                                                           f"Otsu's [{_SEG.threshold}].", show_default=False)]
 SatOpt = Annotated[Optional[int], typer.Option("--saturation-threshold", help="HSV saturation (0-255) above "
-                                               "which a pixel is tissue [20].")]
+                                               f"which a pixel is tissue [{_SEG.saturation_threshold}].")]
 MinValueOpt = Annotated[Optional[int], typer.Option("--min-value", help="Darker pixels (HSV value 0-255) are "
-                                                    "not tissue [20].")]
-MedianOpt = Annotated[Optional[float], typer.Option("--median-um", help="Median blur window in µm [40].")]
-CloseOpt = Annotated[Optional[float], typer.Option("--close-um", help="Morphological closing window in µm [32].")]
+                                                    f"not tissue [{_SEG.min_value}].")]
+MedianOpt = Annotated[Optional[float], typer.Option("--median-um", help=f"Median blur window in µm "
+                                                  f"[{_SEG.median_um:g}].")]
+CloseOpt = Annotated[Optional[float], typer.Option("--close-um", help=f"Morphological closing window "
+                                                f"in µm [{_SEG.close_um:g}].")]
 MinAreaOpt = Annotated[Optional[float], typer.Option("--min-tissue-area", help="Smallest piece of tissue "
-                                                     "kept, µm² [20000].")]
+                                                     f"kept, µm² [{_SEG.min_tissue_area_um2:g}].")]
 MinHoleOpt = Annotated[Optional[float], typer.Option("--min-hole-area", help="Smallest hole kept, µm² "
-                                                     "[10000].")]
+                                                     f"[{_SEG.min_hole_area_um2:g}].")]
 PenOpt = Annotated[Optional[bool], typer.Option("--remove-pen/--keep-pen", help="Remove red, green and blue "
-                                                "pen marks [keep].")]
+                                                f"pen marks [{'remove' if _SEG.remove_pen else 'keep'}].")]
 PenColorsOpt = Annotated[Optional[str], typer.Option("--pen-colors", help="Ink colours to remove, comma-"
                                                      "separated: red,green,blue.")]
 
@@ -58,13 +65,9 @@ def _segment_config(**given: Any):
 
 
 def _validated(cls, values: dict[str, Any]):
-    from pydantic import ValidationError
+    from ..validation import validated
 
-    try:
-        return cls(**values)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'option'}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(f"Invalid option(s): {problems}") from None
+    return validated(cls, values, "Invalid option(s)")
 
 
 def segment(
@@ -75,7 +78,7 @@ def segment(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
-    executor: ExecutorOpt = Executor.local,
+    executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     slides_dir: SlidesDirOpt = None,
     slide_mpp: SlideMppOpt = None,
@@ -99,11 +102,13 @@ def segment(
                              min_tissue_area_um2=min_tissue_area, min_hole_area_um2=min_hole_area,
                              remove_pen=remove_pen, pen_colors=pen_colors)
     c = cohort_from_args(cohort, slides, slides_dir=slides_dir, mpp=slide_mpp)
-    summary = segment_cohort(c, out, config, workers=process_count(workers), progress=not quiet, force=force,
-                             shard=parse_shard(shard), executor=executor.value, ray_address=ray_address)
+    options = run_options(executor, ray_address, force=force, quiet=quiet, shard=shard,
+                          workers=process_count(workers))
+    summary = segment_cohort(c, out, config, options)
     report_summary(summary)
 
 
+@config_options(TileConfig, exclude=("segment",), context="Invalid tiling options")
 def tile(
     out: OutOpt,
     slides: SlidesArg = None,
@@ -112,39 +117,25 @@ def tile(
     force: ForceOpt = False,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
-    executor: ExecutorOpt = Executor.local,
+    executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     slides_dir: SlidesDirOpt = None,
     slide_mpp: SlideMppOpt = None,
-    tile_px: Annotated[Optional[int], typer.Option("--tile-px", help="Tile side in pixels [256].")] = None,
-    mpp: Annotated[Optional[float], typer.Option("--mpp", help="Resolution of the tiles, µm/px [0.5].")] = None,
-    overlap: Annotated[Optional[int], typer.Option("--overlap", help="Overlap of neighbouring tiles in "
-                                                   "pixels [0].")] = None,
-    min_tissue: Annotated[Optional[float], typer.Option("--min-tissue", help="Smallest tissue fraction of a "
-                                                        "kept tile [0.25].")] = None,
-    mpp_tolerance: Annotated[Optional[float], typer.Option("--mpp-tolerance", help="Relative difference within "
-                                                           "which a pyramid level is used as is [0.02].")] = None,
-    segment_missing: Annotated[bool, typer.Option("--segment-missing", help="Segment slides that have no "
-                                                  "contours in RUN/segment instead of failing them; slides "
-                                                  "already tiled are left as they are.")] = False,
+    config: TileConfig = TileConfig(),
 ) -> None:
     """Tile every slide on one lattice at an exact µm/px: RUN/tiles/<slide_id>.h5 (+ _grid.png).
 
     Reads the contours of RUN/segment (made by `wsi2dmamba segment`, with the parameters recorded in
     RUN/segment/config.json; a GeoJSON edited in QuPath is used as it is).
     """
-    from ..tiling import TileConfig, tile_cohort
+    from ..tiling import tile_cohort
     from ..tissue import SegmentConfig, read_segment_config
 
-    values = {"tile_px": tile_px, "mpp": mpp, "overlap": overlap, "min_tissue": min_tissue,
-              "mpp_tolerance": mpp_tolerance}
-    values = {k: v for k, v in values.items() if v is not None}
-    values["segment"] = read_segment_config(out) or SegmentConfig()
-    values["segment_missing"] = segment_missing
-    config = _validated(TileConfig, values)
+    config = config.model_copy(update={"segment": read_segment_config(out) or SegmentConfig()})
     c = cohort_from_args(cohort, slides, slides_dir=slides_dir, mpp=slide_mpp)
-    summary = tile_cohort(c, out, config, workers=process_count(workers), progress=not quiet, force=force,
-                          shard=parse_shard(shard), executor=executor.value, ray_address=ray_address)
+    options = run_options(executor, ray_address, force=force, quiet=quiet, shard=shard,
+                          workers=process_count(workers))
+    summary = tile_cohort(c, out, config, options)
     report_summary(summary)
 
 

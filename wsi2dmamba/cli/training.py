@@ -12,7 +12,11 @@ import typer
 
 from .. import run_layout as layout
 from ..errors import ConfigError
-from .common import CohortOpt, DeviceOpt, Executor, ForceOpt, OutOpt, QuietOpt, RayAddressOpt
+from ..cohort.executors import ExecutorName
+from ..pipeline.config import EvaluateConfig
+from ..training.config import TrainConfig
+from .common import (CohortOpt, DeviceOpt, ForceOpt, OutOpt, QuietOpt, RayAddressOpt, config_options,
+                     run_options)
 
 
 def _overrides(items: list[str] | None) -> dict[str, Any]:
@@ -27,46 +31,6 @@ def _overrides(items: list[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = text
     return out
-
-
-def _train_config(**values: Any):
-    from pydantic import ValidationError
-
-    from ..training import TrainConfig
-
-    try:
-        return TrainConfig(**values)
-    except ValidationError as exc:
-        problems = "; ".join(f"--{'-'.join(str(p) for p in e['loc']).replace('_', '-') or 'config'}: {e['msg']}"
-                             for e in exc.errors())
-        raise ConfigError(f"Invalid training options: {problems}") from None
-
-
-class TaskKind(str, Enum):
-    """What a model predicts."""
-
-    classification = "classification"
-    survival = "survival"
-
-
-class SelectOn(str, Enum):
-    """Validation quantities that can pick the best checkpoint."""
-
-    loss = "loss"
-    auc = "auc"
-    balanced_accuracy = "balanced_accuracy"
-    accuracy = "accuracy"
-    f1 = "f1"
-    c_index = "c_index"
-
-
-class TrainPrecision(str, Enum):
-    """Numbers a model trains with."""
-
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 class Level(str, Enum):
@@ -93,41 +57,14 @@ class Scale(str, Enum):
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
+    @config_options(TrainConfig, options={"device": DeviceOpt}, context="Invalid training options")
     def train_command(
         cohort: CohortOpt = None,
         out: OutOpt = Path("runs/run"),
         features: Annotated[Optional[Path], typer.Option(
             "--features", help="Folder of feature grids (RUN/features/<encoder>).")] = None,
         model: Annotated[str, typer.Option("--model", help="Model name (see `wsi2dmamba models`).")] = "2dmambamil",
-        task: Annotated[TaskKind, typer.Option("--task", help="What the model predicts.")] = TaskKind.classification,
-        folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds.")] = 5,
-        epochs: Annotated[int, typer.Option("--epochs")] = 20,
-        lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-4,
-        weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-5,
-        warmup_epochs: Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up before the cosine "
-                                                     "decay, in epochs.")] = 0.0,
-        batch_size: Annotated[int, typer.Option("--batch-size", help="Slides per forward pass.")] = 1,
-        accum_steps: Annotated[int, typer.Option("--accum-steps", help="Gradient accumulation steps.")] = 1,
-        class_weighting: Annotated[bool, typer.Option("--class-weighting",
-                                                      help="Inverse-frequency class weights.")] = False,
-        clip_grad: Annotated[Optional[float], typer.Option(
-            "--clip-grad", help="Max gradient norm (0 = off). Default: 1.0 for classification, off for "
-            "survival.")] = None,
-        select_on: Annotated[SelectOn, typer.Option("--select-on", help="Validation quantity choosing the "
-                                                    "'best' checkpoint (c_index: survival only; auc, "
-                                                    "balanced_accuracy, accuracy, f1: classification only).")
-                             ] = SelectOn.loss,
-        val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of each fold's non-test "
-                                                    "patients used for validation.")] = 0.2,
-        n_bins: Annotated[int, typer.Option("--n-bins", help="Survival time bins.")] = 4,
-        alpha: Annotated[float, typer.Option("--alpha", help="Survival NLL uncensored-only weight.")] = 0.0,
-        seed: Annotated[int, typer.Option("--seed")] = 0,
-        restarts: Annotated[int, typer.Option("--restarts", min=1, help="Trainings per fold (seeds seed … seed+K−1); "
-                                              "the validation partition alone picks one.")] = 1,
-        device: DeviceOpt = "auto",
-        precision: Annotated[TrainPrecision, typer.Option(
-            "--precision", help="Autocast precision on a GPU (auto: bf16 where supported, else fp16); CPU "
-            "trains in fp32.")] = TrainPrecision.auto,
+        config: TrainConfig = TrainConfig(),
         preset: Annotated[Optional[str], typer.Option("--preset", help="Named model preset, e.g. paper.")] = None,
         name: Annotated[Optional[str], typer.Option("--name", help="Folder name of this model in the run "
                                                     "(default: model[-preset]).")] = None,
@@ -138,9 +75,9 @@ def register(app: typer.Typer) -> None:
                                                           "e.g. --set hidden=256.")] = None,
         force: Annotated[bool, typer.Option("--force", help="Retrain folds that are already done.")] = False,
         quiet: QuietOpt = False,
-        executor: Annotated[Executor, typer.Option(
+        executor: Annotated[ExecutorName, typer.Option(
             "--executor", help="Where the folds train: local processes (one per GPU), or Ray tasks.")
-                            ] = Executor.local,
+                            ] = "local",
         ray_address: RayAddressOpt = None,
     ) -> None:
         """Train a model with patient-level k-fold cross-validation; resumes unfinished folds.
@@ -153,15 +90,10 @@ def register(app: typer.Typer) -> None:
 
         if cohort is None or features is None:
             raise ConfigError("train needs --cohort M.csv and --features RUN/features/<encoder>.")
-        clip = {} if clip_grad is None else {"clip_grad": clip_grad if clip_grad > 0 else None}
-        config = _train_config(task=task.value, folds=folds, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                               warmup_epochs=warmup_epochs, batch_size=batch_size, accum_steps=accum_steps,
-                               class_weighting=class_weighting, select_on=select_on.value, val_fraction=val_fraction,
-                               n_bins=n_bins, alpha=alpha, seed=seed, restarts=restarts, device=device, precision=precision.value, **clip)
         c = load_cohort(cohort, require_path=False, check_files=False)
-        res = train_cohort(c, features, out, model, config, _overrides(set_), preset=preset, name=name,
-                           splits=splits, folds_to_run=fold, force=force, progress=not quiet,
-                           executor=executor.value, ray_address=ray_address)
+        res = train_cohort(c, features, out, model, config, _overrides(set_),
+                           run_options(executor, ray_address, force=force, quiet=quiet), preset=preset, name=name,
+                           splits=splits, folds_to_run=fold)
         for w in res.warnings:
             typer.secho(f"warning: {w}", fg=typer.colors.YELLOW, err=True)
         if preset == "paper" or model.endswith(":paper"):
@@ -180,30 +112,30 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"Results in {res.model_dir}. Next: wsi2dmamba evaluate --out {out}")
 
     @app.command("evaluate")
+    @config_options(EvaluateConfig, into="bootstrap")
     def evaluate_command(
         out: OutOpt = Path("runs/run"),
-        n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the 95% CIs.")] = 1000,
+        bootstrap: EvaluateConfig = EvaluateConfig(),
         level: Annotated[Level, typer.Option("--level", help="Level of the printed metrics.")] = Level.patient,
-        seed: Annotated[int, typer.Option("--seed")] = 0,
     ) -> None:
         """Metrics of every model in the run, per fold and overall, with bootstrap CIs (RUN/eval/metrics.json)."""
         from ..evaluation import evaluate_run, format_summary
 
-        metrics = evaluate_run(out, n_boot=n_boot, seed=seed)
+        metrics = evaluate_run(out, n_boot=bootstrap.n_boot, seed=bootstrap.seed)
         typer.echo(f"Test metrics ({level.value} level; mean ± std over folds, pooled [95% CI]; failed folds):")
         typer.echo(format_summary(metrics, level.value))
         typer.echo(f"Written {layout.eval_metrics(out)}")
 
     @app.command("report")
+    @config_options(EvaluateConfig, into="bootstrap")
     def report_command(
         out: OutOpt = Path("runs/run"),
-        n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the 95% CIs.")] = 1000,
-        seed: Annotated[int, typer.Option("--seed")] = 0,
+        bootstrap: EvaluateConfig = EvaluateConfig(),
     ) -> None:
         """One self-contained HTML page comparing the run's models (RUN/report/index.html)."""
         from ..evaluation import write_report
 
-        path = write_report(out, n_boot=n_boot, seed=seed)
+        path = write_report(out, n_boot=bootstrap.n_boot, seed=bootstrap.seed)
         typer.echo(f"Written {path}")
 
     @app.command("heatmap")

@@ -3,9 +3,11 @@
 from .batch import StageSummary, config_hash, run_stage
 from .ledger import SlideState, collect_states, read_state, write_ledger
 from .manifest import Cohort, SlideRecord, load_cohort
+from .options import RunOptions
 
 __all__ = [
     "Cohort",
+    "RunOptions",
     "SlideRecord",
     "SlideState",
     "StageSummary",

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import run_layout as layout
-from ..errors import ConfigError, WsiError
+from ..errors import WsiError
 from ..fileio import ensure_writable, file_sha256, os_error_message, params_hash, remove_stale_temporaries
-from .executors import EXECUTORS, TaskResources, make_executor
+from .executors import TaskResources, make_executor
 from .ledger import (
     SlideState,
     hash_outputs,
@@ -32,6 +32,7 @@ from .ledger import (
     write_state,
 )
 from .manifest import Cohort, SlideRecord
+from .options import RunOptions
 from .shards import (
     new_record,
     select_shard,
@@ -166,12 +167,10 @@ def _run_one(fn: WorkFn, record: SlideRecord, config: Any, run_dir: Path) -> tup
                 traceback.format_exc())
 
 
-def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: WorkFn, outputs: OutputsFn, *,
-              workers: int = 1, progress: bool = True, force: bool = False,
-              stage_dir: str | None = None, shard: tuple[int, int] | None = None,
-              executor: str = "local", ray_address: str | None = None,
-              resources: TaskResources | None = None,
-              on_locked: Callable[[], None] | None = None, editable: tuple[str, ...] = ()) -> StageSummary:
+def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: WorkFn, outputs: OutputsFn,
+              options: RunOptions | None = None, *, stage_dir: str | None = None,
+              resources: TaskResources | None = None, on_locked: Callable[[], None] | None = None,
+              editable: tuple[str, ...] = (), **settings: Any) -> StageSummary:
     """Run ``fn`` over every slide of ``cohort`` that is not already up to date.
 
     Args:
@@ -181,16 +180,15 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
         config: the stage's validated configuration; its hash decides what may be skipped.
         fn: top-level (picklable) work function ``fn(record, config, run_dir) -> info``.
         outputs: ``outputs(record, run_dir)`` lists the files ``fn`` writes for a slide.
-        workers: worker processes of the local executor (1 = run in this process).
-        progress: show a progress bar with slides/s and ETA.
-        force: redo every slide.
+        options: how the stage runs (:class:`~.options.RunOptions`): ``workers`` processes of the local
+            executor (1 = this process), or ``executor="ray"`` (one Ray task per slide); ``force`` redoes
+            every slide; ``progress`` shows a bar with slides/s and ETA; ``shard=(i, N)`` processes only
+            the slides of shard i of N (:func:`~.shards.shard_of`): the shard takes its own lock and writes
+            ``RUN/ledger.shard-<i>of<N>.csv`` instead of ``RUN/ledger.csv``, and ``wsi2dmamba merge RUN``
+            checks the shards and writes ``RUN/ledger.csv``.
+        settings: the fields of ``options`` given as keywords instead (``workers=2, progress=False``).
         stage_dir: folder (relative to the run) whose ``.state`` holds this stage's states; defaults to
             ``stage`` (extraction uses ``features/<encoder>``).
-        shard: ``(i, N)``: process only the slides of shard i of N (:func:`~.shards.shard_of`). The shard
-            takes its own lock and writes ``RUN/ledger.shard-<i>of<N>.csv`` instead of ``RUN/ledger.csv``;
-            ``wsi2dmamba merge RUN`` checks the shards and writes ``RUN/ledger.csv``.
-        executor: ``"local"`` (this process or worker processes) or ``"ray"`` (one Ray task per slide).
-        ray_address: Ray cluster address for ``executor="ray"`` (None: start a local cluster).
         resources: what each slide's task needs (default: one CPU, no GPU). With a GPU, the local
             executor spreads slides over the visible GPUs and Ray schedules them on GPU workers.
         on_locked: called in this process once the stage's lock is held, before any slide is run (e.g. to
@@ -202,14 +200,10 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
     Whichever the executor, the work function runs in a worker and this process alone writes the
     states and the ledger, so results, ledger and resume are the same.
     """
-    if shard is not None:
-        i, n = shard
-        if n < 1 or not 0 <= i < n:
-            raise ConfigError(f"shard {i}/{n}: need 0 ≤ i < N and N ≥ 1")
+    options = RunOptions.of(options, **settings)
+    shard = options.shard
     run_dir = Path(run_dir)
     sdir = stage_dir or stage
-    if executor not in EXECUTORS:
-        raise ConfigError(f"Unknown executor {executor!r}; use one of: {', '.join(EXECUTORS)}.")
     whole = cohort
     if shard is not None:
         cohort = select_shard(cohort, shard)
@@ -230,13 +224,13 @@ def run_stage(stage: str, cohort: Cohort, run_dir: str | Path, config: Any, fn: 
             remove_stale_temporaries(layout.stage_dir(run_dir, sdir))
             remove_stale_temporaries(layout.state_dir(run_dir, sdir))  # a state file cut off by a kill
         try:
-            todo = _plan(run_dir, sdir, cohort, phash, outputs, force, summary, editable)
-            bar = _progress(len(todo), stage, progress)
+            todo = _plan(run_dir, sdir, cohort, phash, outputs, options.force, summary, editable)
+            bar = _progress(len(todo), stage, options.progress)
             by_id = {rec.slide_id: rec for rec in todo}
             tasks = [(rec.slide_id, (fn, rec, config, run_dir)) for rec in todo]
             # Made only when there is work: a resumed, complete stage starts no Ray cluster.
-            pool = make_executor(executor, workers=workers, resources=resources,
-                                 ray_address=ray_address) if todo else None
+            pool = make_executor(options.executor, workers=options.workers, resources=resources,
+                                 ray_address=options.ray_address) if todo else None
             for out in pool.map(_run_one, tasks) if pool is not None else ():
                 rec = by_id[out.key]
                 result = out.value if out.ok else ("failed", {}, f"the task for this slide did not finish "

@@ -32,11 +32,13 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 from ..errors import ConfigError, WsiError
 
-EXECUTORS = ("local", "ray")
+#: Where tasks run: this machine's processes, or a Ray cluster.
+ExecutorName = Literal["local", "ray"]
+EXECUTORS: tuple[str, ...] = get_args(ExecutorName)
 
 
 @dataclass(frozen=True)

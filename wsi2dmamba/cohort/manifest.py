@@ -131,12 +131,7 @@ def load_cohort(path: str | os.PathLike[str], *, require_path: bool = True, chec
     if not path.is_file():
         raise ManifestError(f"Cohort manifest not found: {path}")
     header, rows = _read_table(path)
-    if "slide_id" not in header:
-        raise ManifestError(f"{path}: no 'slide_id' column (columns found: {', '.join(header) or 'none'}). "
-                            "A manifest needs at least 'slide_id' and 'path'.")
-    if require_path and "path" not in header and slides_dir is None:
-        raise ManifestError(f"{path}: no 'path' column; add one with each slide's file "
-                            "(relative to the manifest) or pass --slides-dir.")
+    _check_header(path, header, require_path=require_path and slides_dir is None)
     problems: list[str] = []
     base = path.resolve().parent
     index = _index_slides_dir(slides_dir) if slides_dir is not None else {}
@@ -153,33 +148,55 @@ def load_cohort(path: str | os.PathLike[str], *, require_path: bool = True, chec
             problems.append(f"{where}: duplicate slide_id {sid!r} (first on line {seen[sid]})")
             continue
         seen[sid] = line
-        try:
-            slide_path = _resolve_path(row.get("path", "").strip(), base, index.get(sid))
-        except ValueError as exc:
-            problems.append(f"{where}: column 'path' {exc}")
-            slide_path = None
-        else:
-            if slide_path is None and require_path:
-                problems.append(f"{where}: no path for slide {sid!r}; fill the 'path' column or pass --slides-dir")
-            elif slide_path is not None and check_files and not _exists(slide_path):
-                problems.append(f"{where}: slide file not found: {slide_path}")
-        label = row.get("label", "").strip() or None
-        time = _parse_float(row, "time", where, problems, positive=True)
-        event = _parse_event(row, where, problems)
-        mpp = _parse_float(row, "mpp", where, problems, positive=True)
-        if mpp is not None and mpp_problem(mpp):
-            problems.append(f"{where}: column 'mpp' (µm per level-0 pixel): {mpp_problem(mpp)}; fix the cell or "
-                            "leave it empty to use the slide's metadata")
-            mpp = None
-        patient = row.get("patient_id", "").strip() or sid
-        extra = {k: str(v) for k, v in row.items() if k not in KNOWN_COLUMNS}
-        records.append(SlideRecord(sid, slide_path, patient, label, time, event, mpp, extra))
+        slide_path = _row_slide_path(row, sid, base, index, where, problems, require_path=require_path,
+                                     check_files=check_files)
+        records.append(_row_record(row, sid, slide_path, where, problems))
     if problems:
         shown = problems[:20]
         more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise ManifestError(f"Cohort manifest {path} has {len(problems)} problem(s):\n  - "
                             + "\n  - ".join(shown) + more)
     return Cohort(tuple(records), source=path.resolve())
+
+
+def _check_header(path: Path, header: Sequence[str], *, require_path: bool) -> None:
+    if "slide_id" not in header:
+        raise ManifestError(f"{path}: no 'slide_id' column (columns found: {', '.join(header) or 'none'}). "
+                            "A manifest needs at least 'slide_id' and 'path'.")
+    if require_path and "path" not in header:
+        raise ManifestError(f"{path}: no 'path' column; add one with each slide's file "
+                            "(relative to the manifest) or pass --slides-dir.")
+
+
+def _row_slide_path(row: Mapping[str, str], sid: str, base: Path, index: Mapping[str, Path], where: str,
+                    problems: list[str], *, require_path: bool, check_files: bool) -> Path | None:
+    """The slide file of one manifest row (None when not given); what is wrong with it goes to ``problems``."""
+    try:
+        slide_path = _resolve_path(row.get("path", "").strip(), base, index.get(sid))
+    except ValueError as exc:
+        problems.append(f"{where}: column 'path' {exc}")
+        return None
+    if slide_path is None and require_path:
+        problems.append(f"{where}: no path for slide {sid!r}; fill the 'path' column or pass --slides-dir")
+    elif slide_path is not None and check_files and not _exists(slide_path):
+        problems.append(f"{where}: slide file not found: {slide_path}")
+    return slide_path
+
+
+def _row_record(row: Mapping[str, str], sid: str, slide_path: Path | None, where: str,
+                problems: list[str]) -> SlideRecord:
+    """The slide record of one manifest row; what is wrong with its cells goes to ``problems``."""
+    label = row.get("label", "").strip() or None
+    time = _parse_float(row, "time", where, problems, positive=True)
+    event = _parse_event(row, where, problems)
+    mpp = _parse_float(row, "mpp", where, problems, positive=True)
+    if mpp is not None and mpp_problem(mpp):
+        problems.append(f"{where}: column 'mpp' (µm per level-0 pixel): {mpp_problem(mpp)}; fix the cell or "
+                        "leave it empty to use the slide's metadata")
+        mpp = None
+    patient = row.get("patient_id", "").strip() or sid
+    extra = {k: str(v) for k, v in row.items() if k not in KNOWN_COLUMNS}
+    return SlideRecord(sid, slide_path, patient, label, time, event, mpp, extra)
 
 
 #: Said wherever a cohort's patients are its slides (training warnings, evaluation notes, the report).

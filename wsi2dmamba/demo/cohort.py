@@ -1,7 +1,7 @@
 """Build the demo cohort: mosaic slides on disk and their manifest.
 
 >>> from wsi2dmamba.demo import DemoCohortSpec, build_demo_cohort
->>> manifest = build_demo_cohort("runs/demo/cohort", DemoCohortSpec(n_slides=48, seed=0))
+>>> manifest = build_demo_cohort("runs/demo/cohort", DemoCohortSpec(n_slides=48, seed=0))  # doctest: +SKIP
 
 Two rules set the labels (``DemoCohortSpec.rule``): ``long-range`` (:mod:`.long_range`: paired against
 segregated, a relation across 4 or more cells) and ``contact`` (:mod:`.layout`: infiltrated against

@@ -138,62 +138,104 @@ def draw_layout(rng: np.random.Generator, label: int, spec: LayoutSpec = LayoutS
 
 
 def _try_layout(rng: np.random.Generator, label: int, spec: LayoutSpec) -> Layout | None:
-    rows, cols = spec.rows, spec.cols
-    n_tum = int(rng.integers(spec.tumour[0], spec.tumour[1] + 1))
-    n_lym = int(rng.integers(spec.lymphocytes[0], spec.lymphocytes[1] + 1))
-    n_str = int(rng.integers(spec.stroma[0], spec.stroma[1] + 1))
-    n_glass = int(rng.integers(spec.glass[0], spec.glass[1] + 1))
-    k = int(rng.integers(spec.contacts[0], spec.contacts[1] + 1))
-    orientation = str(rng.choice(["horizontal", "vertical"]))
-    cells = np.full((rows, cols), -1, dtype=np.int8)  # -1 = not yet assigned
-
-    # Glass away from row 0 and column 0, so that the tissue's bounding box starts at the slide's corner
-    # and a tile lattice anchored there coincides with the cells.
-    inner = [(r, c) for r in range(1, rows) for c in range(1, cols)]
-    for i in rng.choice(len(inner), size=n_glass, replace=False):
-        cells[inner[i]] = GLASS
-
-    nest = _grow_nest(rng, cells, n_tum)
+    """One draw of a layout; None when this draw cannot satisfy the spec or the label (draw again)."""
+    counts = _draw_counts(rng, spec)
+    cells = np.full((spec.rows, spec.cols), -1, dtype=np.int8)  # -1 = not yet assigned
+    _place_glass(rng, cells, counts.glass)
+    nest = _grow_nest(rng, cells, counts.tumour)
     if nest is None:
         return None
-    for rc in nest:
-        cells[rc] = TUMOUR
-    ring = sorted({(r + dr, c + dc) for r, c in nest for dr, dc in _NEIGHBOURS4
-                   if 0 <= r + dr < rows and 0 <= c + dc < cols and cells[r + dr, c + dc] == -1})
-    if len(ring) > n_str:  # stroma must be able to wall off the nest on either class
+    ring = _place_nest(cells, nest)
+    if len(ring) > counts.stroma:  # stroma must be able to wall off the nest on either class
         return None
-
-    contact_cells: list[tuple[int, int]] = []
-    if label == 1:
-        candidates = [rc for rc in ring if _touch_axis(cells, rc) == orientation]
-        if len(candidates) < min(k, n_lym):
-            return None
-        picks = rng.choice(len(candidates), size=min(k, n_lym), replace=False)
-        contact_cells = [candidates[i] for i in picks]
+    contact_cells = _place_ring(rng, cells, ring, label, counts) if label == 1 else []
+    if contact_cells is None:
+        return None
     for rc in ring:
         cells[rc] = LYMPHOCYTES if rc in contact_cells else STROMA
-
-    far = [(r, c) for r in range(rows) for c in range(cols)
-           if cells[r, c] == -1 and _chebyshev_to(nest, (r, c)) >= 2]
-    n_far = n_lym - len(contact_cells)
-    if len(far) < n_far:
+    if not _place_far_lymphocytes(rng, cells, nest, counts.lymphocytes - len(contact_cells)):
         return None
-    for i in rng.choice(len(far), size=n_far, replace=False):
-        cells[far[i]] = LYMPHOCYTES
-
-    free = [tuple(rc) for rc in np.argwhere(cells == -1)]
-    n_str_left = n_str - (len(ring) - len(contact_cells))
-    if len(free) < n_str_left:
+    if not _place_at_random(rng, cells, STROMA, counts.stroma - (len(ring) - len(contact_cells))):
         return None
-    for i in rng.choice(len(free), size=n_str_left, replace=False):
-        cells[free[i]] = STROMA
     cells[cells == -1] = OTHER
-
     if (count_contacts(cells) > 0) != bool(label):
         return None
     if label == 0 and (min_lymphocyte_tumour_distance(cells) or 0) < 2:
         return None
-    return Layout(cells=cells, label=label, orientation=orientation if label else "")
+    return Layout(cells=cells, label=label, orientation=counts.orientation if label else "")
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """How many cells of each kind one layout draw has, and the orientation of its contacts."""
+
+    tumour: int
+    lymphocytes: int
+    stroma: int
+    glass: int
+    contacts: int
+    orientation: str
+
+
+def _draw_counts(rng: np.random.Generator, spec: LayoutSpec) -> _Counts:
+    def draw(bounds: tuple[int, int]) -> int:
+        return int(rng.integers(bounds[0], bounds[1] + 1))
+
+    n_tum, n_lym, n_str, n_glass, k = (draw(b) for b in (spec.tumour, spec.lymphocytes, spec.stroma, spec.glass,
+                                                         spec.contacts))
+    return _Counts(n_tum, n_lym, n_str, n_glass, k, str(rng.choice(["horizontal", "vertical"])))
+
+
+def _place_glass(rng: np.random.Generator, cells: np.ndarray, n_glass: int) -> None:
+    # Glass away from row 0 and column 0, so that the tissue's bounding box starts at the slide's corner
+    # and a tile lattice anchored there coincides with the cells.
+    rows, cols = cells.shape
+    inner = [(r, c) for r in range(1, rows) for c in range(1, cols)]
+    for i in rng.choice(len(inner), size=n_glass, replace=False):
+        cells[inner[i]] = GLASS
+
+
+def _place_nest(cells: np.ndarray, nest: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Mark the tumour nest; its unassigned 4-neighbours (the ring around it), sorted."""
+    rows, cols = cells.shape
+    for rc in nest:
+        cells[rc] = TUMOUR
+    return sorted({(r + dr, c + dc) for r, c in nest for dr, dc in _NEIGHBOURS4
+                   if 0 <= r + dr < rows and 0 <= c + dc < cols and cells[r + dr, c + dc] == -1})
+
+
+def _place_ring(rng: np.random.Generator, cells: np.ndarray, ring: list[tuple[int, int]], label: int,
+                counts: _Counts) -> list[tuple[int, int]] | None:
+    """The ring cells that get lymphocytes touching the nest along the drawn orientation (None: too few)."""
+    candidates = [rc for rc in ring if _touch_axis(cells, rc) == counts.orientation]
+    n = min(counts.contacts, counts.lymphocytes)
+    if len(candidates) < n:
+        return None
+    picks = rng.choice(len(candidates), size=n, replace=False)
+    return [candidates[i] for i in picks]
+
+
+def _place_far_lymphocytes(rng: np.random.Generator, cells: np.ndarray, nest: list[tuple[int, int]],
+                           n_far: int) -> bool:
+    """Lymphocytes two or more cells from the nest; False when there is not room for ``n_far``."""
+    rows, cols = cells.shape
+    far = [(r, c) for r in range(rows) for c in range(cols)
+           if cells[r, c] == -1 and _chebyshev_to(nest, (r, c)) >= 2]
+    if len(far) < n_far:
+        return False
+    for i in rng.choice(len(far), size=n_far, replace=False):
+        cells[far[i]] = LYMPHOCYTES
+    return True
+
+
+def _place_at_random(rng: np.random.Generator, cells: np.ndarray, kind: int, n: int) -> bool:
+    """``n`` unassigned cells, drawn at random, become ``kind``; False when fewer are left."""
+    free = [tuple(rc) for rc in np.argwhere(cells == -1)]
+    if len(free) < n:
+        return False
+    for i in rng.choice(len(free), size=n, replace=False):
+        cells[free[i]] = kind
+    return True
 
 
 def _grow_nest(rng: np.random.Generator, cells: np.ndarray, n: int) -> list[tuple[int, int]] | None:

@@ -23,6 +23,9 @@ def auc_score(y: np.ndarray, probs: np.ndarray) -> float:
     of the macro average; with every class present this equals
     ``roc_auc_score(y, probs, multi_class="ovr", average="macro")``.
     NaN when fewer than two classes are present.
+
+    >>> auc_score(np.array([0, 0, 1, 1]), np.array([[0.9, 0.1], [0.6, 0.4], [0.65, 0.35], [0.2, 0.8]]))
+    0.75
     """
     from sklearn.metrics import roc_auc_score
 

@@ -17,13 +17,14 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import ConfigError, WeightsError
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .weights import WeightSource, load_state_dict, load_strict, locate_weights
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+#: Numbers an encoder computes with on a GPU (autocast); the CPU computes in fp32.
+Precision = Literal["fp32", "fp16", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class EncoderSpec:
     name: str
     feature_dim: int
     preprocess: Preprocess
-    precision: str
+    precision: Precision
     weight_source: WeightSource
     architecture: Callable[[], Any] = field(repr=False, compare=False)
     load_weights: Callable[[Any, Path], None] = field(repr=False, compare=False)

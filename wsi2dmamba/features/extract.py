@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,16 +28,21 @@ from .. import run_layout as layout
 from ..cohort import Cohort, SlideRecord, StageSummary, run_stage
 from ..cohort.executors import TaskResources
 from ..cohort.ledger import recorded_sha256
+from ..cohort.options import RunOptions
 from ..errors import ConfigError, SlideError, StageInputError
 from ..devices import resolve_device
 from ..fileio import params_hash
 from ..grid import FeatureGrid, TileGrid, read_tile_grid, write_feature_grid
 from ..grid.guard import guard_grid_file, guard_grid_files
-from .encoders import EncoderSpec, get_encoder
+from .encoders import EncoderSpec, Precision, get_encoder
 from .loader import TileReadPlan, default_workers, make_loader
 from .weights import weights_sha256
 
 STAGE = "extract"
+
+
+#: How tiles are decoded (see ``ExtractConfig.decode``).
+Decode = Literal["openslide", "auto", "jpeg"]
 
 
 class ExtractConfig(BaseModel):
@@ -73,13 +78,13 @@ class ExtractConfig(BaseModel):
     weights: str | None = Field(default=None, exclude=True)
     weights_sha256: str = ""
     pretrained: bool = True
-    precision: Literal["fp32", "fp16", "bf16"] | None = None
+    precision: Precision | None = None
     device: str = Field(default="auto", exclude=True)
     batch_size: int = Field(default=256, ge=1, exclude=True)
     workers: int | None = Field(default=None, ge=0, exclude=True)
     max_run_tiles: int = Field(default=8, ge=1, exclude=True)
     max_blank_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
-    decode: Literal["auto", "jpeg", "openslide"] = Field(default="openslide", exclude=True)
+    decode: Decode = Field(default="openslide", exclude=True)
 
 
 @dataclass
@@ -133,8 +138,8 @@ def load_encoder(encoder: str | EncoderSpec, *, weights: str | os.PathLike[str] 
         spec = get_encoder(encoder, weights)
     dev = resolve_device(device)
     prec = precision or (spec.precision if dev.type == "cuda" else "fp32")
-    if prec not in ("fp32", "fp16", "bf16"):
-        raise ConfigError(f"Unknown precision {prec!r}; use fp32, fp16 or bf16.")
+    if prec not in get_args(Precision):
+        raise ConfigError(f"Unknown precision {prec!r}; use {', '.join(get_args(Precision))}.")
     sha = weights_sha256(spec.weights_path()) if pretrained else ""
     import torch
 
@@ -352,10 +357,9 @@ def _is_stale(fp: Path, tp: Path, readable: set[Path]) -> bool:
     return current is None or fp not in readable or _root_attr(fp, "tiles_params_hash") != current
 
 
-def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: ExtractConfig, *,
-                   progress: bool = True, force: bool = False, shard: tuple[int, int] | None = None,
-                   encoder: LoadedEncoder | None = None, executor: str = "local",
-                   ray_address: str | None = None, gpus: Sequence[str] | None = None) -> StageSummary:
+def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: ExtractConfig,
+                   options: RunOptions | None = None, *, encoder: LoadedEncoder | None = None,
+                   gpus: Sequence[str] | None = None, **settings: Any) -> StageSummary:
     """Extract features for every slide of ``cohort`` whose tiles file exists, resuming where it stopped.
 
     Slides are done one after another in this process (one model on the device); tile reading runs in
@@ -365,13 +369,12 @@ def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: Extr
         cohort: the slides (their ``path`` is needed to read pixels).
         run_dir: the run folder holding ``tiles/``.
         config: the stage settings.
-        progress: progress bars (slides, and tiles/s within a slide).
-        force: extract again slides already done.
-        shard: ``(i, N)``: only the slides of shard i of N.
+        options: how the stage runs (:class:`RunOptions`; or its fields as keywords): ``progress`` bars
+            (slides, and tiles/s within a slide); ``force`` extracts again slides already done; ``shard``;
+            ``executor``: ``"local"`` (this process) or ``"ray"``: each slide a Ray task with one GPU
+            (when the cluster has GPUs); each Ray worker loads the encoder once and keeps it for its next
+            slides. ``workers`` is not used: tiles are read by ``config.workers`` processes.
         encoder: an already loaded encoder to use (default: load ``config.encoder``).
-        executor: ``"local"`` (this process) or ``"ray"``: each slide a Ray task with one GPU (when the
-            cluster has GPUs); each Ray worker loads the encoder once and keeps it for its next slides.
-        ray_address: the Ray cluster for ``executor="ray"`` (None: start a local one).
         gpus: the GPUs to use (``CUDA_VISIBLE_DEVICES`` entries, see :func:`resolve_gpus`). With several,
             one worker process per GPU, each with its own encoder and reader pool, takes the slides
             from one queue, largest first; this process alone shows the progress and writes states and
@@ -380,7 +383,8 @@ def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: Extr
     Returns:
         The stage summary; ``infos[slide_id]`` holds tile counts, blank tiles and tiles/s.
     """
-    config, spread = _gpu_settings(config, gpus, executor)
+    options = RunOptions.of(options, **settings)
+    config, spread = _gpu_settings(config, gpus, options.executor)
     if encoder is None:
         encoder = _stage_encoder(config, spread)
     # What shapes the features goes into the hashed configuration.
@@ -388,15 +392,14 @@ def extract_cohort(cohort: Cohort, run_dir: str | os.PathLike[str], config: Extr
                                        "weights_sha256": encoder.weights_sha256,
                                        "pretrained": bool(encoder.weights_sha256)})
     drop_stale_features(cohort, run_dir, encoder.name)
-    if executor == "ray" or spread:
+    if options.executor == "ray" or spread:
         fn, resources, cohort, config = _worker_tasks(cohort, run_dir, config, encoder, gpus if spread else None)
     else:
-        fn = functools.partial(extract_slide, encoder=encoder, progress=progress)
+        fn = functools.partial(extract_slide, encoder=encoder, progress=options.progress)
         resources = None
     outputs = functools.partial(_outputs, encoder=encoder.name)
-    return run_stage(STAGE, cohort, run_dir, config, fn, outputs, workers=1, progress=progress, force=force,
-                     stage_dir=layout.features_stage(encoder_dirname(encoder.name)), shard=shard, executor=executor,
-                     ray_address=ray_address, resources=resources)
+    return run_stage(STAGE, cohort, run_dir, config, fn, outputs, RunOptions.of(options, workers=1),
+                     stage_dir=layout.features_stage(encoder_dirname(encoder.name)), resources=resources)
 
 
 def _gpu_settings(config: ExtractConfig, gpus: Sequence[str] | None, executor: str) -> tuple[ExtractConfig, bool]:

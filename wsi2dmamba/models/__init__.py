@@ -1,8 +1,12 @@
 """MIL models over feature grids, built by name from a registry.
 
->>> from wsi2dmamba.models import GridBatch, create, list_models
->>> model = create("2dmambamil", in_dim=1024, n_classes=2)
->>> out = model(GridBatch.from_grids(grids))     # out.logits (B, 2), out.attention (B, H, W)
+>>> import numpy as np
+>>> from wsi2dmamba.models import GridBatch, create
+>>> model = create("2dmambamil", in_dim=1024, n_classes=2).eval()
+>>> features, tissue = np.random.rand(6, 8, 1024).astype(np.float32), np.ones((6, 8), bool)
+>>> out = model(GridBatch.from_arrays([(features, tissue)]))   # or GridBatch.from_grids(feature_grids)
+>>> tuple(out.logits.shape), tuple(out.attention.shape)       # (B, n_classes), (B, H, W)
+((1, 2), (1, 6, 8))
 
 Models: ``2dmambamil`` (2DMamba), ``m2dmil`` (Mamba2D mixer), and the baselines ``abmil``, ``transmil``,
 ``clam-sb``, ``mambamil``, ``cnn2d`` and ``meanpool``. A model key ``name:preset`` picks a named

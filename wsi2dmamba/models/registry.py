@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
 
 from ..errors import ConfigError
+from ..validation import validated
 from .base import MILConfig, MILModel
 
 PRESET_SEPARATOR = ":"
@@ -147,13 +147,7 @@ def config_class(name: str) -> type[MILConfig]:
 
 def build_config(name: str, values: dict[str, Any]) -> MILConfig:
     """Validate ``values`` against the model's config class; bad values raise :class:`ConfigError`."""
-    cfg_cls = _entry(name).cls.config_class
-    try:
-        return cfg_cls(**values)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
-                             for e in exc.errors())
-        raise ConfigError(f"model {name!r}: invalid configuration ({problems})") from None
+    return validated(_entry(name).cls.config_class, values, f"model {name!r}: invalid configuration")
 
 
 def create(name: str, *, in_dim: int, n_classes: int | None = None, task: str = "classification",

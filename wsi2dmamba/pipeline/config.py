@@ -35,28 +35,21 @@ file and the key.
 
 from __future__ import annotations
 
-import importlib
 import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import ConfigError
 from ..fileio import user_path
+from ..stages import STAGES as STAGE_TABLE
+from ..stages import stage as stage_entry
+from ..validation import validated
 
-STAGES = ("segment", "tile", "extract", "train", "evaluate")
-
-# Where each stage's configuration class lives: (module, class name). Looked up when a file is loaded,
-# so that this module does not import torch or OpenSlide.
-STAGE_CONFIG_CLASSES: dict[str, tuple[str, str]] = {
-    "segment": ("wsi2dmamba.tissue.config", "SegmentConfig"),
-    "tile": ("wsi2dmamba.tiling", "TileConfig"),
-    "extract": ("wsi2dmamba.features", "ExtractConfig"),
-    "train": ("wsi2dmamba.training.config", "TrainConfig"),
-    "evaluate": ("wsi2dmamba.pipeline.config", "EvaluateConfig"),
-}
+#: The stage tables of a pipeline file, in the order the stages run (one per entry of the stage table).
+STAGES = tuple(s.name for s in STAGE_TABLE)
 
 
 class CohortSection(BaseModel):
@@ -199,6 +192,29 @@ def load_pipeline(path: str | os.PathLike[str], *, out: str | os.PathLike[str] |
 
 def pipeline_from_dict(data: dict[str, Any], source: Path, *, out: str | os.PathLike[str] | None = None) -> PipelineConfig:
     """Validate a parsed pipeline file (see :func:`load_pipeline`)."""
+    _check_tables(data, source)
+    base = source.parent
+    cohort, demo = _cohort_or_demo(data, source, base)
+    run = _run_section(data.get("run", {}), source, base, out)
+    train_table = dict(data["train"])
+    section = _validate(TrainSection, {k: train_table.pop(k) for k in ("models", "model_options")
+                                       if k in train_table}, source, "train")
+    _check_models(section, source)
+    stage_options = _stage_options(data, train_table, source)
+    name = run.name or source.stem
+    predict = None
+    if "predict" in data:
+        from ..predict.pipeline import PredictSection, check_predict_section
+
+        predict = check_predict_section(_validate(PredictSection, data["predict"], source, "predict"), source,
+                                        models=tuple(section.models), demo=demo)
+    return PipelineConfig(source=source, name=name, cohort=cohort, demo=demo, run=run,
+                          models=tuple(section.models), model_options=dict(section.model_options),
+                          stage_options=stage_options, predict=predict)
+
+
+def _check_tables(data: dict[str, Any], source: Path) -> None:
+    """Only known tables; each a table; one of [cohort] and [demo]; a [train] table."""
     allowed = ("cohort", "demo", "run", *STAGES, "predict")
     unknown = [k for k in data if k not in allowed]
     if unknown:
@@ -212,16 +228,19 @@ def pipeline_from_dict(data: dict[str, Any], source: Path, *, out: str | os.Path
                           "[demo] table (the built-in demo cohort), " + ("not both" if "cohort" in data else "none found"))
     if "train" not in data:
         raise ConfigError(f"{source}: no [train] table; add one with models = [\"2dmambamil\", …]")
-    base = source.parent
 
-    cohort = demo = None
-    if "cohort" in data:
-        cohort = _validate(CohortSection, data["cohort"], source, "cohort")
-        cohort = cohort.model_copy(update={k: _resolve(getattr(cohort, k), base, f"{source}: [cohort] {k}")
-                                           for k in ("manifest", "slides_dir", "splits_dir")})
-    else:
-        demo = _validate(DemoSection, data["demo"], source, "demo")
-    run = _validate(RunSection, data.get("run", {}), source, "run")
+
+def _cohort_or_demo(data: dict[str, Any], source: Path,
+                    base: Path) -> tuple[CohortSection | None, DemoSection | None]:
+    if "cohort" not in data:
+        return None, _validate(DemoSection, data["demo"], source, "demo")
+    cohort = _validate(CohortSection, data["cohort"], source, "cohort")
+    return cohort.model_copy(update={k: _resolve(getattr(cohort, k), base, f"{source}: [cohort] {k}")
+                                     for k in ("manifest", "slides_dir", "splits_dir")}), None
+
+
+def _run_section(table: dict[str, Any], source: Path, base: Path, out: str | os.PathLike[str] | None) -> RunSection:
+    run = _validate(RunSection, table, source, "run")
     if out is not None:
         run = run.model_copy(update={"out": _resolve(Path(out), Path.cwd(), "--out")})
     elif run.out is not None:
@@ -229,12 +248,11 @@ def pipeline_from_dict(data: dict[str, Any], source: Path, *, out: str | os.Path
     if run.train_dir is not None and (not run.train_dir or any(c in run.train_dir for c in "/\\\0")
                                       or run.train_dir in (".", "..")):
         raise ConfigError(f"{source}: [run] train_dir must be a plain folder name, got {run.train_dir!r}")
+    return run
 
-    train_table = dict(data["train"])
-    section = _validate(TrainSection, {k: train_table.pop(k) for k in ("models", "model_options")
-                                       if k in train_table}, source, "train")
-    _check_models(section, source)
 
+def _stage_options(data: dict[str, Any], train_table: dict[str, Any], source: Path) -> dict[str, Any]:
+    """Each stage's validated configuration object; [tile] takes [segment]'s as its segmentation."""
     stage_options: dict[str, Any] = {}
     for stage in STAGES:
         table = dict(train_table if stage == "train" else data.get(stage, {}))
@@ -244,22 +262,12 @@ def pipeline_from_dict(data: dict[str, Any], source: Path, *, out: str | os.Path
             table["segment"] = stage_options["segment"]
         extra = ("models", "model_options") if stage == "train" else ()
         stage_options[stage] = _validate(stage_config_class(stage), table, source, stage, extra)
-    name = run.name or source.stem
-    predict = None
-    if "predict" in data:
-        from ..predict.pipeline import PredictSection, check_predict_section
-
-        predict = check_predict_section(_validate(PredictSection, data["predict"], source, "predict"), source,
-                                        models=tuple(section.models), demo=demo)
-    return PipelineConfig(source=source, name=name, cohort=cohort, demo=demo, run=run,
-                          models=tuple(section.models), model_options=dict(section.model_options),
-                          stage_options=stage_options, predict=predict)
+    return stage_options
 
 
 def stage_config_class(stage: str) -> type[BaseModel]:
     """The configuration class of a stage (imported on first use)."""
-    module, cls = STAGE_CONFIG_CLASSES[stage]
-    return getattr(importlib.import_module(module), cls)
+    return stage_entry(stage).config_class()
 
 
 # Model options the run sets itself, from the features and the task.
@@ -314,27 +322,8 @@ def _check_models(section: TrainSection, source: Path) -> None:
 
 def _validate(cls: type[BaseModel], table: dict[str, Any], source: Path, where: str,
               extra_keys: tuple[str, ...] = ()) -> Any:
-    try:
-        return cls(**table)
-    except ValidationError as exc:
-        keys = sorted([*cls.model_fields, *extra_keys])
-        raise ConfigError(format_validation_error(exc, source, where, keys)) from None
-
-
-def format_validation_error(exc: ValidationError, source: Path, table: str,
-                            allowed: list[str] | None = None) -> str:
-    """One line per problem: ``file: [table] key: what is wrong``."""
-    lines = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
-            lines.append(f"[{table}] unknown key '{key}'{hint}")
-        elif err["type"] == "missing":
-            lines.append(f"[{table}] missing key '{key}'")
-        else:
-            lines.append(f"[{table}] {key + ': ' if key else ''}{err['msg']} (got {err.get('input')!r})")
-    return f"{source}: invalid pipeline file:\n  - " + "\n  - ".join(lines)
+    return validated(cls, table, f"{source}: invalid pipeline file", table=where,
+                     allowed=sorted([*cls.model_fields, *extra_keys]))
 
 
 def _resolve(p: Path | None, base: Path, what: str) -> Path | None:

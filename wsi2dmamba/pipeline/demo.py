@@ -1,8 +1,8 @@
 """Run the demo: build the mosaic cohort, then the classification and the survival pipelines on it.
 
 >>> from wsi2dmamba.pipeline.demo import run_demo
->>> results = run_demo("runs/demo")               # [classification result, survival result]
->>> [r.report for r in results]                     # runs/demo/{classification,survival}/report/index.html
+>>> results = run_demo("runs/demo")               # [classification result, survival result]  # doctest: +SKIP
+>>> [r.report for r in results]                     # runs/demo/{classification,survival}/report/index.html  # doctest: +SKIP
 
 The two pipelines are shipped with the package (``demo_pipeline_path``; the same files as
 ``pipelines/demo.toml`` and ``pipelines/demo-survival.toml`` in the repository). They share one run
@@ -16,6 +16,8 @@ import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from ..cohort.options import RunOptions
 
 DEMO_TASKS = ("classification", "survival")
 _FILES = {"classification": "demo.toml", "survival": "demo-survival.toml"}
@@ -70,14 +72,15 @@ def demo_pipelines(out: str | os.PathLike[str] | None = None, *, quick: bool = F
 
 def run_demo(out: str | os.PathLike[str] | None = None, *, quick: bool = False,
              tasks: tuple[str, ...] = DEMO_TASKS, slides: int | None = None, epochs: int | None = None,
-             folds: int | None = None, workers: int | None = None, force: bool = False, progress: bool = True,
-             executor: str = "local", ray_address: str | None = None):
+             folds: int | None = None, workers: int | None = None, options: RunOptions | None = None,
+             **settings: Any):
     """Build the demo cohort in ``out/cohort`` and run its pipelines; returns their results.
 
-    ``executor`` and ``ray_address`` choose where slides and folds run (see :func:`run_pipeline`)."""
+    ``workers`` sets the pipelines' ``[run] workers``; ``options`` (or its fields as keywords: ``force``,
+    ``progress``, ``executor``, ``ray_address``) say how they run (see :func:`run_pipeline`)."""
     from .runner import run_pipeline
 
+    options = RunOptions.of(options, **settings)
     configs = demo_pipelines(out, quick=quick, tasks=tasks, slides=slides, epochs=epochs, folds=folds,
                              workers=workers)
-    return [run_pipeline(c, force=force, progress=progress, executor=executor, ray_address=ray_address)
-            for c in configs]
+    return [run_pipeline(c, options) for c in configs]

@@ -1,8 +1,8 @@
 """Run a whole pipeline: segment → tile → extract → train (every model, k folds) → evaluate → report.
 
 >>> from wsi2dmamba.pipeline import load_pipeline, run_pipeline
->>> result = run_pipeline(load_pipeline("pipelines/demo.toml", out="runs/demo"))
->>> print(result.summary())            # ends with the report's path
+>>> result = run_pipeline(load_pipeline("pipelines/demo.toml", out="runs/demo"))  # doctest: +SKIP
+>>> print(result.summary())            # ends with the report's path  # doctest: +SKIP
 
 Every stage resumes: slides and folds already done with the same parameters are skipped, so a stopped
 run is continued by running the same command again. A slide that fails a stage is recorded in the
@@ -24,8 +24,10 @@ from typing import Any
 
 from .. import run_layout as layout
 from ..cohort import Cohort, StageSummary, load_cohort
+from ..cohort.options import RunOptions
 from ..errors import StageInputError
 from ..fileio import ensure_writable, write_json_atomic
+from ..stages import SLIDE_STAGES
 from .config import PipelineConfig
 
 STEP_NAMES = ("cohort", "segment", "tile", "extract", "train", "evaluate", "report")
@@ -89,26 +91,27 @@ class PipelineResult:
         return "\n".join(lines)
 
 
-def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool = True,
-                 echo: Callable[[str], None] | None = None, executor: str = "local",
-                 ray_address: str | None = None) -> PipelineResult:
+def run_pipeline(config: PipelineConfig, options: RunOptions | None = None, *,
+                 echo: Callable[[str], None] | None = None, **settings: Any) -> PipelineResult:
     """Run every stage of ``config`` (see the module docstring).
 
     Args:
         config: from :func:`~wsi2dmamba.pipeline.load_pipeline`.
-        force: redo every stage for every slide and fold.
-        progress: show the run's progress (one bar for the run, with each stage's bar below it).
+        options: how the run goes (:class:`~wsi2dmamba.cohort.RunOptions`; or its fields as keywords):
+            ``force`` redoes every stage for every slide and fold; ``progress`` shows one bar for the run,
+            with each stage's bar below it; ``executor`` (``"local"`` or ``"ray"``, see
+            :mod:`wsi2dmamba.cohort.executors`) and ``ray_address`` say where the slides of the per-slide
+            stages and the folds of train run. The per-slide stages use ``[run] workers`` processes.
         echo: where one-line stage messages go (default: the progress bar's ``write``).
-        executor: where the slides of segment, tile and extract and the folds of train run: ``"local"``
-            or ``"ray"`` (see :mod:`wsi2dmamba.cohort.executors`).
-        ray_address: the Ray cluster for ``executor="ray"`` (None: start a local one).
 
     Raises:
         WsiError: the cohort or an option is invalid, or a stage left no slide to go on with.
     """
     from tqdm.auto import tqdm
 
-    check_options(config, executor)
+    options = RunOptions.of(options, **settings)
+    force, progress = options.force, options.progress
+    check_options(config, options.executor)
     run_dir = ensure_writable(config.out)
     train_dir = run_dir / config.run.train_dir if config.run.train_dir else run_dir
     result = PipelineResult(config, run_dir, train_dir)
@@ -133,9 +136,11 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
         write_json_atomic(layout.pipeline_records(train_dir)["provenance"], _provenance(config))
         done("cohort", t0)
 
-        for name, run in (("segment", _segment), ("tile", _tile), ("extract", _extract)):
+        slide_options = RunOptions.of(options, workers=config.run.workers)
+        for stage in SLIDE_STAGES:
+            name = stage.name
             t0 = step(name)
-            summary = run(cohort, run_dir, config, force, progress, executor=executor, ray_address=ray_address)
+            summary = stage.runner()(cohort, run_dir, config.option(name), slide_options)
             result.stages[name] = summary
             say(summary.line())
             for sid, reason in summary.failed.items():
@@ -148,8 +153,7 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
         features_dir = _features_dir(run_dir, config)
         for model in config.models:
             t0 = step(f"train {model}")
-            res = _train(cohort, features_dir, train_dir, config, model, force, progress, executor=executor,
-                         ray_address=ray_address)
+            res = _train(cohort, features_dir, train_dir, config, model, options)
             counts = {"trained": sum(not f.skipped for f in res.folds), "skipped": sum(f.skipped for f in res.folds)}
             result.trained[model] = counts
             for w in res.warnings:
@@ -182,18 +186,16 @@ def run_pipeline(config: PipelineConfig, *, force: bool = False, progress: bool 
 
 def check_options(config: PipelineConfig, executor: str = "local") -> None:
     """Check what the stages' configuration classes cannot check alone, before any stage runs: the
-    encoder exists and its weight file is found, each device is usable here, the executor is known.
+    encoder exists and its weight file is found, and, with the local ``executor``, each device is usable
+    here.
 
     Raises:
         ConfigError: naming the pipeline file, the table and the key (a WeightsError for the weights).
     """
-    from ..cohort.executors import EXECUTORS
     from ..devices import resolve_device
     from ..errors import ConfigError, WeightsError, WsiError
     from ..features.encoders import get_encoder
 
-    if executor not in EXECUTORS:
-        raise ConfigError(f"Unknown executor {executor!r}; use one of: {', '.join(EXECUTORS)}.")
     ext = config.option("extract")
     checks = [
         ("extract", "encoder", lambda: get_encoder(ext.encoder)),
@@ -222,29 +224,6 @@ def _load_cohort(config: PipelineConfig, run_dir: Path, progress: bool) -> Cohor
     return load_cohort(config.cohort.manifest, slides_dir=config.cohort.slides_dir)
 
 
-def _segment(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool,
-             **executor: Any) -> StageSummary:
-    from ..tissue.stage import segment_cohort
-
-    return segment_cohort(cohort, run_dir, config.option("segment"), workers=config.run.workers,
-                          progress=progress, force=force, **executor)
-
-
-def _tile(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool,
-          **executor: Any) -> StageSummary:
-    from ..tiling import tile_cohort
-
-    return tile_cohort(cohort, run_dir, config.option("tile"), workers=config.run.workers,
-                       progress=progress, force=force, **executor)
-
-
-def _extract(cohort: Cohort, run_dir: Path, config: PipelineConfig, force: bool, progress: bool,
-             **executor: Any) -> StageSummary:
-    from ..features import extract_cohort
-
-    return extract_cohort(cohort, run_dir, config.option("extract"), progress=progress, force=force, **executor)
-
-
 def _features_dir(run_dir: Path, config: PipelineConfig) -> Path:
     from ..features.extract import encoder_dirname
 
@@ -252,15 +231,15 @@ def _features_dir(run_dir: Path, config: PipelineConfig) -> Path:
 
 
 def _train(cohort: Cohort, features_dir: Path, train_dir: Path, config: PipelineConfig, model: str,
-           force: bool, progress: bool, **executor: Any):
+           options: RunOptions):
     from ..training.loop import train_cohort
     from .config import model_folder, split_model_entry
 
     name, preset = split_model_entry(model)
     splits = config.cohort.splits_dir if config.cohort is not None else None
     return train_cohort(cohort, features_dir, train_dir, name, config.option("train"),
-                        config.model_options.get(model) or None, preset=preset, name=model_folder(model),
-                        splits=splits, force=force, progress=progress, **executor)
+                        config.model_options.get(model) or None, options, preset=preset,
+                        name=model_folder(model), splits=splits)
 
 
 def _provenance(config: PipelineConfig) -> dict[str, Any]:

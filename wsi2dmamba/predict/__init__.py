@@ -1,10 +1,10 @@
 """Apply trained models to new slides: model bundles, ``predict``, external validation.
 
 >>> from wsi2dmamba.predict import export_bundle, load_bundle, predict_cohort
->>> path = export_bundle("runs/demo/classification", "2dmambamil")     # RUN/bundles/2dmambamil
->>> bundle = load_bundle(path)                                         # validated; nothing unpickled
->>> out = bundle.predict(grid)                                         # probabilities or risk + attention
->>> predict_cohort(bundle, cohort, "runs/external")                    # raw slides → predictions/<model>.csv
+>>> path = export_bundle("runs/demo/classification", "2dmambamil")     # RUN/bundles/2dmambamil  # doctest: +SKIP
+>>> bundle = load_bundle(path)                                         # validated; nothing unpickled  # doctest: +SKIP
+>>> out = bundle.predict(grid)                                         # probabilities or risk + attention  # doctest: +SKIP
+>>> predict_cohort(bundle, cohort, "runs/external")                    # raw slides → predictions/<model>.csv  # doctest: +SKIP
 
 The bundle format is specified in ``docs/bundles.md``.
 """

@@ -10,9 +10,9 @@ then checks every weight file (safetensors magic bytes, sha256 recorded in the m
 configuration equal to the manifest's) before loading any tensor. Nothing is unpickled or executed.
 
 >>> from wsi2dmamba.predict import load_bundle
->>> bundle = load_bundle("runs/demo/classification/bundles/2dmambamil")
->>> out = bundle.predict(grid)            # grid: a FeatureGrid read with wsi2dmamba.grid.read_feature_grid
->>> out.probs, out.attention_map          # ensemble probabilities (C,), attention (H, W)
+>>> bundle = load_bundle("runs/demo/classification/bundles/2dmambamil")  # doctest: +SKIP
+>>> out = bundle.predict(grid)            # grid: a FeatureGrid read with wsi2dmamba.grid.read_feature_grid  # doctest: +SKIP
+>>> out.probs, out.attention_map          # ensemble probabilities (C,), attention (H, W)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import run_layout as layout
 from ..errors import ConfigError, WeightsError
+from ..validation import validated
 
 FORMAT_NAME = "wsi2dmamba.bundle"
 FORMAT_VERSION = 1
@@ -287,11 +288,7 @@ def _check_manifest(data: dict[str, Any], mpath: Path) -> BundleManifest:
         raise ConfigError(f"{mpath}: format_version {version!r} is unknown to this wsi2dmamba (it reads "
                           f"{', '.join(map(str, SUPPORTED_VERSIONS))}). A newer version of wsi2dmamba wrote it: "
                           "upgrade wsi2dmamba, or export the bundle again with this one.")
-    try:
-        manifest = BundleManifest(**data)
-    except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc']) or 'manifest'}: {e['msg']}" for e in exc.errors()[:8]]
-        raise ConfigError(f"{mpath} does not follow the bundle format:\n  - " + "\n  - ".join(lines)) from None
+    manifest = validated(BundleManifest, data, f"{mpath} does not follow the bundle format", limit=8)
     _check_consistency(manifest, mpath)
     return manifest
 

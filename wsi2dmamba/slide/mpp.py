@@ -27,6 +27,11 @@ def mpp_problem(value: object) -> str | None:
     """Why ``value`` cannot be a resolution in µm per pixel, or None when it is plausible.
 
     Accepted: a finite number in [``MIN_PLAUSIBLE_MPP``, ``MAX_PLAUSIBLE_MPP``] (0.01–100 µm/px).
+
+    >>> mpp_problem(0.5) is None
+    True
+    >>> mpp_problem("abc")
+    "'abc' is not a number"
     """
     try:
         v = float(value)  # type: ignore[arg-type]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 from .. import run_layout as layout
 from ..cohort import Cohort, SlideRecord, StageSummary, config_hash, read_state, run_stage
 from ..cohort.ledger import write_state
+from ..cohort.options import RunOptions
 from ..cohort.shards import select_shard
 from ..errors import SlideError, StageInputError
 from ..fileio import atomic_path, params_hash
@@ -100,10 +102,11 @@ def tile_slide(record: SlideRecord, config: TileConfig, run_dir: Path) -> dict:
             "read_level": grid.read_level, "tissue_source": source}
 
 
-def tile_cohort(cohort: Cohort, run_dir: str | Path, config: TileConfig | None = None, *, workers: int = 1,
-                progress: bool = True, force: bool = False, shard: tuple[int, int] | None = None,
-                executor: str = "local", ray_address: str | None = None) -> StageSummary:
+def tile_cohort(cohort: Cohort, run_dir: str | Path, config: TileConfig | None = None,
+                options: RunOptions | None = None, **settings: Any) -> StageSummary:
     """Tile every slide of ``cohort`` into ``run_dir/tiles`` (resumable; see :func:`run_stage`).
+
+    ``options`` (or its fields as keywords, e.g. ``workers=4``) say how the stage runs (:class:`RunOptions`).
 
     Without ``config``, the segmentation parameters recorded by the segment stage in ``run_dir`` (or the
     defaults) are used with default tiling parameters.
@@ -111,11 +114,10 @@ def tile_cohort(cohort: Cohort, run_dir: str | Path, config: TileConfig | None =
     run_dir = Path(run_dir)
     if config is None:
         config = TileConfig(segment=read_segment_config(run_dir) or SegmentConfig())
-    mine = select_shard(cohort, shard) if shard is not None else cohort
-    return run_stage(STAGE, cohort, run_dir, config, tile_slide, tile_outputs, workers=workers,
-                     progress=progress, force=force, stage_dir=FOLDER, shard=shard, executor=executor,
-                     ray_address=ray_address, on_locked=lambda: adopt_hashes_with_segment_missing(mine, run_dir,
-                                                                                                  config))
+    options = RunOptions.of(options, **settings)
+    mine = select_shard(cohort, options.shard) if options.shard is not None else cohort
+    return run_stage(STAGE, cohort, run_dir, config, tile_slide, tile_outputs, options, stage_dir=FOLDER,
+                     on_locked=lambda: adopt_hashes_with_segment_missing(mine, run_dir, config))
 
 
 def adopt_hashes_with_segment_missing(cohort: Cohort, run_dir: Path, config: TileConfig) -> list[str]:

@@ -6,10 +6,12 @@ import json
 from collections import Counter
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from .. import run_layout as layout
 from .. import __version__
 from ..cohort import Cohort, SlideRecord, SlideState, StageSummary, config_hash, read_state, run_stage
+from ..cohort.options import RunOptions
 from ..errors import SlideError, StageInputError
 from ..fileio import atomic_path, write_json_atomic, write_text_atomic
 from .config import SegmentConfig
@@ -134,11 +136,11 @@ def _record_config(path: Path, data: dict) -> None:
     write_json_atomic(path, data)
 
 
-def segment_cohort(cohort: Cohort, run_dir: str | Path, config: SegmentConfig | None = None, *,
-                   workers: int = 1, progress: bool = True, force: bool = False,
-                   shard: tuple[int, int] | None = None, executor: str = "local",
-                   ray_address: str | None = None) -> StageSummary:
+def segment_cohort(cohort: Cohort, run_dir: str | Path, config: SegmentConfig | None = None,
+                   options: RunOptions | None = None, **settings: Any) -> StageSummary:
     """Segment every slide of ``cohort`` into ``run_dir/segment`` (resumable; see :func:`run_stage`).
+
+    ``options`` (or its fields as keywords, e.g. ``workers=4``) say how the stage runs (:class:`RunOptions`).
 
     The parameters are recorded in ``run_dir/segment/config.json`` once the stage's lock is held, so a
     run refused because another one is running leaves them as they are.
@@ -146,6 +148,6 @@ def segment_cohort(cohort: Cohort, run_dir: str | Path, config: SegmentConfig | 
     config = config or SegmentConfig()
     run_dir = Path(run_dir)
     record = partial(_record_config, layout.stage_config(run_dir, layout.SEGMENT_DIR), config.model_dump(mode="json"))
-    return run_stage(STAGE, cohort, run_dir, config, segment_slide, segment_outputs, workers=workers,
-                     progress=progress, force=force, shard=shard, executor=executor, ray_address=ray_address,
-                     on_locked=record, editable=(".geojson",))  # contours are corrected by hand, e.g. in QuPath
+    return run_stage(STAGE, cohort, run_dir, config, segment_slide, segment_outputs,
+                     RunOptions.of(options, **settings), on_locked=record,
+                     editable=(".geojson",))  # contours are corrected by hand, e.g. in QuPath

@@ -7,6 +7,10 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Task = Literal["classification", "survival"]
+#: Validation quantities that can pick a fold's best checkpoint; which of them a task offers is below.
+Selector = Literal["loss", "auc", "balanced_accuracy", "accuracy", "f1", "c_index"]
+#: Numbers a model trains with on a GPU ('auto': bf16 where supported, else fp16).
+TrainPrecision = Literal["auto", "fp32", "bf16", "fp16"]
 
 CLASSIFICATION_SELECTORS = ("loss", "auc", "balanced_accuracy", "accuracy", "f1")
 SURVIVAL_SELECTORS = ("loss", "c_index")
@@ -33,25 +37,24 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(1e-5, ge=0.0, description="AdamW decoupled weight decay.")
     warmup_epochs: float = Field(0.0, ge=0.0, description="Linear warm-up length in epochs (fractions allowed) "
                                                            "before the cosine decay.")
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final learning rate as a fraction of ``lr``.")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Final learning rate as a fraction of lr.")
     batch_size: int = Field(1, ge=1, description="Slides per forward pass (grids are padded and masked).")
     accum_steps: int = Field(1, ge=1, description="Forward passes whose gradients are summed before one "
                                                   "optimiser step.")
     class_weighting: bool = Field(False, description="Weight the cross-entropy by inverse class frequency "
                                                      "of the training partition.")
     clip_grad: Optional[float] = Field(1.0, gt=0.0, description="Max global gradient norm per optimiser step; "
-                                       "None or 0 = no clipping. Default 1.0 for classification and none for survival "
-                                       "(see ``_survival_clips_nothing``).")
-    select_on: str = Field("loss", description="Validation quantity that picks the 'best' checkpoint: loss "
-                                               "(lower is better), or auc, balanced_accuracy, accuracy, f1 "
-                                               "(classification), c_index (survival).")
+                                       "0 = no clipping. Default 1.0 for classification and none for survival.")
+    select_on: Selector = Field("loss", description="Validation quantity that picks the 'best' checkpoint: loss "
+                                                    "(lower is better), or auc, balanced_accuracy, accuracy, f1 "
+                                                    "(classification), c_index (survival).")
     seed: int = Field(0, description="Seed of the folds, the initial weights and the order of the slides.")
     restarts: int = Field(1, ge=1, description="Trainings per fold, with seeds seed, seed+1, …; the fold keeps "
                                                "the one whose chosen checkpoint scores best on validation "
                                                "(ties: the earlier restart). Test data play no part in the choice.")
     device: str = Field("auto", exclude=True, description="'auto' (CUDA when available), 'cpu', 'cuda', "
                         "'cuda:1', … (runtime: not hashed, so a fold resumes on another device).")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+    precision: TrainPrecision = Field(
         "auto", description="Autocast precision on GPU; 'auto' = bf16 where supported, else fp16. CPU is fp32.")
     n_bins: int = Field(4, ge=2, description="Survival: number of discrete time bins (= hazards).")
     alpha: float = Field(0.0, ge=0.0, le=1.0, description="Survival NLL: weight of the uncensored-only term.")

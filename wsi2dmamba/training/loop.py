@@ -38,6 +38,7 @@ from filelock import FileLock, Timeout
 
 from .. import run_layout as layout
 from ..cohort import Cohort
+from ..cohort.options import RunOptions
 from ..errors import ConfigError, TrainingError, WsiError
 from ..devices import resolve_device
 from ..fold_files import write_done, write_table
@@ -731,11 +732,10 @@ def run_splits(cohort: Cohort, run_dir: Path, config: TrainConfig, splits: str |
 
 
 def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: str | os.PathLike[str],
-                 model_name: str, config: TrainConfig, model_overrides: dict[str, Any] | None = None, *,
-                 preset: str | None = None, name: str | None = None, splits: str | os.PathLike[str] | None = None,
-                 folds_to_run: Sequence[int] | None = None, force: bool = False,
-                 callbacks: Sequence[EpochCallback] = (), progress: bool = True,
-                 executor: str = "local", ray_address: str | None = None) -> TrainResults:
+                 model_name: str, config: TrainConfig, model_overrides: dict[str, Any] | None = None,
+                 options: RunOptions | None = None, *, preset: str | None = None, name: str | None = None,
+                 splits: str | os.PathLike[str] | None = None, folds_to_run: Sequence[int] | None = None,
+                 callbacks: Sequence[EpochCallback] = (), **settings: Any) -> TrainResults:
     """Train ``model_name`` with k-fold cross-validation on a cohort's feature grids.
 
     Args:
@@ -749,20 +749,23 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
         name: folder name of this model in the run (default: the model name, plus ``-<preset>``).
         splits: a folder of ``splits_<k>.csv`` (or one CSV) to use instead of making splits.
         folds_to_run: only these folds (e.g. one per job); default all.
-        force: retrain folds that are complete or were trained with another configuration.
         callbacks: called after every epoch with its log row (in the process that trains the fold).
-        progress: progress bars.
-        executor: ``"local"``: folds one after another in this process, or, when the device is a GPU
-            (``auto``/``cuda``) and several GPUs are visible, one worker process per GPU training folds
-            side by side; ``"ray"``: each fold a Ray task with one GPU (when the cluster has GPUs).
-        ray_address: the Ray cluster for ``executor="ray"`` (None: start a local one).
+        options: how the folds run (:class:`~wsi2dmamba.cohort.RunOptions`; or its fields as keywords):
+            ``force`` retrains folds that are complete or were trained with another configuration;
+            ``progress`` shows progress bars; ``executor``: ``"local"``: folds one after another in this
+            process, or, when the device is a GPU (``auto``/``cuda``) and several GPUs are visible, one
+            worker process per GPU training folds side by side; ``"ray"``: each fold a Ray task with one
+            GPU (when the cluster has GPUs), on the cluster at ``ray_address``. ``workers`` and ``shard``
+            are not used.
     """
+    options = RunOptions.of(options, **settings)
+    force, progress = options.force, options.progress
     run_dir = Path(run_dir)
     model_name, preset, folder = _resolve_model_key(model_name, preset)
     name = name or folder
     if not name or any(c in name for c in "/\\\0") or name in (".", "..", "splits"):
         raise ConfigError(f"--name {name!r} cannot be used as a folder name")
-    classes = _check_before_training(cohort, run_dir, config, executor)
+    classes = _check_before_training(cohort, run_dir, config, options.executor)
     _check_model(model_name, preset, model_overrides, config, classes)
     resolved, warnings = run_splits(cohort, run_dir, config, splits)
     folds = list(range(len(resolved))) if folds_to_run is None else sorted(set(folds_to_run))
@@ -773,7 +776,7 @@ def train_cohort(cohort: Cohort, features_dir: str | os.PathLike[str], run_dir: 
     results = TrainResults(name, run_dir, model_dir, warnings=warnings)
     fold_kwargs = dict(model_overrides=model_overrides, preset=preset, classes=classes,
                        features_dir=str(features_dir), force=force, callbacks=callbacks)
-    spread = _fold_executor(executor, config, len(folds), ray_address)
+    spread = _fold_executor(options.executor, config, len(folds), options.ray_address)
     if spread is not None:
         results.folds += _train_folds_spread(spread, [resolved[k] for k in folds], cohort, features_dir,
                                              model_dir, model_name, config, fold_kwargs, progress)
@@ -800,10 +803,8 @@ def _resolve_model_key(key: str, preset: str | None) -> tuple[str, str | None, s
 
 def _fold_executor(executor: str, config: TrainConfig, n_folds: int, ray_address: str | None):
     """The executor that trains folds side by side, or None to train them here, one after another."""
-    from ..cohort.executors import EXECUTORS, TaskResources, make_executor, visible_gpus
+    from ..cohort.executors import TaskResources, make_executor, visible_gpus
 
-    if executor not in EXECUTORS:
-        raise ConfigError(f"Unknown executor {executor!r}; use one of: {', '.join(EXECUTORS)}.")
     on_gpu = config.device in ("auto", "cuda")
     if executor == "ray":
         if config.device.startswith("cuda:"):
