@@ -18,6 +18,7 @@ epochs (NVML's share of each 100-ms period in which a kernel was running), avera
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import time
 from typing import Self
@@ -69,10 +70,10 @@ class BusySampler:
     """``nvidia-smi`` utilisation samples every ``period_ms`` in a subprocess, for the GPU torch uses."""
 
     def __init__(self, period_ms: int = 100) -> None:
-        uuid = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "uuid", None)
-        select = ["-i", f"GPU-{uuid}"] if uuid is not None else []
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+        select = ["-i", visible] if visible else ["-i", "0"]
         self.cmd = ["nvidia-smi", *select, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                    f"-lms={period_ms}"]
+                    f"--loop-ms={period_ms}"]
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Self:
@@ -121,8 +122,10 @@ def profile_steps(trainer, order: list[str], top: int) -> None:
     trainer.train_epoch(order, 0, 10 * len(order), 0, "warm-up")
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         trainer.train_epoch(order, 0, 10 * len(order), 0, "profiled")
         torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
     events = prof.key_averages()
     print(events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60))
     counts = {e.key: e.count for e in events}
@@ -133,7 +136,8 @@ def profile_steps(trainer, order: list[str], top: int) -> None:
     print(f"# {steps} steps: {launches} kernel launches ({launches / steps:.0f} per step); host syncs and "
           f"blocking calls: {syncs or 'none'}")
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    print(f"# kernel time {kernel_us / 1e3:.1f} ms over the profiled epoch")
+    print(f"# kernel time {kernel_us / 1e3:.1f} ms in {wall * 1e3:.1f} ms of the profiled epoch (wall, under the "
+          f"profiler): {100 * kernel_us / 1e6 / wall:.0f} % busy if no two kernels overlap")
 
 
 def main() -> None:
