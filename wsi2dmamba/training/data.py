@@ -171,7 +171,8 @@ def to_device(x, device: torch.device):
     if device.type != "cuda":
         return x.to(device)
     if isinstance(x, GridBatch):
-        if x.features.device == device:
+        here = x.features.device
+        if here.type == "cuda" and (device.index is None or here.index == device.index):
             return x
         p = x.pin_memory()
         return GridBatch(*(t.to(device, non_blocking=True) for t in (p.features, p.tissue, p.valid)),
