@@ -171,8 +171,8 @@ def to_device(x, device: torch.device):
     if device.type != "cuda":
         return x.to(device)
     if isinstance(x, GridBatch):
-        here = x.features.device
-        if here.type == "cuda" and (device.index is None or here.index == device.index):
+        want = device.index if device.index is not None else torch.cuda.current_device()
+        if x.features.device == torch.device("cuda", want):
             return x
         p = x.pin_memory()
         return GridBatch(*(t.to(device, non_blocking=True) for t in (p.features, p.tissue, p.valid)),
