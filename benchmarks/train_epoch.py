@@ -120,6 +120,16 @@ def time_epochs(trainer, order: list[str], epochs: int) -> tuple[float, float, f
     return seconds, busy.mean, torch.cuda.max_memory_allocated() / 2**20
 
 
+SYNC_NAMES = ("Synchronize", "aten::item", "_local_scalar_dense", "aten::nonzero")
+
+
+def launch_and_sync_counts(counts: dict[str, int]) -> tuple[int, dict[str, int]]:
+    """(kernel launches, calls that may wait for the GPU by name) among profiler event counts. ``aten::item``
+    counts CPU tensors' reads too (AdamW's step counters), which wait for nothing."""
+    launches = sum(n for k, n in counts.items() if "LaunchKernel" in k)
+    return launches, {k: n for k, n in counts.items() if any(s in k for s in SYNC_NAMES)}
+
+
 def profile_steps(trainer, order: list[str], top: int) -> None:
     """torch profiler over one epoch of ``order``: top ops by self CUDA time, launches and host syncs."""
     from torch.profiler import ProfilerActivity, profile
@@ -133,16 +143,31 @@ def profile_steps(trainer, order: list[str], top: int) -> None:
         wall = time.perf_counter() - t0
     events = prof.key_averages()
     print(events.table(sort_by="self_cuda_time_total", row_limit=top, max_name_column_width=60))
-    counts = {e.key: e.count for e in events}
     steps = len(order) // trainer.config.batch_size
-    launches = sum(n for k, n in counts.items() if "LaunchKernel" in k or k == "cuLaunchKernel")
-    syncs = {k: n for k, n in counts.items() if any(s in k for s in (
-        "Synchronize", "aten::item", "_local_scalar_dense", "aten::nonzero", "cudaMemcpy ", "cudaMemcpy\0"))}
+    launches, syncs = launch_and_sync_counts({e.key: e.count for e in events})
     print(f"# {steps} steps: {launches} kernel launches ({launches / steps:.0f} per step); host syncs and "
           f"blocking calls: {syncs or 'none'}")
     kernel_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
     print(f"# kernel time {kernel_us / 1e3:.1f} ms in {wall * 1e3:.1f} ms of the profiled epoch (wall, under the "
           f"profiler): {100 * kernel_us / 1e6 / wall:.0f} % busy if no two kernels overlap")
+
+
+def epoch_table(args, grids: dict[str, FeatureGrid], order: list[str]) -> None:
+    """One row per model and slides per step; ``x abmil`` against abmil's epoch at the same batch size."""
+    print(f"{'model':<12} {'slides/step':>11} {'epoch s':>8} {'slides/s':>9} {'x abmil':>8} {'GPU busy %':>10} "
+          f"{'peak MiB':>9}")
+    base: dict[int, float] = {}
+    for name in args.models:
+        for b in args.batch_sizes:
+            trainer = trainer_for(name, grids, b, args.precision, args.seed, args.fused_adamw)
+            seconds, busy, peak = time_epochs(trainer, order, args.epochs)
+            if name == "abmil":
+                base[b] = seconds
+            ratio = f"{seconds / base[b]:.2f}" if b in base else ""
+            print(f"{name:<12} {b:>11} {seconds:>8.2f} {len(order) / seconds:>9.1f} {ratio:>8} {busy:>10.0f} "
+                  f"{peak:>9.0f}", flush=True)
+            del trainer
+            torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -174,20 +199,7 @@ def main() -> None:
           f"total {cells.sum():,}), grid cells {grid_cells.min()}–{grid_cells.max()}, {args.in_dim}-d "
           f"{args.feature_dtype}; cohort built in {time.perf_counter() - t0:.1f} s", flush=True)
     order = [sorted(grids)[i] for i in np.random.default_rng(args.seed).permutation(len(grids))]
-    print(f"{'model':<12} {'slides/step':>11} {'epoch s':>8} {'slides/s':>9} {'x abmil':>8} {'GPU busy %':>10} "
-          f"{'peak MiB':>9}")
-    base: dict[int, float] = {}
-    for name in args.models:
-        for b in args.batch_sizes:
-            trainer = trainer_for(name, grids, b, args.precision, args.seed, args.fused_adamw)
-            seconds, busy, peak = time_epochs(trainer, order, args.epochs)
-            if name == "abmil":
-                base[b] = seconds
-            ratio = f"{seconds / base[b]:.2f}" if b in base else ""
-            print(f"{name:<12} {b:>11} {seconds:>8.2f} {len(order) / seconds:>9.1f} {ratio:>8} {busy:>10.0f} "
-                  f"{peak:>9.0f}", flush=True)
-            del trainer
-            torch.cuda.empty_cache()
+    epoch_table(args, grids, order)
     for name in args.profile:
         print(f"# profile of {name}, 1 slide per step, {args.profile_slides} slides", flush=True)
         profile_steps(trainer_for(name, grids, 1, args.precision, args.seed), order[:args.profile_slides], args.top)

@@ -103,15 +103,26 @@ def test_a_batch_made_from_tissue_cells_equals_the_dense_one(cohorts):
     assert len({g.shape for g in grids}) > 1  # the batch has padding
     dense = GridBatch.from_grids(grids)
     cells = GridBatch.from_cells([cells_on(g, "cpu") for g in grids], [g.slide_id for g in grids])
+    _assert_same_batch(cells, dense)
+    assert cells.tissue_cells == tuple(g.n_tiles for g in grids)
+
+
+def _assert_same_batch(a, b) -> None:
     for name in ("features", "tissue", "valid", "sizes"):
-        assert torch.equal(getattr(cells, name), getattr(dense, name)), name
-    assert cells.features.dtype == torch.float32
-    assert cells.tissue_cells == dense.tissue_cells == tuple(g.n_tiles for g in grids)
-    assert cells.slide_ids == dense.slide_ids
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.features.dtype == b.features.dtype
+    assert (a.tissue_cells, a.slide_ids) == (b.tissue_cells, b.slide_ids)
+
+
+def test_half_precision_cells_make_a_float32_batch(cohorts):
+    from wsi2dmamba.models import GridBatch
+    from wsi2dmamba.models.batch import cells_on
+
+    grids = _grids(cohorts)
     f16 = GridBatch.from_cells([(torch.from_numpy(g.features).half(), *cells_on(g, "cpu")[1:]) for g in grids],
                                [g.slide_id for g in grids])
     assert f16.features.dtype == torch.float32
-    assert torch.equal(f16.features, dense.features.half().float())
+    assert torch.equal(f16.features, GridBatch.from_grids(grids).features.half().float())
 
 
 def test_an_empty_slide_is_named_from_the_host_counts():
