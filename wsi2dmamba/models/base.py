@@ -175,14 +175,12 @@ def pooling_mask(batch: GridBatch, include_padding: bool = False) -> torch.Tenso
     """
     mask = batch.valid if include_padding else batch.tissue & batch.valid
     if batch.tissue_cells is not None:  # counted on the host: no wait for the GPU
-        sizes = batch.sizes.tolist()
-        empty_ids = [sid for sid, n, (h, w) in zip(batch.slide_ids, batch.tissue_cells, sizes)
-                     if (h * w if include_padding else n) == 0]
+        pooled = [h * w for h, w in batch.sizes.tolist()] if include_padding else batch.tissue_cells
+        ids = [sid for sid, n in zip(batch.slide_ids, pooled) if n == 0]
     else:
         empty = ~mask.flatten(1).any(dim=1)
-        empty_ids = [batch.slide_ids[i] for i in torch.nonzero(empty).flatten().tolist()] if bool(empty.any()) else []
-    if empty_ids:
-        ids = empty_ids
+        ids = [batch.slide_ids[i] for i in torch.nonzero(empty).flatten().tolist()] if bool(empty.any()) else []
+    if ids:
         raise StageInputError(f"slide(s) {', '.join(ids)} have no tissue cell in their feature grid; "
                               "re-run tiling with a lower tissue threshold or drop them from the cohort")
     return mask
