@@ -78,3 +78,36 @@ def test_features_of_the_two_decode_paths_agree(demo_tiff):
     print(f"{len(a)} tiles: cosine min {cos.min():.5f}, mean {cos.mean():.5f}")
     assert grids["jpeg"].extra_attrs["decode"] == "jpeg-tiles:cuda"
     assert cos.min() >= 0.999
+
+
+def _queued_sums_after_decode(decode, streams, shape, rounds: int = 12) -> int:
+    """Rounds in which kernels queued before ``decode`` read wrong values from blocks freed before it."""
+    numel = 3 * shape[0] * shape[1]  # a decoded tile's bytes: the decoder's outputs fit these blocks
+    wrong = 0
+    for _ in range(rounds):
+        bufs = [torch.full((numel,), k + 1, dtype=torch.uint8, device="cuda") for k in range(len(streams))]
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)  # keeps the reductions below queued while the decoder runs
+        sums = [b.sum(dtype=torch.int64) for b in bufs]
+        del bufs  # freed while their reductions are still queued
+        decode()
+        torch.cuda.synchronize()
+        wrong += int(any(int(s) != (k + 1) * numel for k, s in enumerate(sums)))
+    return wrong
+
+
+def test_decoding_never_writes_into_memory_that_queued_work_still_reads(demo_tiff):
+    from wsi2dmamba.features.tile_decode import _as_tensor, _decode, decode_streams
+
+    with open_slide(demo_tiff) as s:
+        level, _ = choose_decode("jpeg", s, 0, "cuda")
+    with open(level.path, "rb") as fh:
+        streams = [_as_tensor(b) for b in level.jpeg_streams(range(min(8, level.n_tiles)), fh)]
+    shape = (level.tile_height, level.tile_width)
+    own = torch.cuda.Stream()
+    plain = _queued_sums_after_decode(lambda: _decode(streams, "cuda"), streams, shape)
+    guarded = _queued_sums_after_decode(lambda: decode_streams(streams, "cuda", shape, own), streams, shape)
+    drained = _queued_sums_after_decode(lambda: decode_streams(streams, "cuda", shape), streams, shape)
+    print(f"rounds with corrupted queued reads: decode_jpeg as it is {plain}/12, on its own stream {guarded}/12, "
+          f"after draining {drained}/12")
+    assert guarded == 0 and drained == 0

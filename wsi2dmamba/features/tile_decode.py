@@ -120,27 +120,66 @@ def _decode_or_none(data, device):
         return None
 
 
-def decode_streams(streams: list, device, shape: tuple[int, int]) -> tuple[list, set[int]]:
+def _decode_all(data: list, device) -> list:
+    try:
+        return _decode(data, device)
+    except RuntimeError:  # one damaged tile fails the whole batch: find it tile by tile
+        return [_decode_or_none(d, device) for d in data]
+
+
+def _decode_guarded(data: list, device, stream) -> list:
+    """:func:`_decode_all` on a GPU without the decoder writing into memory that queued work still reads.
+
+    ``decode_jpeg(device="cuda")`` allocates its outputs on the current stream and lets nvJPEG write them
+    from a stream of its own, without waiting for the current stream's queued work (nvJPEG's hardware
+    engine does not wait even when asked to). The caching allocator hands out a block freed on the current
+    stream at once, so the decoder can overwrite memory whose readers, e.g. the encoder's kernels of the
+    previous batch, have not run yet: wrong features and NaNs on a few tiles. With ``stream`` (a stream of
+    the decoder's own) the outputs come from that stream's blocks, which hold nothing but decoded tiles,
+    and each output records its use by the current stream, so its block is not handed out again before
+    that use is done; without it, the current stream is drained first.
+    """
+    import torch
+
+    main = torch.cuda.current_stream(device)
+    if stream is None:
+        main.synchronize()
+        return _decode_all(data, device)
+    with torch.cuda.stream(stream):
+        decoded = _decode_all(data, device)
+    main.wait_stream(stream)
+    for img in decoded:
+        if img is not None:
+            img.record_stream(main)
+    return decoded
+
+
+def decode_streams(streams: list, device, shape: tuple[int, int], stream=None) -> tuple[list, set[int]]:
     """Decode JPEG byte tensors together on ``device``.
 
     Args:
         streams: uint8 CPU tensors (None for a tile never written).
         device: where to decode (nvJPEG on CUDA, libjpeg-turbo on the CPU).
         shape: the (height, width) every stored tile decodes to.
+        stream: on a GPU, a CUDA stream used only for decoding (see :func:`_decode_guarded`); None drains
+            the current stream before each decode instead.
 
     Returns:
         ``(tiles, bad)``: (height, width, 3) uint8 tensors on ``device`` (None where absent or bad) and the
         positions whose bytes did not decode to a tile of ``shape``.
     """
+    import torch
+
     present = [k for k, s in enumerate(streams) if s is not None]
     tiles: list = [None] * len(streams)
     bad: set[int] = set()
     if not present:
         return tiles, bad
-    try:
-        decoded = _decode([streams[k] for k in present], device)
-    except RuntimeError:  # one damaged tile fails the whole batch: find it tile by tile
-        decoded = [_decode_or_none(streams[k], device) for k in present]
+    data = [streams[k] for k in present]
+    if torch.device(device).type == "cuda":
+        decoded = _decode_guarded(data, device, stream)
+    else:
+        decoded = _decode_all(data, device)
     for k, img in zip(present, decoded):
         if img is None or tuple(img.shape[1:]) != tuple(shape):
             bad.add(k)
@@ -176,6 +215,7 @@ class JpegTileBatches:
         self.window = plan.read_px + int(shifted)
         self.resampled = shifted or plan.read_px != plan.tile_px
         self.schedule = decode_schedule(level, self.origins, self.window, self.batches)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -193,7 +233,7 @@ class JpegTileBatches:
                 if b + self.prefetch < len(self.schedule):
                     pending.append(pool.submit(self._read, fh, self.schedule[b + self.prefetch].decode))
                 shape = (self.level.tile_height, self.level.tile_width)
-                tiles, failed = decode_streams(streams, self.device, shape)
+                tiles, failed = decode_streams(streams, self.device, shape, self.stream)
                 cache.update(zip(step.decode.tolist(), tiles))
                 bad.update(int(step.decode[k]) for k in failed)
                 images, blank = self._assemble(idx, cache, bad)

@@ -174,9 +174,13 @@ def pooling_mask(batch: GridBatch, include_padding: bool = False) -> torch.Tenso
     Raises :class:`~wsi2dmamba.errors.StageInputError` naming the slide when a slide has none.
     """
     mask = batch.valid if include_padding else batch.tissue & batch.valid
-    empty = ~mask.flatten(1).any(dim=1)
-    if bool(empty.any()):
-        ids = [batch.slide_ids[i] for i in torch.nonzero(empty).flatten().tolist()]
+    if batch.tissue_cells is not None:  # counted on the host: no wait for the GPU
+        pooled = [h * w for h, w in batch.sizes.tolist()] if include_padding else batch.tissue_cells
+        ids = [sid for sid, n in zip(batch.slide_ids, pooled) if n == 0]
+    else:
+        empty = ~mask.flatten(1).any(dim=1)
+        ids = [batch.slide_ids[i] for i in torch.nonzero(empty).flatten().tolist()] if bool(empty.any()) else []
+    if ids:
         raise StageInputError(f"slide(s) {', '.join(ids)} have no tissue cell in their feature grid; "
                               "re-run tiling with a lower tissue threshold or drop them from the cohort")
     return mask

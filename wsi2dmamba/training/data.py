@@ -18,6 +18,7 @@ from ..errors import ConfigError, GridFileError, StageInputError
 from ..grid import FeatureGrid, read_feature_grid
 from ..grid.guard import guard_grid_files
 from ..models import GridBatch
+from ..models.batch import cells_on
 
 
 def class_names(cohort: Cohort) -> list[str]:
@@ -166,20 +167,71 @@ def to_device(x, device: torch.device):
     """A tensor or :class:`GridBatch` on ``device``, copied without making the host wait for the GPU.
 
     A copy from pageable memory waits for the GPU's queued work, so the host copy is pinned first; on the
-    CPU the input is returned as it is.
+    CPU, or when already on ``device``, the input is returned as it is.
     """
     if device.type != "cuda":
         return x.to(device)
     if isinstance(x, GridBatch):
+        want = device.index if device.index is not None else torch.cuda.current_device()
+        if x.features.device == torch.device("cuda", want):
+            return x
         p = x.pin_memory()
-        return GridBatch(*(t.to(device, non_blocking=True) for t in (p.features, p.tissue, p.valid, p.sizes)),
-                         list(p.slide_ids))
+        return GridBatch(*(t.to(device, non_blocking=True) for t in (p.features, p.tissue, p.valid)),
+                         p.sizes, list(p.slide_ids), p.tissue_cells)
     return x.pin_memory().to(device, non_blocking=True)
 
 
+#: Share of a GPU's memory that a training process may fill with its cohort's tissue-cell features.
+DEVICE_CELLS_SHARE = 0.25
+
+
+class BatchMaker:
+    """Padded batches of a cohort's feature grids, made on the device that trains on them.
+
+    On a GPU each slide's tissue cells (features in their stored dtype, and their cells) are copied there
+    at first use and kept while the kept cells take at most ``budget`` bytes (default: a quarter of the
+    GPU's memory); the others are copied again at each use, from pinned memory. The padded grid is
+    assembled on the GPU (:meth:`GridBatch.from_cells`), so a step neither builds it on the CPU nor moves
+    its empty cells, and the host never waits for the GPU. On the CPU batches are built as
+    :meth:`GridBatch.from_grids` builds them.
+    """
+
+    def __init__(self, grids: Mapping[str, FeatureGrid], device: torch.device, budget: int | None = None) -> None:
+        self.grids = grids
+        self.device = device
+        if budget is None and device.type == "cuda":
+            budget = int(DEVICE_CELLS_SHARE * torch.cuda.get_device_properties(device).total_memory)
+        self.budget = budget or 0
+        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
+        self.kept_bytes = 0
+
+    def cells(self, slide_id: str) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Slide ``slide_id``'s tissue cells on the device (see :func:`~wsi2dmamba.models.batch.cells_on`)."""
+        if slide_id in self.kept:
+            return self.kept[slide_id]
+        grid = self.grids[slide_id]
+        cells = cells_on(grid, self.device)
+        size = grid.features.nbytes + grid.index.shape[0] * 16
+        if self.kept_bytes + size <= self.budget:
+            self.kept[slide_id] = cells
+            self.kept_bytes += size
+        return cells
+
+    def __call__(self, slide_ids: Sequence[str]) -> GridBatch:
+        """The batch of ``slide_ids`` (in that order), on the device."""
+        if self.device.type != "cuda":
+            return GridBatch.from_grids([self.grids[s] for s in slide_ids])
+        return GridBatch.from_cells([self.cells(s) for s in slide_ids], list(slide_ids))
+
+
+def batch_ids(slide_ids: Sequence[str], batch_size: int) -> list[list[str]]:
+    """Consecutive groups of ``batch_size`` slides, in the given order."""
+    return [list(slide_ids[start:start + batch_size]) for start in range(0, len(slide_ids), batch_size)]
+
+
 def iter_batches(slide_ids: Sequence[str], grids: Mapping[str, FeatureGrid], batch_size: int,
-                 ) -> Iterator[tuple[list[str], GridBatch]]:
-    """Consecutive batches of ``batch_size`` slides, in the given order."""
-    for start in range(0, len(slide_ids), batch_size):
-        ids = list(slide_ids[start:start + batch_size])
-        yield ids, GridBatch.from_grids([grids[s] for s in ids])
+                 maker: BatchMaker | None = None) -> Iterator[tuple[list[str], GridBatch]]:
+    """Consecutive batches of ``batch_size`` slides, in the given order, each made when it is reached
+    (by ``maker`` when given, else on the CPU)."""
+    for ids in batch_ids(slide_ids, batch_size):
+        yield ids, maker(ids) if maker is not None else GridBatch.from_grids([grids[s] for s in ids])

@@ -52,8 +52,8 @@ from ..fileio import (
 from ..grid import FeatureGrid
 from ..models.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from .config import TrainConfig
-from .data import (Targets, class_names, iter_batches, load_feature_grids, make_targets, to_device,
-                   worker_feature_grids)
+from .data import (BatchMaker, Targets, batch_ids, class_names, iter_batches, load_feature_grids, make_targets,
+                   to_device, worker_feature_grids)
 from .fold_identity import adopt_runtime_only_change, model_identity
 from .losses import class_weights, hazards_to_survival, nll_survival_loss, survival_bin_edges
 from .splits import FoldSplit, load_splits, make_splits, resolve_splits, write_splits
@@ -174,12 +174,13 @@ class _FoldTrainer:
         self.amp = autocast_dtype(config, device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.batches = BatchMaker(grids, device)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
 
-    def loss(self, out, ids: Sequence[str], reduction: str = "mean") -> torch.Tensor:
-        t = {k: to_device(v, self.device) for k, v in self.targets.tensors(ids).items()}
+    def loss(self, out, ids: Sequence[str], reduction: str = "mean", targets: dict | None = None) -> torch.Tensor:
+        t = targets if targets is not None else self.device_targets(ids)
         logits = out.logits.float()
         if self.config.task == "survival":
             loss = nll_survival_loss(logits, t["bins"], t["event"], alpha=self.config.alpha, reduction=reduction)
@@ -189,11 +190,15 @@ class _FoldTrainer:
             loss = out.slide_loss_weight * loss + out.aux_loss.float()
         return loss
 
-    def forward(self, ids: Sequence[str], batch, training: bool):
+    def device_targets(self, ids: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {k: to_device(v, self.device) for k, v in self.targets.tensors(ids).items()}
+
+    def forward(self, ids: Sequence[str], batch, training: bool, targets: dict | None = None):
         batch = to_device(batch, self.device)
         with self._autocast():
             if training and self.config.task == "classification":
-                return self.model(batch, to_device(self.targets.tensors(ids)["label"], self.device))
+                labels = (targets if targets is not None else self.device_targets(ids))["label"]
+                return self.model(batch, labels)
             return self.model(batch)
 
     def train_epoch(self, order: Sequence[str], step: int, total_steps: int, warmup_steps: int,
@@ -204,11 +209,13 @@ class _FoldTrainer:
         opt = self.optimizer
         opt.zero_grad(set_to_none=True)
         losses, norms = [], []  # kept on the device and checked once, after the epoch: no host sync per step
-        batches = list(iter_batches(order, self.grids, cfg.batch_size))
+        groups = batch_ids(order, cfg.batch_size)
+        batches = [(ids, None) for ids in groups]  # each batch is made when its step starts
         first_step = step
-        for i, (ids, batch) in enumerate(batches):
-            out = self.forward(ids, batch, training=True)
-            loss = self.loss(out, ids)
+        for i, ids in enumerate(groups):
+            targets = self.device_targets(ids)
+            out = self.forward(ids, self.batches(ids), training=True, targets=targets)
+            loss = self.loss(out, ids, targets=targets)
             losses.append(loss.detach())
             scaled = loss / cfg.accum_steps
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -237,7 +244,7 @@ class _FoldTrainer:
         """Per-slide outputs (probabilities, or risk and survival) and the mean loss over ``slide_ids``."""
         self.model.eval()
         logits_all, losses = [], []
-        for ids, batch in iter_batches(list(slide_ids), self.grids, self.config.batch_size):
+        for ids, batch in iter_batches(list(slide_ids), self.grids, self.config.batch_size, self.batches):
             out = self.forward(ids, batch, training=False)
             losses.append(self.loss(out, ids, reduction="none").detach().cpu())
             logits_all.append(out.logits.detach().float().cpu())
