@@ -1,12 +1,16 @@
 """Screen demo settings on a development seed without the slide pipeline: is a demo rule learnable?
 
 Feature grids are assembled from real tile features: each cell of a drawn layout gets the features of a
-random tile of its kind, taken from a finished demo run (its manifest's ``cells`` and its feature files).
+random tile of its kind, taken from a finished demo run (``--tiles``: its manifest's ``cells`` and its
+feature files) or from cells rendered as the demo renders them and encoded by the built-in encoder
+(``--render N``: N tiles per kind, JPEG-compressed at the slides' quality, saved with ``--save-pool``).
 Then each model trains with the published recipe (AdamW, cosine schedule, gradient clipping), cross-
 validated, the checkpoint picked on validation loss; every epoch's train loss, validation loss and AUC
 and test AUC are printed, so a run shows whether a model learns the rule, memorises, or does not fit.
 
     python benchmarks/demo_dev_screen.py --tiles runs/demo --seed 101 --models 2dmambamil,2dmambamil:noscan
+    python benchmarks/demo_dev_screen.py --render 300 --save-pool pool.npz --slides 384 --batch 16 \
+        --lr 2e-3 --warmup 64 --epochs 25 --models 2dmambamil:4corners
 
 Use development seeds only (never the seed of the reported cohort, ``pipelines/demo.toml``).
 Save the printed log, then draw its per-fold curves:
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import json
 import math
 import re
 import time
@@ -44,11 +50,51 @@ def tile_pool(run: Path) -> dict[int, np.ndarray]:
     return {k: np.concatenate(v) for k, v in pool.items()}
 
 
+def rendered_pool(n: int, seed: int = 7) -> dict[int, np.ndarray]:
+    """Cell kind → (n, D) features of ``n`` cells of that kind rendered as the demo renders them (JPEG at
+    quality 90, as the slides are written) and encoded by the built-in encoder on the CPU."""
+    import io
+
+    from PIL import Image
+
+    from wsi2dmamba.demo.mosaic import Augment, cell_image
+    from wsi2dmamba.features.encoders import get_encoder
+
+    spec = get_encoder("efficientnet-lite0")
+    model = spec.build()
+    rng = np.random.default_rng(seed)
+    pool = {}
+    for kind in range(1, 5):
+        tiles = []
+        for _ in range(n):
+            buf = io.BytesIO()
+            Image.fromarray(cell_image(kind, rng, Augment())).save(buf, "JPEG", quality=90)
+            tiles.append(np.asarray(Image.open(buf).convert("RGB")))
+        batch = torch.from_numpy(np.stack(tiles))
+        with torch.no_grad():
+            pool[kind] = np.concatenate([model(spec.preprocess(batch[k:k + 64])).float().numpy()
+                                         for k in range(0, n, 64)])
+    return pool
+
+
+def load_pool(args) -> dict[int, np.ndarray]:
+    """The tile pool the screen draws from: a saved pool, a finished demo run's tiles, or rendered cells."""
+    if args.pool:
+        return {int(k): v for k, v in np.load(args.pool).items()}
+    pool = tile_pool(args.tiles) if args.tiles else rendered_pool(args.render)
+    if args.save_pool:
+        np.savez(args.save_pool, **{str(k): v for k, v in pool.items()})
+    return pool
+
+
 def synthetic_grids(args, pool: dict[int, np.ndarray]) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
     """(features (H, W, D), tissue mask) per slide of the drawn cohort, and the labels."""
     from wsi2dmamba.demo import DemoCohortSpec, LongRangeSpec, draw_cohort
 
     grid = LongRangeSpec(rows=args.grid, cols=args.grid) if args.grid else LongRangeSpec()
+    if args.spec:
+        grid = dataclasses.replace(grid, **{k: tuple(v) if isinstance(v, list) else v
+                                            for k, v in json.loads(args.spec).items()})
     slides = draw_cohort(DemoCohortSpec(n_slides=args.slides, seed=args.seed, rule=args.rule, long_range=grid))
     rng = np.random.default_rng([args.seed, 3])
     items = []
@@ -71,7 +117,8 @@ def train_fold(args, key: str, items, y, train, val, test, fold: int) -> float:
 
     name, _, preset = key.partition(":")
     torch.manual_seed(fold)
-    model = create(name, in_dim=items[0][0].shape[-1], n_classes=2, preset=preset or None)
+    model = create(name, in_dim=items[0][0].shape[-1], n_classes=2, preset=preset or None,
+                   **json.loads(args.options)).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
     steps, step = args.epochs * math.ceil(len(train) / args.batch), 0
     order = np.random.default_rng(fold)
@@ -79,17 +126,19 @@ def train_fold(args, key: str, items, y, train, val, test, fold: int) -> float:
 
     def predict(ids):
         with torch.no_grad():
-            return torch.softmax(model(GridBatch.from_arrays([items[i] for i in ids])).logits, -1)[:, 1].numpy()
+            batch = GridBatch.from_arrays([items[i] for i in ids]).to(args.device)
+            return torch.softmax(model(batch).logits, -1)[:, 1].cpu().numpy()
 
     for epoch in range(args.epochs):
         model.train()
         perm, total = order.permutation(train), 0.0
         for k in range(0, len(perm), args.batch):
             ids = perm[k:k + args.batch]
+            warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
             for group in opt.param_groups:
-                group["lr"] = args.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            logits = model(GridBatch.from_arrays([items[i] for i in ids])).logits
-            loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y[ids]))
+                group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
+            logits = model(GridBatch.from_arrays([items[i] for i in ids]).to(args.device)).logits
+            loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y[ids], device=args.device))
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -142,6 +191,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=Path, help="a finished demo run folder (features + manifest)")
+    ap.add_argument("--render", type=int, default=0, help="or: render and encode this many cells per kind")
+    ap.add_argument("--pool", type=Path, help="or: a pool saved by --save-pool")
+    ap.add_argument("--save-pool", type=Path, help="save the pool (npz) for later screens")
+    ap.add_argument("--spec", default="", help="long-range rule: LongRangeSpec fields as JSON")
+    ap.add_argument("--options", default="{}", help="model configuration fields as JSON")
+    ap.add_argument("--warmup", type=int, default=0, help="linear warm-up, in optimiser steps")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--plot", type=Path, nargs="+", help="draw the curves of these saved logs instead")
     ap.add_argument("--out", type=Path, default=Path("curves.png"), help="picture written by --plot")
     ap.add_argument("--seed", type=int, default=101, help="development seed of the drawn layouts")
@@ -158,10 +214,10 @@ def main() -> None:
     if args.plot:
         plot_logs(args.plot, args.out)
         return
-    if args.tiles is None:
-        ap.error("--tiles is required to screen")
+    if not (args.tiles or args.render or args.pool):
+        ap.error("give --tiles, --render or --pool")
     torch.set_num_threads(1)
-    items, y = synthetic_grids(args, tile_pool(args.tiles))
+    items, y = synthetic_grids(args, load_pool(args))
     splits = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(y, y))[:args.max_folds]
     for key in args.models.split(","):
         aucs, t0 = [], time.time()

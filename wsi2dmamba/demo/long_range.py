@@ -1,8 +1,8 @@
 """Layouts of the demo's long-range rule: the label is how tumour and lymphoid regions pair up across a slide.
 
 A slide is a grid of ``rows × cols`` cells (9 × 9 by default). It holds four *marker sites*, two tumour
-(TUM) cells and two lymphoid-aggregate (LYM) cells, and filler tissue (stroma, other tissue, glass)
-everywhere else. The sites form two *pairs*: the two sites of a pair share a row or a column and lie 4–5
+(TUM) cells and two lymphoid-aggregate (LYM) cells; everything else is stroma with glass between
+(:class:`LongRangeSpec` sets the amounts). The sites form two *pairs*: the two sites of a pair share a row or a column and lie 4–5
 cells apart. The two pairs lie on a falling diagonal of each other: every site of one pair is strictly
 above-right or strictly below-left of every site of the other, at least 4 cells away (Chebyshev). No two
 sites are ever within one 3 × 3 (or 4 × 4) window.
@@ -51,8 +51,10 @@ class LongRangeSpec:
     """Cells between the two sites of a pair (same row or column)."""
     min_cross: int = 4
     """Smallest Chebyshev distance between sites of different pairs."""
-    glass: tuple[int, int] = (6, 10)
-    stroma: tuple[int, int] = (30, 40)
+    glass: tuple[int, int] = (30, 40)
+    """Glass cells (never in row 0 or column 0): the tissue is a fragmented sheet, as on many biopsies."""
+    other: tuple[int, int] = (0, 0)
+    """Cells of other tissue (muscle, mucosa, debris, skin); stroma fills every cell left."""
 
 
 def manhattan(a: Site, b: Site) -> int:
@@ -134,12 +136,12 @@ def _far_apart(a: Pair, b: Pair, min_cross: int) -> bool:
 
 
 def draw_filler(rng: np.random.Generator, spec: LongRangeSpec, sites: list[Site]) -> np.ndarray:
-    """(rows, cols) int8 cells: glass, stroma and other tissue everywhere but the sites (left as -1).
+    """(rows, cols) int8 cells: glass, other tissue and stroma everywhere but the sites (left as -1).
 
     Glass stays off row 0 and column 0, so that the tissue's bounding box starts at the slide's corner and
     a tile lattice anchored there coincides with the cells.
     """
-    cells = np.full((spec.rows, spec.cols), OTHER, dtype=np.int8)
+    cells = np.full((spec.rows, spec.cols), STROMA, dtype=np.int8)
     free = np.ones((spec.rows, spec.cols), dtype=bool)
     for site in sites:
         free[site] = False
@@ -147,7 +149,7 @@ def draw_filler(rng: np.random.Generator, spec: LongRangeSpec, sites: list[Site]
     inner[0, :] = inner[:, 0] = False
     _scatter(rng, cells, np.argwhere(inner), spec.glass, GLASS)
     free &= cells != GLASS
-    _scatter(rng, cells, np.argwhere(free), spec.stroma, STROMA)
+    _scatter(rng, cells, np.argwhere(free), spec.other, OTHER)
     for site in sites:
         cells[site] = -1
     return cells

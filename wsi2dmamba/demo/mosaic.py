@@ -70,11 +70,12 @@ def render_cells(cells: np.ndarray, rng: np.random.Generator, augment: Augment =
     out = np.empty((rows * CELL_PX, cols * CELL_PX, 3), dtype=np.uint8)
     for r in range(rows):
         for c in range(cols):
-            out[r * CELL_PX:(r + 1) * CELL_PX, c * CELL_PX:(c + 1) * CELL_PX] = _cell_image(int(cells[r, c]), rng, augment)
+            out[r * CELL_PX:(r + 1) * CELL_PX, c * CELL_PX:(c + 1) * CELL_PX] = cell_image(int(cells[r, c]), rng, augment)
     return out
 
 
-def _cell_image(kind: int, rng: np.random.Generator, augment: Augment) -> np.ndarray:
+def cell_image(kind: int, rng: np.random.Generator, augment: Augment = Augment()) -> np.ndarray:
+    """One (CELL_PX, CELL_PX, 3) uint8 cell of the given kind: an augmented asset, or glass."""
     if kind == GLASS:
         noise = rng.normal(0.0, augment.glass_noise, size=(CELL_PX, CELL_PX, 3))
         return np.clip(np.array(_GLASS_RGB, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
