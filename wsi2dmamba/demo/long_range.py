@@ -52,7 +52,7 @@ class LongRangeSpec:
     min_cross: int = 4
     """Smallest Chebyshev distance between sites of different pairs."""
     glass: tuple[int, int] = (30, 40)
-    """Glass cells (never in row 0 or column 0): the tissue is a fragmented sheet, as on many biopsies."""
+    """Glass cells, anywhere but the sites: the tissue is a fragmented sheet, as on many biopsies."""
     other: tuple[int, int] = (0, 0)
     """Cells of other tissue (muscle, mucosa, debris, skin); stroma fills every cell left."""
 
@@ -138,16 +138,16 @@ def _far_apart(a: Pair, b: Pair, min_cross: int) -> bool:
 def draw_filler(rng: np.random.Generator, spec: LongRangeSpec, sites: list[Site]) -> np.ndarray:
     """(rows, cols) int8 cells: glass, other tissue and stroma everywhere but the sites (left as -1).
 
-    Glass stays off row 0 and column 0, so that the tissue's bounding box starts at the slide's corner and
-    a tile lattice anchored there coincides with the cells.
+    Glass is as likely in every free cell, the slide's border included: a glass density that differed
+    between the border and the inside would tell a 3 × 3 window which border a site lies on, and so which
+    pair it belongs to. (The tile lattice passes through the slide's (0, 0), so tiles still coincide with
+    cells when the border rows are glass.)
     """
     cells = np.full((spec.rows, spec.cols), STROMA, dtype=np.int8)
     free = np.ones((spec.rows, spec.cols), dtype=bool)
     for site in sites:
         free[site] = False
-    inner = free.copy()
-    inner[0, :] = inner[:, 0] = False
-    _scatter(rng, cells, np.argwhere(inner), spec.glass, GLASS)
+    _scatter(rng, cells, np.argwhere(free), spec.glass, GLASS)
     free &= cells != GLASS
     _scatter(rng, cells, np.argwhere(free), spec.other, OTHER)
     for site in sites:
