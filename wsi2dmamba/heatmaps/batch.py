@@ -8,8 +8,10 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .. import run_layout as layout
+from ..cohort.options import RunOptions
 from ..errors import StageInputError, WsiError
 from .attention import heatmap, heatmap_params
 
@@ -63,24 +65,27 @@ class HeatmapSummary:
 def heatmap_cohort(run_dir: str | os.PathLike[str], model: str, slides: list[str] | None = None, *,
                    checkpoint: str = "best", out_dir: str | os.PathLike[str] | None = None,
                    thumbnail_px: int = 2048, device: str = "auto", style=None, per_class: bool | None = None,
-                   force: bool = False, progress: bool = True) -> HeatmapSummary:
+                   options: RunOptions | None = None, **run_settings: Any) -> HeatmapSummary:
     """Heatmaps of ``slides`` (default: every test slide of every fold), each by the fold that tested it.
 
-    A slide already drawn with the same parameters is skipped unless ``force``; a slide that fails is
-    recorded with its reason and the others go on. Arguments as :func:`~wsi2dmamba.heatmaps.heatmap`.
+    A slide already drawn with the same parameters is skipped unless ``options.force``; a slide that fails
+    is recorded with its reason and the others go on. ``options`` (:class:`~wsi2dmamba.cohort.RunOptions`;
+    its fields may also be given as keywords) gives ``force`` and ``progress``; the other arguments are
+    those of :func:`~wsi2dmamba.heatmaps.heatmap`.
     """
     from tqdm.auto import tqdm
 
     from .figures import HeatmapStyle
 
+    options = RunOptions.of(options, **run_settings)
     style = style or HeatmapStyle()
     run_dir = Path(run_dir)
     folds, todo = _slides_to_draw(layout.model_dir(run_dir, model), slides)
     out = Path(out_dir) if out_dir is not None else layout.heatmaps_dir(run_dir, model)
     summary = HeatmapSummary(out)
     params = heatmap_params(style, thumbnail_px, per_class)
-    for sid in tqdm(todo, desc="heatmap", unit="slide", disable=not progress, dynamic_ncols=True):
-        if not force and _is_done(out, sid, params, checkpoint):
+    for sid in tqdm(todo, desc="heatmap", unit="slide", disable=not options.progress, dynamic_ncols=True):
+        if not options.force and _is_done(out, sid, params, checkpoint):
             summary.skipped.append(sid)
             continue
         try:

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from .. import run_layout as layout
-from ..cohort import Cohort, SlideRecord, StageSummary, run_stage
+from ..cohort import Cohort, RunOptions, SlideRecord, StageSummary, run_stage
 from ..errors import ConfigError, StageInputError
 from ..fileio import write_json_atomic, write_text_atomic
 from .bundle import DEFAULT_MPP_TOLERANCE, Bundle, grid_mismatches, load_bundle
@@ -234,8 +234,8 @@ def _stage_configs(bundle: Bundle, cohort: Cohort, device: str) -> tuple[Any, An
     return seg, tile, ExtractConfig(encoder=m.encoder.name, device=device), encoder
 
 
-def _slide_stages(bundle: Bundle, cohort: Cohort, out: Path, *, device: str, workers: int, force: bool,
-                  progress: bool, result: PredictResult) -> tuple[Cohort, Path]:
+def _slide_stages(bundle: Bundle, cohort: Cohort, out: Path, *, device: str, options: RunOptions,
+                  result: PredictResult) -> tuple[Cohort, Path]:
     """segment → tile → extract with the bundle's parameters; returns the slides left and their features."""
     from ..features import extract_cohort
     from ..features.extract import encoder_dirname
@@ -243,9 +243,9 @@ def _slide_stages(bundle: Bundle, cohort: Cohort, out: Path, *, device: str, wor
     from ..tissue.stage import segment_cohort
 
     seg, tile, extract, encoder = _stage_configs(bundle, cohort, device)
-    steps = (("segment", lambda c: segment_cohort(c, out, seg, workers=workers, progress=progress, force=force)),
-             ("tile", lambda c: tile_cohort(c, out, tile, workers=workers, progress=progress, force=force)),
-             ("extract", lambda c: extract_cohort(c, out, extract, progress=progress, force=force, encoder=encoder)))
+    steps = (("segment", lambda c: segment_cohort(c, out, seg, options)),
+             ("tile", lambda c: tile_cohort(c, out, tile, options)),
+             ("extract", lambda c: extract_cohort(c, out, extract, RunOptions.of(options, workers=1), encoder=encoder)))
     for name, run in steps:
         summary = run(cohort)
         result.stages[name] = summary
@@ -341,8 +341,8 @@ def _record(out: Path, bundle: Bundle, cohort: Cohort, features_dir: Path) -> No
 
 def predict_cohort(bundle: Bundle | str | os.PathLike[str], cohort: Cohort, out: str | os.PathLike[str], *,
                    features: str | os.PathLike[str] | None = None, heatmaps: bool = False, device: str = "auto",
-                   workers: int = 1, mpp_tolerance: float = DEFAULT_MPP_TOLERANCE, force: bool = False,
-                   progress: bool = True) -> PredictResult:
+                   mpp_tolerance: float = DEFAULT_MPP_TOLERANCE, options: RunOptions | None = None,
+                   **run_settings: Any) -> PredictResult:
     """Apply a bundle to every slide of ``cohort``; write the predictions below ``out`` (see the module docstring).
 
     Args:
@@ -353,10 +353,9 @@ def predict_cohort(bundle: Bundle | str | os.PathLike[str], cohort: Cohort, out:
             instead of segmenting, tiling and extracting.
         heatmaps: also write each slide's attention as PNG and QuPath GeoJSON.
         device: where the encoder and the models run (``auto``, ``cpu``, ``cuda``…).
-        workers: worker processes of segment and tile.
         mpp_tolerance: relative µm/px difference between the features and the bundle that is refused.
-        force: redo every slide.
-        progress: progress bars.
+        options: how the stages run (:class:`~wsi2dmamba.cohort.RunOptions`: ``workers`` of segment and
+            tile, ``force`` to redo every slide, ``progress`` bars); its fields may also be given as keywords.
 
     Raises:
         ConfigError: the bundle is invalid, or the features do not fit it (the message says what differs).
@@ -364,6 +363,7 @@ def predict_cohort(bundle: Bundle | str | os.PathLike[str], cohort: Cohort, out:
     """
     from ..devices import resolve_device
 
+    options = RunOptions.of(options, **run_settings)
     out = Path(out).expanduser().resolve()
     dev = str(resolve_device(device))
     if not isinstance(bundle, Bundle):
@@ -375,8 +375,7 @@ def predict_cohort(bundle: Bundle | str | os.PathLike[str], cohort: Cohort, out:
         if not features_dir.is_dir():
             raise StageInputError(f"Feature folder not found: {features_dir}")
     else:
-        cohort, features_dir = _slide_stages(bundle, cohort, out, device=dev, workers=workers, force=force,
-                                             progress=progress, result=result)
+        cohort, features_dir = _slide_stages(bundle, cohort, out, device=dev, options=options, result=result)
     result.features_dir = features_dir
     check_features(bundle, cohort, features_dir, mpp_tolerance)
     draw = heatmaps and bundle.has_attention
@@ -388,7 +387,7 @@ def predict_cohort(bundle: Bundle | str | os.PathLike[str], cohort: Cohort, out:
     drop_stale_predictions(cohort, out, bundle.name, features_dir)
     fn = functools.partial(predict_slide, bundle=bundle, features_dir=features_dir)
     summary = run_stage("predict", cohort, out, config, fn, functools.partial(_outputs, config=config),
-                        workers=1, progress=progress, force=force, stage_dir=layout.predictions_stage(bundle.name))
+                        RunOptions.of(options, workers=1), stage_dir=layout.predictions_stage(bundle.name))
     result.stages["predict"] = summary
     result.failed.update({sid: f"predict: {why}" for sid, why in summary.failed.items()})
     result.slides_csv, result.patients_csv = write_tables(bundle, cohort, out)
