@@ -264,6 +264,22 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def recorded_sha256_problem(path: str | os.PathLike[str], recorded: Any, writer: str, hint: str) -> str | None:
+    """Why an existing file no longer matches the sha256 its writer recorded, or None when it does.
+
+    ``writer`` names what wrote the file ("training", "stage 'tile'"); ``hint`` says what to do when the
+    content changed.
+    """
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        return f"cannot be read ({exc})"
+    if actual != recorded:
+        return (f"content changed since {writer} wrote it (sha256 {actual[:12]}… ≠ recorded "
+                f"{str(recorded)[:12]}…); {hint}")
+    return None
+
+
 def params_hash(params: Mapping[str, Any]) -> str:
     """Short stable hash of a JSON-serialisable mapping (key order does not matter).
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import run_layout as layout
-from .fileio import check_csv, file_sha256, write_json_atomic, write_text_atomic
+from .fileio import check_csv, file_sha256, recorded_sha256_problem, write_json_atomic, write_text_atomic
 
 #: Header key of a checkpoint's model configuration (written by ``models.checkpoint.save_checkpoint``).
 CHECKPOINT_CONFIG_KEY = "wsi2dmamba.model_config"
@@ -224,14 +224,9 @@ def _check_hash(out: FoldCheck, fold: Path, p: Path, sha: Any) -> None:
         out.add("error", p, f"recorded in done.json but missing; {retrain_hint(fold)}")
         return
     out.files_checked += 1
-    try:
-        actual = file_sha256(p)
-    except OSError as exc:
-        out.add("error", p, f"cannot be read ({exc})")
-        return
-    if actual != sha:
-        out.add("error", p, f"content changed since training wrote it (sha256 {actual[:12]}… ≠ recorded "
-                f"{str(sha)[:12]}…); {retrain_hint(fold)}")
+    problem = recorded_sha256_problem(p, sha, "training", retrain_hint(fold))
+    if problem:
+        out.add("error", p, problem)
 
 
 def fold_content_problems(fold: Path, done: dict[str, Any], config: dict[str, Any], missing: set[str],

@@ -37,7 +37,7 @@ from typing import Any
 from .. import fold_files
 from .. import run_layout as layout
 from ..errors import GridFileError, WsiError
-from ..fileio import check_csv, check_json, file_sha256
+from ..fileio import check_csv, check_json, recorded_sha256_problem
 from .ledger import SlideState, ledger_problem, parse_state
 
 _TMP_PREFIX = ".tmp-"
@@ -240,14 +240,9 @@ def _check_outputs(run: Path, st: SlideState, report: VerifyReport, content: boo
                         "the stage (the slide will be processed again)")
             continue
         report.files_checked += 1
-        try:
-            actual = file_sha256(p)
-        except OSError as exc:
-            report._add("error", rel, f"cannot be read ({exc})")
-            continue
-        if actual != recorded:
-            report._add("error", rel, f"content changed since stage {st.stage!r} wrote it (sha256 {actual[:12]}… "
-                        f"≠ recorded {str(recorded)[:12]}…); rerun the stage with --force")
+        problem = recorded_sha256_problem(p, recorded, f"stage {st.stage!r}", "rerun the stage with --force")
+        if problem:
+            report._add("error", rel, problem)
             continue
         if content:
             problem = check_content(p)
