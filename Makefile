@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/wsi2dmamba demo --out $(RUN)
 
 test: install
-	$(VENV)/bin/ruff check wsi2dmamba tests
+	$(VENV)/bin/ruff check wsi2dmamba tests benchmarks
 	$(VENV)/bin/python -m pytest -q
 
 test-gpu: install

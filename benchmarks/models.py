@@ -73,7 +73,10 @@ def scan_profile(size: int, channels: tuple[int, ...], d_state: int = 16, steps:
         b, c = (torch.randn(1, d_state, size, size, device=dev, requires_grad=True) for _ in range(2))
         a = -torch.rand(e, d_state, device=dev) - 0.5
         d, bias = torch.ones(e, device=dev), torch.zeros(e, device=dev)
-        run = lambda: ops.selective_scan_2d(u, dt, a, b, c, d, z, bias)  # noqa: E731
+
+        def run(u=u, dt=dt, b=b, c=c, z=z, a=a, d=d, bias=bias):
+            return ops.selective_scan_2d(u, dt, a, b, c, d, z, bias)
+
         out = run()
         out.sum().backward()
         torch.cuda.synchronize()
