@@ -10,6 +10,9 @@ choose and check the 2D models' defaults on it.
     python benchmarks/arrangement_cohort.py write --pool runs/arrangement/pool_seed0.npy --out runs/arrangement
     # the settings study: tune on the tuning cohort (seed 1), freeze, check on the development cohort (seed 0)
     python benchmarks/arrangement_cohort.py study --work /tmp/study --out results/ --jobs 15 --device cuda
+    # check a setting chosen elsewhere (the long-range development seed's batched recipe) with presets
+    python benchmarks/arrangement_cohort.py study --chosen batched --models 2dmambamil:4corners,m2dmil:2blocks \
+        --skip-published --work /tmp/study --out results/ --jobs 15 --device cuda
 
 ``study`` runs two stages in worker processes (one fold of one model per task):
 
@@ -39,8 +42,8 @@ import numpy as np
 
 # Every knob a setting of the study decides, spelled out in full, so that a setting does not depend on
 # the library's defaults of the day. "published" is the 2D models' recipe before this study.
-KNOBS = ("lr", "warmup_epochs", "input_norm", "dt_range", "pad_token_init", "dropout")
-PUBLISHED = {"lr": 1e-4, "warmup_epochs": 0.0, "input_norm": False, "dt_range": (0.001, 0.1),
+KNOBS = ("lr", "warmup_epochs", "batch_size", "input_norm", "dt_range", "pad_token_init", "dropout")
+PUBLISHED = {"lr": 1e-4, "warmup_epochs": 0.0, "batch_size": 1, "input_norm": False, "dt_range": (0.001, 0.1),
              "pad_token_init": "uniform", "dropout": 0.25}
 ALL = {"lr": 3e-4, "warmup_epochs": 1.0, "input_norm": True, "dt_range": (0.01, 1.0), "pad_token_init": "zeros",
        "dropout": 0.1}
@@ -53,15 +56,22 @@ VARIANTS = {
     "all": ALL,
     "all_lr1e-4": {**ALL, "lr": 1e-4, "warmup_epochs": 0.0},
     "all_lr1e-3": {**ALL, "lr": 1e-3},
+    # the recipe chosen on the demo's long-range development seed (pipelines/long-range-demo.toml)
+    "batched": {**PUBLISHED, "lr": 2e-3, "warmup_epochs": 4.0, "batch_size": 16},
 }
 SSM_MODELS = ("2dmambamil", "m2dmil")
 SPLIT_FOLDS = 5
-TRAIN_KNOBS = ("lr", "warmup_epochs")
+TRAIN_KNOBS = ("lr", "warmup_epochs", "batch_size")
+
+
+def is_ssm(model_key: str) -> bool:
+    """Whether a model key (preset included) names one of the 2D models, which take a setting's model knobs."""
+    return model_key.partition(":")[0] in SSM_MODELS
 
 
 def split_knobs(setting: dict) -> tuple[dict, dict]:
     """(training options, model options) of a setting."""
-    train = {k: setting[k] for k in TRAIN_KNOBS}
+    train = {k: setting[k] for k in TRAIN_KNOBS if k in setting}
     model = {k: (list(v) if isinstance(v, tuple) else v) for k, v in setting.items() if k not in TRAIN_KNOBS}
     return train, model
 
@@ -147,8 +157,9 @@ def run_task(task: dict) -> dict:
                                cohort)[0][task["fold"]]
         fold_dir = Path(task["work"]) / task["stage"] / task["cohort"] / task["variant"] / task["model"] / \
             f"fold_{task['fold']}"
-        res = train_fold(split, cohort, grids, fold_dir, task["model"], config, model_overrides=task["model_options"],
-                         progress=False)
+        name, _, preset = task["model"].partition(":")
+        res = train_fold(split, cohort, grids, fold_dir, name, config, model_overrides=task["model_options"],
+                         preset=preset or None, progress=False)
         row.update(status="ok", best_epoch=res.best_epoch, val_auc=fold_auc(fold_dir, "val"),
                    test_auc=fold_auc(fold_dir, "test"), seconds=time.perf_counter() - t0, fold_dir=str(fold_dir))
     except Exception as exc:  # noqa: BLE001 - a study records a failed fold and goes on
@@ -163,7 +174,7 @@ def make_tasks(stage: str, cohort: str, variant: str, models, folds: int, args, 
     train_opts, model_options = split_knobs(setting) if setting else ({}, {})
     train = train_opts if train is None else train
     return [{"stage": stage, "cohort": cohort, "variant": variant, "model": m, "fold": k, "folds": SPLIT_FOLDS,
-             "epochs": epochs, "train": train, "model_options": model_options if m in SSM_MODELS else {},
+             "epochs": epochs, "train": train, "model_options": model_options if is_ssm(m) else {},
              "seed": args.tune_seed if stage == "tune" else args.seed, "n_slides": args.slides, "pool": args.pool,
              "demo_dir": str(Path(args.work) / "demo"), "work": args.work, "device": args.device,
              "deadline": deadline}
@@ -242,10 +253,11 @@ def check_tasks(chosen: str, baselines: list[str], args, deadline: float) -> lis
     must match, the published setting, the composition-only baselines. The baselines train with the chosen
     training options (learning rate, warm-up) and their own model defaults: one recipe for every model."""
     chosen_train = split_knobs(VARIANTS[chosen])[0]
-    tasks = make_tasks("check", "arrangement", chosen, SSM_MODELS, 5, args, VARIANTS[chosen], args.epochs, deadline)
+    models = tuple(args.models.split(",")) if args.models else SSM_MODELS
+    tasks = make_tasks("check", "arrangement", chosen, models, 5, args, VARIANTS[chosen], args.epochs, deadline)
     tasks += make_tasks("check", "arrangement", "defaults", [m for m in baselines if m == "cnn2d"], 5, args, None,
                         args.epochs, deadline, train=chosen_train)
-    if chosen != "published":
+    if chosen != "published" and not args.skip_published:
         tasks += make_tasks("check", "arrangement", "published", SSM_MODELS, 5, args, PUBLISHED, args.epochs, deadline)
     tasks += make_tasks("check", "arrangement", "defaults", [m for m in baselines if m != "cnn2d"], 5, args, None,
                         args.epochs, deadline, train=chosen_train)
@@ -505,6 +517,9 @@ def main(argv=None) -> None:
     p.add_argument("--demo-slides", type=int, default=None, help="demo slides (default: the demo's)")
     p.add_argument("--chosen", default="", help="skip tuning and check this setting")
     p.add_argument("--variants", default="", help="comma-separated settings to tune over (default: all)")
+    p.add_argument("--models", default="", help="2D model keys the check stage runs with the chosen setting "
+                   "(default: 2dmambamil,m2dmil; presets allowed, e.g. 2dmambamil:4corners)")
+    p.add_argument("--skip-published", action="store_true", help="check stage: leave out the published setting")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--budget-s", type=float, default=3600.0)
