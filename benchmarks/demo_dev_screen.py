@@ -108,6 +108,18 @@ def synthetic_grids(args, pool: dict[int, np.ndarray]) -> tuple[list[tuple[np.nd
     return items, np.array([s.layout.label for s in slides])
 
 
+def dihedral(features: np.ndarray, tissue: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Grid (H, W, D) and mask (H, W) under the symmetry ``k`` of the square (bit 0 transpose, bit 1 rotate by
+    180°, bit 2 mirror left-right); ``k`` < 4 keeps a falling diagonal falling."""
+    if k & 1:
+        features, tissue = features.transpose(1, 0, 2), tissue.T
+    if k & 2:
+        features, tissue = features[::-1, ::-1], tissue[::-1, ::-1]
+    if k & 4:
+        features, tissue = features[:, ::-1], tissue[:, ::-1]
+    return np.ascontiguousarray(features), np.ascontiguousarray(tissue)
+
+
 def train_fold(args, key: str, items, y, train, val, test, fold: int) -> float:
     """Train one fold; print one line per epoch; return the test AUC at the best validation loss."""
     from sklearn.metrics import roc_auc_score
@@ -116,12 +128,14 @@ def train_fold(args, key: str, items, y, train, val, test, fold: int) -> float:
     from wsi2dmamba.models.batch import GridBatch
 
     name, _, preset = key.partition(":")
-    torch.manual_seed(fold)
+    seed = fold + 1000 * args.restart  # restart 0 keeps the seeds of earlier screens
+    torch.manual_seed(seed)
     model = create(name, in_dim=items[0][0].shape[-1], n_classes=2, preset=preset or None,
                    **json.loads(args.options)).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-5)
     steps, step = args.epochs * math.ceil(len(train) / args.batch), 0
-    order = np.random.default_rng(fold)
+    order = np.random.default_rng(seed)
+    views = np.random.default_rng(12345)
     best = (math.inf, float("nan"))
 
     def predict(ids):
@@ -137,7 +151,8 @@ def train_fold(args, key: str, items, y, train, val, test, fold: int) -> float:
             warm = min(1.0, (step + 1) / args.warmup) if args.warmup else 1.0
             for group in opt.param_groups:
                 group["lr"] = args.lr * warm * 0.5 * (1 + math.cos(math.pi * step / steps))
-            logits = model(GridBatch.from_arrays([items[i] for i in ids]).to(args.device)).logits
+            grids = [items[i] if not args.aug else dihedral(*items[i], int(views.integers(args.aug))) for i in ids]
+            logits = model(GridBatch.from_arrays(grids).to(args.device)).logits
             loss = torch.nn.functional.cross_entropy(logits, torch.as_tensor(y[ids], device=args.device))
             opt.zero_grad()
             loss.backward()
@@ -210,6 +225,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--max-folds", type=int, default=5, help="stop after this many folds")
+    ap.add_argument("--aug", type=int, default=0, choices=(0, 4, 8),
+                    help="train on random symmetries of each grid: 8 all of the square's, 4 those keeping the "
+                    "falling diagonal")
+    ap.add_argument("--only", default="", help="comma-separated folds to run (default: all)")
+    ap.add_argument("--restart", type=int, default=0,
+                    help="another training of the same folds: weights and slide order seeded fold + 1000 × restart")
     args = ap.parse_args()
     if args.plot:
         plot_logs(args.plot, args.out)
@@ -222,6 +243,8 @@ def main() -> None:
     for key in args.models.split(","):
         aucs, t0 = [], time.time()
         for fold, (rest, test) in enumerate(splits):
+            if args.only and str(fold) not in args.only.split(","):
+                continue
             train, val = train_test_split(rest, test_size=0.2, stratify=y[rest], random_state=fold)
             aucs.append(train_fold(args, key, items, y, train, val, test, fold))
         sd = np.std(aucs, ddof=1) if len(aucs) > 1 else 0.0
