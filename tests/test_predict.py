@@ -94,6 +94,27 @@ def test_bundle_round_trips_identical_predictions_on_cpu(trained, bundle_dir):
         assert np.nansum(amap) == pytest.approx(1.0, rel=1e-5)
 
 
+@pytest.mark.gpu
+def test_bundle_of_a_2d_model_round_trips_on_the_gpu(tmp_path_factory):
+    """A 2DMambaMIL bundle (trained on the CPU) loaded on the GPU, where the scan runs in the CuPy kernels:
+    each fold gives exactly what its checkpoint gives on the GPU, and what the CPU bundle gives within
+    float tolerance."""
+    from wsi2dmamba.models import GridBatch
+
+    run, _, feats = trained_run(tmp_path_factory.getbasetemp(), models=("2dmambamil",))
+    bundle_dir = export_bundle(run, "2dmambamil", tmp_path_factory.mktemp("bundles") / "2dmambamil")
+    on_gpu, on_cpu = load_bundle(bundle_dir, device="cuda"), load_bundle(bundle_dir, device="cpu")
+    for g in [read_feature_grid(p) for p in sorted(feats.glob("*.h5"))[:6]]:
+        gpu, cpu = on_gpu.predict(g), on_cpu.predict(g)
+        for k, fold_probs in enumerate(gpu.fold_probs):
+            net = load_checkpoint(run / "train" / "2dmambamil" / f"fold_{k}" / "best.safetensors", device="cuda")
+            with torch.no_grad():
+                logits = net(GridBatch.from_grids([g]).to("cuda")).logits
+            assert np.array_equal(fold_probs, torch.softmax(logits.double().cpu(), dim=1)[0].numpy())
+        assert np.allclose(gpu.fold_probs, cpu.fold_probs, atol=1e-5)
+        assert np.allclose(gpu.attention_map, cpu.attention_map, atol=1e-5, equal_nan=True)
+
+
 # ------------------------------------------------------------------------------------- refused bundles
 
 class _Trap:

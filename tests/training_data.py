@@ -159,7 +159,8 @@ def make_cohort(folder: Path, n_patients: int = 24, task: str = "classification"
     return manifest, feat_dir
 
 
-TINY = {"abmil": {"hidden": 16, "attn_dim": 8}, "meanpool": {"hidden": 16}}
+TINY = {"abmil": {"hidden": 16, "attn_dim": 8}, "meanpool": {"hidden": 16},
+        "2dmambamil": {"d_model": 16, "d_state": 4, "attn_dim": 8}}
 _RUNS: dict[tuple[str, str], tuple[Path, Path, Path]] = {}
 
 
