@@ -1,0 +1,39 @@
+"""The reach probe of ``benchmarks/scan_reach.py``: a model without its scan reaches no further than its
+3 × 3 window, a scan reaches every cell above and left of a site, and Mamba2D's averaged recurrence
+weakens a source along a row against one on the diagonal."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from training_data import one_thread  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "scan_reach.py"
+TINY = {"d_model": 16, "d_state": 4}
+
+
+@pytest.fixture(scope="module")
+def probe():
+    spec = importlib.util.spec_from_file_location("scan_reach", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reach_ends_at_the_local_window_without_the_scan(probe):
+    feats = probe.grid_features(None, 9, 32)
+    local = probe.reach("2dmambamil:noscan", TINY, feats, (6, 6), seeds=1, projections=2)
+    scan = probe.reach("2dmambamil:noconv", TINY, feats, (6, 6), seeds=1, projections=2)
+    assert local["neighbour"] > 0 and all(local[k] == 0 for k in ("row 4", "row 5", "column 4", "diagonal 2,2"))
+    assert all(scan[k] > 0 for k in ("row 4", "row 5", "column 4", "diagonal 2,2", "diagonal 3,3"))
+
+
+def test_mamba2d_weakens_a_source_along_a_row_against_the_diagonal(probe):
+    feats = probe.grid_features(None, 9, 32)
+    m2d = probe.reach("m2dmil:noconv", TINY, feats, (6, 6), seeds=2, projections=4)
+    mamba = probe.reach("2dmambamil:noconv", TINY, feats, (6, 6), seeds=2, projections=4)
+    # same Manhattan distance (4): one path along the row, six to the diagonal cell, each step halved in M2D
+    assert m2d["row 4"] < 0.5 * m2d["diagonal 2,2"]
+    assert mamba["row 4"] > 0.5 * mamba["diagonal 2,2"]
