@@ -2,24 +2,17 @@
 3 × 3 window, a scan reaches every cell above and left of a site, and Mamba2D's averaged recurrence
 weakens a source along a row against one on the diagonal."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-from training_data import one_thread  # noqa: F401
+from training_data import benchmark_module, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "scan_reach.py"
 TINY = {"d_model": 16, "d_state": 4}
 
 
 @pytest.fixture(scope="module")
 def probe():
-    spec = importlib.util.spec_from_file_location("scan_reach", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("scan_reach")
 
 
 def test_reach_ends_at_the_local_window_without_the_scan(probe):

@@ -5,23 +5,15 @@ one-cell grids: grid files, event-stratified patient splits, bins fitted on the 
 the discrete-time NLL, checkpoint chosen on validation C-index, predictions (``benchmarks/survival_chain.py``).
 """
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
-from training_data import one_thread  # noqa: F401
+from training_data import benchmark_module, one_thread  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "survival_chain.py"
-
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("survival_chain", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("survival_chain")
 
 
 def test_nll_survival_head_matches_cox_on_gbsg2(tmp_path):

@@ -10,6 +10,7 @@ dark (nuclear) pixels than the median patient's, so a MIL model can learn it fro
 from __future__ import annotations
 
 import functools
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,15 @@ def make_cohort(folder: Path, n_patients: int = 24, task: str = "classification"
     manifest = folder / "cohort.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest, feat_dir
+
+
+def benchmark_module(name: str):
+    """The script ``benchmarks/<name>.py`` loaded as a module (the benchmarks are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 TINY = {"abmil": {"hidden": 16, "attn_dim": 8}, "meanpool": {"hidden": 16},
