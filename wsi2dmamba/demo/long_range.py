@@ -1,6 +1,6 @@
 """Layouts of the demo's long-range rule: the label is how tumour and lymphoid regions pair up across a slide.
 
-A slide is a grid of ``rows × cols`` cells (9 × 9 by default). It holds four *marker sites*, two tumour
+A slide is a grid of ``rows × cols`` cells (13 × 13 by default). It holds four *marker sites*, two tumour
 (TUM) cells and two lymphoid-aggregate (LYM) cells; everything else is stroma with glass between
 (:class:`LongRangeSpec` sets the amounts). The sites form two *pairs*: the two sites of a pair share a row or a column and lie 4–5
 cells apart. The two pairs lie on a falling diagonal of each other: every site of one pair is strictly
@@ -18,6 +18,12 @@ site is tumour with probability ½ in both, and every cell's 3 × 3 neighbourhoo
 marker, so the bag of 3 × 3 neighbourhoods has the same distribution in both classes. What differs is
 only the kind of the site 4–5 cells away from each marker: telling the classes apart needs context
 across at least 4 cells.
+
+The sites keep ``margin`` cells (2) away from the grid's edges. Where the two pairs can lie is bounded
+by the grid, so how far a site is from each edge says much about which pair it belongs to (near the
+edges, nearly everything: ``tests/test_demo.py``); a model that sees an edge through its zero padding
+could read the label off where the tumours lie without relating any two sites. With the margin no 3 × 3
+window of a site, or of a cell next to one, reaches past the edge.
 
 A scan from the top-left corner carries the information, and only the rule's: the later site of each
 pair (right of or below its partner) has its partner in its upper-left quadrant, along one row or column,
@@ -45,16 +51,20 @@ Pair = tuple[Site, Site]
 class LongRangeSpec:
     """How long-range layouts are drawn. Counts are inclusive ranges ``(low, high)`` of cells per slide."""
 
-    rows: int = 9
-    cols: int = 9
+    rows: int = 13
+    cols: int = 13
     separation: tuple[int, int] = (4, 5)
     """Cells between the two sites of a pair (same row or column)."""
     min_cross: int = 4
     """Smallest Chebyshev distance between sites of different pairs."""
-    glass: tuple[int, int] = (30, 40)
+    glass: tuple[int, int] = (62, 82)
     """Glass cells, anywhere but the sites: the tissue is a fragmented sheet, as on many biopsies."""
     other: tuple[int, int] = (0, 0)
     """Cells of other tissue (muscle, mucosa, debris, skin); stroma fills every cell left."""
+    margin: int = 2
+    """Rows and columns along each edge of the grid that hold no site, only filler. With 2 or more no 3 × 3
+    window of a site or of its neighbours reaches past the grid's edge, so a local model cannot tell
+    which edge a site lies near (and so which pair it belongs to)."""
 
 
 def manhattan(a: Site, b: Site) -> int:
@@ -109,7 +119,8 @@ def _pair_distribution(spec: LongRangeSpec) -> tuple[list[Pair], np.ndarray]:
     if joint.sum() == 0:
         sep = f"{spec.separation[0]}–{spec.separation[1]}"
         raise ValueError(f"a {spec.rows} × {spec.cols} grid cannot hold two pairs of sites {sep} cells apart and "
-                         f"{spec.min_cross} from each other; use at least 9 × 9 (or 8 × 9) cells")
+                         f"{spec.min_cross} from each other{f' inside a margin of {spec.margin}' if spec.margin else ''}; "
+                         f"use at least {9 + 2 * spec.margin} × {9 + 2 * spec.margin} cells")
     return pairs, joint / joint.sum()
 
 
@@ -117,12 +128,14 @@ def _aligned_pair_probabilities(spec: LongRangeSpec) -> dict[Pair, float]:
     """Probability of each pair: separation uniform, then row or column uniform, then position uniform."""
     prob: dict[Pair, float] = {}
     seps = range(spec.separation[0], spec.separation[1] + 1)
+    m = spec.margin
+    rows, cols = range(m, spec.rows - m), range(m, spec.cols - m)
     for s in seps:
         placements = []
-        if spec.cols > s:
-            placements.append([((r, c), (r, c + s)) for r in range(spec.rows) for c in range(spec.cols - s)])
-        if spec.rows > s:
-            placements.append([((r, c), (r + s, c)) for r in range(spec.rows - s) for c in range(spec.cols)])
+        if len(cols) > s:
+            placements.append([((r, c), (r, c + s)) for r in rows for c in cols[:-s]])
+        if len(rows) > s:
+            placements.append([((r, c), (r + s, c)) for r in rows[:-s] for c in cols])
         for starts in placements:
             for pair in starts:
                 prob[pair] = prob.get(pair, 0.0) + 1.0 / (len(seps) * len(placements) * len(starts))

@@ -75,7 +75,7 @@ class DemoSection(BaseModel):
         "segregated tumour and lymphoid sites, 4 or more cells apart) or 'contact' (lymphocytes touching the "
         "tumour, or walled off).")
     rows: Optional[int] = Field(None, ge=6, le=64, description="Cells per slide, vertically (one cell = 224 px "
-                                "at 0.5 µm/px); default: 9 for 'long-range', 6 for 'contact'.")
+                                "at 0.5 µm/px); default: 13 for 'long-range', 6 for 'contact'.")
     cols: Optional[int] = Field(None, ge=6, le=64, description="Cells per slide, horizontally; default as rows.")
 
     @model_validator(mode="after")

@@ -29,7 +29,7 @@ QUICK_OVERRIDES: dict[str, dict[str, Any]] = {
     "demo": {"slides": 64, "rule": "contact"},
     "train": {"folds": 4, "models": ["2dmambamil", "abmil", "meanpool"]},
     "evaluate": {"n_boot": 500},
-    "predict": {"demo_slides": 32},
+    "predict": {"demo_slides": 128},
 }
 
 
