@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=101, help="development seed of the drawn layouts")
     ap.add_argument("--rule", default="long-range")
     ap.add_argument("--slides", type=int, default=96)
-    ap.add_argument("--grid", type=int, default=0, help="long-range rule: cells per side (default 9)")
+    ap.add_argument("--grid", type=int, default=0, help="long-range rule: cells per side (default 13)")
     ap.add_argument("--models", default="2dmambamil")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=1e-4)
