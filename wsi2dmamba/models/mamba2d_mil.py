@@ -23,7 +23,7 @@ from .base import AttentionPool, MILConfig, MILModel, MILOutput, embed_cells, fi
 from .batch import GridBatch
 from .grid_layout import CORNERS, GridLayout
 from .registry import Preset, register_model
-from .ssm_blocks import M2DMixer, Mamba2DBlock, RMSNorm
+from .ssm_blocks import M2DMixer, Mamba2DBlock, RMSNorm, scale_state_projections
 
 
 class GridSSMConfig(MILConfig):
@@ -41,6 +41,8 @@ class GridSSMConfig(MILConfig):
         input_norm: LayerNorm over each cell's feature vector before the input projection.
         dt_range: (min, max) of the scan step's initialisation (log-uniform, Mamba's scheme); the
             ``paper`` init of 2DMambaMIL ignores it (it zeroes the step bias).
+        state_init_gain: factor on the initial weights that make the scan's B and C from each cell; the
+            scan's initial reach from one cell to another grows about as its square.
         checkpoint_blocks: in training, recompute each block's activations in the backward pass instead of
             keeping them (less memory, more time): ``on``, ``off``, or ``auto`` (on when the batch has more
             than 65,536 cells, e.g. one slide of 256 × 256 cells).
@@ -61,6 +63,7 @@ class GridSSMConfig(MILConfig):
     pad_token_init: Literal["uniform", "zeros"] = "uniform"
     input_norm: bool = False
     dt_range: tuple[float, float] = (0.001, 0.1)
+    state_init_gain: float = Field(default=1.0, gt=0)
     # Runtime fields (not hashed, not in config_dict): they change memory and speed, not the model.
     checkpoint_blocks: Literal["auto", "on", "off"] = Field(default="auto", exclude=True)
     channel_groups: int | None = Field(default=None, gt=0, exclude=True)
@@ -241,6 +244,7 @@ class Mamba2DMIL(GridSSMMIL):
                     nn.init.xavier_normal_(m.weight)
                     if m.bias is not None:
                         nn.init.zeros_(m.bias)
+        scale_state_projections(self.blocks, config.state_init_gain)
 
 
 class M2DResidual(nn.Module):
@@ -294,3 +298,4 @@ class M2DMIL(GridSSMMIL):
                         backend=config.scan_backend, ssm_path=config.ssm_path,
                         dt_range=config.dt_range)
             for i in range(config.n_layers))
+        scale_state_projections(self.blocks, config.state_init_gain)

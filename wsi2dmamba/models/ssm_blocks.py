@@ -146,6 +146,23 @@ class ScanParameters(nn.Module):
                                      self.dt_proj.bias[sl].float(), backend=backend)
 
 
+def scale_state_projections(module: nn.Module, gain: float) -> None:
+    """Multiply, in place, the rows of every scan's x_proj that make B and C (the state's input and
+    read-out) by ``gain``; the step rows are left as they are.
+
+    A cell's contribution to another's output through the scan is proportional to the product B · C, so a
+    gain g multiplies the initial reach of the scan by about g² (``benchmarks/scan_reach.py``).
+    """
+    if gain == 1.0:
+        return
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, ScanParameters):
+                m.x_proj.weight[m.dt_rank:] *= gain
+            elif isinstance(m, M2DMixer) and m.ssm_path:
+                m.x_proj.weight[2 * m.dt_rank:] *= gain
+
+
 class Mamba2DBlock(nn.Module):
     """The Mamba block of 2DMambaMIL with its 1D scan replaced by the 2DMamba scan.
 
