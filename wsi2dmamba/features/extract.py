@@ -67,9 +67,10 @@ class ExtractConfig(BaseModel):
         max_run_tiles: at most this many neighbouring tiles are read with one region read (not hashed).
         max_blank_fraction: a slide fails when more than this fraction of its tiles cannot be read.
         decode: how tiles are decoded (not hashed: both paths give the same tiles within JPEG decoder
-            differences): ``openslide`` in the reader processes (the default); ``jpeg``: the slide's stored JPEG tiles
+            differences): ``auto`` (the default): ``jpeg`` on a GPU for the slides that allow it, else
+            ``openslide``; ``openslide``: in the reader processes; ``jpeg``: the slide's stored JPEG tiles
             decoded in batches on the encoder's device (:mod:`.tile_decode`), an error for slides stored
-            otherwise; ``auto``: ``jpeg`` on a GPU for the slides that allow it, else ``openslide``.
+            otherwise.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,7 +85,7 @@ class ExtractConfig(BaseModel):
     workers: int | None = Field(default=None, ge=0, exclude=True)
     max_run_tiles: int = Field(default=8, ge=1, exclude=True)
     max_blank_fraction: float = Field(default=0.25, ge=0.0, le=1.0)
-    decode: Decode = Field(default="openslide", exclude=True)
+    decode: Decode = Field(default="auto", exclude=True)
 
 
 @dataclass
