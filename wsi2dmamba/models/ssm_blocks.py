@@ -136,6 +136,11 @@ class ScanParameters(nn.Module):
         """(B, R + 2N, H, W) x_proj of (B, E, H, W) ``u``, or its share from the channels ``sl`` of u."""
         return channel_matmul(self.x_proj.weight[:, sl], u)
 
+    @torch.no_grad()
+    def scale_state_init(self, gain: float) -> None:
+        """Multiply the x_proj rows of B and C (after the R step rows) by ``gain``, in place."""
+        self.x_proj.weight[self.dt_rank:] *= gain
+
     def scan(self, u: torch.Tensor, z: torch.Tensor | None, proj: torch.Tensor, backend: str,
              sl: slice = ALL) -> torch.Tensor:
         """2DMamba scan of (B, E_sl, H, W) ``u`` (the channels ``sl``) from the top-left corner, gated by
@@ -155,12 +160,9 @@ def scale_state_projections(module: nn.Module, gain: float) -> None:
     """
     if gain == 1.0:
         return
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, ScanParameters):
-                m.x_proj.weight[m.dt_rank:] *= gain
-            elif isinstance(m, M2DMixer) and m.ssm_path:
-                m.x_proj.weight[2 * m.dt_rank:] *= gain
+    for m in module.modules():
+        if isinstance(m, (ScanParameters, M2DMixer)):
+            m.scale_state_init(gain)
 
 
 class Mamba2DBlock(nn.Module):
@@ -345,6 +347,13 @@ class M2DMixer(nn.Module):
             for proj in (self.dt_proj_t, self.dt_proj_l):
                 nn.init.uniform_(proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
                 proj.bias.copy_(bias)
+
+    @torch.no_grad()
+    def scale_state_init(self, gain: float) -> None:
+        """Multiply the x_proj rows of B_t, B_l and C (after the two sets of step rows) by ``gain``, in
+        place; without the SSM path there are none."""
+        if self.ssm_path:
+            self.x_proj.weight[2 * self.dt_rank:] *= gain
 
     def _scan_input(self, x: torch.Tensor, sl: slice) -> torch.Tensor:
         """(B, E_sl, H, W) u = gelu(in_proj(x)) of the inner channels ``sl`` (unmirrored)."""
