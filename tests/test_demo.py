@@ -444,3 +444,12 @@ def test_long_range_slides_tile_to_their_layouts(tmp_path):
         neighbours = tissue[:-2, 1:-1] | tissue[2:, 1:-1] | tissue[1:-1, :-2] | tissue[1:-1, 2:]
         lone += int(((cells != GLASS) & ~neighbours).sum())
     assert lone > 0  # the check covers cells that a coarser minimum area would drop
+
+
+def test_slides_rendered_by_worker_processes_are_the_same_files(tmp_path):
+    spec = DemoCohortSpec(n_slides=4, seed=9, rule="long-range")
+    one = build_demo_cohort(tmp_path / "one", spec, progress=False, workers=1).parent / "slides"
+    two = build_demo_cohort(tmp_path / "two", spec, progress=False, workers=2).parent / "slides"
+    names = sorted(p.name for p in one.glob("*.tiff"))
+    assert len(names) == 4 and names == sorted(p.name for p in two.glob("*.tiff"))
+    assert all((one / n).read_bytes() == (two / n).read_bytes() for n in names)

@@ -97,16 +97,27 @@ def draw_cohort(spec: DemoCohortSpec) -> list[DemoSlide]:
     return slides
 
 
+def _write_slide(path: Path, cells: np.ndarray, seed: tuple[int, int, int], augment: Augment, quality: int,
+                 slide_id: str) -> Path:
+    """Render one slide's layout and write it as a pyramidal TIFF (a task of :func:`build_demo_cohort`)."""
+    image = render_cells(cells, np.random.default_rng(list(seed)), augment)
+    return write_pyramidal_tiff(path, image, MOSAIC_MPP, quality=quality,
+                                description=f"wsi2dmamba demo slide {slide_id}")
+
+
 def build_demo_cohort(out_dir: str | os.PathLike[str], spec: DemoCohortSpec = DemoCohortSpec(),
-                      progress: bool = True) -> Path:
+                      progress: bool = True, workers: int = 1) -> Path:
     """Write the slides (``out_dir/slides/<slide_id>.tiff``) and the manifest; return the manifest path.
 
     Files written: ``slides/*.tiff`` (pyramidal JPEG TIFF, level 0 at 0.5 µm/px, one cell =
     224×224 px), ``manifest.csv`` (columns ``MANIFEST_COLUMNS[spec.rule]``; ``label`` is a class name
     of :data:`LABEL_NAMES`, ``cells`` the layout as letters, see :meth:`Layout.letters`) and ``cohort.json``
-    (the specification, so a rerun with another one rebuilds the slides).
+    (the specification, so a rerun with another one rebuilds the slides). ``workers`` processes render
+    the slides (each slide's pixels depend on its seed alone, so the files are the same for any number).
     """
     from tqdm.auto import tqdm
+
+    from ..cohort.executors import make_executor
 
     out = Path(out_dir)
     slides_dir = run_layout.cohort_slides_dir(out)
@@ -115,14 +126,17 @@ def build_demo_cohort(out_dir: str | os.PathLike[str], spec: DemoCohortSpec = De
     meta_path = run_layout.cohort_record(out)
     same_spec = meta_path.exists() and json.loads(meta_path.read_text()).get("hash") == spec_hash
     slides = draw_cohort(spec)
-    for s in tqdm(slides, desc="demo slides", unit="slide", disable=not progress, dynamic_ncols=True):
+    tasks = []
+    for s in slides:
         path = run_layout.cohort_slide_file(out, s.slide_id)
-        if same_spec and path.exists():
-            continue
-        rng = np.random.default_rng([spec.seed, int(s.slide_id.split("-")[1]), 1])
-        image = render_cells(s.layout.cells, rng, spec.augment)
-        write_pyramidal_tiff(path, image, MOSAIC_MPP, quality=spec.jpeg_quality,
-                             description=f"wsi2dmamba demo slide {s.slide_id}")
+        if not (same_spec and path.exists()):
+            seed = (spec.seed, int(s.slide_id.split("-")[1]), 1)
+            tasks.append((s.slide_id, (path, s.layout.cells, seed, spec.augment, spec.jpeg_quality, s.slide_id)))
+    with tqdm(total=len(tasks), desc="demo slides", unit="slide", disable=not progress, dynamic_ncols=True) as bar:
+        for outcome in make_executor("local", workers=workers).map(_write_slide, tasks):
+            if outcome.error is not None:
+                raise outcome.error
+            bar.update(1)
     manifest = run_layout.cohort_manifest(out)
     write_text_atomic(manifest, manifest_text(slides, spec.rule))
     write_json_atomic(meta_path, {"hash": spec_hash, "spec": spec.to_dict(), "mpp": MOSAIC_MPP,

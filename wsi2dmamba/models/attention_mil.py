@@ -27,10 +27,10 @@ class MeanPoolMIL(MILModel):
 
     def __init__(self, config: MeanPoolConfig) -> None:
         super().__init__(config)
-        self.embed = nn.Sequential(nn.Linear(config.in_dim, config.hidden), nn.ReLU(), nn.Dropout(config.dropout))
+        self.embed = nn.Sequential(nn.Linear(config.cell_dim, config.hidden), nn.ReLU(), nn.Dropout(config.dropout))
         self.head = nn.Linear(config.hidden, config.n_out)
 
-    def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
+    def forward_grid(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         mask = pooling_mask(batch)
         return MILOutput(self.head(masked_mean(embed_cells(self.embed, batch.features), mask)))
 
@@ -55,11 +55,11 @@ class ABMIL(MILModel):
 
     def __init__(self, config: ABMILConfig) -> None:
         super().__init__(config)
-        self.embed = nn.Sequential(nn.Linear(config.in_dim, config.hidden), nn.ReLU(), nn.Dropout(config.dropout))
+        self.embed = nn.Sequential(nn.Linear(config.cell_dim, config.hidden), nn.ReLU(), nn.Dropout(config.dropout))
         self.pool = AttentionPool(config.hidden, config.attn_dim, gated=config.gated)
         self.head = nn.Linear(config.hidden, config.n_out)
 
-    def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
+    def forward_grid(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         mask = pooling_mask(batch)
         pooled, weights = self.pool(embed_cells(self.embed, batch.features), mask)
         return MILOutput(self.head(pooled), weights)

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import StageInputError
 from .batch import GridBatch
+from .input_axes import InputAxes
 
 Task = Literal["classification", "survival"]
 
@@ -31,6 +32,9 @@ class MILConfig(BaseModel):
         task: ``classification`` (``n_classes`` logits) or ``survival`` (``n_bins`` hazard logits).
         n_bins: number of discrete survival time bins (one hazard each).
         dropout: dropout probability after the input projection.
+        input_axes: when > 0, each cell's features are first projected on this many whitened principal
+            axes, fitted on the training cells of the fold (:mod:`~wsi2dmamba.models.input_axes`); the
+            model then reads ``input_axes`` numbers per cell. 0 = the features as they are.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,12 +44,20 @@ class MILConfig(BaseModel):
     task: Task = "classification"
     n_bins: int = Field(default=4, gt=0)
     dropout: float = Field(default=0.25, ge=0.0, lt=1.0)
+    input_axes: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _check_outputs(self) -> MILConfig:
         if self.task == "classification" and self.n_classes is None:
             raise ValueError("task 'classification' needs n_classes (the number of classes)")
+        if self.input_axes > self.in_dim:
+            raise ValueError(f"input_axes={self.input_axes} is more than the {self.in_dim} features per cell")
         return self
+
+    @property
+    def cell_dim(self) -> int:
+        """Numbers per cell that the model's first layer reads: ``input_axes`` when set, else ``in_dim``."""
+        return self.input_axes or self.in_dim
 
     @property
     def n_out(self) -> int:
@@ -74,7 +86,11 @@ class MILOutput:
 
 
 class MILModel(nn.Module):
-    """Base class of the MIL models: holds the configuration and the registry name."""
+    """Base class of the MIL models: holds the configuration, the registry name and the input reduction.
+
+    Subclasses implement :meth:`forward_grid`; :meth:`forward` applies the fitted input axes first when
+    the configuration asks for them (``input_axes``), so every caller sees one model.
+    """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MILConfig]] = MILConfig
@@ -82,6 +98,7 @@ class MILModel(nn.Module):
     def __init__(self, config: MILConfig) -> None:
         super().__init__()
         self.config = config
+        self.input_axes = InputAxes(config.in_dim, config.input_axes) if config.input_axes else None
 
     def config_dict(self) -> dict[str, Any]:
         """JSON-able configuration, including the model's registry name under ``"model"``.
@@ -90,7 +107,14 @@ class MILModel(nn.Module):
         """
         return {"model": self.name, **self.config.model_dump(mode="json")}
 
-    def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:  # pragma: no cover
+    def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
+        """(B, H, W, in_dim) feature grids → :class:`MILOutput`; ``targets`` (B,) only for auxiliary losses."""
+        if self.input_axes is not None:
+            batch = self.input_axes.reduce(batch)
+        return self.forward_grid(batch, targets)
+
+    def forward_grid(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:  # pragma: no cover
+        """The model proper, on (B, H, W, cell_dim) grids."""
         raise NotImplementedError
 
     def num_parameters(self, trainable_only: bool = True) -> int:

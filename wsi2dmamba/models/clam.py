@@ -46,13 +46,13 @@ class CLAMSB(MILModel):
 
     def __init__(self, config: CLAMConfig) -> None:
         super().__init__(config)
-        self.embed = nn.Sequential(nn.Linear(config.in_dim, config.hidden), nn.ReLU(), nn.Dropout(config.dropout))
+        self.embed = nn.Sequential(nn.Linear(config.cell_dim, config.hidden), nn.ReLU(), nn.Dropout(config.dropout))
         self.pool = AttentionPool(config.hidden, config.attn_dim, gated=True, dropout=config.dropout)
         self.head = nn.Linear(config.hidden, config.n_out)
         n_inst = config.n_out if config.task == "classification" else 0
         self.instance_heads = nn.ModuleList(nn.Linear(config.hidden, 2) for _ in range(n_inst))
 
-    def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
+    def forward_grid(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         mask = pooling_mask(batch)
         h = embed_cells(self.embed, batch.features)
         pooled, weights = self.pool(h, mask)

@@ -63,7 +63,7 @@ class CNN2DMIL(MILModel):
     def __init__(self, config: CNN2DConfig) -> None:
         super().__init__(config)
         d = config.d_model
-        self.embed = nn.Sequential(nn.Linear(config.in_dim, d), nn.GELU(), nn.Dropout(config.dropout))
+        self.embed = nn.Sequential(nn.Linear(config.cell_dim, d), nn.GELU(), nn.Dropout(config.dropout))
         self.pad_token = nn.Parameter(torch.zeros(d))
         self.blocks = nn.ModuleList(ConvBlock(d, config.kernel) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(d)
@@ -74,7 +74,7 @@ class CNN2DMIL(MILModel):
         """(B, H, W, d) embedded cells: projected features at tissue cells, the padding token elsewhere."""
         return fill_grid(embed_cells(self.embed, batch.features), self.pad_token, batch)
 
-    def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
+    def forward_grid(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         mask = pooling_mask(batch)
         layout = GridLayout.from_batch(batch)
         x = self.cells(batch)

@@ -118,8 +118,8 @@ class GridSSMMIL(MILModel):
     def __init__(self, config: GridSSMConfig) -> None:
         super().__init__(config)
         d = config.d_model
-        self.in_norm = nn.LayerNorm(config.in_dim) if config.input_norm else None
-        self.embed = nn.Sequential(nn.Linear(config.in_dim, d), nn.GELU(), nn.Dropout(config.dropout))
+        self.in_norm = nn.LayerNorm(config.cell_dim) if config.input_norm else None
+        self.embed = nn.Sequential(nn.Linear(config.cell_dim, d), nn.GELU(), nn.Dropout(config.dropout))
         init = torch.rand(d) if config.pad_token_init == "uniform" else torch.zeros(d)
         self.pad_token = nn.Parameter(init)
         self.blocks = nn.ModuleList()
@@ -132,7 +132,7 @@ class GridSSMMIL(MILModel):
         feats = batch.features if self.in_norm is None else self.in_norm(batch.features)
         return fill_grid(embed_cells(self.embed, feats), self.pad_token, batch)
 
-    def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
+    def forward_grid(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         mask = pooling_mask(batch, include_padding=self.config.pool_padding)
         layout = GridLayout.from_batch(batch)
         x = self.cells(batch)

@@ -101,7 +101,7 @@ class MambaMIL(MILModel):
     def __init__(self, config: MambaMILConfig) -> None:
         super().__init__(config)
         d = config.d_model
-        self.embed = nn.Sequential(nn.Linear(config.in_dim, d), nn.ReLU(), nn.Dropout(config.dropout))
+        self.embed = nn.Sequential(nn.Linear(config.cell_dim, d), nn.ReLU(), nn.Dropout(config.dropout))
         self.blocks = nn.ModuleList(_PreNormResidual(d, *self._mixers(config)) for _ in range(config.n_layers))
         self.norm = nn.LayerNorm(d)
         self.pool = AttentionPool(d, config.attn_dim, gated=False)
@@ -119,7 +119,7 @@ class MambaMIL(MILModel):
             return [mamba()]
         return [mamba(), _ReorderedBranch(mamba(), config.reorder_rate)]
 
-    def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
+    def forward_grid(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         pooling_mask(batch)  # refuses slides without tissue
         seq = TissueSequence.from_batch(batch)
         layout = seq.layout()

@@ -102,7 +102,7 @@ class TransMIL(MILModel):
         d = config.hidden
         if d % config.heads:
             raise ValueError("hidden must be a multiple of heads")
-        self.embed = nn.Sequential(nn.Linear(config.in_dim, d), nn.ReLU(), nn.Dropout(config.dropout))
+        self.embed = nn.Sequential(nn.Linear(config.cell_dim, d), nn.ReLU(), nn.Dropout(config.dropout))
         self.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(2))
         self.attns = nn.ModuleList(NystromAttention(d, config.heads, config.landmarks, config.pinv_iters,
@@ -123,7 +123,7 @@ class TransMIL(MILModel):
         x = x + self.attns[1](self.norms[1](x))
         return self.norm(x[0, 0])
 
-    def forward(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
+    def forward_grid(self, batch: GridBatch, targets: torch.Tensor | None = None) -> MILOutput:
         pooling_mask(batch)
         # the cells are embedded on the dense grid, in place: gathering the tissue cells' raw features
         # first would copy the widest tensor of the step

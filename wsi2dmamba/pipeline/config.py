@@ -270,8 +270,8 @@ def stage_config_class(stage: str) -> type[BaseModel]:
     return stage_entry(stage).config_class()
 
 
-# Model options the run sets itself, from the features and the task.
-_RUN_SET_MODEL_OPTIONS = ("in_dim", "n_classes", "task", "n_bins")
+# Model options the run sets itself, from the features, the task and [train] input_axes.
+_RUN_SET_MODEL_OPTIONS = ("in_dim", "n_classes", "task", "n_bins", "input_axes")
 
 
 def split_model_entry(entry: str) -> tuple[str, str | None]:

@@ -219,7 +219,8 @@ def _load_cohort(config: PipelineConfig, run_dir: Path, progress: bool) -> Cohor
     if config.demo is not None:
         from ..demo import build_demo_cohort
 
-        manifest = build_demo_cohort(layout.cohort_dir(run_dir), config.demo.spec(), progress=progress)
+        manifest = build_demo_cohort(layout.cohort_dir(run_dir), config.demo.spec(), progress=progress,
+                                     workers=config.run.workers)
         return load_cohort(manifest)
     return load_cohort(config.cohort.manifest, slides_dir=config.cohort.slides_dir)
 

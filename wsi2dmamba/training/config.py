@@ -52,6 +52,9 @@ class TrainConfig(BaseModel):
     restarts: int = Field(1, ge=1, description="Trainings per fold, with seeds seed, seed+1, …; the fold keeps "
                                                "the one whose chosen checkpoint scores best on validation "
                                                "(ties: the earlier restart). Test data play no part in the choice.")
+    input_axes: int = Field(0, ge=0, description="Project each cell's features on this many whitened principal "
+                            "axes, fitted on each fold's training cells and stored in its checkpoint, before the "
+                            "model reads them; 0 = the features as they are.")
     device: str = Field("auto", exclude=True, description="'auto' (CUDA when available), 'cpu', 'cuda', "
                         "'cuda:1', … (runtime: not hashed, so a fold resumes on another device).")
     precision: TrainPrecision = Field(

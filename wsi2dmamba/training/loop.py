@@ -50,6 +50,7 @@ from ..fileio import (
     write_json_atomic,
 )
 from ..grid import FeatureGrid
+from ..models.input_axes import fit_input_axes
 from ..models.checkpoint import load_checkpoint, load_training_state, save_checkpoint, save_training_state
 from .config import TrainConfig
 from .data import (BatchMaker, Targets, batch_ids, class_names, iter_batches, load_feature_grids, make_targets,
@@ -420,8 +421,7 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
 
     in_dim = next(iter(grids.values())).feature_dim
     identity = {
-        # restarts is left out: one restart's result depends on its seed only, as a plain run's does.
-        "train": config.model_dump(mode="json", exclude={"restarts"}), "model_name": model_name, "preset": preset,
+        "train": train_identity(config), "model_name": model_name, "preset": preset,
         "model_overrides": model_identity(model_name, overrides), "classes": classes, "in_dim": in_dim,
         "split": {"train": list(split.train), "val": list(split.val), "test": list(split.test)},
         "features": Path(features_dir).name if features_dir else "",
@@ -434,7 +434,10 @@ def _train_once(split: FoldSplit, cohort: Cohort, grids: dict[str, FeatureGrid],
     device = resolve_device(config.device)
     torch.manual_seed(config.seed * 1000 + split.fold)
     model = create(model_name, in_dim=in_dim, n_classes=len(classes) if classes else None, task=task,
-                   n_bins=config.n_bins, preset=preset, **overrides).to(device)
+                   n_bins=config.n_bins, preset=preset, **overrides, **input_axes_option(config))
+    if model.input_axes is not None:
+        model.input_axes.load(fit_input_axes((grids[s].features for s in split.train), config.input_axes, device))
+    model = model.to(device)
     weights = None
     if task == "classification" and config.class_weighting:
         weights = class_weights(np.array([targets.label_index[s] for s in split.train]), len(classes))
@@ -692,15 +695,33 @@ def _check_before_training(cohort: Cohort, run_dir: Path, config: TrainConfig, e
     return classes
 
 
+def train_identity(config: TrainConfig) -> dict[str, Any]:
+    """The training options that are part of a fold's identity.
+
+    ``restarts`` is left out: one restart's result depends on its seed only, as a plain run's does.
+    ``input_axes`` is left out while 0, so folds trained before the option existed keep their hash.
+    """
+    return config.model_dump(mode="json", exclude={"restarts"} | ({"input_axes"} if not config.input_axes else set()))
+
+
+def input_axes_option(config: TrainConfig) -> dict[str, int]:
+    """The model option that gives a model its input axes (fitted by training), or nothing."""
+    return {"input_axes": config.input_axes} if config.input_axes else {}
+
+
 def _check_model(model_name: str, preset: str | None, overrides: dict[str, Any] | None, config: TrainConfig,
                  classes: list[str] | None) -> None:
     """Build the model once on the meta device (no memory), so that an unknown model or preset, or a bad
     option, is refused before the run's splits are written."""
     from ..models import create
 
+    if "input_axes" in (overrides or {}):
+        raise ConfigError(f"model {model_name!r}: input_axes is a training option (train --input-axes, or "
+                          "[train] input_axes), because training fits the axes on each fold; not a model option")
     with torch.device("meta"):
-        create(model_name, in_dim=8, n_classes=len(classes) if classes else None, task=config.task,
-               n_bins=config.n_bins, preset=preset, **dict(overrides or {}))
+        create(model_name, in_dim=max(8, config.input_axes), n_classes=len(classes) if classes else None,
+               task=config.task, n_bins=config.n_bins, preset=preset, **dict(overrides or {}),
+               **input_axes_option(config))
 
 
 def run_splits(cohort: Cohort, run_dir: Path, config: TrainConfig, splits: str | os.PathLike[str] | None,
