@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import sys
@@ -471,6 +472,32 @@ def cmd_check_pixels(args) -> None:
     print(json.dumps(report, indent=1))
 
 
+def cmd_curves(args) -> None:
+    """Per-fold training loss and validation AUC of each model of a run (its ``log.csv`` files), one column each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    models = args.models.split(",")
+    fig, axes = plt.subplots(2, len(models), figsize=(3.6 * len(models), 5.6), squeeze=False, sharex=True)
+    for col, model in enumerate(models):
+        for log in sorted((Path(args.run) / "train" / model).glob("fold_*/log.csv")):
+            table = pd.read_csv(log)
+            axes[0, col].plot(table.epoch, table.train_loss, lw=1, label=log.parent.name.replace("_", " "))
+            axes[1, col].plot(table.epoch, table.val_auc, lw=1)
+        axes[0, col].set_title(model, fontsize=9)
+        axes[0, col].axhline(math.log(2), color="grey", lw=0.8, ls="--")
+        axes[1, col].axhline(0.5, color="grey", lw=0.8, ls="--")
+        axes[1, col].set_xlabel("epoch")
+    axes[0, 0].set_ylabel("training loss")
+    axes[1, 0].set_ylabel("validation AUC")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -524,8 +551,12 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--budget-s", type=float, default=3600.0)
     p.add_argument("--tune-budget-s", type=float, default=1800.0)
+    p = sub.add_parser("curves")
+    p.add_argument("--run", required=True, help="run folder whose RUN/train/<model>/fold_*/log.csv are drawn")
+    p.add_argument("--models", required=True, help="comma-separated model folders")
+    p.add_argument("--out", required=True, help="PNG file")
     args = ap.parse_args(argv)
-    {"pool": cmd_pool, "probe": cmd_probe, "write": cmd_write, "oracle": cmd_oracle, "scan-gain": cmd_scan_gain, "check-pixels": cmd_check_pixels,
+    {"curves": cmd_curves, "pool": cmd_pool, "probe": cmd_probe, "write": cmd_write, "oracle": cmd_oracle, "scan-gain": cmd_scan_gain, "check-pixels": cmd_check_pixels,
      "study": study}[args.cmd](args)
 
 

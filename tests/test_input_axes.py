@@ -137,3 +137,24 @@ def test_fitting_on_the_gpu_equals_fitting_on_the_cpu():
     cpu, gpu = fit_input_axes(cells, 6), fit_input_axes(cells, 6, "cuda")
     np.testing.assert_allclose(gpu.axes, cpu.axes, rtol=1e-7, atol=1e-10)
     np.testing.assert_allclose(gpu.mean, cpu.mean, rtol=1e-12)
+
+
+def test_a_bundle_applies_each_folds_own_axes_to_new_grids(cohort_and_features, tmp_path):
+    """Exported and loaded again, every fold model projects a new grid on the axes of its own fold and
+    predicts what training predicted for that slide."""
+    import pandas as pd
+
+    from wsi2dmamba.predict import export_bundle, load_bundle
+
+    cohort, feats = cohort_and_features
+    config = TrainConfig(folds=2, epochs=2, lr=5e-3, batch_size=2, seed=4, input_axes=3, device="cpu")
+    train_cohort(cohort, feats, tmp_path, "abmil", config, TINY["abmil"], progress=False)
+    bundle = load_bundle(export_bundle(tmp_path, "abmil", tmp_path / "bundle"))
+    axes = [load_checkpoint(tmp_path / "train" / "abmil" / f"fold_{k}" / "best.safetensors").input_axes.axes
+            for k in (0, 1)]
+    assert not torch.allclose(axes[0], axes[1])  # each fold fitted its own
+    for k in (0, 1):
+        table = pd.read_csv(tmp_path / "train" / "abmil" / f"fold_{k}" / "predictions.csv")
+        test = table[(table.checkpoint == "best") & (table.partition == "test")].iloc[0]
+        out = bundle.predict(read_feature_grid(feats / f"{test.slide_id}.h5"))
+        assert out.fold_probs[k][1] == pytest.approx(test.prob_1, abs=1e-6)
