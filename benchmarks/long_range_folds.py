@@ -54,6 +54,11 @@ def prepare(config) -> float:
     return time.perf_counter() - t0
 
 
+def train_dir(config) -> Path:
+    """The run's training folder, as ``run_pipeline`` places it."""
+    return config.out / config.run.train_dir if config.run.train_dir else config.out
+
+
 def train_one(config, model: str, fold: int) -> tuple[str, int, float]:
     """One fold of one model, with the pipeline file's options; (model, fold, seconds)."""
     from wsi2dmamba import run_layout as layout
@@ -64,10 +69,10 @@ def train_one(config, model: str, fold: int) -> tuple[str, int, float]:
 
     t0 = time.perf_counter()
     run_dir = config.out
-    cohort = load_cohort(layout.cohort_dir(run_dir) / "manifest.csv", require_path=False, check_files=False)
+    cohort = load_cohort(layout.cohort_manifest(layout.cohort_dir(run_dir)), require_path=False, check_files=False)
     features = layout.features_dir(run_dir, encoder_dirname(config.option("extract").encoder))
     name, preset = split_model_entry(model)
-    train_cohort(cohort, features, run_dir / (config.run.train_dir or ""), name, config.option("train"),
+    train_cohort(cohort, features, train_dir(config), name, config.option("train"),
                  config.model_options.get(model) or None, preset=preset, name=model_folder(model),
                  folds_to_run=[fold], progress=False)
     return model, fold, time.perf_counter() - t0
@@ -106,9 +111,8 @@ def main() -> None:
     from wsi2dmamba.evaluation import evaluate_run, write_report
 
     ev = config.option("evaluate")
-    train_dir = config.out / (config.run.train_dir or "")
-    metrics = evaluate_run(train_dir, n_boot=ev.n_boot, seed=ev.seed)
-    print(f"report: {write_report(train_dir, n_boot=ev.n_boot, seed=ev.seed, metrics=metrics)}", flush=True)
+    metrics = evaluate_run(train_dir(config), n_boot=ev.n_boot, seed=ev.seed)
+    print(f"report: {write_report(train_dir(config), n_boot=ev.n_boot, seed=ev.seed, metrics=metrics)}", flush=True)
 
 
 if __name__ == "__main__":
