@@ -473,7 +473,8 @@ def cmd_check_pixels(args) -> None:
 
 
 def cmd_curves(args) -> None:
-    """Per-fold training loss and validation AUC of each model of a run (its ``log.csv`` files), one column each."""
+    """Per-fold training loss and validation AUC of each model of a run (its ``log.csv`` files), one column each;
+    a fold trained with restarts draws each restart (dashed after the first)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -483,10 +484,16 @@ def cmd_curves(args) -> None:
     models = args.models.split(",")
     fig, axes = plt.subplots(2, len(models), figsize=(3.6 * len(models), 5.6), squeeze=False, sharex=True)
     for col, model in enumerate(models):
-        for log in sorted((Path(args.run) / "train" / model).glob("fold_*/log.csv")):
-            table = pd.read_csv(log)
-            axes[0, col].plot(table.epoch, table.train_loss, lw=1, label=log.parent.name.replace("_", " "))
-            axes[1, col].plot(table.epoch, table.val_auc, lw=1)
+        for fold_dir in sorted((Path(args.run) / "train" / model).glob("fold_*")):
+            # A fold trained with restarts: every restart's curve, solid for the first seed, dashed after.
+            logs = sorted(fold_dir.glob("restart_*/log.csv")) or [fold_dir / "log.csv"]
+            colour = f"C{int(fold_dir.name.split('_')[1]) % 10}"
+            for r, log in enumerate(p for p in logs if p.is_file()):
+                table = pd.read_csv(log)
+                label = fold_dir.name.replace("_", " ") if r == 0 else None
+                style = {"color": colour, "lw": 1, "ls": "-" if r == 0 else (0, (3, 1 + r))}
+                axes[0, col].plot(table.epoch, table.train_loss, label=label, **style)
+                axes[1, col].plot(table.epoch, table.val_auc, **style)
         axes[0, col].set_title(model, fontsize=9)
         axes[0, col].axhline(math.log(2), color="grey", lw=0.8, ls="--")
         axes[1, col].axhline(0.5, color="grey", lw=0.8, ls="--")

@@ -12,7 +12,13 @@ own options, into the run folder that ``wsi2dmamba run`` would use. It then eval
 Steps: (1) the data stages (demo cohort, segment, tile, extract) through ``run_pipeline`` itself, with a
 one-epoch mean-pooling model trained into ``RUN/prep`` as its training step; (2) each (model, fold) a
 ``train_cohort(..., folds_to_run=[k])`` call in a worker process; (3) ``evaluate_run`` and
-``write_report`` on the run's training folder. Everything resumes: finished folds are kept.
+``write_report`` on the run's training folder. Everything resumes: finished folds are kept, and an
+unfinished training continues from its last epoch.
+
+Every run ends by printing one line per (model, fold, restart) — epochs trained, chosen epoch, validation
+AUC and test AUC of the chosen checkpoint, the restart each fold kept — and writes the same table to
+``<training folder>/restarts-summary.csv``, so the figures survive when the checkpoints cannot be copied
+off the machine. ``--summary`` prints it for a run as it stands, unfinished trainings included.
 """
 
 from __future__ import annotations
@@ -78,6 +84,69 @@ def train_one(config, model: str, fold: int) -> tuple[str, int, float]:
     return model, fold, time.perf_counter() - t0
 
 
+def _auc(part) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(part["target"], part["prob_1"])) if part["target"].nunique() == 2 else float("nan")
+
+
+def training_row(folder: Path) -> dict:
+    """One training (a restart folder, or a fold trained once): epochs logged, and the chosen checkpoint's
+    epoch, validation AUC and test AUC once its predictions exist (NaN before)."""
+    import pandas as pd
+
+    from wsi2dmamba import run_layout as layout
+
+    log_path, pred_path = layout.fold_file(folder, layout.FOLD_LOG), layout.fold_file(folder, layout.FOLD_PREDICTIONS)
+    log = pd.read_csv(log_path) if log_path.is_file() else pd.DataFrame({"epoch": []})
+    row = {"epochs": int(log["epoch"].max()) if len(log) else 0, "best_epoch": float("nan"),
+           "val_auc": float("nan"), "test_auc": float("nan")}
+    if pred_path.is_file():
+        pred = pd.read_csv(pred_path)
+        pred = pred[pred["checkpoint"] == "best"]
+        row.update(best_epoch=int(pred["epoch"].iloc[0]), val_auc=_auc(pred[pred["partition"] == "val"]),
+                   test_auc=_auc(pred[pred["partition"] == "test"]))
+    return row
+
+
+def restart_table(train_root: Path):
+    """Every training below ``train_root``: one row per (model, fold, restart), ``kept`` marking the restart
+    a finished fold chose (a fold trained once is restart 0, kept)."""
+    import json
+
+    import pandas as pd
+
+    from wsi2dmamba import run_layout as layout
+
+    rows = []
+    for fold_dir in sorted(layout.train_dir(train_root).glob(f"*/{layout.fold_glob()}")):
+        fold = layout.fold_index(fold_dir)
+        if fold is None:
+            continue
+        done = layout.fold_file(fold_dir, layout.FOLD_DONE)
+        chosen = json.loads(done.read_text()).get("chosen_restart", 0) if done.is_file() else None
+        restarts = sorted(fold_dir.glob(layout.restart_glob())) or [fold_dir]
+        for r, folder in enumerate(restarts):
+            rows.append({"model": fold_dir.parent.name, "fold": fold, "restart": r, "kept": chosen == r,
+                         **training_row(folder)})
+    return pd.DataFrame(rows)
+
+
+def print_summary(train_root: Path) -> None:
+    """Print the restart table and each model's kept folds (mean ± sd of test AUC); save it as CSV."""
+    table = restart_table(train_root)
+    if table.empty:
+        print("no trainings yet", flush=True)
+        return
+    table.to_csv(train_root / "restarts-summary.csv", index=False)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)
+    for model, trainings in table.groupby("model"):
+        rows = trainings[trainings["kept"]]
+        aucs = rows["test_auc"]
+        print(f"{model}: folds finished {len(rows)}/{trainings['fold'].nunique()}, test AUC {aucs.mean():.3f} ± {aucs.std(ddof=1):.3f}, "
+              f"validation AUC ≤ 0.55 on {int((rows['val_auc'] <= 0.55).sum())}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("pipeline", type=Path)
@@ -89,8 +158,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes of the slide stages")
     ap.add_argument("--skip-prepare", action="store_true", help="the data stages are done")
     ap.add_argument("--prepare-only", action="store_true", help="only the data stages")
+    ap.add_argument("--summary", action="store_true", help="only print the run's table of trainings")
     args = ap.parse_args()
     config = load(args)
+    if args.summary:
+        print_summary(train_dir(config))
+        return
     if not args.skip_prepare:
         print(f"data stages: {prepare(config):.0f} s", flush=True)
     if args.prepare_only:
@@ -113,6 +186,7 @@ def main() -> None:
     ev = config.option("evaluate")
     metrics = evaluate_run(train_dir(config), n_boot=ev.n_boot, seed=ev.seed)
     print(f"report: {write_report(train_dir(config), n_boot=ev.n_boot, seed=ev.seed, metrics=metrics)}", flush=True)
+    print_summary(train_dir(config))
 
 
 if __name__ == "__main__":
