@@ -87,17 +87,38 @@ def load_pool(args) -> dict[int, np.ndarray]:
     return pool
 
 
-def principal_axes(pool: dict[int, np.ndarray], k: int) -> dict[int, np.ndarray]:
+def principal_axes(pool: dict[int, np.ndarray], k: int, shares: dict[int, float] | None = None,
+                   ) -> dict[int, np.ndarray]:
     """The pool's features projected on their first ``k`` principal axes, whitened (unit variance each).
 
     Few axes keep the tissue kinds apart (the kinds' means differ along a handful of directions) and take
     away the rest of each tile's 1280 numbers, through which a model can memorise its training slides.
+    ``shares`` (kind → fraction of the cohort's tissue cells) weights each kind as the slides hold it, as
+    ``train --input-axes`` fits on the training cells; without it every tile of the pool weighs the same.
     """
-    feats = np.concatenate(list(pool.values())).astype(np.float64)
-    mean = feats.mean(axis=0)
-    _, sing, axes = np.linalg.svd(feats - mean, full_matrices=False)
-    proj = axes[:k].T / (sing[:k] / math.sqrt(len(feats)))
+    kinds = sorted(kind for kind in pool if len(pool[kind]))
+    feats = np.concatenate([pool[kind] for kind in kinds]).astype(np.float64)
+    share = shares or {kind: len(pool[kind]) for kind in kinds}  # default: every pooled tile weighs the same
+    weight = np.concatenate([np.full(len(pool[kind]), share.get(kind, 0.0) / len(pool[kind])) for kind in kinds])
+    weight /= weight.sum()
+    mean = weight @ feats
+    _, sing, axes = np.linalg.svd((feats - mean) * np.sqrt(weight)[:, None], full_matrices=False)
+    proj = axes[:k].T / sing[:k]
     return {kind: ((v - mean) @ proj).astype(np.float32) for kind, v in pool.items()}
+
+
+def cell_shares(args) -> dict[int, float]:
+    """Kind → fraction of the tissue cells of the drawn cohort."""
+    from wsi2dmamba.demo import DemoCohortSpec, LongRangeSpec, draw_cohort
+
+    grid = LongRangeSpec(rows=args.grid, cols=args.grid) if args.grid else LongRangeSpec()
+    if args.spec:
+        grid = dataclasses.replace(grid, **{k: tuple(v) if isinstance(v, list) else v
+                                            for k, v in json.loads(args.spec).items()})
+    slides = draw_cohort(DemoCohortSpec(n_slides=args.slides, seed=args.seed, rule=args.rule, long_range=grid))
+    cells = np.concatenate([s.layout.cells.ravel() for s in slides])
+    cells = cells[cells > 0]
+    return {int(kind): float((cells == kind).mean()) for kind in np.unique(cells)}
 
 
 def synthetic_grids(args, pool: dict[int, np.ndarray]) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
@@ -243,6 +264,8 @@ def main() -> None:
                     "falling diagonal")
     ap.add_argument("--pca", type=int, default=0,
                     help="project the pool's features on their first K principal axes (whitened) first")
+    ap.add_argument("--pca-weights", choices=("kinds", "cells"), default="kinds",
+                    help="fit the axes with every kind weighing the same, or each as often as the slides hold it")
     ap.add_argument("--only", default="", help="comma-separated folds to run (default: all)")
     ap.add_argument("--restart", type=int, default=0,
                     help="another training of the same folds: weights and slide order seeded fold + 1000 × restart")
@@ -254,7 +277,8 @@ def main() -> None:
         ap.error("give --tiles, --render or --pool")
     torch.set_num_threads(1)
     pool = load_pool(args)
-    items, y = synthetic_grids(args, principal_axes(pool, args.pca) if args.pca else pool)
+    shares = cell_shares(args) if args.pca_weights == "cells" else None
+    items, y = synthetic_grids(args, principal_axes(pool, args.pca, shares) if args.pca else pool)
     splits = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(y, y))[:args.max_folds]
     for key in args.models.split(","):
         aucs, t0 = [], time.time()
