@@ -107,29 +107,27 @@ def principal_axes(pool: dict[int, np.ndarray], k: int, shares: dict[int, float]
     return {kind: ((v - mean) @ proj).astype(np.float32) for kind, v in pool.items()}
 
 
-def cell_shares(args) -> dict[int, float]:
-    """Kind → fraction of the tissue cells of the drawn cohort."""
+def draw_slides(args) -> list:
+    """The development cohort's layouts, as ``--seed``, ``--slides``, ``--rule``, ``--grid`` and ``--spec`` say."""
     from wsi2dmamba.demo import DemoCohortSpec, LongRangeSpec, draw_cohort
 
     grid = LongRangeSpec(rows=args.grid, cols=args.grid) if args.grid else LongRangeSpec()
     if args.spec:
         grid = dataclasses.replace(grid, **{k: tuple(v) if isinstance(v, list) else v
                                             for k, v in json.loads(args.spec).items()})
-    slides = draw_cohort(DemoCohortSpec(n_slides=args.slides, seed=args.seed, rule=args.rule, long_range=grid))
+    return draw_cohort(DemoCohortSpec(n_slides=args.slides, seed=args.seed, rule=args.rule, long_range=grid))
+
+
+def cell_shares(slides: list) -> dict[int, float]:
+    """Kind → fraction of the tissue cells of the drawn slides."""
     cells = np.concatenate([s.layout.cells.ravel() for s in slides])
     cells = cells[cells > 0]
     return {int(kind): float((cells == kind).mean()) for kind in np.unique(cells)}
 
 
-def synthetic_grids(args, pool: dict[int, np.ndarray]) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """(features (H, W, D), tissue mask) per slide of the drawn cohort, and the labels."""
-    from wsi2dmamba.demo import DemoCohortSpec, LongRangeSpec, draw_cohort
-
-    grid = LongRangeSpec(rows=args.grid, cols=args.grid) if args.grid else LongRangeSpec()
-    if args.spec:
-        grid = dataclasses.replace(grid, **{k: tuple(v) if isinstance(v, list) else v
-                                            for k, v in json.loads(args.spec).items()})
-    slides = draw_cohort(DemoCohortSpec(n_slides=args.slides, seed=args.seed, rule=args.rule, long_range=grid))
+def synthetic_grids(args, slides: list, pool: dict[int, np.ndarray],
+                    ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """(features (H, W, D), tissue mask) per drawn slide, and the labels."""
     rng = np.random.default_rng([args.seed, 3])
     items = []
     for s in slides:
@@ -277,8 +275,9 @@ def main() -> None:
         ap.error("give --tiles, --render or --pool")
     torch.set_num_threads(1)
     pool = load_pool(args)
-    shares = cell_shares(args) if args.pca_weights == "cells" else None
-    items, y = synthetic_grids(args, principal_axes(pool, args.pca, shares) if args.pca else pool)
+    slides = draw_slides(args)
+    shares = cell_shares(slides) if args.pca_weights == "cells" else None
+    items, y = synthetic_grids(args, slides, principal_axes(pool, args.pca, shares) if args.pca else pool)
     splits = list(StratifiedKFold(args.folds, shuffle=True, random_state=0).split(y, y))[:args.max_folds]
     for key in args.models.split(","):
         aucs, t0 = [], time.time()

@@ -125,8 +125,8 @@ def restart_table(train_root: Path):
             continue
         done = layout.fold_file(fold_dir, layout.FOLD_DONE)
         chosen = json.loads(done.read_text()).get("chosen_restart", 0) if done.is_file() else None
-        restarts = sorted(fold_dir.glob(layout.restart_glob())) or [fold_dir]
-        for r, folder in enumerate(restarts):
+        restarts = sorted(fold_dir.glob(layout.restart_glob()), key=lambda d: int(d.name.split("_")[-1]))
+        for r, folder in enumerate(restarts or [fold_dir]):
             rows.append({"model": fold_dir.parent.name, "fold": fold, "restart": r, "kept": chosen == r,
                          **training_row(folder)})
     return pd.DataFrame(rows)
@@ -134,6 +134,8 @@ def restart_table(train_root: Path):
 
 def print_summary(train_root: Path) -> None:
     """Print the restart table and each model's kept folds (mean ± sd of test AUC); save it as CSV."""
+    from wsi2dmamba.evaluation.evaluate import FAILED_FOLD_THRESHOLD
+
     table = restart_table(train_root)
     if table.empty:
         print("no trainings yet", flush=True)
@@ -144,7 +146,8 @@ def print_summary(train_root: Path) -> None:
         rows = trainings[trainings["kept"]]
         aucs = rows["test_auc"]
         print(f"{model}: folds finished {len(rows)}/{trainings['fold'].nunique()}, test AUC {aucs.mean():.3f} ± {aucs.std(ddof=1):.3f}, "
-              f"validation AUC ≤ 0.55 on {int((rows['val_auc'] <= 0.55).sum())}", flush=True)
+              f"failed (validation AUC ≤ {FAILED_FOLD_THRESHOLD}) {int((rows['val_auc'] <= FAILED_FOLD_THRESHOLD).sum())}",
+              flush=True)
 
 
 def main() -> None:
@@ -184,9 +187,10 @@ def main() -> None:
     from wsi2dmamba.evaluation import evaluate_run, write_report
 
     ev = config.option("evaluate")
-    metrics = evaluate_run(train_dir(config), n_boot=ev.n_boot, seed=ev.seed)
-    print(f"report: {write_report(train_dir(config), n_boot=ev.n_boot, seed=ev.seed, metrics=metrics)}", flush=True)
-    print_summary(train_dir(config))
+    folder = train_dir(config)
+    metrics = evaluate_run(folder, n_boot=ev.n_boot, seed=ev.seed)
+    print(f"report: {write_report(folder, n_boot=ev.n_boot, seed=ev.seed, metrics=metrics)}", flush=True)
+    print_summary(folder)
 
 
 if __name__ == "__main__":
